@@ -1,0 +1,29 @@
+"""embedkit: offline, high-throughput embedding and vector indexing.
+
+Public API (heavy libraries load on first use, so importing embedkit is instant):
+
+    embedkit.encode(input, out, ...)      -> EncodeSummary   corpus -> OUT/vectors.lance
+    embedkit.encode_texts(texts, ...)     -> np.ndarray      in-memory embeddings
+    embedkit.status(out)                  -> OutputStatus    what an output holds
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["encode", "encode_texts", "status", "EncodeSummary", "OutputStatus", "EmbedkitError", "__version__"]
+
+from .errors import EmbedkitError
+
+
+def __getattr__(name: str):
+    # Lazy: `embedkit --help` and `import embedkit` must not pay for torch or lance.
+    if name in ("encode", "encode_texts", "EncodeSummary"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    if name in ("status", "OutputStatus"):
+        from . import status as _status
+
+        return getattr(_status, name)
+    raise AttributeError(f"module 'embedkit' has no attribute {name!r}")

@@ -1,0 +1,84 @@
+"""The `embedkit` command: parse, validate, call one API function, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from .config import DEFAULT_MODEL, DEVICES, OUTPUT_DTYPES, PRECISIONS
+from .errors import EmbedkitError
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Call the API; a user-facing error becomes one line on stderr and exit status 2."""
+    try:
+        return fn()
+    except EmbedkitError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+@click.group()
+@click.version_option(package_name="embedkit")
+def main() -> None:
+    """Offline, high-throughput embedding and vector indexing."""
+
+
+@main.command()
+@click.argument("input", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Bundled name, local sentence-transformers folder, or hub id.")
+@click.option("--device", default="auto", show_default=True, help=f"One of {', '.join(DEVICES)} or cuda:N.")
+@click.option("--dtype", type=click.Choice(OUTPUT_DTYPES), default="float16", show_default=True, help="Stored vector type.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="Compute precision (auto: fp16 on CUDA, fp32 on CPU).")
+@click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalize vectors.")
+@click.option("--batch-tokens", type=int, default=None, help="Padded tokens per forward pass (default: 131072 on CUDA, 16384 on CPU).")
+@click.option("--shard-rows", type=int, default=None, help="Rows per shard, the unit of commit and resume (default: 1M on CUDA, 10k on CPU).")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--id-column", default=None, help="Default: `id` when present, else the row number.")
+@click.option("--tokenize-workers", type=int, default=None, help="Tokenizer processes (0: in-process; default: cores-1 on CUDA, 1 on CPU).")
+@click.option("--max-seq-length", type=int, default=None, help="Truncate documents to this many tokens (default: the model's).")
+@click.option("--keep-empty", is_flag=True, help="Embed null/empty texts as \"\" instead of skipping them.")
+@click.option("--allow-duplicate-ids", is_flag=True, help="Accept an input whose ids repeat.")
+@click.option("--overwrite", is_flag=True, help="Delete OUT's vectors, index and manifest and start fresh.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def encode(input: str, out: str, quiet: bool, as_json: bool, **options: Any) -> None:
+    """Embed every row of INPUT into OUT/vectors.lance (resumable: rerun to continue).
+
+    INPUT is a parquet file or folder, a .jsonl or .csv file, a Lance dataset, or a folder of .txt files.
+    """
+    from .pipeline import encode as api_encode
+
+    summary = _run(lambda: api_encode(input, out, progress=not quiet, **options))
+    click.echo(json.dumps(summary.to_dict()) if as_json else summary.line())
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def status(out: str, as_json: bool) -> None:
+    """Show shards done / total, rows, tokens and the manifest of OUT."""
+    from .status import status as api_status
+
+    st = _run(lambda: api_status(out))
+    if as_json:
+        click.echo(json.dumps(st.to_dict(), indent=2))
+        return
+    m = st.manifest
+    state = "complete" if st.complete else "incomplete: rerun the encode command to resume"
+    click.echo(f"{st.out}: shards {st.shards_done}/{st.shards_total} ({state})")
+    click.echo(f"rows {st.rows:,}, input tokens {st.tokens:,}")
+    click.echo(f"model {m['model']['name']} (dim {m['model']['dim']}, max {m['model']['max_seq_length']} tokens, {m['model']['pooling']} pooling)")
+    click.echo(f"vectors {m['output']['dtype']}, normalize {m['output']['normalize']}; input {m['input']['kind']}, {m['plan']['rows']:,} rows")
+    click.echo(f"embedkit {m['embedkit_version']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Frozen configuration for each stage. Defaults live here and nowhere else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+# Padded tokens per forward pass. On a GPU a batch must be large enough to hide launch overhead
+# and keep the matrix units busy; 128k tokens of a MiniLM/BERT forward is a few ms to ~0.2 s on
+# an H200. On a CPU larger batches only add attention cost, so the budget is smaller.
+DEFAULT_BATCH_TOKENS = {"cuda": 131_072, "cpu": 16_384}
+
+# Rows per shard: losing one shard to a preemption should cost about a minute of work.
+# MiniLM at ~3M tok/s on an H200 with ~80-token docs does 1M docs in ~30 s; a 2-core CPU does
+# ~10k docs a minute.
+DEFAULT_SHARD_ROWS = {"cuda": 1_000_000, "cpu": 10_000}
+
+OUTPUT_DTYPES = ("float16", "float32")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """Options of the encode stage; `None` means "choose for the device"."""
+
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "float16"
+    precision: str = "auto"
+    normalize: bool = True
+    batch_tokens: int | None = None
+    shard_rows: int | None = None
+    window_docs: int = 65_536
+    text_column: str = "text"
+    id_column: str | None = None
+    tokenize_workers: int | None = None
+    keep_empty: bool = False
+    allow_duplicate_ids: bool = False
+    max_seq_length: int | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from .errors import EmbedkitError
+
+        if self.dtype not in OUTPUT_DTYPES:
+            raise EmbedkitError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {self.dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise EmbedkitError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise EmbedkitError(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        for name in ("batch_tokens", "shard_rows", "max_seq_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise EmbedkitError(f"--{name.replace('_', '-')} must be a positive number, not {value}")
+        if self.window_docs < 1:
+            raise EmbedkitError(f"window_docs must be positive, not {self.window_docs}")
+        if self.tokenize_workers is not None and self.tokenize_workers < 0:
+            raise EmbedkitError(f"--tokenize-workers must be 0 or more, not {self.tokenize_workers}")

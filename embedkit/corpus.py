@@ -1,0 +1,353 @@
+"""Corpus readers: every input format becomes Arrow tables of (id, text) over row ranges.
+
+A corpus is a sequence of rows with a stable order, so a shard is just a row range and a resumed
+run reads exactly the rows it read before. Formats:
+
+- parquet: one file or a folder of ``*.parquet`` files (sorted by path), read by row group;
+- Lance: a dataset folder (``*.lance`` or any folder holding ``_versions``), pinned to its version;
+- .jsonl / .csv: parsed once by pyarrow and sliced in memory;
+- a folder of ``.txt`` files: one document each, id = path relative to the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import pyarrow as pa
+
+from .errors import EmbedkitError
+
+TEXT_TYPES = (pa.string(), pa.large_string(), pa.string_view())
+
+
+class Corpus(Protocol):
+    """What the pipeline needs from an input."""
+
+    num_rows: int
+    id_type: pa.DataType
+    kind: str
+
+    def read(self, start: int, stop: int) -> pa.Table:
+        """Rows [start, stop) as a table of `id` and `text` (text may hold nulls)."""
+
+    def read_ids(self) -> pa.ChunkedArray:
+        """All ids in row order, for the duplicate check."""
+
+    def fingerprint(self) -> dict:
+        """What identifies this input: a rerun on a changed input is refused."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which input columns hold the text and the id (None: the default `id` when present)."""
+
+    text: str = "text"
+    id: str | None = None
+
+
+def open_corpus(path: str | os.PathLike, columns: Columns = Columns()) -> Corpus:
+    """Open INPUT by its form; raise EmbedkitError with a one-line reason when it cannot be read."""
+    p = Path(path)
+    if not p.exists():
+        raise EmbedkitError(f"input not found: {p}")
+    if p.is_dir():
+        if (p / "_versions").is_dir() or p.suffix == ".lance":
+            return LanceCorpus(p, columns)
+        if any(p.rglob("*.parquet")):
+            return ParquetCorpus(p, columns)
+        if any(p.rglob("*.txt")):
+            return TextFolderCorpus(p)
+        raise EmbedkitError(f"{p} is a folder with no .parquet or .txt files and is not a Lance dataset")
+    suffix = p.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return ParquetCorpus(p, columns)
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        return TableCorpus(p, _read_jsonl(p), columns, "jsonl")
+    if suffix in (".csv", ".tsv"):
+        return TableCorpus(p, _read_csv(p), columns, "csv")
+    raise EmbedkitError(
+        f"cannot tell the format of {p}: use .parquet, .jsonl, .csv, a Lance dataset or a folder of .txt files"
+    )
+
+
+def _file_fingerprint(path: Path) -> dict:
+    """Size, mtime and a hash of the first MiB: cheap, and catches edits and replacements."""
+    st = path.stat()
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_sha256": head}
+
+
+def _check_columns(schema: pa.Schema, columns: Columns, source: Path) -> str | None:
+    """Validate the text column and return the id column to use (None: row numbers)."""
+    names = schema.names
+    if columns.text not in names:
+        raise EmbedkitError(
+            f"{source}: no text column {columns.text!r} (columns: {', '.join(names)}); pick one with --text-column"
+        )
+    text_type = schema.field(columns.text).type
+    if text_type not in TEXT_TYPES and text_type != pa.null():
+        raise EmbedkitError(
+            f"{source}: column {columns.text!r} holds {text_type}, not text; pick a string column with --text-column"
+        )
+    if columns.id is not None:
+        if columns.id not in names:
+            raise EmbedkitError(f"{source}: no id column {columns.id!r} (columns: {', '.join(names)})")
+        return columns.id
+    return "id" if "id" in names else None
+
+
+def _id_type(schema: pa.Schema, id_col: str | None, source: Path) -> pa.DataType:
+    if id_col is None:
+        return pa.int64()
+    t = schema.field(id_col).type
+    if pa.types.is_integer(t):
+        return pa.int64()
+    if t in TEXT_TYPES:
+        return pa.string()
+    raise EmbedkitError(f"{source}: id column {id_col!r} holds {t}; ids must be integers or strings")
+
+
+def _normalize(table: pa.Table, text_col: str, id_col: str | None, id_type: pa.DataType, first_row: int) -> pa.Table:
+    """Project to (id, text) with the output's id type; row numbers stand in for missing ids."""
+    if id_col is None:
+        ids = pa.array(range(first_row, first_row + table.num_rows), pa.int64())
+    else:
+        ids = table.column(id_col).cast(id_type)
+    text = table.column(text_col)
+    if text.type == pa.null():
+        text = pa.nulls(table.num_rows, pa.string())
+    elif text.type != pa.string():
+        text = text.cast(pa.string())
+    return pa.table({"id": ids, "text": text})
+
+
+class ParquetCorpus:
+    """One parquet file or a folder of them, read row group by row group."""
+
+    kind = "parquet"
+
+    def __init__(self, path: Path, columns: Columns):
+        import pyarrow.parquet as pq
+
+        self.path = path
+        self.files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+        self._meta = []
+        schema = None
+        for f in self.files:
+            try:
+                pf = pq.ParquetFile(f)
+            except Exception as e:  # pyarrow raises several types for a damaged file
+                raise EmbedkitError(f"cannot read parquet file {f}: {_first_line(e)}") from None
+            self._meta.append(pf.metadata)
+            file_schema = pf.schema_arrow
+            if schema is None:
+                schema = file_schema
+                self.id_col = _check_columns(schema, columns, f)
+                self.id_type = _id_type(schema, self.id_col, f)
+            else:
+                _check_columns(file_schema, columns, f)
+        self.text_col = columns.text
+        # row offsets of every row group of every file, in order
+        self._groups: list[tuple[int, int, int, int]] = []  # (file idx, group idx, first row, n rows)
+        row = 0
+        for fi, meta in enumerate(self._meta):
+            for gi in range(meta.num_row_groups):
+                n = meta.row_group(gi).num_rows
+                self._groups.append((fi, gi, row, n))
+                row += n
+        self.num_rows = row
+
+    def _columns(self) -> list[str]:
+        return [self.text_col] + ([self.id_col] if self.id_col else [])
+
+    def read(self, start: int, stop: int) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        parts = []
+        open_files: dict[int, pq.ParquetFile] = {}
+        for fi, gi, first, n in self._groups:
+            if first + n <= start or first >= stop:
+                continue
+            pf = open_files.setdefault(fi, pq.ParquetFile(self.files[fi]))
+            try:
+                t = pf.read_row_group(gi, columns=self._columns())
+            except Exception as e:
+                raise EmbedkitError(f"cannot read {self.files[fi]} row group {gi}: {_first_line(e)}") from None
+            lo, hi = max(start, first) - first, min(stop, first + n) - first
+            parts.append(_normalize(t.slice(lo, hi - lo), self.text_col, self.id_col, self.id_type, first + lo))
+        if not parts:
+            return pa.table({"id": pa.array([], self.id_type), "text": pa.array([], pa.string())})
+        return pa.concat_tables(parts)
+
+    def read_ids(self) -> pa.ChunkedArray:
+        import pyarrow.parquet as pq
+
+        if self.id_col is None:
+            return pa.chunked_array([pa.array(range(self.num_rows), pa.int64())])
+        chunks = [pq.read_table(f, columns=[self.id_col]).column(0).cast(self.id_type) for f in self.files]
+        return pa.chunked_array([c for ch in chunks for c in ch.chunks], self.id_type)
+
+    def fingerprint(self) -> dict:
+        return {
+            "kind": self.kind,
+            "files": [_file_fingerprint(f) for f in self.files],
+            "rows": self.num_rows,
+            "text_column": self.text_col,
+            "id_column": self.id_col,
+        }
+
+
+class LanceCorpus:
+    """A Lance dataset, pinned to the version seen when the run was planned."""
+
+    kind = "lance"
+
+    def __init__(self, path: Path, columns: Columns):
+        import lance
+
+        self.path = path
+        try:
+            self.ds = lance.dataset(str(path))
+        except Exception as e:
+            raise EmbedkitError(f"cannot open Lance dataset {path}: {_first_line(e)}") from None
+        schema = self.ds.schema
+        self.id_col = _check_columns(schema, columns, path)
+        self.id_type = _id_type(schema, self.id_col, path)
+        self.text_col = columns.text
+        self.num_rows = self.ds.count_rows()
+
+    def _columns(self) -> list[str]:
+        return [self.text_col] + ([self.id_col] if self.id_col else [])
+
+    def read(self, start: int, stop: int) -> pa.Table:
+        t = self.ds.to_table(columns=self._columns(), offset=start, limit=stop - start)
+        return _normalize(t, self.text_col, self.id_col, self.id_type, start)
+
+    def read_ids(self) -> pa.ChunkedArray:
+        if self.id_col is None:
+            return pa.chunked_array([pa.array(range(self.num_rows), pa.int64())])
+        return self.ds.to_table(columns=[self.id_col]).column(0).cast(self.id_type)
+
+    def fingerprint(self) -> dict:
+        return {
+            "kind": self.kind,
+            "path": str(self.path.resolve()),
+            "version": self.ds.version,
+            "rows": self.num_rows,
+            "text_column": self.text_col,
+            "id_column": self.id_col,
+        }
+
+
+class TableCorpus:
+    """A .jsonl or .csv file, parsed once into memory (use parquet for corpora larger than RAM)."""
+
+    def __init__(self, path: Path, table: pa.Table, columns: Columns, kind: str):
+        self.path = path
+        self.kind = kind
+        self.id_col = _check_columns(table.schema, columns, path)
+        self.id_type = _id_type(table.schema, self.id_col, path)
+        self.text_col = columns.text
+        self.table = table
+        self.num_rows = table.num_rows
+
+    def read(self, start: int, stop: int) -> pa.Table:
+        return _normalize(self.table.slice(start, stop - start), self.text_col, self.id_col, self.id_type, start)
+
+    def read_ids(self) -> pa.ChunkedArray:
+        return self.read(0, self.num_rows).column("id")
+
+    def fingerprint(self) -> dict:
+        return {
+            "kind": self.kind,
+            "files": [_file_fingerprint(self.path)],
+            "rows": self.num_rows,
+            "text_column": self.text_col,
+            "id_column": self.id_col,
+        }
+
+
+class TextFolderCorpus:
+    """A folder of .txt files, one document each; ids are paths relative to the folder."""
+
+    kind = "txt"
+    id_type = pa.string()
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        self.num_rows = len(self.files)
+
+    def read(self, start: int, stop: int) -> pa.Table:
+        ids, texts = [], []
+        for f in self.files[start:stop]:
+            try:
+                texts.append(f.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise EmbedkitError(f"{f} is not valid UTF-8 (byte {e.start}); convert it or remove it") from None
+            except OSError as e:
+                raise EmbedkitError(f"cannot read {f}: {e.strerror}") from None
+            ids.append(f.relative_to(self.path).as_posix())
+        return pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())})
+
+    def read_ids(self) -> pa.ChunkedArray:
+        return pa.chunked_array([pa.array([f.relative_to(self.path).as_posix() for f in self.files], pa.string())])
+
+    def fingerprint(self) -> dict:
+        h = hashlib.sha256()
+        for f in self.files:
+            st = f.stat()
+            h.update(f"{f.relative_to(self.path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return {"kind": self.kind, "path": str(self.path.resolve()), "rows": self.num_rows, "listing_sha256": h.hexdigest()}
+
+
+def _read_jsonl(path: Path) -> pa.Table:
+    import pyarrow.json as pj
+
+    if path.stat().st_size == 0:
+        raise EmbedkitError(f"{path} is empty")
+    try:
+        return pj.read_json(path)
+    except Exception as e:
+        raise EmbedkitError(f"cannot parse {path} as JSON lines: {_first_line(e)}") from None
+
+
+def _read_csv(path: Path) -> pa.Table:
+    import pyarrow.csv as pcsv
+
+    if path.stat().st_size == 0:
+        raise EmbedkitError(f"{path} is empty")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        # Texts stay strings even when a column looks numeric in its first block.
+        return pcsv.read_csv(path, parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True))
+    except Exception as e:
+        raise EmbedkitError(f"cannot parse {path} as CSV: {_first_line(e)}") from None
+
+
+def find_first_duplicate(ids: pa.ChunkedArray) -> tuple[object, list[int]] | None:
+    """The first id (in row order) that occurs more than once, with the rows it occurs in."""
+    import pyarrow.compute as pc
+
+    if ids.null_count:
+        first_null = pc.index(pc.is_null(ids), True).as_py()
+        raise EmbedkitError(f"row {first_null} has a null id; every row needs an id")
+    counts = pc.value_counts(ids)
+    dup_values = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if len(dup_values) == 0:
+        return None
+    mask = pc.is_in(ids, value_set=dup_values)
+    first_row = pc.index(mask, True).as_py()
+    value = ids[first_row].as_py()
+    rows = pc.indices_nonzero(pc.equal(ids, pa.scalar(value, ids.type))).to_pylist()
+    return value, rows[:5]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,519 @@
+"""encode(): corpus -> tokenize (workers) -> pack -> forward -> one Lance commit per shard.
+
+Three threads of work overlap: a producer thread reads shards, hands windows of texts to the
+tokenizer workers and packs what comes back into padded batches; the main thread feeds batches
+to the model without waiting on the device; a writer thread fetches a finished shard's vectors
+and commits them while the next shard is already on the device.
+"""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import __version__
+from .batching import pack_batches, pad_rows
+from .config import DEFAULT_BATCH_TOKENS, DEFAULT_MODEL, DEFAULT_SHARD_ROWS, EncodeConfig
+from .corpus import Columns, Corpus, find_first_duplicate, open_corpus
+from .encoder import DeviceChoice, Encoder, choose_device
+from .errors import EmbedkitError
+from .models import embedding_dim, fast_tokenizer_json, load_sentence_transformer, pooling_mode, resolve_model, weights_hash
+from .shards import MANIFEST, OutputLock, Shard, manifest_differences, plan_shards, read_manifest, shards_from_manifest, write_manifest
+from .store import VECTORS_DIR, VectorStore, vectors_schema, vectors_table
+from .tokenize import TextTokenizer, TokenizerPool, Tokenized, default_workers, tokenize_all
+
+PREFETCH_WINDOWS = 2  # tokenized windows kept ready ahead of the model
+
+
+@dataclass(frozen=True)
+class EncodeSummary:
+    """What a run did. `tokens` counts what the model read (after truncation)."""
+
+    out: str
+    device: str
+    docs: int
+    tokens: int
+    padded_tokens: int
+    seconds: float
+    truncated: int
+    skipped_empty: int
+    shards_done: int
+    shards_skipped: int
+    shards_total: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def padding_overhead(self) -> float:
+        return self.padded_tokens / self.tokens - 1.0 if self.tokens else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tokens_per_second"] = round(self.tokens_per_second, 1)
+        d["padding_overhead"] = round(self.padding_overhead, 4)
+        return d
+
+    def line(self) -> str:
+        if self.shards_done == 0 and self.shards_skipped == self.shards_total:
+            return f"nothing to do: all {self.shards_total} shards of {self.out} are already committed"
+        return (
+            f"{self.docs} docs, {self.tokens} tokens in {self.seconds:.1f} s "
+            f"({self.tokens_per_second:,.0f} tokens/s) on {self.device}; "
+            f"{self.truncated} truncated, {self.skipped_empty} empty skipped, "
+            f"padding {100 * self.padding_overhead:.1f}%, shards {self.shards_done} new + "
+            f"{self.shards_skipped} already done of {self.shards_total}"
+        )
+
+
+def encode(
+    input: str | Path,
+    out: str | Path,
+    *,
+    model: str = DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str = "float16",
+    precision: str = "auto",
+    normalize: bool = True,
+    batch_tokens: int | None = None,
+    shard_rows: int | None = None,
+    text_column: str = "text",
+    id_column: str | None = None,
+    tokenize_workers: int | None = None,
+    keep_empty: bool = False,
+    allow_duplicate_ids: bool = False,
+    max_seq_length: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> EncodeSummary:
+    """Embed every row of INPUT into OUT/vectors.lance; resumable, one commit per shard.
+
+    >>> s = embedkit.encode("docs.parquet", "out/")          # doctest: +SKIP
+    >>> s.docs, s.tokens_per_second                           # doctest: +SKIP
+    """
+    cfg = EncodeConfig(
+        model=model, device=device, dtype=dtype, precision=precision, normalize=normalize,
+        batch_tokens=batch_tokens, shard_rows=shard_rows, text_column=text_column, id_column=id_column,
+        tokenize_workers=tokenize_workers, keep_empty=keep_empty, allow_duplicate_ids=allow_duplicate_ids,
+        max_seq_length=max_seq_length, overwrite=overwrite, progress=progress,
+    )  # fmt: skip
+    return run_encode(input, out, cfg)
+
+
+def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeSummary:
+    """encode() with a ready EncodeConfig."""
+    out = Path(out)
+    _make_out(out)
+    with OutputLock(out):
+        corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
+        choice = choose_device(cfg.device, cfg.precision)
+        if cfg.overwrite:
+            _clear_output(out)
+        job = _prepare(corpus, out, cfg, choice)
+        done = job.store.committed_shards()
+        pending = [s for s in job.shards if s.index not in done]
+        if not pending:
+            return _summary(job, {}, 0.0, skipped=len(done))
+        return _run_shards(corpus, job, pending, cfg, skipped=len(done))
+
+
+@dataclass
+class _Job:
+    """Everything a run needs once the output is validated."""
+
+    out: Path
+    choice: DeviceChoice
+    model: Any
+    manifest: dict
+    shards: list[Shard]
+    store: VectorStore
+    schema: pa.Schema
+    max_length: int
+    tokenizer_json: str
+
+
+def _make_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".embedkit.write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise EmbedkitError(f"cannot write to {out}: {e.strerror}") from None
+
+
+def _clear_output(out: Path) -> None:
+    """--overwrite: remove what embedkit wrote (vectors, manifest, index), nothing else."""
+    for name in (VECTORS_DIR, "index"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+
+
+def _prepare(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice) -> _Job:
+    """Load the model, reconcile with an existing manifest, create or clean the store."""
+    if corpus.num_rows == 0:
+        raise EmbedkitError("the input has no rows")
+    source = resolve_model(cfg.model)
+    # Load on the CPU: the tokenizer workers fork before the model moves to a GPU.
+    st = load_sentence_transformer(source, "cpu")
+    max_length = _max_length(st, cfg.max_seq_length)
+    dim = embedding_dim(st)
+    old = read_manifest(out)
+    store = VectorStore(out)
+    if old is None and store.exists():
+        raise EmbedkitError(f"{out} holds {VECTORS_DIR} but no {MANIFEST}; start fresh with --overwrite")
+    shard_rows = cfg.shard_rows or (old["plan"]["shard_rows"] if old else DEFAULT_SHARD_ROWS[choice.type])
+    manifest = _manifest(corpus, cfg, source.name, weights_hash(source, st), dim, max_length, pooling_mode(st), shard_rows)
+    if old is not None:
+        diffs = manifest_differences(old, manifest)
+        if old.get("plan") != manifest["plan"]:
+            diffs.append(f"shard plan ({old.get('plan')} -> {manifest['plan']})")
+        if diffs:
+            raise EmbedkitError(
+                f"{out} was written with a different {'; '.join(diffs)}; rerun with --overwrite to start fresh"
+            )
+    else:
+        if corpus.id_type != pa.int64() or getattr(corpus, "id_col", None) is not None:
+            _check_duplicates(corpus, cfg.allow_duplicate_ids)
+        write_manifest(out, manifest)
+    schema = vectors_schema(corpus.id_type, dim, cfg.dtype)
+    if store.exists():
+        store.remove_uncommitted()
+    else:
+        store.create(schema)
+    return _Job(
+        out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest), store=store,
+        schema=schema, max_length=max_length, tokenizer_json=fast_tokenizer_json(st),
+    )  # fmt: skip
+
+
+def _max_length(st: Any, override: int | None) -> int:
+    model_max = int(st.max_seq_length or 512)
+    if override is None:
+        return model_max
+    limit = getattr(getattr(getattr(st[0], "auto_model", None), "config", None), "max_position_embeddings", None)
+    if limit and override > limit:
+        raise EmbedkitError(f"--max-seq-length {override} exceeds the model's {limit} positions")
+    return override
+
+
+def _manifest(corpus: Corpus, cfg: EncodeConfig, name: str, weights: str, dim: int, max_length: int, pooling: str, shard_rows: int) -> dict:
+    return {
+        "embedkit_version": __version__,
+        "model": {"name": name, "weights_sha256": weights, "dim": dim, "max_seq_length": max_length, "pooling": pooling},
+        "output": {"dtype": cfg.dtype, "normalize": cfg.normalize, "keep_empty": cfg.keep_empty},
+        "input": corpus.fingerprint(),
+        "plan": {"rows": corpus.num_rows, "shard_rows": shard_rows, "shards": -(-corpus.num_rows // shard_rows)},
+    }
+
+
+def _check_duplicates(corpus: Corpus, allow: bool) -> None:
+    dup = find_first_duplicate(corpus.read_ids())
+    if dup is not None and not allow:
+        value, rows = dup
+        raise EmbedkitError(
+            f"duplicate id {value!r} (rows {', '.join(map(str, rows))}); fix the input or pass --allow-duplicate-ids"
+        )
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Window:
+    """A tokenized, packed slice of a shard, rows in the order the batches take them."""
+
+    shard: Shard
+    ids: pa.Array
+    n_tokens: np.ndarray
+    truncated: np.ndarray
+    batches: list[tuple[np.ndarray, np.ndarray]]  # (padded ids, lengths)
+    tokens: int
+    padded_tokens: int
+
+
+@dataclass
+class _ShardStart:
+    shard: Shard
+    skipped_empty: int
+
+
+@dataclass
+class _ShardEnd:
+    shard: Shard
+
+
+@dataclass
+class _Totals:
+    docs: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    truncated: int = 0
+    skipped_empty: int = 0
+    shards_done: int = 0
+
+
+def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConfig, skipped: int) -> EncodeSummary:
+    workers = cfg.tokenize_workers if cfg.tokenize_workers is not None else default_workers(job.choice.type)
+    budget = cfg.batch_tokens or DEFAULT_BATCH_TOKENS[job.choice.type]
+    totals = _Totals()
+    start = time.perf_counter()
+    with TokenizerPool(job.tokenizer_json, job.max_length, workers) as pool:
+        encoder = Encoder(job.model, job.choice, normalize=cfg.normalize, out_dtype=cfg.dtype, max_batch_tokens=budget)
+        items: queue.Queue = queue.Queue(maxsize=PREFETCH_WINDOWS + 2)
+        stop = threading.Event()
+        producer = threading.Thread(
+            target=_produce, args=(corpus, pending, pool, cfg, budget, items, stop), daemon=True, name="embedkit-producer"
+        )
+        producer.start()
+        try:
+            with _Progress(sum(s.rows for s in pending), len(pending), cfg.progress) as bar:
+                _consume(items, encoder, job, totals, bar)
+        finally:
+            stop.set()
+            _drain(items)
+            producer.join(timeout=30)
+    return _summary(job, totals, time.perf_counter() - start, skipped=skipped)
+
+
+def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, bar: "_Progress") -> None:
+    """Feed batches to the device; hand each finished shard to the writer thread."""
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-writer")
+    last_commit: Future | None = None
+    try:
+        outputs: list[Any] = []
+        meta: list[_Window] = []
+        for item in iter(items.get, None):
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, _ShardStart):
+                outputs, meta = [], []
+                totals.skipped_empty += item.skipped_empty
+                bar.update(item.skipped_empty, 0)
+            elif isinstance(item, _Window):
+                for ids, lengths in item.batches:
+                    outputs.append(encoder.forward(ids, lengths))
+                meta.append(item)
+                bar.update(len(item.n_tokens), item.tokens)
+            elif isinstance(item, _ShardEnd):
+                if last_commit is not None:
+                    last_commit.result()  # surface a failed commit before going on
+                last_commit = writer.submit(_commit, encoder, job, item.shard, outputs, meta, totals, bar)
+                outputs, meta = [], []
+        if last_commit is not None:
+            last_commit.result()
+    finally:
+        writer.shutdown(wait=True)
+
+
+def _commit(encoder: Encoder, job: _Job, shard: Shard, outputs: list[Any], meta: list[_Window], totals: _Totals, bar: "_Progress") -> None:
+    """Fetch a shard's vectors and commit them as one Lance transaction."""
+    if meta:
+        vectors = encoder.fetch(outputs)
+        ids = pa.concat_arrays([m.ids for m in meta])
+        n_tokens = np.concatenate([m.n_tokens for m in meta])
+        truncated = np.concatenate([m.truncated for m in meta])
+    else:  # a shard of only empty texts still commits, so the ledger shows it done
+        vectors = np.zeros((0, job.schema.field("vector").type.list_size), np.float32)
+        ids = pa.array([], job.schema.field("id").type)
+        n_tokens, truncated = np.zeros(0, np.int32), np.zeros(0, bool)
+    table = vectors_table(job.schema, ids, vectors, n_tokens, truncated)
+    job.store.commit_shard(shard.index, table)
+    totals.docs += table.num_rows
+    totals.tokens += sum(m.tokens for m in meta)
+    totals.padded_tokens += sum(m.padded_tokens for m in meta)
+    totals.truncated += int(truncated.sum())
+    totals.shards_done += 1
+    bar.shard_done()
+
+
+def _produce(corpus: Corpus, pending: list[Shard], pool: TokenizerPool, cfg: EncodeConfig, budget: int, items: queue.Queue, stop: threading.Event) -> None:
+    """Producer thread: read shards, tokenize windows in the pool, pack them, queue them."""
+    put = lambda item: _put(items, item, stop)  # noqa: E731
+    try:
+        inflight: deque = deque()
+        for shard in pending:
+            table = corpus.read(shard.start, shard.stop)
+            table, empty = _drop_empty(table, cfg.keep_empty)
+            inflight.append(_ShardStart(shard, empty))
+            for w in range(0, table.num_rows, cfg.window_docs):
+                win = table.slice(w, cfg.window_docs)
+                inflight.append((shard, win.column("id").combine_chunks(), pool.submit(win.column("text").to_pylist())))
+                while sum(isinstance(x, tuple) for x in inflight) > PREFETCH_WINDOWS:
+                    _flush_one(inflight, budget, put)
+            inflight.append(_ShardEnd(shard))
+        while inflight:
+            _flush_one(inflight, budget, put)
+        put(None)
+    except BaseException as e:  # handed to the main thread, which raises it
+        put(e)
+
+
+def _flush_one(inflight: deque, budget: int, put: Callable[[Any], None]) -> None:
+    item = inflight.popleft()
+    put(_pack(*item, budget) if isinstance(item, tuple) else item)
+
+
+def _put(items: queue.Queue, item: Any, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            items.put(item, timeout=0.5)
+            return
+        except queue.Full:
+            continue
+    raise _Stopped()
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _drain(items: queue.Queue) -> None:
+    try:
+        while True:
+            items.get_nowait()
+    except queue.Empty:
+        pass
+
+
+def _drop_empty(table: pa.Table, keep_empty: bool) -> tuple[pa.Table, int]:
+    """Null or whitespace-only texts: skipped and counted, or embedded as "" with keep_empty."""
+    text = table.column("text")
+    empty = pc.or_kleene(pc.is_null(text), pc.equal(pc.utf8_trim_whitespace(text), "")).fill_null(True)
+    n_empty = int(pc.sum(empty).as_py() or 0)
+    if n_empty == 0:
+        return table, 0
+    if keep_empty:
+        return table.set_column(1, "text", pc.fill_null(text, "")), 0
+    return table.filter(pc.invert(empty)), n_empty
+
+
+def _pack(shard: Shard, ids: pa.Array, pending: Any, budget: int) -> _Window:
+    tok: Tokenized = pending.get()
+    batches = pack_batches(tok.lengths, budget)
+    order = np.concatenate([b.rows for b in batches])
+    padded = []
+    for b in batches:
+        padded.append((pad_rows(tok.flat, tok.offsets, b.rows, b.seq_len), tok.lengths[b.rows].astype(np.int32)))
+    return _Window(
+        shard=shard,
+        ids=ids.take(pa.array(order)),
+        n_tokens=tok.n_tokens[order],
+        truncated=tok.truncated[order],
+        batches=padded,
+        tokens=int(tok.lengths.sum()),
+        padded_tokens=sum(b.padded_tokens for b in batches),
+    )
+
+
+def _summary(job: _Job, totals: _Totals | dict, seconds: float, skipped: int) -> EncodeSummary:
+    t = totals if isinstance(totals, _Totals) else _Totals()
+    return EncodeSummary(
+        out=str(job.out), device=job.choice.device, docs=t.docs, tokens=t.tokens, padded_tokens=t.padded_tokens,
+        seconds=seconds, truncated=t.truncated, skipped_empty=t.skipped_empty, shards_done=t.shards_done,
+        shards_skipped=skipped, shards_total=len(job.shards),
+    )  # fmt: skip
+
+
+class _Progress:
+    """A tqdm bar on a terminal (docs/s, tokens/s, shards, ETA); silent otherwise."""
+
+    def __init__(self, total_docs: int, total_shards: int, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.total_shards = total_shards
+        self.shards = 0
+        self.tokens = 0
+        self.t0 = time.perf_counter()
+        self._lock = threading.Lock()
+        self.bar = None
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_docs, unit="doc", unit_scale=True, dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, docs: int, tokens: int) -> None:
+        with self._lock:
+            self.tokens += tokens
+            if self.bar is not None:
+                self.bar.update(docs)
+                self._postfix()
+
+    def shard_done(self) -> None:
+        with self._lock:
+            self.shards += 1
+            if self.bar is not None:
+                self._postfix()
+
+    def _postfix(self) -> None:
+        rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{rate:,.0f} tok/s, shards {self.shards}/{self.total_shards}", refresh=False)
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- in-memory use --------------------------------------------------------------------------
+
+_MODEL_CACHE: dict[tuple[str, str, str], tuple[Encoder, TextTokenizer]] = {}
+
+
+def encode_texts(
+    texts: list[str],
+    *,
+    model: str = DEFAULT_MODEL,
+    device: str = "auto",
+    precision: str = "auto",
+    normalize: bool = True,
+    batch_tokens: int | None = None,
+) -> np.ndarray:
+    """Embed a list of strings in memory; float32 array of shape (len(texts), dim), input order.
+
+    The model stays loaded between calls with the same model, device and precision.
+
+    >>> embedkit.encode_texts(["hello world"]).shape   # doctest: +SKIP
+    (1, 384)
+    """
+    choice = choose_device(device, precision)
+    encoder, tokenizer = _cached_model(model, choice, normalize)
+    tok = tokenize_all(tokenizer, ["" if t is None else str(t) for t in texts])
+    budget = batch_tokens or DEFAULT_BATCH_TOKENS[choice.type]
+    batches = pack_batches(tok.lengths, budget)
+    result = np.zeros((len(texts), embedding_dim(encoder.model)), np.float32)
+    for b in batches:
+        ids = pad_rows(tok.flat, tok.offsets, b.rows, b.seq_len)
+        vec = encoder.forward(ids, tok.lengths[b.rows].astype(np.int32))
+        result[b.rows] = vec.float().cpu().numpy()
+    return result
+
+
+def _cached_model(model: str, choice: DeviceChoice, normalize: bool) -> tuple[Encoder, TextTokenizer]:
+    key = (model, choice.device, choice.precision)
+    if key not in _MODEL_CACHE:
+        st = load_sentence_transformer(resolve_model(model), "cpu")
+        tokenizer = TextTokenizer(fast_tokenizer_json(st), int(st.max_seq_length or 512))
+        encoder = Encoder(st, choice, normalize=False, out_dtype="float32", max_batch_tokens=DEFAULT_BATCH_TOKENS[choice.type])
+        _MODEL_CACHE[key] = (encoder, tokenizer)
+    encoder, tokenizer = _MODEL_CACHE[key]
+    return _with_normalize(encoder, normalize), tokenizer
+
+
+def _with_normalize(encoder: Encoder, normalize: bool) -> Encoder:
+    encoder.normalize = normalize
+    return encoder

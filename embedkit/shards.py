@@ -1,0 +1,137 @@
+"""Shard plan, the output manifest (embedkit.json), and the output lock.
+
+The plan cuts the input's rows into fixed ranges. It is written into the manifest on the first
+run and reused by every resume, so a shard means the same rows forever; which shards are done is
+read from the store (see store.py). The manifest also pins what produced the output (model,
+dtype, normalization, input): a resume that would mix two different things is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import EmbedkitError
+
+MANIFEST = "embedkit.json"
+LOCK = ".embedkit.lock"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Rows [start, stop) of the input."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def plan_shards(num_rows: int, shard_rows: int) -> list[Shard]:
+    """Equal row ranges of at most `shard_rows` rows.
+
+    >>> plan_shards(5, 2)
+    [Shard(index=0, start=0, stop=2), Shard(index=1, start=2, stop=4), Shard(index=2, start=4, stop=5)]
+    """
+    if shard_rows < 1:
+        raise ValueError("shard_rows must be positive")
+    return [Shard(i, s, min(s + shard_rows, num_rows)) for i, s in enumerate(range(0, num_rows, shard_rows))]
+
+
+def shards_from_manifest(manifest: dict) -> list[Shard]:
+    plan = manifest["plan"]
+    return plan_shards(plan["rows"], plan["shard_rows"])
+
+
+def read_manifest(out: Path) -> dict | None:
+    path = Path(out) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EmbedkitError(f"{path} is unreadable ({e}); start fresh with --overwrite") from None
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """Write atomically: a crash leaves the old manifest or the new one, never half of one."""
+    path = Path(out) / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+# Manifest keys whose change makes an existing output unusable, and how to name them.
+_PINNED = {
+    ("model", "name"): "model",
+    ("model", "weights_sha256"): "model weights",
+    ("model", "dim"): "dimension",
+    ("model", "max_seq_length"): "max sequence length",
+    ("model", "pooling"): "pooling",
+    ("output", "dtype"): "dtype",
+    ("output", "normalize"): "normalize",
+    ("input",): "input",
+}
+
+
+def manifest_differences(old: dict, new: dict) -> list[str]:
+    """What differs between an existing output's manifest and this run's, in words."""
+    diffs = []
+    for keys, label in _PINNED.items():
+        a, b = _dig(old, keys), _dig(new, keys)
+        if a != b:
+            if keys == ("input",):
+                diffs.append("input (a different or changed file)")
+            else:
+                diffs.append(f"{label} ({a} -> {b})")
+    return diffs
+
+
+def _dig(d: dict, keys: tuple[str, ...]) -> Any:
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+class OutputLock:
+    """An exclusive lock on OUT for the length of a run.
+
+    flock is released by the kernel when the holder dies, even by kill -9, so a stale lock from a
+    killed run never blocks the rerun. The file records who holds it for the refusal message.
+    """
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK
+        self._fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise EmbedkitError(f"{self.path.parent} is in use by another embedkit run ({holder}); wait for it or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import fcntl
+
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,50 @@
+"""What an output folder holds: shards done of the plan, rows, tokens, and the manifest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import EmbedkitError
+from .shards import MANIFEST, read_manifest
+from .store import VectorStore
+
+
+@dataclass(frozen=True)
+class OutputStatus:
+    """Progress of an output: complete when every planned shard is committed."""
+
+    out: str
+    shards_done: int
+    shards_total: int
+    rows: int
+    tokens: int
+    manifest: dict
+
+    @property
+    def complete(self) -> bool:
+        return self.shards_done == self.shards_total
+
+    def to_dict(self) -> dict:
+        return {
+            "out": self.out, "shards_done": self.shards_done, "shards_total": self.shards_total,
+            "rows": self.rows, "tokens": self.tokens, "complete": self.complete, "manifest": self.manifest,
+        }  # fmt: skip
+
+
+def status(out: str | Path) -> OutputStatus:
+    """Read OUT's manifest and its store's ledger.
+
+    >>> embedkit.status("out/").shards_done    # doctest: +SKIP
+    """
+    out = Path(out)
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise EmbedkitError(f"{out} has no {MANIFEST}: not an embedkit output")
+    store = VectorStore(out)
+    done = store.committed_shards() if store.exists() else {}
+    rows, tokens = store.row_stats() if store.exists() else (0, 0)
+    return OutputStatus(
+        out=str(out), shards_done=len(done), shards_total=manifest["plan"]["shards"], rows=rows, tokens=tokens,
+        manifest=manifest,
+    )  # fmt: skip

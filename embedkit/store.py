@@ -1,0 +1,123 @@
+"""The Lance vector store: one commit per finished shard, and the ledger of committed shards.
+
+A shard's rows are written as data fragments first and become visible only through one commit
+whose transaction carries the shard's index (`embedkit.shard`). So a shard is in or it is not,
+and the set of committed shards is read from the dataset's own transactions: there is no second
+ledger that could disagree with the data. Fragments written by a killed run belong to no commit;
+they are invisible to readers and are deleted by `remove_uncommitted` under the run's lock.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .errors import EmbedkitError
+
+VECTORS_DIR = "vectors.lance"
+SHARD_KEY = "embedkit.shard"
+# Fragments of about this many rows: large sequential files for readers and the index build.
+MAX_ROWS_PER_FILE = 1 << 20
+
+
+def vectors_schema(id_type: pa.DataType, dim: int, dtype: str) -> pa.Schema:
+    """id, vector (fixed_size_list<float16|float32>[dim]), n_tokens, truncated."""
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    return pa.schema(
+        [
+            pa.field("id", id_type, nullable=False),
+            pa.field("vector", pa.list_(value, dim)),
+            pa.field("n_tokens", pa.int32()),
+            pa.field("truncated", pa.bool_()),
+        ]
+    )
+
+
+def vectors_table(schema: pa.Schema, ids: pa.Array, vectors: np.ndarray, n_tokens: np.ndarray, truncated: np.ndarray) -> pa.Table:
+    """Assemble a shard's rows; vectors is (rows, dim) in the schema's value type."""
+    vtype = schema.field("vector").type
+    dim = vtype.list_size
+    flat = pa.array(np.ascontiguousarray(vectors).reshape(-1), type=vtype.value_type)
+    return pa.table(
+        {
+            "id": ids.cast(schema.field("id").type),
+            "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
+            "n_tokens": pa.array(n_tokens, pa.int32()),
+            "truncated": pa.array(truncated, pa.bool_()),
+        },
+        schema=schema,
+    )
+
+
+class VectorStore:
+    """OUT/vectors.lance."""
+
+    def __init__(self, out: Path):
+        self.uri = str(Path(out) / VECTORS_DIR)
+        self.path = Path(self.uri)
+
+    def exists(self) -> bool:
+        return (self.path / "_versions").is_dir()
+
+    def dataset(self):  # -> lance.LanceDataset
+        import lance
+
+        try:
+            return lance.dataset(self.uri)
+        except Exception as e:
+            first = (str(e).strip() or type(e).__name__).splitlines()[0]
+            raise EmbedkitError(f"cannot open {self.uri}: {first}; start fresh with --overwrite") from None
+
+    def create(self, schema: pa.Schema) -> None:
+        """An empty dataset with the output schema (version 1): every shard is then an append."""
+        import lance
+
+        lance.write_dataset(schema.empty_table(), self.uri, schema=schema, mode="create")
+
+    def committed_shards(self) -> dict[int, int]:
+        """Shard index -> rows it committed, read from the dataset's transactions."""
+        ds = self.dataset()
+        done: dict[int, int] = {}
+        for tx in ds.get_transactions(ds.version):
+            props = getattr(tx, "transaction_properties", None) or {} if tx is not None else {}
+            if SHARD_KEY in props:
+                rows = sum(f.physical_rows for f in tx.operation.fragments)
+                done[int(props[SHARD_KEY])] = rows
+        return done
+
+    def commit_shard(self, shard: int, table: pa.Table) -> int:
+        """Write the shard's fragments, then make them visible in one commit; returns the version."""
+        import lance
+        from lance.dataset import Transaction
+        from lance.fragment import write_fragments
+
+        ds = self.dataset()
+        fragments = write_fragments(table, self.uri, schema=table.schema, max_rows_per_file=MAX_ROWS_PER_FILE)
+        tx = Transaction(
+            read_version=ds.version,
+            operation=lance.LanceOperation.Append(fragments),
+            transaction_properties={SHARD_KEY: str(shard)},
+        )
+        return lance.LanceDataset.commit(self.uri, tx).version
+
+    def remove_uncommitted(self) -> int:
+        """Delete data files that no version references (left by a killed run); returns bytes freed.
+
+        Only safe while no other writer is active, which the run's lock guarantees. Every
+        version is kept, since the versions' transactions are the ledger of committed shards.
+        """
+        stats = self.dataset().cleanup_old_versions(retain_versions=1 << 30, delete_unverified=True)
+        return int(getattr(stats, "bytes_removed", 0))
+
+    def row_stats(self) -> tuple[int, int]:
+        """(rows, tokens) in the latest version."""
+        import pyarrow.compute as pc
+
+        ds = self.dataset()
+        rows = ds.count_rows()
+        if rows == 0:
+            return 0, 0
+        tokens = sum(int(pc.sum(b.column(0)).as_py() or 0) for b in ds.to_batches(columns=["n_tokens"]))
+        return rows, tokens
