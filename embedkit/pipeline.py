@@ -270,9 +270,11 @@ def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConf
     workers = cfg.tokenize_workers if cfg.tokenize_workers is not None else default_workers(job.choice.type)
     budget = cfg.batch_tokens or DEFAULT_BATCH_TOKENS[job.choice.type]
     totals = _Totals()
-    start = time.perf_counter()
+    # The pool forks before the model moves to the GPU: children of a CUDA process must not
+    # inherit its context. The clock starts once both are ready (one-time costs, not per token).
     with TokenizerPool(job.tokenizer_json, job.max_length, workers) as pool:
         encoder = Encoder(job.model, job.choice, normalize=cfg.normalize, out_dtype=cfg.dtype, max_batch_tokens=budget)
+        start = time.perf_counter()
         items: queue.Queue = queue.Queue(maxsize=PREFETCH_WINDOWS + 2)
         stop = threading.Event()
         producer = threading.Thread(
