@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--minilm", default="all-MiniLM-L6-v2", help="path or name of the default model")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch-sizes", default="32,512")
-    ap.add_argument("--batch-tokens", type=int, default=None)
+    ap.add_argument("--e2e-batch-tokens", default="131072", help="comma-separated budgets for embedkit runs")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp folder)")
     ap.add_argument("--json", default=None, help="write all results here")
     args = ap.parse_args()
@@ -61,8 +61,7 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         folder, precision = _model_folder(name, args.minilm, work)
-        rows.append(_bench_model(name, folder, precision, full, subset, args, peak, work))
-        print(json.dumps(rows[-1]), flush=True)
+        rows.extend(_bench_model(name, folder, precision, full, subset, args, peak, work))
     _print_table(rows, peak)
     if args.json:
         Path(args.json).write_text(json.dumps({"peak_tflops": peak, "rows": rows}, indent=2))
@@ -132,13 +131,39 @@ def _model_folder(name: str, minilm: str, work: Path) -> tuple[str, str]:
     return str(folder), precision
 
 
-def _lengths(folder: str, texts: list[str]) -> np.ndarray:
+def _tokenize(folder: str, texts: list[str]):
     from embedkit.models import fast_tokenizer_json, load_sentence_transformer, resolve_model
     from embedkit.tokenize import TextTokenizer, tokenize_all
 
     st = load_sentence_transformer(resolve_model(folder), "cpu")
     tok = TextTokenizer(fast_tokenizer_json(st), int(st.max_seq_length))
-    return tokenize_all(tok, texts).lengths
+    return tokenize_all(tok, texts)
+
+
+def _forward_only(folder: str, precision: str, tok, args) -> float:
+    """Seconds for embedkit's Encoder over pre-tokenized, pre-packed batches: the device ceiling."""
+    import torch
+
+    from embedkit.batching import pack_batches, pad_rows
+    from embedkit.config import DEFAULT_BATCH_TOKENS
+    from embedkit.encoder import Encoder, choose_device
+    from embedkit.models import load_sentence_transformer, resolve_model
+
+    budget = args.batch_tokens or DEFAULT_BATCH_TOKENS["cuda"]  # set per row by _bench_model
+    st = load_sentence_transformer(resolve_model(folder), "cpu")
+    enc = Encoder(st, choose_device(args.device, precision), normalize=True, out_dtype="float16", max_batch_tokens=budget)
+    batches = [(pad_rows(tok.flat, tok.offsets, b.rows, b.seq_len), tok.lengths[b.rows].astype(np.int32))
+               for b in pack_batches(tok.lengths, budget)]  # fmt: skip
+    for ids, lens in batches[:5]:
+        enc.forward(ids, lens)
+    _sync(args.device)
+    t = time.perf_counter()
+    outs = [enc.forward(ids, lens) for ids, lens in batches]
+    _sync(args.device)
+    seconds = time.perf_counter() - t
+    del outs, enc, st
+    torch.cuda.empty_cache() if args.device.startswith("cuda") else None
+    return seconds
 
 
 def _flops(folder: str, lengths: np.ndarray) -> float:
@@ -189,45 +214,56 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _bench_model(name: str, folder: str, precision: str, full: Path, subset: Path, args, peak: float, work: Path) -> dict:
+def _bench_model(name: str, folder: str, precision: str, full: Path, subset: Path, args, peak: float, work: Path) -> list[dict]:
+    """ST baselines once, then embedkit at each --e2e-batch-tokens budget: one row per budget."""
     sub_texts = pq.read_table(subset, columns=["text"]).column("text").to_pylist()
     full_texts = pq.read_table(full, columns=["text"]).column("text").to_pylist()
-    sub_len, full_len = _lengths(folder, sub_texts), _lengths(folder, full_texts)
+    full_tok = _tokenize(folder, full_texts)
+    sub_len, full_len = full_tok.lengths[: len(sub_texts)], full_tok.lengths
     sub_tokens, full_tokens = int(sub_len.sum()), int(full_len.sum())
-    row: dict = {"model": name, "precision": precision, "st_docs": len(sub_texts), "docs": len(full_texts),
-                 "tokens_subset": sub_tokens, "tokens_full": full_tokens}  # fmt: skip
+    base: dict = {"model": name, "precision": precision, "st_docs": len(sub_texts), "docs": len(full_texts),
+                  "tokens_subset": sub_tokens, "tokens_full": full_tokens}  # fmt: skip
     for bs in (int(x) for x in args.batch_sizes.split(",")):
         sec = _st_encode(folder, precision, sub_texts, bs, args.device)
-        row[f"st_bs{bs}_tok_s"] = sub_tokens / sec
-    _embedkit(folder, precision, subset, work / "warm", args)  # warm-up, as for the baseline
-    sec, wall, summary = _embedkit(folder, precision, subset, work / f"{name}-sub", args)
-    row["embedkit_subset_tok_s"] = sub_tokens / sec
-    row["embedkit_subset_wall_s"] = wall
-    sec, wall, summary = _embedkit(folder, precision, full, work / f"{name}-full", args)
-    row["embedkit_full_tok_s"] = full_tokens / sec
-    row["embedkit_full_seconds"] = sec
-    row["embedkit_full_wall_s"] = wall
-    row["embedkit_padding"] = summary["padding_overhead"]
-    best_st = max(v for k, v in row.items() if k.startswith("st_bs"))
-    row["ratio_vs_best_st"] = row["embedkit_subset_tok_s"] / best_st
+        base[f"st_bs{bs}_tok_s"] = sub_tokens / sec
+    best_st = max(v for k, v in base.items() if k.startswith("st_bs"))
     flops_per_token = _flops(folder, full_len) / full_tokens
-    row["gflop_per_token"] = flops_per_token / 1e9
-    row["embedkit_mfu"] = row["embedkit_full_tok_s"] * flops_per_token / (peak * 1e12)
-    row["st_best_mfu"] = best_st * (_flops(folder, sub_len) / sub_tokens) / (peak * 1e12)
-    return row
+    base["gflop_per_token"] = flops_per_token / 1e9
+    base["st_best_mfu"] = best_st * (_flops(folder, sub_len) / sub_tokens) / (peak * 1e12)
+    rows = []
+    for budget in (int(x) for x in args.e2e_batch_tokens.split(",")):
+        args.batch_tokens = budget
+        row = dict(base, batch_tokens=budget)
+        _embedkit(folder, precision, subset, work / "warm", args)  # warm-up, as for the baseline
+        sec, wall, summary = _embedkit(folder, precision, subset, work / f"{name}-sub", args)
+        row["embedkit_subset_tok_s"] = sub_tokens / sec
+        row["embedkit_subset_wall_s"] = wall
+        sec, wall, summary = _embedkit(folder, precision, full, work / f"{name}-full", args)
+        row["embedkit_full_tok_s"] = full_tokens / sec
+        row["embedkit_full_seconds"] = sec
+        row["embedkit_full_wall_s"] = wall
+        row["embedkit_padding"] = summary["padding_overhead"]
+        row["embedkit_input_wait_s"] = summary["input_wait_seconds"]
+        row["forward_only_tok_s"] = full_tokens / _forward_only(folder, precision, full_tok, args)
+        row["ratio_vs_best_st"] = row["embedkit_subset_tok_s"] / best_st
+        row["embedkit_mfu"] = row["embedkit_full_tok_s"] * flops_per_token / (peak * 1e12)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 def _print_table(rows: list[dict], peak: float) -> None:
     print()
     print(f"(BERT-base/large rows use random weights; MFU against the measured {peak:.0f} TFLOP/s bf16 matmul peak)")
-    head = "| model | prec | ST bs32 tok/s | ST bs512 tok/s | embedkit tok/s (same docs) | x best ST | embedkit tok/s (all docs, end to end) | wall s | padding | MFU embedkit | MFU best ST |"
+    head = "| model | prec | batch tokens | ST bs32 tok/s | ST bs512 tok/s | embedkit tok/s (same docs) | x best ST | embedkit tok/s (all docs, end to end) | wall s | padding | input wait s | forward only tok/s | MFU embedkit | MFU best ST |"
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['precision']} | {r.get('st_bs32_tok_s', float('nan')):,.0f} | {r.get('st_bs512_tok_s', float('nan')):,.0f} "
+            f"| {r['model']} | {r['precision']} | {r['batch_tokens']:,} | {r.get('st_bs32_tok_s', float('nan')):,.0f} | {r.get('st_bs512_tok_s', float('nan')):,.0f} "
             f"| {r['embedkit_subset_tok_s']:,.0f} | {r['ratio_vs_best_st']:.1f}x | {r['embedkit_full_tok_s']:,.0f} "
-            f"| {r['embedkit_full_wall_s']:.1f} | {100 * r['embedkit_padding']:.1f}% | {100 * r['embedkit_mfu']:.0f}% | {100 * r['st_best_mfu']:.0f}% |"
+            f"| {r['embedkit_full_wall_s']:.1f} | {100 * r['embedkit_padding']:.1f}% | {r['embedkit_input_wait_s']:.1f} "
+            f"| {r['forward_only_tok_s']:,.0f} | {100 * r['embedkit_mfu']:.0f}% | {100 * r['st_best_mfu']:.0f}% |"
         )
     sys.stdout.flush()
 

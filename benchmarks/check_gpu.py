@@ -46,6 +46,10 @@ def main() -> None:
     c = cosines(ref, ours)
     print(f"encode_texts cuda fp16 vs ST fp32: min cosine {c.min():.6f}, mean {c.mean():.6f} over {len(c)} texts")
     assert c.min() >= 0.999, "encode_texts disagrees with SentenceTransformer"
+    from embedkit.encoder import choose_device
+    from embedkit.pipeline import _cached_model
+
+    print("direct transformer path:", _cached_model(args.model, choose_device(args.device, "auto"), True)[0]._direct)
 
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "in.parquet"

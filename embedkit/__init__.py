@@ -15,6 +15,10 @@ __all__ = ["encode", "encode_texts", "status", "EncodeSummary", "OutputStatus", 
 
 from .errors import EmbedkitError
 
+# Not lazy like the rest: importing the `embedkit.status` submodule (by anyone, at any time)
+# binds `embedkit.status` to that module, unless the function is bound here first. It is light.
+from .status import OutputStatus, status
+
 
 def __getattr__(name: str):
     # Lazy: `embedkit --help` and `import embedkit` must not pay for torch or lance.
@@ -22,8 +26,4 @@ def __getattr__(name: str):
         from . import pipeline
 
         return getattr(pipeline, name)
-    if name in ("status", "OutputStatus"):
-        from . import status as _status
-
-        return getattr(_status, name)
     raise AttributeError(f"module 'embedkit' has no attribute {name!r}")

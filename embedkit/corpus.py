@@ -68,7 +68,7 @@ def open_corpus(path: str | os.PathLike, columns: Columns = Columns()) -> Corpus
     if suffix in (".jsonl", ".ndjson", ".json"):
         return TableCorpus(p, _read_jsonl(p), columns, "jsonl")
     if suffix in (".csv", ".tsv"):
-        return TableCorpus(p, _read_csv(p), columns, "csv")
+        return TableCorpus(p, _read_csv(p, columns.text), columns, "csv")
     raise EmbedkitError(
         f"cannot tell the format of {p}: use .parquet, .jsonl, .csv, a Lance dataset or a folder of .txt files"
     )
@@ -317,15 +317,18 @@ def _read_jsonl(path: Path) -> pa.Table:
         raise EmbedkitError(f"cannot parse {path} as JSON lines: {_first_line(e)}") from None
 
 
-def _read_csv(path: Path) -> pa.Table:
+def _read_csv(path: Path, text_column: str) -> pa.Table:
     import pyarrow.csv as pcsv
 
     if path.stat().st_size == 0:
         raise EmbedkitError(f"{path} is empty")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    # Texts stay strings even when a column looks numeric in its first block.
+    convert = pcsv.ConvertOptions(column_types={text_column: pa.string()})
     try:
-        # Texts stay strings even when a column looks numeric in its first block.
-        return pcsv.read_csv(path, parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True))
+        return pcsv.read_csv(
+            path, parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True), convert_options=convert
+        )
     except Exception as e:
         raise EmbedkitError(f"cannot parse {path} as CSV: {_first_line(e)}") from None
 

@@ -48,7 +48,7 @@ def choose_device(device: str, precision: str) -> DeviceChoice:
 class Encoder:
     """Runs a SentenceTransformer over padded id batches on one device."""
 
-    STAGING = 4  # pinned buffers in flight: enough to overlap copies with compute
+    STAGING = 8  # pinned buffers in flight: how many batches the host may queue ahead of the device
 
     def __init__(self, model: Any, choice: DeviceChoice, *, normalize: bool, out_dtype: str, max_batch_tokens: int):
         import torch
@@ -65,6 +65,9 @@ class Encoder:
         self._staging: list[Any] = []
         self._events: list[Any] = []
         self._next = 0
+        self._transformer: Any = None
+        self._rest: list[Any] = []
+        self._direct = self._choose_direct()
         if self.device.type == "cuda":
             # one int32 buffer holds a batch's lengths followed by its id matrix
             n = max_batch_tokens + 65_536 + 1
@@ -98,16 +101,68 @@ class Encoder:
         torch = self.torch
         with torch.inference_mode():
             ids_t, lens_t = self._to_device(ids, lengths)
-            seq = ids_t.shape[1]
-            mask = (torch.arange(seq, device=ids_t.device)[None, :] < lens_t[:, None]).long()
-            features = {"input_ids": ids_t.long(), "attention_mask": mask}
-            if self._wants_token_types:
-                features["token_type_ids"] = torch.zeros_like(features["input_ids"])
-            out = self.model(features)["sentence_embedding"]
+            padded = bool(lengths.min() < ids.shape[1])  # known on the host: no device sync
+            run = self._forward_direct if self._direct else self._forward_modules
+            out = run(ids_t.long(), lens_t, padded)
             if self.normalize:
                 # normalize in fp32: fp16 sums of squares lose digits; a zero vector stays zero
                 out = torch.nn.functional.normalize(out.float(), dim=-1)
             return out.to(self.out_dtype)
+
+    def _mask(self, ids: Any, lens: Any) -> Any:
+        seq = ids.shape[1]
+        return self.torch.arange(seq, device=ids.device)[None, :] < lens[:, None]
+
+    def _forward_modules(self, ids: Any, lens: Any, padded: bool) -> Any:
+        """The SentenceTransformer's own forward over all its modules."""
+        features = {"input_ids": ids, "attention_mask": self._mask(ids, lens).long()}
+        if self._wants_token_types:
+            features["token_type_ids"] = self.torch.zeros_like(ids)
+        return self.model(features)["sentence_embedding"]
+
+    def _forward_direct(self, ids: Any, lens: Any, padded: bool) -> Any:
+        """The transformer called with a ready 4-D mask, then the remaining modules.
+
+        Given a 2-D mask, transformers checks on every call whether any token is padding
+        (`mask.all()`), which waits for the device and stops the host from queueing batches
+        ahead. A 4-D mask is used as it is; whether the batch has padding is known on the host.
+        """
+        mask = self._mask(ids, lens)
+        b, seq = ids.shape
+        attn = mask[:, None, None, :].expand(b, 1, seq, seq) if padded else None
+        hidden = self._transformer(input_ids=ids, attention_mask=attn, return_dict=True).last_hidden_state
+        features = {"input_ids": ids, "attention_mask": mask.long(), "token_embeddings": hidden}
+        for module in self._rest:
+            features = module(features)
+        return features["sentence_embedding"]
+
+    def _choose_direct(self) -> bool:
+        """Use the direct path only for a plain text transformer, and only if it agrees with the modules."""
+        torch = self.torch
+        first = self.model[0]
+        hf = getattr(first, "auto_model", None)
+        config = getattr(first, "modality_config", None) or {}
+        text = config.get("text", {"method": "forward", "method_output_name": "last_hidden_state"})
+        if hf is None or type(first).__name__ != "Transformer" or text.get("method") != "forward":
+            return False
+        if text.get("method_output_name") not in ("last_hidden_state", ["last_hidden_state"], ("last_hidden_state",)):
+            return False
+        if getattr(first, "module_output_name", "token_embeddings") != "token_embeddings":
+            return False
+        self._transformer, self._rest = hf, list(self.model)[1:]
+        gen = torch.Generator().manual_seed(0)
+        lens = torch.tensor([7, 3, 5, 1], dtype=torch.int32)
+        vocab = int(getattr(hf.config, "vocab_size", 1000))
+        ids = torch.randint(low=min(1000, vocab - 1), high=vocab, size=(4, 7), generator=gen).to(self.device)
+        lens = lens.to(self.device)
+        try:
+            with torch.inference_mode():
+                a = self._forward_modules(ids, lens, True).float()
+                b = self._forward_direct(ids, lens, True).float()
+        except Exception:  # an architecture that does not take a 4-D mask: keep the module path
+            return False
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        return bool((cos > 0.9999).all())
 
     def fetch(self, tensors: list[Any]) -> np.ndarray:
         """Concatenate device tensors and bring them to the host (one synchronization)."""

@@ -108,3 +108,9 @@ def fast_tokenizer_json(model: Any) -> str:
     if backend is None or not hasattr(backend, "to_str"):
         raise EmbedkitError("the model has no fast (Rust) tokenizer; embedkit needs one to tokenize in parallel")
     return backend.to_str()
+
+
+def truncation_side(model: Any) -> str:
+    """Which end of a long text the model's tokenizer cuts ("right" for nearly all encoders)."""
+    side = getattr(getattr(model, "tokenizer", None), "truncation_side", "right")
+    return side if side in ("left", "right") else "right"

@@ -29,12 +29,21 @@ from .config import DEFAULT_BATCH_TOKENS, DEFAULT_MODEL, DEFAULT_SHARD_ROWS, Enc
 from .corpus import Columns, Corpus, find_first_duplicate, open_corpus
 from .encoder import DeviceChoice, Encoder, choose_device
 from .errors import EmbedkitError
-from .models import embedding_dim, fast_tokenizer_json, load_sentence_transformer, pooling_mode, resolve_model, weights_hash
+from .models import (
+    embedding_dim,
+    fast_tokenizer_json,
+    load_sentence_transformer,
+    pooling_mode,
+    resolve_model,
+    truncation_side,
+    weights_hash,
+)
 from .shards import MANIFEST, OutputLock, Shard, manifest_differences, plan_shards, read_manifest, shards_from_manifest, write_manifest
 from .store import VECTORS_DIR, VectorStore, vectors_schema, vectors_table
 from .tokenize import TextTokenizer, TokenizerPool, Tokenized, default_workers, tokenize_all
 
 PREFETCH_WINDOWS = 2  # tokenized windows kept ready ahead of the model
+FIRST_WINDOW = 4096  # documents in the run's first window (later windows double up to window_docs)
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,7 @@ class EncodeSummary:
     shards_done: int
     shards_skipped: int
     shards_total: int
+    input_wait_seconds: float = 0.0  # time the model sat waiting for tokenized input
 
     @property
     def tokens_per_second(self) -> float:
@@ -143,6 +153,7 @@ class _Job:
     schema: pa.Schema
     max_length: int
     tokenizer_json: str
+    truncation_side: str
 
 
 def _make_out(out: Path) -> None:
@@ -196,7 +207,7 @@ def _prepare(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice)
         store.create(schema)
     return _Job(
         out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest), store=store,
-        schema=schema, max_length=max_length, tokenizer_json=fast_tokenizer_json(st),
+        schema=schema, max_length=max_length, tokenizer_json=fast_tokenizer_json(st), truncation_side=truncation_side(st),
     )  # fmt: skip
 
 
@@ -264,6 +275,7 @@ class _Totals:
     truncated: int = 0
     skipped_empty: int = 0
     shards_done: int = 0
+    input_wait: float = 0.0
 
 
 def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConfig, skipped: int) -> EncodeSummary:
@@ -272,7 +284,7 @@ def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConf
     totals = _Totals()
     # The pool forks before the model moves to the GPU: children of a CUDA process must not
     # inherit its context. The clock starts once both are ready (one-time costs, not per token).
-    with TokenizerPool(job.tokenizer_json, job.max_length, workers) as pool:
+    with TokenizerPool(job.tokenizer_json, job.max_length, workers, job.truncation_side) as pool:
         encoder = Encoder(job.model, job.choice, normalize=cfg.normalize, out_dtype=cfg.dtype, max_batch_tokens=budget)
         start = time.perf_counter()
         items: queue.Queue = queue.Queue(maxsize=PREFETCH_WINDOWS + 2)
@@ -298,7 +310,12 @@ def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, b
     try:
         outputs: list[Any] = []
         meta: list[_Window] = []
-        for item in iter(items.get, None):
+        while True:
+            t0 = time.perf_counter()
+            item = items.get()
+            totals.input_wait += time.perf_counter() - t0
+            if item is None:
+                break
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, _ShardStart):
@@ -347,13 +364,15 @@ def _produce(corpus: Corpus, pending: list[Shard], pool: TokenizerPool, cfg: Enc
     put = lambda item: _put(items, item, stop)  # noqa: E731
     try:
         inflight: deque = deque()
+        submitted = 0
         for shard in pending:
             table = corpus.read(shard.start, shard.stop)
             table, empty = _drop_empty(table, cfg.keep_empty)
             inflight.append(_ShardStart(shard, empty))
-            for w in range(0, table.num_rows, cfg.window_docs):
-                win = table.slice(w, cfg.window_docs)
-                inflight.append((shard, win.column("id").combine_chunks(), pool.submit(win.column("text").to_pylist())))
+            for w, size in _windows(table.num_rows, cfg.window_docs, first=submitted == 0):
+                win = table.slice(w, size)
+                inflight.append((shard, win.column("id").combine_chunks(), pool.submit(win.column("text").combine_chunks())))
+                submitted += 1
                 while sum(isinstance(x, tuple) for x in inflight) > PREFETCH_WINDOWS:
                     _flush_one(inflight, budget, put)
             inflight.append(_ShardEnd(shard))
@@ -362,6 +381,17 @@ def _produce(corpus: Corpus, pending: list[Shard], pool: TokenizerPool, cfg: Enc
         put(None)
     except BaseException as e:  # handed to the main thread, which raises it
         put(e)
+
+
+def _windows(rows: int, window: int, first: bool) -> Iterator[tuple[int, int]]:
+    """(start, size) of the windows of a shard. The run's first windows are small and grow, so
+    the device starts after a few thousand documents are tokenized instead of a full window."""
+    size = min(window, FIRST_WINDOW) if first else window
+    start = 0
+    while start < rows:
+        yield start, min(size, rows - start)
+        start += size
+        size = min(window, size * 2)
 
 
 def _flush_one(inflight: deque, budget: int, put: Callable[[Any], None]) -> None:
@@ -426,7 +456,7 @@ def _summary(job: _Job, totals: _Totals | dict, seconds: float, skipped: int) ->
     return EncodeSummary(
         out=str(job.out), device=job.choice.device, docs=t.docs, tokens=t.tokens, padded_tokens=t.padded_tokens,
         seconds=seconds, truncated=t.truncated, skipped_empty=t.skipped_empty, shards_done=t.shards_done,
-        shards_skipped=skipped, shards_total=len(job.shards),
+        shards_skipped=skipped, shards_total=len(job.shards), input_wait_seconds=round(t.input_wait, 3),
     )  # fmt: skip
 
 
@@ -509,7 +539,7 @@ def _cached_model(model: str, choice: DeviceChoice, normalize: bool) -> tuple[En
     key = (model, choice.device, choice.precision)
     if key not in _MODEL_CACHE:
         st = load_sentence_transformer(resolve_model(model), "cpu")
-        tokenizer = TextTokenizer(fast_tokenizer_json(st), int(st.max_seq_length or 512))
+        tokenizer = TextTokenizer(fast_tokenizer_json(st), int(st.max_seq_length or 512), truncation_side(st))
         encoder = Encoder(st, choice, normalize=False, out_dtype="float32", max_batch_tokens=DEFAULT_BATCH_TOKENS[choice.type])
         _MODEL_CACHE[key] = (encoder, tokenizer)
     encoder, tokenizer = _MODEL_CACHE[key]

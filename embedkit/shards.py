@@ -77,6 +77,8 @@ _PINNED = {
     ("model", "pooling"): "pooling",
     ("output", "dtype"): "dtype",
     ("output", "normalize"): "normalize",
+    # a resume that changed it would leave empty texts in some shards and not in others
+    ("output", "keep_empty"): "keep empty",
     ("input",): "input",
 }
 

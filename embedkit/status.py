@@ -7,7 +7,6 @@ from pathlib import Path
 
 from .errors import EmbedkitError
 from .shards import MANIFEST, read_manifest
-from .store import VectorStore
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,9 @@ def status(out: str | Path) -> OutputStatus:
 
     >>> embedkit.status("out/").shards_done    # doctest: +SKIP
     """
+    # numpy and pyarrow load here, not on import: embedkit/__init__.py imports this module
+    from .store import VectorStore
+
     out = Path(out)
     manifest = read_manifest(out)
     if manifest is None:

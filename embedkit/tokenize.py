@@ -13,9 +13,12 @@ import sys
 import warnings
 from dataclasses import dataclass
 from itertools import chain
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 @dataclass(frozen=True)
@@ -50,44 +53,82 @@ def concat(parts: Sequence[Tokenized]) -> Tokenized:
 
 
 class TextTokenizer:
-    """A `tokenizers.Tokenizer` that truncates like sentence-transformers and counts full lengths."""
+    """Tokenizes like sentence-transformers (same ids, same truncation) and counts full lengths.
 
-    def __init__(self, tokenizer_json: str, max_length: int):
+    Each text is tokenized once without special tokens and without truncation; the content is
+    then cut to fit and wrapped in the model's special tokens (the prefix and suffix that its
+    post-processor adds, found once by probing). Counting the full length this way costs nothing
+    extra, where truncating inside the tokenizer would need a second pass over long documents.
+    """
+
+    def __init__(self, tokenizer_json: str, max_length: int, truncation_side: str = "right"):
         from tokenizers import Tokenizer
 
         self.max_length = max_length
-        self._trunc = Tokenizer.from_str(tokenizer_json)
-        self._trunc.no_padding()
-        self._trunc.enable_truncation(max_length)
-        self._full = Tokenizer.from_str(tokenizer_json)
-        self._full.no_padding()
-        self._full.no_truncation()
-        self._encode = getattr(self._trunc, "encode_batch_fast", self._trunc.encode_batch)
+        self.truncation_side = truncation_side
+        self._tok = Tokenizer.from_str(tokenizer_json)
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self.prefix, self.suffix = special_wrapping(self._tok)
+        self._n_special = len(self.prefix) + len(self.suffix)
+        if max_length <= self._n_special:
+            raise ValueError(f"max_length {max_length} leaves no room beside {self._n_special} special tokens")
+        self._encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
 
     def __call__(self, texts: list[str]) -> Tokenized:
-        encodings = self._encode(texts)
-        id_lists = [e.ids for e in encodings]
-        lengths = np.fromiter((len(x) for x in id_lists), np.int64, count=len(id_lists))
-        n_tokens = lengths.astype(np.int32)
-        # Only a row that came out at exactly max_length can have been cut: count its full length.
-        maybe_cut = np.flatnonzero(lengths >= self.max_length)
-        if len(maybe_cut):
-            full = self._full.encode_batch([texts[i] for i in maybe_cut])
-            n_tokens[maybe_cut] = [len(e.ids) for e in full]
-        offsets = np.zeros(len(lengths) + 1, np.int64)
+        encodings = self._encode(texts, add_special_tokens=False)
+        cap = self.max_length - self._n_special
+        if self.truncation_side == "left":
+            content = [e.ids[-cap:] if len(e.ids) > cap else e.ids for e in encodings]
+        else:
+            content = [e.ids[:cap] for e in encodings]
+        full = np.fromiter((len(e) for e in encodings), np.int64, count=len(encodings))
+        kept = np.fromiter((len(c) for c in content), np.int64, count=len(content))
+        flat_content = np.fromiter(chain.from_iterable(content), np.int32, count=int(kept.sum()))
+        return self._wrap(flat_content, kept, full)
+
+    def _wrap(self, content: np.ndarray, kept: np.ndarray, full: np.ndarray) -> Tokenized:
+        """Insert the special tokens around every row's content, vectorized."""
+        p, n = len(self.prefix), len(kept)
+        lengths = kept + self._n_special
+        offsets = np.zeros(n + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        flat = np.fromiter(chain.from_iterable(id_lists), np.int32, count=int(offsets[-1]))
-        return Tokenized(flat=flat, offsets=offsets, n_tokens=n_tokens)
+        content_starts = np.cumsum(kept) - kept
+        flat = np.empty(int(offsets[-1]), np.int32)
+        # content token g of row i lands at offsets[i] + p + (g - content_starts[i])
+        flat[np.repeat(offsets[:-1] + p - content_starts, kept) + np.arange(len(content))] = content
+        for k, tid in enumerate(self.prefix):
+            flat[offsets[:-1] + k] = tid
+        for k, tid in enumerate(self.suffix):
+            flat[offsets[:-1] + p + kept + k] = tid
+        return Tokenized(flat=flat, offsets=offsets, n_tokens=(full + self._n_special).astype(np.int32))
+
+
+def special_wrapping(tok: object) -> tuple[list[int], list[int]]:
+    """The special-token ids the post-processor puts before and after a single text's tokens."""
+    probe = "embedkit probe text"
+    plain = tok.encode(probe, add_special_tokens=False).ids  # type: ignore[attr-defined]
+    wrapped = tok.encode(probe, add_special_tokens=True).ids  # type: ignore[attr-defined]
+    for i in range(len(wrapped) - len(plain) + 1):
+        if wrapped[i : i + len(plain)] == plain:
+            return list(wrapped[:i]), list(wrapped[i + len(plain) :])
+    raise ValueError("cannot locate the text inside the tokenizer's special-token template")
 
 
 _worker_tokenizer: TextTokenizer | None = None
 
 
-def _init_worker(tokenizer_json: str, max_length: int) -> None:
+def _init_worker(tokenizer_json: str, max_length: int, truncation_side: str) -> None:
     global _worker_tokenizer
     # Each worker is one core's worth of tokenizing; Rust threads inside it would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker_tokenizer = TextTokenizer(tokenizer_json, max_length)
+    # Workers run ahead of the device in bursts; at a lower priority they never take the core
+    # of the thread that feeds the device (a stalled feeder idles the GPU, a late worker does not).
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+    _worker_tokenizer = TextTokenizer(tokenizer_json, max_length, truncation_side)
 
 
 def _tokenize_in_worker(texts: list[str]) -> Tokenized:
@@ -112,9 +153,9 @@ class TokenizerPool:
 
     CHUNK = 1024  # texts per task: large enough to amortize pickling, small enough to balance
 
-    def __init__(self, tokenizer_json: str, max_length: int, workers: int):
+    def __init__(self, tokenizer_json: str, max_length: int, workers: int, truncation_side: str = "right"):
         self.workers = workers
-        self._local = TextTokenizer(tokenizer_json, max_length) if workers == 0 else None
+        self._local = TextTokenizer(tokenizer_json, max_length, truncation_side) if workers == 0 else None
         self._pool = None
         if workers > 0:
             # fork starts workers without re-importing the caller's __main__ (spawn would run a
@@ -123,10 +164,14 @@ class TokenizerPool:
             with warnings.catch_warnings():
                 # lance warns on any fork once imported; these children never call lance
                 warnings.filterwarnings("ignore", message=".*fork-safe.*")
-                self._pool = mp.get_context(method).Pool(workers, _init_worker, (tokenizer_json, max_length))
+                self._pool = mp.get_context(method).Pool(workers, _init_worker, (tokenizer_json, max_length, truncation_side))
 
-    def submit(self, texts: list[str]) -> "_Pending":
-        chunks = [texts[i : i + self.CHUNK] for i in range(0, len(texts), self.CHUNK)] or [[]]
+    def submit(self, texts: "pa.Array | list[str]") -> "_Pending":
+        """Start tokenizing; `texts` is an Arrow string array or a list (None counts as "")."""
+        n = len(texts)
+        # Convert to Python strings a chunk at a time: one large conversion would hold the GIL
+        # long enough to starve the thread that feeds the device.
+        chunks = [_as_strings(texts[i : i + self.CHUNK]) for i in range(0, n, self.CHUNK)] or [[]]
         if self._pool is None:
             assert self._local is not None
             return _Pending(value=concat([self._local(c) for c in chunks]))
@@ -143,6 +188,11 @@ class TokenizerPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _as_strings(texts: object) -> list[str]:
+    values = texts.to_pylist() if hasattr(texts, "to_pylist") else list(texts)  # type: ignore[attr-defined]
+    return ["" if t is None else t for t in values]
 
 
 class _Pending:
