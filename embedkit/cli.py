@@ -38,7 +38,7 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(OUTPUT_DTYPES), default="float16", show_default=True, help="Stored vector type.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="Compute precision (auto: fp16 on CUDA, fp32 on CPU).")
 @click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalize vectors.")
-@click.option("--batch-tokens", type=int, default=None, help="Padded tokens per forward pass (default: 131072 on CUDA, 16384 on CPU).")
+@click.option("--batch-tokens", type=int, default=None, help="Padded tokens per forward pass (default: sized from free GPU memory up to 524288 on CUDA; 16384 on CPU).")
 @click.option("--shard-rows", type=int, default=None, help="Rows per shard, the unit of commit and resume (default: 1M on CUDA, 10k on CPU).")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--id-column", default=None, help="Default: `id` when present, else the row number.")

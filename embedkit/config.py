@@ -6,10 +6,13 @@ from dataclasses import dataclass
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
-# Padded tokens per forward pass. On a GPU a batch must be large enough to hide launch overhead
-# and keep the matrix units busy; 128k tokens of a MiniLM/BERT forward is a few ms to ~0.2 s on
-# an H200. On a CPU larger batches only add attention cost, so the budget is smaller.
-DEFAULT_BATCH_TOKENS = {"cuda": 131_072, "cpu": 16_384}
+# Padded tokens per forward pass. On a GPU a batch must be large enough that per-batch host
+# work (kernel launches, copies) hides behind the device's: on an H200, MiniLM-L6's forward ran
+# at 4.1M tok/s with 131k-token batches, 5.6-6.5M with 262k and 7.1M with 524k
+# (docs/benchmarks.md).
+# On CUDA the budget is sized from free device memory (encoder.default_batch_tokens) up to this
+# cap; on a CPU larger batches only add attention cost.
+DEFAULT_BATCH_TOKENS = {"cuda": 524_288, "cpu": 16_384}
 
 # Rows per shard: losing one shard to a preemption should cost about a minute of work.
 # MiniLM at ~3M tok/s on an H200 with ~80-token docs does 1M docs in ~30 s; a 2-core CPU does

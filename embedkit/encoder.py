@@ -45,6 +45,30 @@ def choose_device(device: str, precision: str) -> DeviceChoice:
     return DeviceChoice(device=device, precision=precision)
 
 
+def default_batch_tokens(model: Any, choice: DeviceChoice) -> int:
+    """The padded-token budget for this model on this device when the user gives none.
+
+    On CUDA: the largest power of two whose activations fit in a quarter of the free memory,
+    capped at DEFAULT_BATCH_TOKENS["cuda"]. A token's peak activation is about three live copies
+    of the widest layer output (the feed-forward's intermediate plus the residual stream).
+    """
+    from .config import DEFAULT_BATCH_TOKENS
+
+    cap = DEFAULT_BATCH_TOKENS[choice.type]
+    if choice.type != "cuda":
+        return cap
+    import torch
+
+    config = getattr(getattr(model[0], "auto_model", None), "config", None)
+    hidden = int(getattr(config, "hidden_size", 1024) or 1024)
+    inter = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
+    per_token = 3 * (inter + 2 * hidden) * 2  # bytes, 16-bit activations
+    free, _ = torch.cuda.mem_get_info(torch.device(choice.device))
+    fit = max(1, free // 4 // per_token)
+    budget = 1 << (int(fit).bit_length() - 1)
+    return int(min(cap, max(16_384, budget)))
+
+
 class Encoder:
     """Runs a SentenceTransformer over padded id batches on one device."""
 

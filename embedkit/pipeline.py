@@ -27,7 +27,7 @@ from . import __version__
 from .batching import pack_batches, pad_rows
 from .config import DEFAULT_BATCH_TOKENS, DEFAULT_MODEL, DEFAULT_SHARD_ROWS, EncodeConfig
 from .corpus import Columns, Corpus, find_first_duplicate, open_corpus
-from .encoder import DeviceChoice, Encoder, choose_device
+from .encoder import DeviceChoice, Encoder, choose_device, default_batch_tokens
 from .errors import EmbedkitError
 from .models import (
     embedding_dim,
@@ -280,7 +280,7 @@ class _Totals:
 
 def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConfig, skipped: int) -> EncodeSummary:
     workers = cfg.tokenize_workers if cfg.tokenize_workers is not None else default_workers(job.choice.type)
-    budget = cfg.batch_tokens or DEFAULT_BATCH_TOKENS[job.choice.type]
+    budget = cfg.batch_tokens or default_batch_tokens(job.model, job.choice)
     totals = _Totals()
     # The pool forks before the model moves to the GPU: children of a CUDA process must not
     # inherit its context. The clock starts once both are ready (one-time costs, not per token).
