@@ -126,10 +126,11 @@ def encode(
 def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeSummary:
     """encode() with a ready EncodeConfig."""
     out = Path(out)
+    # Validate the input and device before OUT is created: a typo must not leave an empty OUT.
+    corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
+    choice = choose_device(cfg.device, cfg.precision)
     _make_out(out)
     with OutputLock(out):
-        corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
-        choice = choose_device(cfg.device, cfg.precision)
         if cfg.overwrite:
             _clear_output(out)
         job = _prepare(corpus, out, cfg, choice)
@@ -303,13 +304,27 @@ def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConf
     return _summary(job, totals, time.perf_counter() - start, skipped=skipped)
 
 
+@dataclass
+class _Written:
+    """A window's rows, written as Lance fragments but not yet committed."""
+
+    fragments: list[Any]
+    docs: int
+    tokens: int
+    padded_tokens: int
+    truncated: int
+
+
 def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, bar: "_Progress") -> None:
-    """Feed batches to the device; hand each finished shard to the writer thread."""
+    """Feed batches to the device; the writer thread writes each window, then commits each shard.
+
+    Windows are written as fragments while later windows compute, so a shard's end costs only
+    the commit (a manifest update), not the write of all its vectors.
+    """
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-writer")
     last_commit: Future | None = None
+    written: list[Future] = []
     try:
-        outputs: list[Any] = []
-        meta: list[_Window] = []
         while True:
             t0 = time.perf_counter()
             item = items.get()
@@ -319,42 +334,45 @@ def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, b
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, _ShardStart):
-                outputs, meta = [], []
+                written = []
                 totals.skipped_empty += item.skipped_empty
                 bar.update(item.skipped_empty, 0)
             elif isinstance(item, _Window):
-                for ids, lengths in item.batches:
-                    outputs.append(encoder.forward(ids, lengths))
-                meta.append(item)
+                outputs = [encoder.forward(ids, lengths) for ids, lengths in item.batches]
+                written.append(writer.submit(_write_window, encoder, job, item, outputs))
                 bar.update(len(item.n_tokens), item.tokens)
             elif isinstance(item, _ShardEnd):
                 if last_commit is not None:
                     last_commit.result()  # surface a failed commit before going on
-                last_commit = writer.submit(_commit, encoder, job, item.shard, outputs, meta, totals, bar)
-                outputs, meta = [], []
+                last_commit = writer.submit(_commit_shard, job, item.shard, written, totals, bar)
+                written = []
         if last_commit is not None:
             last_commit.result()
     finally:
         writer.shutdown(wait=True)
 
 
-def _commit(encoder: Encoder, job: _Job, shard: Shard, outputs: list[Any], meta: list[_Window], totals: _Totals, bar: "_Progress") -> None:
-    """Fetch a shard's vectors and commit them as one Lance transaction."""
-    if meta:
-        vectors = encoder.fetch(outputs)
-        ids = pa.concat_arrays([m.ids for m in meta])
-        n_tokens = np.concatenate([m.n_tokens for m in meta])
-        truncated = np.concatenate([m.truncated for m in meta])
-    else:  # a shard of only empty texts still commits, so the ledger shows it done
-        vectors = np.zeros((0, job.schema.field("vector").type.list_size), np.float32)
-        ids = pa.array([], job.schema.field("id").type)
-        n_tokens, truncated = np.zeros(0, np.int32), np.zeros(0, bool)
-    table = vectors_table(job.schema, ids, vectors, n_tokens, truncated)
-    job.store.commit_shard(shard.index, table)
-    totals.docs += table.num_rows
-    totals.tokens += sum(m.tokens for m in meta)
-    totals.padded_tokens += sum(m.padded_tokens for m in meta)
-    totals.truncated += int(truncated.sum())
+def _write_window(encoder: Encoder, job: _Job, window: _Window, outputs: list[Any]) -> _Written:
+    """Fetch a window's vectors and write them as uncommitted fragments."""
+    vectors = encoder.fetch(outputs)
+    table = vectors_table(job.schema, window.ids, vectors, window.n_tokens, window.truncated)
+    return _Written(
+        fragments=job.store.write_fragments(table), docs=table.num_rows, tokens=window.tokens,
+        padded_tokens=window.padded_tokens, truncated=int(window.truncated.sum()),
+    )  # fmt: skip
+
+
+def _commit_shard(job: _Job, shard: Shard, written: list[Future], totals: _Totals, bar: "_Progress") -> None:
+    """Commit all of a shard's fragments as one Lance transaction: the shard is in, or it is not."""
+    parts: list[_Written] = [f.result() for f in written]
+    fragments = [frag for part in parts for frag in part.fragments]
+    if not fragments:  # a shard of only empty texts still commits, so the ledger shows it done
+        fragments = job.store.write_fragments(job.schema.empty_table())
+    job.store.commit_fragments(shard.index, fragments)
+    totals.docs += sum(p.docs for p in parts)
+    totals.tokens += sum(p.tokens for p in parts)
+    totals.padded_tokens += sum(p.padded_tokens for p in parts)
+    totals.truncated += sum(p.truncated for p in parts)
     totals.shards_done += 1
     bar.shard_done()
 

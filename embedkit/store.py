@@ -87,20 +87,27 @@ class VectorStore:
                 done[int(props[SHARD_KEY])] = rows
         return done
 
-    def commit_shard(self, shard: int, table: pa.Table) -> int:
-        """Write the shard's fragments, then make them visible in one commit; returns the version."""
-        import lance
-        from lance.dataset import Transaction
+    def write_fragments(self, table: pa.Table) -> list:
+        """Write rows as data fragments that no version references yet (invisible to readers)."""
         from lance.fragment import write_fragments
 
-        ds = self.dataset()
-        fragments = write_fragments(table, self.uri, schema=table.schema, max_rows_per_file=MAX_ROWS_PER_FILE)
+        return write_fragments(table, self.uri, schema=table.schema, max_rows_per_file=MAX_ROWS_PER_FILE)
+
+    def commit_fragments(self, shard: int, fragments: list) -> int:
+        """Make a shard's fragments visible in one commit that records the shard; returns the version."""
+        import lance
+        from lance.dataset import Transaction
+
         tx = Transaction(
-            read_version=ds.version,
+            read_version=self.dataset().version,
             operation=lance.LanceOperation.Append(fragments),
             transaction_properties={SHARD_KEY: str(shard)},
         )
         return lance.LanceDataset.commit(self.uri, tx).version
+
+    def commit_shard(self, shard: int, table: pa.Table) -> int:
+        """Write and commit a whole shard at once."""
+        return self.commit_fragments(shard, self.write_fragments(table))
 
     def remove_uncommitted(self) -> int:
         """Delete data files that no version references (left by a killed run); returns bytes freed.
