@@ -2,8 +2,8 @@
 
 Three threads of work overlap: a producer thread reads shards, hands windows of texts to the
 tokenizer workers and packs what comes back into padded batches; the main thread feeds batches
-to the model without waiting on the device; a writer thread fetches a finished shard's vectors
-and commits them while the next shard is already on the device.
+to the model without waiting on the device; a writer thread fetches each window's vectors and
+writes them as Lance fragments while later windows compute, and commits each finished shard.
 """
 
 from __future__ import annotations
