@@ -137,7 +137,7 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
         done = job.store.committed_shards()
         pending = [s for s in job.shards if s.index not in done]
         if not pending:
-            return _summary(job, {}, 0.0, skipped=len(done))
+            return _summary(job, _Totals(), 0.0, skipped=len(done))
         return _run_shards(corpus, job, pending, cfg, skipped=len(done))
 
 
@@ -198,7 +198,7 @@ def _prepare(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice)
                 f"{out} was written with a different {'; '.join(diffs)}; rerun with --overwrite to start fresh"
             )
     else:
-        if corpus.id_type != pa.int64() or getattr(corpus, "id_col", None) is not None:
+        if not _ids_are_row_numbers(corpus):
             _check_duplicates(corpus, cfg.allow_duplicate_ids)
         write_manifest(out, manifest)
     schema = vectors_schema(corpus.id_type, dim, cfg.dtype)
@@ -230,6 +230,11 @@ def _manifest(corpus: Corpus, cfg: EncodeConfig, name: str, weights: str, dim: i
         "input": corpus.fingerprint(),
         "plan": {"rows": corpus.num_rows, "shard_rows": shard_rows, "shards": -(-corpus.num_rows // shard_rows)},
     }
+
+
+def _ids_are_row_numbers(corpus: Corpus) -> bool:
+    """Row numbers cannot repeat: no need to read and check them."""
+    return corpus.id_type == pa.int64() and getattr(corpus, "id_col", "") is None
 
 
 def _check_duplicates(corpus: Corpus, allow: bool) -> None:
@@ -469,8 +474,7 @@ def _pack(shard: Shard, ids: pa.Array, pending: Any, budget: int) -> _Window:
     )
 
 
-def _summary(job: _Job, totals: _Totals | dict, seconds: float, skipped: int) -> EncodeSummary:
-    t = totals if isinstance(totals, _Totals) else _Totals()
+def _summary(job: _Job, t: _Totals, seconds: float, skipped: int) -> EncodeSummary:
     return EncodeSummary(
         out=str(job.out), device=job.choice.device, docs=t.docs, tokens=t.tokens, padded_tokens=t.padded_tokens,
         seconds=seconds, truncated=t.truncated, skipped_empty=t.skipped_empty, shards_done=t.shards_done,
