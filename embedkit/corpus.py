@@ -161,28 +161,43 @@ class ParquetCorpus:
                 self._groups.append((fi, gi, row, n))
                 row += n
         self.num_rows = row
+        self._starts = [g[2] for g in self._groups]
+        self._cached: tuple[tuple[int, int], pa.Table] | None = None
 
     def _columns(self) -> list[str]:
         return [self.text_col] + ([self.id_col] if self.id_col else [])
 
     def read(self, start: int, stop: int) -> pa.Table:
-        import pyarrow.parquet as pq
+        import bisect
 
         parts = []
-        open_files: dict[int, pq.ParquetFile] = {}
-        for fi, gi, first, n in self._groups:
-            if first + n <= start or first >= stop:
+        # the groups overlapping [start, stop): found by bisection, since a billion-row corpus has
+        # tens of thousands of row groups and is read one window at a time
+        k = max(0, bisect.bisect_right(self._starts, start) - 1)
+        while k < len(self._groups) and self._groups[k][2] < stop:
+            fi, gi, first, n = self._groups[k]
+            k += 1
+            if first + n <= start:
                 continue
-            pf = open_files.setdefault(fi, pq.ParquetFile(self.files[fi]))
-            try:
-                t = pf.read_row_group(gi, columns=self._columns())
-            except Exception as e:
-                raise EmbedkitError(f"cannot read {self.files[fi]} row group {gi}: {_first_line(e)}") from None
+            t = self._row_group(fi, gi)
             lo, hi = max(start, first) - first, min(stop, first + n) - first
             parts.append(_normalize(t.slice(lo, hi - lo), self.text_col, self.id_col, self.id_type, first + lo))
         if not parts:
             return pa.table({"id": pa.array([], self.id_type), "text": pa.array([], pa.string())})
         return pa.concat_tables(parts)
+
+    def _row_group(self, fi: int, gi: int) -> pa.Table:
+        """One row group, the last one read kept: consecutive windows often share a group."""
+        import pyarrow.parquet as pq
+
+        if self._cached is not None and self._cached[0] == (fi, gi):
+            return self._cached[1]
+        try:
+            t = pq.ParquetFile(self.files[fi]).read_row_group(gi, columns=self._columns())
+        except Exception as e:
+            raise EmbedkitError(f"cannot read {self.files[fi]} row group {gi}: {_first_line(e)}") from None
+        self._cached = ((fi, gi), t)
+        return t
 
     def read_ids(self) -> pa.ChunkedArray:
         import pyarrow.parquet as pq

@@ -260,12 +260,12 @@ class _Window:
     batches: list[tuple[np.ndarray, np.ndarray]]  # (padded ids, lengths)
     tokens: int
     padded_tokens: int
+    skipped_empty: int
 
 
 @dataclass
 class _ShardStart:
     shard: Shard
-    skipped_empty: int
 
 
 @dataclass
@@ -340,12 +340,12 @@ def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, b
                 raise item
             if isinstance(item, _ShardStart):
                 written = []
-                totals.skipped_empty += item.skipped_empty
-                bar.update(item.skipped_empty, 0)
             elif isinstance(item, _Window):
-                outputs = [encoder.forward(ids, lengths) for ids, lengths in item.batches]
-                written.append(writer.submit(_write_window, encoder, job, item, outputs))
-                bar.update(len(item.n_tokens), item.tokens)
+                totals.skipped_empty += item.skipped_empty
+                if item.batches:
+                    outputs = [encoder.forward(ids, lengths) for ids, lengths in item.batches]
+                    written.append(writer.submit(_write_window, encoder, job, item, outputs))
+                bar.update(len(item.n_tokens) + item.skipped_empty, item.tokens)
             elif isinstance(item, _ShardEnd):
                 if last_commit is not None:
                     last_commit.result()  # surface a failed commit before going on
@@ -389,12 +389,13 @@ def _produce(corpus: Corpus, pending: list[Shard], pool: TokenizerPool, cfg: Enc
         inflight: deque = deque()
         submitted = 0
         for shard in pending:
-            table = corpus.read(shard.start, shard.stop)
-            table, empty = _drop_empty(table, cfg.keep_empty)
-            inflight.append(_ShardStart(shard, empty))
-            for w, size in _windows(table.num_rows, cfg.window_docs, first=submitted == 0):
-                win = table.slice(w, size)
-                inflight.append((shard, win.column("id").combine_chunks(), pool.submit(win.column("text").combine_chunks())))
+            inflight.append(_ShardStart(shard))
+            # Read window by window: a shard's texts are never all in memory, and the device
+            # starts as soon as the first window is tokenized.
+            for w, size in _windows(shard.rows, cfg.window_docs, first=submitted == 0):
+                table, empty = _drop_empty(corpus.read(shard.start + w, shard.start + w + size), cfg.keep_empty)
+                texts = table.column("text").combine_chunks()
+                inflight.append((shard, table.column("id").combine_chunks(), pool.submit(texts), empty))
                 submitted += 1
                 while sum(isinstance(x, tuple) for x in inflight) > PREFETCH_WINDOWS:
                     _flush_one(inflight, budget, put)
@@ -456,13 +457,14 @@ def _drop_empty(table: pa.Table, keep_empty: bool) -> tuple[pa.Table, int]:
     return table.filter(pc.invert(empty)), n_empty
 
 
-def _pack(shard: Shard, ids: pa.Array, pending: Any, budget: int) -> _Window:
+def _pack(shard: Shard, ids: pa.Array, pending: Any, skipped_empty: int, budget: int) -> _Window:
     tok: Tokenized = pending.get()
+    if len(ids) == 0:  # every text of the window was empty
+        none = np.zeros(0, np.int32)
+        return _Window(shard, ids, none, none.astype(bool), [], 0, 0, skipped_empty)
     batches = pack_batches(tok.lengths, budget)
     order = np.concatenate([b.rows for b in batches])
-    padded = []
-    for b in batches:
-        padded.append((pad_rows(tok.flat, tok.offsets, b.rows, b.seq_len), tok.lengths[b.rows].astype(np.int32)))
+    padded = [(pad_rows(tok.flat, tok.offsets, b.rows, b.seq_len), tok.lengths[b.rows].astype(np.int32)) for b in batches]
     return _Window(
         shard=shard,
         ids=ids.take(pa.array(order)),
@@ -471,6 +473,7 @@ def _pack(shard: Shard, ids: pa.Array, pending: Any, budget: int) -> _Window:
         batches=padded,
         tokens=int(tok.lengths.sum()),
         padded_tokens=sum(b.padded_tokens for b in batches),
+        skipped_empty=skipped_empty,
     )
 
 
