@@ -169,9 +169,11 @@ class TokenizerPool:
     def submit(self, texts: "pa.Array | list[str]") -> "_Pending":
         """Start tokenizing; `texts` is an Arrow string array or a list (None counts as "")."""
         n = len(texts)
+        # Small windows (the run's first) are cut finer so that every worker gets a part.
+        step = max(128, min(self.CHUNK, -(-n // max(1, self.workers))))
         # Convert to Python strings a chunk at a time: one large conversion would hold the GIL
         # long enough to starve the thread that feeds the device.
-        chunks = [_as_strings(texts[i : i + self.CHUNK]) for i in range(0, n, self.CHUNK)] or [[]]
+        chunks = [_as_strings(texts[i : i + step]) for i in range(0, n, step)] or [[]]
         if self._pool is None:
             assert self._local is not None
             return _Pending(value=concat([self._local(c) for c in chunks]))
