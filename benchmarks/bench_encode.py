@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--minilm", default="all-MiniLM-L6-v2", help="path or name of the default model")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch-sizes", default="32,512")
+    ap.add_argument("--forward-experiments", action="store_true",
+                    help="also time the forward pass with seq_len padded to 8 and under torch.compile")
     ap.add_argument("--e2e-batch-tokens", default="131072", help="comma-separated budgets for embedkit runs")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp folder)")
     ap.add_argument("--json", default=None, help="write all results here")
@@ -140,8 +142,13 @@ def _tokenize(folder: str, texts: list[str]):
     return tokenize_all(tok, texts)
 
 
-def _forward_only(folder: str, precision: str, tok, args) -> float:
-    """Seconds for embedkit's Encoder over pre-tokenized, pre-packed batches: the device ceiling."""
+def _forward_only(folder: str, precision: str, tok, args, *, compiled: bool = False, round_seq: int = 1) -> float:
+    """Seconds for embedkit's Encoder over pre-tokenized, pre-packed batches: the device ceiling.
+
+    Experiments (not used by `embedkit encode`): `compiled` wraps the transformer in
+    torch.compile(dynamic=True), timed on a second pass after a full untimed pass that compiles;
+    `round_seq` pads every batch's length up to a multiple of it.
+    """
     import torch
 
     from embedkit.batching import pack_batches, pad_rows
@@ -152,11 +159,19 @@ def _forward_only(folder: str, precision: str, tok, args) -> float:
     budget = args.batch_tokens or DEFAULT_BATCH_TOKENS["cuda"]  # set per row by _bench_model
     st = load_sentence_transformer(resolve_model(folder), "cpu")
     enc = Encoder(st, choose_device(args.device, precision), normalize=True, out_dtype="float16", max_batch_tokens=budget)
-    batches = [(pad_rows(tok.flat, tok.offsets, b.rows, b.seq_len), tok.lengths[b.rows].astype(np.int32))
-               for b in pack_batches(tok.lengths, budget)]  # fmt: skip
-    for ids, lens in batches[:5]:
+    if compiled:
+        enc._transformer = torch.compile(enc._transformer, dynamic=True)
+    batches = []
+    for b in pack_batches(tok.lengths, budget):
+        seq = -(-b.seq_len // round_seq) * round_seq
+        batches.append((pad_rows(tok.flat, tok.offsets, b.rows, seq), tok.lengths[b.rows].astype(np.int32)))
+    warm = batches if compiled else batches[:5]
+    t = time.perf_counter()
+    for ids, lens in warm:
         enc.forward(ids, lens)
     _sync(args.device)
+    if compiled:
+        print(f"torch.compile warm-up pass: {time.perf_counter() - t:.1f} s", flush=True)
     t = time.perf_counter()
     outs = [enc.forward(ids, lens) for ids, lens in batches]
     _sync(args.device)
@@ -245,6 +260,9 @@ def _bench_model(name: str, folder: str, precision: str, full: Path, subset: Pat
         row["embedkit_padding"] = summary["padding_overhead"]
         row["embedkit_input_wait_s"] = summary["input_wait_seconds"]
         row["forward_only_tok_s"] = full_tokens / _forward_only(folder, precision, full_tok, args)
+        if args.forward_experiments:
+            row["forward_seq8_tok_s"] = full_tokens / _forward_only(folder, precision, full_tok, args, round_seq=8)
+            row["forward_compiled_tok_s"] = full_tokens / _forward_only(folder, precision, full_tok, args, compiled=True)
         row["ratio_vs_best_st"] = row["embedkit_subset_tok_s"] / best_st
         row["embedkit_mfu"] = row["embedkit_full_tok_s"] * flops_per_token / (peak * 1e12)
         print(json.dumps(row), flush=True)
