@@ -31,7 +31,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import lance
-    import torch
     from sentence_transformers import SentenceTransformer
 
     import embedkit
@@ -49,7 +48,7 @@ def main() -> None:
     from embedkit.encoder import choose_device
     from embedkit.pipeline import _cached_model
 
-    print("direct transformer path:", _cached_model(args.model, choose_device(args.device, "auto"), True)[0]._direct)
+    print("direct transformer path:", _cached_model(args.model, choose_device(args.device, "auto"))[0]._direct)
 
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "in.parquet"

@@ -193,10 +193,8 @@ class Encoder:
         torch = self.torch
         if not tensors:
             return np.zeros((0, 0), np.float32)
-        vec = torch.cat(tensors)
-        finite = torch.isfinite(vec).all(dim=1)
-        host = vec.cpu().numpy()
-        bad = np.flatnonzero(~finite.cpu().numpy())
+        host = torch.cat(tensors).cpu().numpy()
+        bad = np.flatnonzero(~np.isfinite(host).all(axis=1))
         if len(bad):
             raise NonFiniteVectors(bad)
         return host

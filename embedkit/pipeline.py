@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -38,7 +38,7 @@ from .models import (
     truncation_side,
     weights_hash,
 )
-from .shards import MANIFEST, OutputLock, Shard, manifest_differences, plan_shards, read_manifest, shards_from_manifest, write_manifest
+from .shards import MANIFEST, OutputLock, Shard, manifest_differences, read_manifest, shards_from_manifest, write_manifest
 from .store import VECTORS_DIR, VectorStore, vectors_schema, vectors_table
 from .tokenize import TextTokenizer, TokenizerPool, Tokenized, default_workers, tokenize_all
 
@@ -548,29 +548,27 @@ def encode_texts(
     (1, 384)
     """
     choice = choose_device(device, precision)
-    encoder, tokenizer = _cached_model(model, choice, normalize)
+    encoder, tokenizer = _cached_model(model, choice)
+    encoder.normalize = normalize  # the cached encoder serves both settings
     tok = tokenize_all(tokenizer, ["" if t is None else str(t) for t in texts])
     budget = batch_tokens or DEFAULT_BATCH_TOKENS[choice.type]
     batches = pack_batches(tok.lengths, budget)
+    outputs = [
+        encoder.forward(pad_rows(tok.flat, tok.offsets, b.rows, b.seq_len), tok.lengths[b.rows].astype(np.int32))
+        for b in batches
+    ]
     result = np.zeros((len(texts), embedding_dim(encoder.model)), np.float32)
-    for b in batches:
-        ids = pad_rows(tok.flat, tok.offsets, b.rows, b.seq_len)
-        vec = encoder.forward(ids, tok.lengths[b.rows].astype(np.int32))
-        result[b.rows] = vec.float().cpu().numpy()
+    if batches:
+        # one transfer for the whole call instead of one synchronization per batch
+        result[np.concatenate([b.rows for b in batches])] = encoder.torch.cat(outputs).float().cpu().numpy()
     return result
 
 
-def _cached_model(model: str, choice: DeviceChoice, normalize: bool) -> tuple[Encoder, TextTokenizer]:
+def _cached_model(model: str, choice: DeviceChoice) -> tuple[Encoder, TextTokenizer]:
     key = (model, choice.device, choice.precision)
     if key not in _MODEL_CACHE:
         st = load_sentence_transformer(resolve_model(model), "cpu")
         tokenizer = TextTokenizer(fast_tokenizer_json(st), int(st.max_seq_length or 512), truncation_side(st))
         encoder = Encoder(st, choice, normalize=False, out_dtype="float32", max_batch_tokens=DEFAULT_BATCH_TOKENS[choice.type])
         _MODEL_CACHE[key] = (encoder, tokenizer)
-    encoder, tokenizer = _MODEL_CACHE[key]
-    return _with_normalize(encoder, normalize), tokenizer
-
-
-def _with_normalize(encoder: Encoder, normalize: bool) -> Encoder:
-    encoder.normalize = normalize
-    return encoder
+    return _MODEL_CACHE[key]
