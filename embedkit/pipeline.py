@@ -38,6 +38,7 @@ from .models import (
     truncation_side,
     weights_hash,
 )
+from .runtime import retain_freed_memory
 from .shards import MANIFEST, OutputLock, Shard, manifest_differences, read_manifest, shards_from_manifest, write_manifest
 from .store import VECTORS_DIR, VectorStore, vectors_schema, vectors_table
 from .tokenize import TextTokenizer, TokenizerPool, Tokenized, default_workers, tokenize_all
@@ -125,6 +126,7 @@ def encode(
 
 def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeSummary:
     """encode() with a ready EncodeConfig."""
+    retain_freed_memory()
     out = Path(out)
     # Validate the input and device before OUT is created: a typo must not leave an empty OUT.
     corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
@@ -291,15 +293,16 @@ def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConf
     # The pool forks before the model moves to the GPU: children of a CUDA process must not
     # inherit its context. The clock starts once both are ready (one-time costs, not per token).
     with TokenizerPool(job.tokenizer_json, job.max_length, workers, job.truncation_side) as pool:
-        encoder = Encoder(job.model, job.choice, normalize=cfg.normalize, out_dtype=cfg.dtype, max_batch_tokens=budget)
-        start = time.perf_counter()
         items: queue.Queue = queue.Queue(maxsize=PREFETCH_WINDOWS + 2)
         stop = threading.Event()
         producer = threading.Thread(
             target=_produce, args=(corpus, pending, pool, cfg, budget, items, stop), daemon=True, name="embedkit-producer"
         )
+        # Reading and tokenizing the first windows overlaps moving the model to the device.
         producer.start()
         try:
+            encoder = Encoder(job.model, job.choice, normalize=cfg.normalize, out_dtype=cfg.dtype, max_batch_tokens=budget)
+            start = time.perf_counter()
             with _Progress(sum(s.rows for s in pending), len(pending), cfg.progress) as bar:
                 _consume(items, encoder, job, totals, bar)
         finally:
@@ -547,6 +550,7 @@ def encode_texts(
     >>> embedkit.encode_texts(["hello world"]).shape   # doctest: +SKIP
     (1, 384)
     """
+    retain_freed_memory()
     choice = choose_device(device, precision)
     encoder, tokenizer = _cached_model(model, choice)
     encoder.normalize = normalize  # the cached encoder serves both settings
