@@ -5,13 +5,18 @@ Public API (heavy libraries load on first use, so importing embedkit is instant)
     embedkit.encode(input, out, ...)      -> EncodeSummary   corpus -> OUT/vectors.lance
     embedkit.encode_texts(texts, ...)     -> np.ndarray      in-memory embeddings
     embedkit.status(out)                  -> OutputStatus    what an output holds
+    embedkit.build_index(out, ...)        -> IndexReport     OUT/vectors.lance -> OUT/index (IVF-PQ)
+    embedkit.Retriever(out).search(texts) -> SearchResults   ids and scores, reranked exactly
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["encode", "encode_texts", "status", "EncodeSummary", "OutputStatus", "EmbedkitError", "__version__"]
+__all__ = [
+    "encode", "encode_texts", "status", "build_index", "Retriever", "EncodeSummary", "OutputStatus", "IndexReport",
+    "SearchResults", "EmbedkitError", "__version__",
+]  # fmt: skip
 
 from .errors import EmbedkitError
 
@@ -26,4 +31,12 @@ def __getattr__(name: str):
         from . import pipeline
 
         return getattr(pipeline, name)
+    if name in ("build_index", "IndexReport"):
+        from .index import build
+
+        return getattr(build, name)
+    if name in ("Retriever", "SearchResults"):
+        from .index import search
+
+        return getattr(search, name)
     raise AttributeError(f"module 'embedkit' has no attribute {name!r}")

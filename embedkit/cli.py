@@ -80,5 +80,51 @@ def status(out: str, as_json: bool) -> None:
     click.echo(f"embedkit {m['embedkit_version']}")
 
 
+@main.command("build-index")
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--nlist", type=int, default=None, help="Inverted lists (default: ~4*sqrt(n), a power of two).")
+@click.option("--pq-m", type=int, default=None, help="PQ sub-quantizers = bytes per vector (default: dim/8 within the memory budget).")
+@click.option("--opq/--no-opq", default=None, help="Learn a rotation before PQ (default: when the budget forces heavy compression).")
+@click.option("--factory", default=None, help="A faiss index_factory string; overrides --nlist/--pq-m/--opq.")
+@click.option("--memory-budget", default=None, help="Memory the index may take, e.g. 8G (default: half the available RAM).")
+@click.option("--target-recall", type=float, default=0.95, show_default=True, help="recall@10 the tuned nprobe/rerank must reach.")
+@click.option("--device", default="auto", show_default=True, help=f"One of {', '.join(DEVICES)} or cuda:N (training and encoding).")
+@click.option("--shard-rows", type=int, default=None, help="Vectors per add shard, the unit of resume (default: 1M).")
+@click.option("--overwrite", is_flag=True, help="Rebuild even if a finished index matches.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def build_index(out: str, memory_budget: str | None, quiet: bool, as_json: bool, **options: Any) -> None:
+    """Build the IVF-PQ index of OUT/vectors.lance into OUT/index (resumable: rerun to continue)."""
+    from .index.build import build_index as api_build
+    from .index.params import parse_bytes
+
+    budget = _run(lambda: parse_bytes(memory_budget)) if memory_budget else None
+    log = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
+    report = _run(lambda: api_build(out, memory_budget=budget, progress=not quiet, log=log, **options))
+    click.echo(json.dumps(report.to_dict()) if as_json else report.line())
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=str))
+@click.argument("texts", nargs=-1, required=True)
+@click.option("-k", "k", type=int, default=10, show_default=True, help="Hits per query.")
+@click.option("--nprobe", type=int, default=None, help="Inverted lists to visit (default: the tuned value in index/params.json).")
+@click.option("--rerank", type=int, default=None, help="Candidates reranked exactly (default: the tuned value).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per query: {query, hits: [{id, score}]}.")
+def search(out: str, texts: tuple[str, ...], k: int, nprobe: int | None, rerank: int | None, as_json: bool) -> None:
+    """Search OUT's index with the given texts, encoded by OUT's model."""
+    from .index.search import Retriever
+
+    results = _run(lambda: Retriever(out, nprobe=nprobe, rerank=rerank).search(list(texts), k=k))
+    rows = results.to_json(list(texts))
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for row in rows:
+        click.echo(f"query: {row['query']}")
+        for rank, hit in enumerate(row["hits"], 1):
+            click.echo(f"  {rank:2d}. {hit['score']:.4f}  {hit['id']}")
+
+
 if __name__ == "__main__":
     main()

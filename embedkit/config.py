@@ -62,3 +62,34 @@ class EncodeConfig:
             raise EmbedkitError(f"window_docs must be positive, not {self.window_docs}")
         if self.tokenize_workers is not None and self.tokenize_workers < 0:
             raise EmbedkitError(f"--tokenize-workers must be 0 or more, not {self.tokenize_workers}")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Options of the index build; `None` means "choose from the data"."""
+
+    nlist: int | None = None
+    pq_m: int | None = None
+    opq: bool | None = None
+    factory: str | None = None
+    memory_budget: int | None = None  # bytes; default: half the available RAM
+    target_recall: float = 0.95
+    k: int = 10  # the k of recall@k that the tuning targets
+    queries: int = 1_000  # held-out queries for the recall measurement
+    device: str = "auto"
+    shard_rows: int | None = None  # vectors per add shard (default BUILD_SHARD_ROWS)
+    seed: int = 1234
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from .errors import EmbedkitError
+
+        if not 0.0 < self.target_recall <= 1.0:
+            raise EmbedkitError(f"--target-recall must be in (0, 1], not {self.target_recall}")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise EmbedkitError(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        for name in ("nlist", "pq_m", "memory_budget", "shard_rows", "queries", "k"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise EmbedkitError(f"--{name.replace('_', '-')} must be a positive number, not {value}")

@@ -1,0 +1,586 @@
+"""build_index(): OUT/vectors.lance -> OUT/index/, streaming, resumable, recall-tuned.
+
+Phases, each resumable from files under OUT/index/:
+
+1. train   a sample of the vectors -> `trained.index` (trained, empty).
+2. add     the vectors, a shard of whole Lance fragments at a time -> `shards/shard-NNNNNN.index`.
+           On CUDA, coarse assignment and PQ encoding run as torch matrix products and the codes
+           go into the index with `add_sa_codes`; on CPU faiss adds them itself. Each shard also
+           keeps the exact top-k of the held-out queries among its vectors (the ground truth).
+3. merge   all shards -> `merged.index` + `merged.ivfdata` (on-disk inverted lists,
+           `faiss.contrib.ondisk.merge_ondisk`); every position 0..n-1 must appear exactly once.
+4. tune    recall@k of the whole search (IVF-PQ candidates, exact rerank) against exact search,
+           for growing nprobe and rerank depth; the smallest that reach the target win.
+5. commit  `params.json` (parameters, tuning, checksums, the vectors version) is written last:
+           an index is complete exactly when it exists.
+
+Faiss ids are row positions in the pinned version of vectors.lance (fragments in order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .. import __version__
+from ..config import IndexConfig
+from ..errors import EmbedkitError
+from ..shards import OutputLock, read_manifest
+from ..store import VECTORS_DIR, VectorStore
+from .params import BUILD_SHARD_ROWS, IndexParams, choose_params, estimate_build_seconds
+from .train import nearest, train_custom, train_ivfpq
+
+INDEX_DIR = "index"
+PARAMS = "params.json"
+STATE = "build.json"
+TRAINED = "trained.index"
+MERGED = "merged.index"
+IVFDATA = "merged.ivfdata"
+SHARDS = "shards"
+NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
+RERANK_FACTORS = (1, 2, 5, 10)  # rerank depth = factor * k
+ENCODE_BLOCK = 1 << 18  # vectors encoded on the device at a time
+
+
+@dataclass(frozen=True)
+class IndexReport:
+    """What build_index did or found: parameters, tuning, seconds per phase, sizes."""
+
+    out: str
+    factory: str
+    n: int
+    dim: int
+    metric: str
+    nprobe: int
+    rerank: int
+    k: int
+    recall: float
+    target_recall: float
+    recall_table: list = field(default_factory=list)  # [{"nprobe", "rerank", "recall"}]
+    seconds: dict = field(default_factory=dict)  # phase -> seconds
+    bytes: dict = field(default_factory=dict)  # file -> size
+    vectors_version: int = 0
+    device: str = "cpu"
+    shards_total: int = 0
+    shards_resumed: int = 0
+    up_to_date: bool = False  # nothing was built: the index already matched the vectors
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        if self.up_to_date:
+            return f"index of {self.out} is up to date ({self.factory}, recall@{self.k} {self.recall:.3f} at nprobe {self.nprobe})"
+        phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        met = "" if self.recall >= self.target_recall else f" (below the {self.target_recall} target)"
+        return (
+            f"{self.factory} over {self.n:,} vectors on {self.device}: {phases}; "
+            f"recall@{self.k} {self.recall:.3f}{met} at nprobe {self.nprobe}, rerank {self.rerank}; "
+            f"{sum(self.bytes.values()) / 1e6:,.1f} MB"
+        )
+
+
+def build_index(
+    out: str | Path,
+    *,
+    nlist: int | None = None,
+    pq_m: int | None = None,
+    opq: bool | None = None,
+    factory: str | None = None,
+    memory_budget: int | None = None,
+    target_recall: float = 0.95,
+    device: str = "auto",
+    shard_rows: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> IndexReport:
+    """Build (or resume building) the IVF-PQ index of OUT/vectors.lance into OUT/index/.
+
+    >>> report = embedkit.build_index("out/")            # doctest: +SKIP
+    >>> report.recall, report.nprobe                      # doctest: +SKIP
+    """
+    cfg = IndexConfig(
+        nlist=nlist, pq_m=pq_m, opq=opq, factory=factory, memory_budget=memory_budget, target_recall=target_recall,
+        device=device, shard_rows=shard_rows, overwrite=overwrite, progress=progress,
+    )  # fmt: skip
+    return run_build(out, cfg, log or (lambda msg: None))
+
+
+@dataclass
+class _Build:
+    out: Path
+    dir: Path
+    params: IndexParams
+    device: str
+    ds: Any  # lance dataset at the pinned version
+    key: dict
+    cfg: IndexConfig
+    log: Callable[[str], None]
+
+
+def run_build(out: str | Path, cfg: IndexConfig, log: Callable[[str], None]) -> IndexReport:
+    """build_index() with a ready IndexConfig."""
+    out = Path(out)
+    manifest = read_manifest(out)
+    store = VectorStore(out)
+    if manifest is None or not store.exists():
+        raise EmbedkitError(f"{out} holds no vectors ({VECTORS_DIR} and embedkit.json); run `embedkit encode` first")
+    with OutputLock(out):
+        b = _plan(out, manifest, store, cfg, log)
+        done = _finished(b)
+        if done is not None:
+            return done
+        return _build(b)
+
+
+def _plan(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, log: Callable[[str], None]) -> _Build:
+    from ..encoder import choose_device
+
+    ds = store.dataset()
+    n, dim = ds.count_rows(), int(manifest["model"]["dim"])
+    metric = "l2" if manifest["output"]["normalize"] else "ip"  # on unit vectors L2 ranks as cosine
+    budget = cfg.memory_budget or _default_budget()
+    params = choose_params(n, dim, memory_budget=budget, nlist=cfg.nlist, pq_m=cfg.pq_m, opq=cfg.opq, factory=cfg.factory, metric=metric)
+    device = choose_device(cfg.device, "auto").device
+    gpu = device.startswith("cuda")
+    log(f"index plan: {params.describe()}; memory budget {budget / 2**30:.1f} GB; "
+        f"expected build ~{estimate_build_seconds(params, gpu=gpu, cores=os.cpu_count() or 1):.0f} s on {device}")  # fmt: skip
+    key = {
+        "vectors_version": int(ds.version), "n": n, "dim": dim, "factory": params.factory, "metric": metric,
+        "shard_rows": cfg.shard_rows or BUILD_SHARD_ROWS, "seed": cfg.seed, "queries": cfg.queries, "k": cfg.k,
+    }  # fmt: skip
+    return _Build(out, out / INDEX_DIR, params, device, ds, key, cfg, log)
+
+
+def _default_budget() -> int:
+    """Half of the memory available now."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _finished(b: _Build) -> IndexReport | None:
+    """The existing report when a finished index matches; clears stale or unwanted state."""
+    params = _read_json(b.dir / PARAMS)
+    state = _read_json(b.dir / STATE)
+    if params is not None and params.get("key") == b.key and params.get("target_recall") == b.cfg.target_recall and not b.cfg.overwrite:
+        return replace(IndexReport(**params["report"]), up_to_date=True)
+    if b.cfg.overwrite or params is not None or state != b.key:
+        if b.dir.exists():
+            b.log("starting the index build afresh" if state is None or b.cfg.overwrite else "the vectors or options changed: rebuilding the index")
+        shutil.rmtree(b.dir, ignore_errors=True)
+    b.dir.mkdir(parents=True, exist_ok=True)
+    if _read_json(b.dir / STATE) != b.key:
+        _write_json(b.dir / STATE, b.key)
+    return None
+
+
+def _build(b: _Build) -> IndexReport:
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    trained = _train(b)
+    seconds["train"] = time.perf_counter() - t
+    t = time.perf_counter()
+    queries = _query_positions(b)
+    qvec = read_rows(b.ds, queries)
+    shards = fragment_shards(b.ds, b.key["shard_rows"])
+    resumed = _add(b, trained, shards, queries, qvec)
+    seconds["add"] = time.perf_counter() - t
+    t = time.perf_counter()
+    index = _merge(b, len(shards))
+    seconds["merge"] = time.perf_counter() - t
+    t = time.perf_counter()
+    truth = _ground_truth(b, len(shards), len(queries))
+    from .search import tune
+
+    table, nprobe, rerank, recall = tune(index, b.ds, qvec, queries, truth, b.cfg.k, b.cfg.target_recall, b.params.nlist)
+    seconds["tune"] = time.perf_counter() - t
+    report = IndexReport(
+        out=str(b.out), factory=b.params.factory, n=b.params.n, dim=b.params.dim, metric=b.params.metric, nprobe=nprobe,
+        rerank=rerank, k=b.cfg.k, recall=recall, target_recall=b.cfg.target_recall, recall_table=table,
+        seconds={k: round(v, 3) for k, v in seconds.items()}, bytes=_sizes(b.dir), vectors_version=b.key["vectors_version"],
+        device=b.device, shards_total=len(shards), shards_resumed=resumed,
+    )  # fmt: skip
+    _commit(b, report)
+    return report
+
+
+# ---- reading vectors -----------------------------------------------------------------------
+
+
+def vectors_of(table: Any) -> np.ndarray:
+    """The `vector` column of an Arrow table as a (rows, dim) numpy array (float16 or float32)."""
+    col = table.column("vector").combine_chunks()
+    dim = col.type.list_size
+    return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def read_rows(ds: Any, positions: np.ndarray) -> np.ndarray:
+    """float32 vectors of the given row positions, in the order given."""
+    if len(positions) == 0:
+        return np.zeros((0, 0), np.float32)
+    order = np.argsort(positions, kind="stable")
+    got = vectors_of(ds.take(np.asarray(positions)[order], columns=["vector"])).astype(np.float32)
+    result = np.empty_like(got)
+    result[order] = got
+    return result
+
+
+def fragment_shards(ds: Any, shard_rows: int) -> list[tuple[int, list[Any]]]:
+    """Consecutive whole fragments grouped to about shard_rows rows: [(first position, fragments)]."""
+    shards: list[tuple[int, list[Any]]] = []
+    start, rows, group = 0, 0, []
+    for frag in ds.get_fragments():
+        count = frag.count_rows()
+        if count == 0:
+            continue
+        group.append(frag)
+        rows += count
+        if rows >= shard_rows:
+            shards.append((start, group))
+            start, rows, group = start + rows, 0, []
+    if group:
+        shards.append((start, group))
+    return shards
+
+
+def _read_shard(fragments: list[Any]) -> np.ndarray:
+    import pyarrow as pa
+
+    return vectors_of(pa.concat_tables([f.to_table(columns=["vector"]) for f in fragments]))
+
+
+# ---- train ---------------------------------------------------------------------------------
+
+
+def _train(b: _Build) -> Any:
+    import faiss
+
+    path = b.dir / TRAINED
+    if path.exists():
+        b.log("reusing the trained quantizer")
+        return faiss.read_index(str(path))
+    p = b.params
+    sample = read_rows(b.ds, _train_positions(b))
+    b.log(f"training on {len(sample):,} vectors ({'torch on ' + b.device if b.device.startswith('cuda') else 'faiss-cpu'})")
+    index = train_ivfpq(sample, p, b.device, b.cfg.seed) if p.ivfpq else train_custom(sample, p)
+    _write_index(index, path)
+    return faiss.read_index(str(path))
+
+
+def _train_positions(b: _Build) -> np.ndarray:
+    p = b.params
+    if p.train_size >= p.n:
+        return np.arange(p.n)
+    return np.sort(np.random.default_rng(b.cfg.seed).choice(p.n, size=p.train_size, replace=False))
+
+
+def _query_positions(b: _Build) -> np.ndarray:
+    """Held-out queries: rows outside the training sample, unless the sample is every row."""
+    n = b.params.n
+    q = min(b.cfg.queries, max(1, n // 10))
+    rng = np.random.default_rng(b.cfg.seed + 1)
+    candidates = rng.choice(n, size=min(n, 4 * q), replace=False)
+    train = _train_positions(b)
+    at = np.searchsorted(train, candidates).clip(max=len(train) - 1)
+    held_out = candidates[train[at] != candidates]
+    chosen = held_out[:q] if len(held_out) >= q else candidates[:q]
+    return np.sort(chosen).astype(np.int64)
+
+
+# ---- add -----------------------------------------------------------------------------------
+
+
+def _add(b: _Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.ndarray) -> int:
+    """Write each missing shard index (with its ground-truth block); returns how many existed."""
+    import faiss
+
+    folder = b.dir / SHARDS
+    folder.mkdir(exist_ok=True)
+    codec = TorchCodec(trained, b.device, b.params.metric) if b.params.ivfpq and b.device.startswith("cuda") else None
+    if codec is not None and not codec.agrees_with_faiss(qvec[:1024]):
+        b.log("the device encoder disagrees with faiss on a sample; encoding with faiss-cpu instead")
+        codec = None
+    resumed = 0
+    bar = _bar(len(shards), b.cfg.progress)
+    for i, (start, fragments) in enumerate(shards):
+        path = folder / f"shard-{i:06d}.index"
+        if path.exists():
+            resumed += 1
+            bar.update(1)
+            continue
+        x = _read_shard(fragments)
+        positions = np.arange(start, start + len(x), dtype=np.int64)
+        _shard_truth(b, x, start, queries, qvec, folder / f"shard-{i:06d}.truth.npz")
+        index = faiss.clone_index(trained)
+        if codec is not None:
+            faiss.extract_index_ivf(index).add_sa_codes(codec.encode(x), positions)
+        else:
+            index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), positions)
+        _write_index(index, path)
+        bar.update(1)
+    bar.close()
+    return resumed
+
+
+def _shard_truth(b: _Build, x: np.ndarray, start: int, queries: np.ndarray, qvec: np.ndarray, path: Path) -> None:
+    """Exact top-k (inner product) of every query among this shard's rows, the query itself excluded."""
+    import torch
+
+    dev = b.device if b.device.startswith("cuda") else "cpu"
+    xs = torch.from_numpy(np.require(x, requirements=["C", "W"])).to(dev).float()
+    scores = torch.from_numpy(qvec).to(dev) @ xs.T
+    inside = (queries >= start) & (queries < start + len(x))
+    rows = np.flatnonzero(inside)
+    scores[torch.as_tensor(rows, device=dev), torch.as_tensor(queries[inside] - start, device=dev)] = -float("inf")
+    k = min(b.cfg.k, len(x))
+    top, idx = scores.topk(k, dim=1)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, scores=top.cpu().numpy(), positions=idx.cpu().numpy().astype(np.int64) + start)
+    os.replace(tmp, path)
+
+
+class TorchCodec:
+    """IVF-PQ standalone codes (coarse list id, then PQ code of the residual) computed with torch.
+
+    The same codes faiss's `sa_encode` produces, so `add_sa_codes` stores them as faiss would.
+    """
+
+    def __init__(self, index: Any, device: str, metric: str):
+        import faiss
+        import torch
+
+        self.index = index
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        self.device, self.metric = device, metric
+        self.rotation = None
+        if isinstance(index, faiss.IndexPreTransform):
+            vt = faiss.downcast_VectorTransform(index.chain.at(0))
+            a = faiss.vector_to_array(vt.A).reshape(vt.d_out, vt.d_in)
+            self.rotation = torch.from_numpy(a).to(device)
+        centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+        self.centroids = torch.from_numpy(centroids).to(device)
+        pq = ivf.pq
+        self.m, self.ksub, self.dsub = pq.M, pq.ksub, pq.dsub
+        book = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
+        self.book = torch.from_numpy(book).to(device)
+        self.book_norm = (self.book**2).sum(-1)  # (M, ksub)
+        self.coarse_bytes = ivf.coarse_code_size()
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """(n, coarse_bytes + M) uint8 codes."""
+        out = np.empty((len(x), self.coarse_bytes + self.m), np.uint8)
+        for s in range(0, len(x), ENCODE_BLOCK):
+            out[s : s + ENCODE_BLOCK] = self._encode_block(x[s : s + ENCODE_BLOCK])
+        return out
+
+    def _encode_block(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        xs = torch.from_numpy(np.require(x, requirements=["C", "W"])).to(self.device).float()
+        if self.rotation is not None:
+            xs = xs @ self.rotation.T
+        _, lists = nearest(xs, self.centroids, self.metric)
+        residual = (xs - self.centroids[lists]).view(len(xs), self.m, self.dsub).transpose(0, 1)  # (M, n, dsub)
+        dist = self.book_norm[:, None, :] - 2 * torch.bmm(residual, self.book.transpose(1, 2))  # (M, n, ksub)
+        codes = dist.argmin(-1).T.to(torch.uint8)  # (n, M)
+        coarse = torch.stack([(lists >> (8 * i)) & 0xFF for i in range(self.coarse_bytes)], 1).to(torch.uint8)
+        return torch.cat([coarse, codes], 1).cpu().numpy()
+
+    def agrees_with_faiss(self, x: np.ndarray, threshold: float = 0.99) -> bool:
+        """Compare with faiss's own sa_encode on a sample (fp16 products may break near-ties)."""
+        if len(x) == 0:
+            return True
+        ours = self.encode(x)
+        theirs = self.index.sa_encode(np.ascontiguousarray(x, dtype=np.float32))
+        return bool((ours == theirs).mean() >= threshold)
+
+
+# ---- merge ---------------------------------------------------------------------------------
+
+
+def _merge(b: _Build, n_shards: int) -> Any:
+    """Merge the shard indexes into on-disk inverted lists and check every position is there once."""
+    import faiss
+
+    shard_files = [str(b.dir / SHARDS / f"shard-{i:06d}.index") for i in range(n_shards)]
+    (b.dir / MERGED).unlink(missing_ok=True)
+    (b.dir / IVFDATA).unlink(missing_ok=True)  # a killed merge's partial file
+    trained = faiss.read_index(str(b.dir / TRAINED))
+    if _is_ivf(trained):
+        from faiss.contrib.ondisk import merge_ondisk
+
+        # the lists file gets its final name (the index records it); params.json, written
+        # last, is what marks the index complete
+        with quiet_stdout():
+            merge_ondisk(trained, shard_files, str(b.dir / IVFDATA))
+        check_ids(trained, b.params.n)
+    else:  # flat, HNSW and other non-IVF factories: one in-memory index from the shards
+        for f in shard_files:
+            part = faiss.read_index(f)
+            trained.merge_from(part) if hasattr(trained, "merge_from") and _mergeable(trained) else trained.add(_reconstruct(part))
+        if trained.ntotal != b.params.n:
+            raise EmbedkitError(f"the merged index holds {trained.ntotal:,} vectors, not {b.params.n:,}; rerun build-index")
+    _write_index(trained, b.dir / MERGED)
+    return load_index(b.dir)
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Silence what faiss's C++ code prints on file descriptor 1 (it ignores sys.stdout)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _mergeable(index: Any) -> bool:
+    import faiss
+
+    return isinstance(faiss.downcast_index(index), (faiss.IndexFlat, faiss.IndexFlatCodes))
+
+
+def _reconstruct(index: Any) -> np.ndarray:
+    return index.reconstruct_n(0, index.ntotal)
+
+
+def _is_ivf(index: Any) -> bool:
+    import faiss
+
+    try:
+        faiss.extract_index_ivf(index)
+        return True
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def check_ids(index: Any, n: int) -> None:
+    """Every faiss id of the inverted lists is a position 0..n-1 and appears exactly once."""
+    import faiss
+
+    invlists = faiss.extract_index_ivf(index).invlists
+    seen = np.zeros(n, np.uint8)
+    total = 0
+    for lst in range(invlists.nlist):
+        size = invlists.list_size(lst)
+        if size == 0:
+            continue
+        ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy()
+        invlists.release_ids(lst, invlists.get_ids(lst))
+        if ids.min() < 0 or ids.max() >= n:
+            raise EmbedkitError(f"inverted list {lst} holds an id outside 0..{n - 1}; rerun build-index with --overwrite")
+        np.add.at(seen, ids, 1)
+        total += size
+    if total != n or not (seen == 1).all():
+        dup, missing = int((seen > 1).sum()), int((seen == 0).sum())
+        raise EmbedkitError(f"the merged index has {dup} duplicate and {missing} missing ids; rerun build-index with --overwrite")
+
+
+def load_index(folder: Path) -> Any:
+    """Open merged.index; its on-disk inverted lists are memory-mapped from the same folder."""
+    import faiss
+
+    with quiet_stdout():  # faiss announces the lists file's folder on stdout
+        return faiss.read_index(str(folder / MERGED), faiss.IO_FLAG_ONDISK_SAME_DIR)
+
+
+# ---- ground truth, commit ------------------------------------------------------------------
+
+
+def _ground_truth(b: _Build, n_shards: int, n_queries: int) -> np.ndarray:
+    """The exact top-k positions of every query over all shards, from the shards' blocks."""
+    scores, positions = [], []
+    for i in range(n_shards):
+        with np.load(b.dir / SHARDS / f"shard-{i:06d}.truth.npz") as z:
+            scores.append(z["scores"])
+            positions.append(z["positions"])
+    s, p = np.concatenate(scores, 1), np.concatenate(positions, 1)
+    order = np.argsort(-s, axis=1, kind="stable")[:, : b.cfg.k]
+    return np.take_along_axis(p, order, 1)
+
+
+def _commit(b: _Build, report: IndexReport) -> None:
+    """params.json last: the index is complete exactly when it exists. Then free the shards."""
+    checks = {name: {"bytes": (b.dir / name).stat().st_size, "sha256": file_sha256(b.dir / name)} for name in (MERGED, IVFDATA) if (b.dir / name).exists()}
+    doc = {
+        "embedkit_version": __version__, "key": b.key, "target_recall": b.cfg.target_recall, "nprobe": report.nprobe,
+        "rerank": report.rerank, "k": report.k, "metric": report.metric, "files": checks, "report": report.to_dict(),
+        "vectors": VECTORS_DIR,
+    }  # fmt: skip
+    _write_json(b.dir / PARAMS, doc)
+    shutil.rmtree(b.dir / SHARDS, ignore_errors=True)
+    (b.dir / STATE).unlink(missing_ok=True)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sizes(folder: Path) -> dict:
+    return {name: (folder / name).stat().st_size for name in (TRAINED, MERGED, IVFDATA) if (folder / name).exists()}
+
+
+def _write_index(index: Any, path: Path) -> None:
+    import faiss
+
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, enabled: bool) -> Any:
+    if not (enabled and sys.stderr.isatty()):
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="shard", desc="add", file=sys.stderr)
+
+

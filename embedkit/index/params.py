@@ -1,0 +1,185 @@
+"""Pure choice of IVF-PQ parameters from the number of vectors, the dimension and a memory budget.
+
+Rules (each one is a line of the table in tests/test_index_params.py):
+
+- nlist: the power of two nearest 4 * sqrt(n), lowered until every list has at least
+  MIN_POINTS_PER_LIST training points (k-means below that is unstable; faiss warns at 39).
+- PQ sub-quantizers (bytes per vector): dim / 8 (8 dimensions per sub-quantizer) when the
+  inverted lists fit the memory budget, else the largest divisor of dim that fits.
+- OPQ (a learned rotation before PQ) when the budget forces more than 8 dimensions per
+  sub-quantizer: heavy compression is where the rotation pays.
+- An HNSW coarse quantizer from HNSW_FROM_NLIST lists on: a flat scan of the centroids would
+  dominate every query.
+- Fewer than FLAT_BELOW vectors: an exact flat index; an ANN index buys nothing at that size.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from ..errors import EmbedkitError
+
+MIN_POINTS_PER_LIST = 39
+TRAIN_POINTS_PER_LIST = 64
+PQ_TRAIN_POINTS = 65_536
+HNSW_FROM_NLIST = 65_536
+HNSW_M = 32
+FLAT_BELOW = 1_024
+ID_BYTES = 8  # faiss stores an int64 id next to every code
+BUILD_SHARD_ROWS = 1_000_000  # vectors per add shard: the unit of resume of a build
+
+# Rates behind the printed build-time estimate, measured on one H200 machine (docs/design.md):
+# Lance reads 1.07 GB/s; faiss-cpu assigns at ~12.6 GFLOP/s per core; a torch fp16 matmul on the
+# GPU at ~285 TFLOP/s, of which a third is assumed reachable with the surrounding work.
+READ_BYTES_PER_S = 1.0e9
+WRITE_BYTES_PER_S = 0.5e9
+CPU_FLOPS_PER_CORE = 12.6e9
+GPU_FLOPS = 100e12
+KMEANS_ITERATIONS = 10
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """What will be built, and what it costs."""
+
+    n: int
+    dim: int
+    factory: str  # faiss index_factory string
+    metric: str  # "l2" or "ip"
+    nlist: int  # 0 for an index without inverted lists
+    pq_m: int  # bytes per PQ code; 0 when the factory has no PQ
+    opq: bool
+    hnsw: bool
+    train_size: int
+    custom: bool  # the user's --factory: built through faiss's own train/add
+
+    @property
+    def ivfpq(self) -> bool:
+        """Built by embedkit's own trainer and encoder (GPU when present)."""
+        return not self.custom and self.nlist > 0 and self.pq_m > 0
+
+    @property
+    def index_bytes(self) -> int:
+        """Codes and ids plus centroids (plus the HNSW graph): what a search keeps in memory."""
+        per_vector = self.pq_m + ID_BYTES if self.pq_m else self.dim * 4
+        graph = self.nlist * HNSW_M * 2 * 4 if self.hnsw else 0
+        return self.n * per_vector + self.nlist * self.dim * 4 + graph
+
+    @property
+    def build_memory_bytes(self) -> int:
+        """Peak RAM of the build: the float32 training sample plus one shard of vectors and codes."""
+        shard = min(self.n, BUILD_SHARD_ROWS)
+        return self.train_size * self.dim * 4 + shard * (self.dim * 4 + self.pq_m + ID_BYTES)
+
+    def describe(self) -> str:
+        return (
+            f"{self.factory} over {self.n:,} x {self.dim} vectors ({self.metric}); "
+            f"train on {self.train_size:,}; index {_human(self.index_bytes)}, build memory ~{_human(self.build_memory_bytes)}"
+        )
+
+
+def choose_params(
+    n: int,
+    dim: int,
+    *,
+    memory_budget: int,
+    nlist: int | None = None,
+    pq_m: int | None = None,
+    opq: bool | None = None,
+    factory: str | None = None,
+    metric: str = "l2",
+) -> IndexParams:
+    """IVF-PQ parameters for n vectors of this dimension; any argument given overrides its rule.
+
+    >>> choose_params(10_000_000, 384, memory_budget=8 << 30).factory
+    'IVF16384,PQ48'
+    >>> choose_params(3_000, 384, memory_budget=8 << 30).factory
+    'IVF64,PQ48'
+    """
+    if n < 1:
+        raise EmbedkitError("there are no vectors to index; run `embedkit encode` first")
+    if metric not in ("l2", "ip"):
+        raise ValueError(f"metric must be l2 or ip, not {metric!r}")
+    if factory:
+        return _custom(n, dim, factory, metric)
+    if n < FLAT_BELOW and nlist is None and pq_m is None:
+        return IndexParams(n, dim, "Flat", metric, 0, 0, False, False, n, custom=True)
+    lists = _nlist(n, nlist)
+    m = _pq_m(n, dim, lists, memory_budget, pq_m)
+    rotate = (dim // m > 8) if opq is None else opq
+    hnsw = lists >= HNSW_FROM_NLIST
+    text = f"{f'OPQ{m},' if rotate else ''}IVF{lists}{f'_HNSW{HNSW_M}' if hnsw else ''},PQ{m}"
+    train = min(n, max(TRAIN_POINTS_PER_LIST * lists, PQ_TRAIN_POINTS))
+    return IndexParams(n, dim, text, metric, lists, m, rotate, hnsw, train, custom=False)
+
+
+def _nlist(n: int, forced: int | None) -> int:
+    if forced is not None:
+        if forced < 1:
+            raise EmbedkitError(f"--nlist must be positive, not {forced}")
+        if n < forced * MIN_POINTS_PER_LIST:
+            raise EmbedkitError(
+                f"{n:,} vectors are too few for --nlist {forced} (k-means needs at least "
+                f"{forced * MIN_POINTS_PER_LIST:,}); omit --nlist to choose automatically"
+            )
+        return forced
+    target = 2 ** round(math.log2(4 * math.sqrt(n)))
+    cap = max(1, n // MIN_POINTS_PER_LIST)
+    while target > cap:
+        target //= 2
+    return max(1, target)
+
+
+def _pq_m(n: int, dim: int, nlist: int, budget: int, forced: int | None) -> int:
+    divisors = [d for d in range(1, dim + 1) if dim % d == 0]
+    if forced is not None:
+        if forced not in divisors:
+            raise EmbedkitError(f"--pq-m {forced} must divide the dimension {dim} (try {', '.join(map(str, divisors[-6:]))})")
+        return forced
+    fixed = nlist * dim * 4
+    fits = [d for d in divisors if d <= max(1, dim // 8) and n * (d + ID_BYTES) + fixed <= budget]
+    if not fits:
+        need = n * (1 + ID_BYTES) + fixed
+        raise EmbedkitError(f"--memory-budget {_human(budget)} is too small for {n:,} vectors (at least {_human(need)})")
+    return fits[-1]
+
+
+def _custom(n: int, dim: int, factory: str, metric: str) -> IndexParams:
+    ivf = re.search(r"IVF(\d+)", factory)
+    pq = re.search(r"PQ(\d+)", factory)
+    lists = int(ivf.group(1)) if ivf else 0
+    if lists and n < lists:
+        raise EmbedkitError(f"{n:,} vectors are too few for {factory!r}: it has {lists} lists")
+    train = min(n, max(TRAIN_POINTS_PER_LIST * lists, PQ_TRAIN_POINTS)) if lists or pq else n
+    return IndexParams(n, dim, factory, metric, lists, int(pq.group(1)) if pq else 0, "OPQ" in factory, "HNSW" in factory, train, custom=True)
+
+
+def estimate_build_seconds(p: IndexParams, *, gpu: bool, cores: int) -> float:
+    """A rough figure printed before the build: reading the vectors once, training, assigning
+    and encoding every vector, and writing the lists. Rates are the constants above."""
+    flops = GPU_FLOPS if gpu else CPU_FLOPS_PER_CORE * max(1, cores)
+    read = p.n * p.dim * 2 / READ_BYTES_PER_S
+    lists = max(1, p.nlist)
+    train = KMEANS_ITERATIONS * p.train_size * lists * p.dim * 2 / flops
+    add = p.n * (lists + 256) * p.dim * 2 / flops
+    write = p.index_bytes / WRITE_BYTES_PER_S
+    return read + train + add + write
+
+
+def parse_bytes(text: str) -> int:
+    """'8G', '512M', '1.5T' or a plain number of bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)[iI]?[bB]?\s*", text)
+    if not m:
+        raise EmbedkitError(f"cannot read {text!r} as a size; use a number with K, M, G or T")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def _human(b: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if b < 1024 or unit == "TB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+    return f"{b:.1f} TB"

@@ -1,0 +1,200 @@
+"""Search: IVF-PQ candidates from the memory-mapped index, reranked exactly with the stored vectors.
+
+The index returns `rerank` candidates per query by approximate (PQ) distance; their vectors
+are read from vectors.lance (the version the index was built on) and scored exactly by inner
+product, which on normalized vectors is the cosine. The same code measures recall while
+tuning, so the recall in params.json is the recall of this search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import EmbedkitError
+from ..shards import read_manifest
+from ..store import VECTORS_DIR
+from .build import INDEX_DIR, MERGED, NPROBE_GRID, PARAMS, RERANK_FACTORS, _read_json, file_sha256, load_index
+
+
+@dataclass(frozen=True)
+class SearchResults:
+    """Per query, the ids and scores of its hits, best first (fewer than k when the index is smaller)."""
+
+    ids: list[list[Any]]
+    scores: list[list[float]]
+
+    def to_json(self, queries: Sequence[str] | None = None) -> list[dict]:
+        rows = []
+        for i, (ids, scores) in enumerate(zip(self.ids, self.scores)):
+            row: dict = {"query": queries[i]} if queries is not None else {}
+            row["hits"] = [{"id": d, "score": round(float(s), 6)} for d, s in zip(ids, scores)]
+            rows.append(row)
+        return rows
+
+
+class VectorCache:
+    """Exact vectors of row positions, read from Lance once each."""
+
+    def __init__(self, ds: Any, dim: int):
+        self.ds = ds
+        self.pos = np.zeros(0, np.int64)
+        self.vec = np.zeros((0, dim), np.float32)
+
+    def get(self, positions: np.ndarray) -> np.ndarray:
+        from .build import read_rows
+
+        want = np.unique(positions)
+        new = np.setdiff1d(want, self.pos, assume_unique=True)
+        if len(new):
+            pos = np.concatenate([self.pos, new])
+            vec = np.concatenate([self.vec, read_rows(self.ds, new)])
+            order = np.argsort(pos)
+            self.pos, self.vec = pos[order], vec[order]
+        return self.vec[np.searchsorted(self.pos, positions)]
+
+
+def candidates(index: Any, q: np.ndarray, nprobe: int, depth: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """(nq, depth) positions from the index by approximate distance; -1 pads. `exclude[i]` (a
+    position) is removed from query i's list: tuning queries are rows of the index."""
+    import faiss
+
+    if nprobe:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    extra = 1 if exclude is not None else 0
+    depth_asked = min(depth + extra, index.ntotal)
+    _, found = index.search(np.ascontiguousarray(q, dtype=np.float32), depth_asked)
+    if exclude is not None:
+        # move each query's own position to the end of its row, keeping the order of the rest
+        order = np.argsort(found == exclude[:, None], axis=1, kind="stable")
+        found = np.take_along_axis(found, order, 1)[:, :depth]
+    if found.shape[1] < depth:
+        found = np.pad(found, ((0, 0), (0, depth - found.shape[1])), constant_values=-1)
+    return found[:, :depth]
+
+
+def rerank(q: np.ndarray, cand: np.ndarray, cache: VectorCache, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner products of each query with its candidates; the best k (positions, scores)."""
+    valid = cand >= 0
+    vec = cache.get(np.where(valid, cand, cand[valid].min() if valid.any() else 0).ravel()).reshape(*cand.shape, -1)
+    scores = np.einsum("qd,qrd->qr", q.astype(np.float32), vec)
+    scores[~valid] = -np.inf
+    k = min(k, cand.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(cand, order, 1), np.take_along_axis(scores, order, 1)
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean over queries of |found ∩ truth| / |truth|."""
+    hits = [len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) / max(1, (t >= 0).sum()) for f, t in zip(found, truth)]
+    return float(np.mean(hits)) if hits else 0.0
+
+
+def tune(index: Any, ds: Any, q: np.ndarray, qpos: np.ndarray, truth: np.ndarray, k: int, target: float, nlist: int):
+    """Smallest nprobe, then smallest rerank depth, whose recall@k reaches `target`.
+
+    Returns (table, nprobe, rerank, recall); when nothing reaches the target, the best seen.
+    """
+    cache = VectorCache(ds, q.shape[1])
+    probes = [p for p in NPROBE_GRID if p < nlist] + [nlist] if nlist else [0]
+    depths = [f * k for f in RERANK_FACTORS]
+    table, best = [], None
+    for nprobe in probes:
+        cand = candidates(index, q, nprobe, depths[-1], exclude=qpos)
+        for depth in depths:
+            found, _ = rerank(q, cand[:, :depth], cache, k)
+            r = recall_at(found, truth)
+            table.append({"nprobe": nprobe, "rerank": depth, "recall": round(r, 4)})
+            if best is None or r > best[2] + 1e-12:
+                best = (nprobe, depth, r)
+            if r >= target:
+                return table, nprobe, depth, r
+    return table, best[0], best[1], best[2]
+
+
+class Retriever:
+    """Search an embedkit output: `Retriever(out).search(["query"], k=10)`.
+
+    Opens OUT/index (memory-mapped), checks it was built for the current vectors and that its
+    files are intact, and reranks candidates exactly with the stored vectors.
+
+    >>> r = embedkit.Retriever("out/")                  # doctest: +SKIP
+    >>> r.search(["how do I open a file"], k=5).ids     # doctest: +SKIP
+    """
+
+    def __init__(self, out: str | Path, *, nprobe: int | None = None, rerank: int | None = None, verify: str = "quick"):
+        import lance
+
+        self.out = Path(out)
+        folder = self.out / INDEX_DIR
+        self.params = _read_json(folder / PARAMS)
+        if self.params is None:
+            raise EmbedkitError(f"{self.out} has no finished index; run `embedkit build-index {self.out}`")
+        self.manifest = read_manifest(self.out) or {}
+        uri = str(self.out / VECTORS_DIR)
+        built_on = int(self.params["key"]["vectors_version"])
+        try:
+            latest = lance.dataset(uri).version
+        except Exception:
+            raise EmbedkitError(f"cannot open {uri}; the index needs the vectors it was built from") from None
+        if latest != built_on:
+            raise EmbedkitError(
+                f"the index was built on version {built_on} of {VECTORS_DIR}, which is now at version {latest}; "
+                f"run `embedkit build-index {self.out}` again"
+            )
+        _verify(folder, self.params, verify)
+        self.ds = lance.dataset(uri, version=built_on)
+        self.index = load_index(folder)
+        self.nprobe = nprobe or int(self.params["nprobe"])
+        self.rerank = rerank or int(self.params["rerank"])
+        self.cache = VectorCache(self.ds, int(self.params["key"]["dim"]))
+
+    def search(self, texts: Sequence[str], k: int = 10) -> SearchResults:
+        """Encode the texts with the output's model, then search_vectors."""
+        from ..pipeline import encode_texts
+
+        model = self.manifest.get("model", {}).get("name")
+        if model is None:
+            raise EmbedkitError(f"{self.out}/embedkit.json names no model; search with vectors instead")
+        normalize = bool(self.manifest.get("output", {}).get("normalize", True))
+        return self.search_vectors(encode_texts(list(texts), model=model, normalize=normalize), k)
+
+    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> SearchResults:
+        """The k nearest stored rows of each vector: ids (the input's ids) and exact scores."""
+        q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        if q.shape[1] != self.index.d:
+            raise EmbedkitError(f"query vectors have dimension {q.shape[1]}, the index {self.index.d}")
+        if k < 1:
+            raise EmbedkitError(f"k must be positive, not {k}")
+        nprobe = self.nprobe if self.params["key"].get("factory", "").find("IVF") >= 0 else 0
+        cand = candidates(self.index, q, nprobe, max(self.rerank, k))
+        positions, scores = rerank(q, cand, self.cache, k)
+        return SearchResults(ids=self._ids(positions), scores=[s[p >= 0].tolist() for p, s in zip(positions, scores)])
+
+    def _ids(self, positions: np.ndarray) -> list[list[Any]]:
+        flat = positions[positions >= 0]
+        if len(flat) == 0:
+            return [[] for _ in positions]
+        uniq = np.unique(flat)
+        ids = self.ds.take(uniq, columns=["id"]).column("id").to_pylist()
+        lookup = dict(zip(uniq.tolist(), ids))
+        return [[lookup[p] for p in row[row >= 0].tolist()] for row in positions]
+
+
+def _verify(folder: Path, params: dict, level: str) -> None:
+    """Sizes always; the sha256 of merged.index ("quick") or of every file ("full")."""
+    if level == "none":
+        return
+    for name, check in params.get("files", {}).items():
+        path = folder / name
+        size = path.stat().st_size if path.exists() else -1
+        if size != check["bytes"]:
+            state = "missing" if size < 0 else f"{size:,} bytes, expected {check['bytes']:,}"
+            raise EmbedkitError(f"{path} is {state}; rebuild with `embedkit build-index --overwrite`")
+        if (name == MERGED or level == "full") and file_sha256(path) != check["sha256"]:
+            raise EmbedkitError(f"{path} does not match its checksum; rebuild with `embedkit build-index --overwrite`")
+
+
