@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -49,7 +50,7 @@ IVFDATA = "merged.ivfdata"
 SHARDS = "shards"
 NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
 RERANK_FACTORS = (1, 2, 5, 10)  # rerank depth = factor * k
-ENCODE_BLOCK = 1 << 18  # vectors encoded on the device at a time
+ENCODE_BLOCK = 1 << 16  # vectors encoded on the device at a time (PQ distances: M x block x 256 floats)
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,9 @@ def _build(b: _Build) -> IndexReport:
 
 def vectors_of(table: Any) -> np.ndarray:
     """The `vector` column of an Arrow table as a (rows, dim) numpy array (float16 or float32)."""
-    col = table.column("vector").combine_chunks()
+    col = table.column("vector")
+    if hasattr(col, "combine_chunks"):  # a Table's column is chunked, a RecordBatch's is not
+        col = col.combine_chunks()
     dim = col.type.list_size
     return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
 
@@ -313,26 +316,26 @@ def _add(b: _Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.nd
     if codec is not None and not codec.agrees_with_faiss(qvec[:1024]):
         b.log("the device encoder disagrees with faiss on a sample; encoding with faiss-cpu instead")
         codec = None
-    resumed = 0
+    todo = [(i, start, frags) for i, (start, frags) in enumerate(shards) if not (folder / f"shard-{i:06d}.index").exists()]
     bar = _bar(len(shards), b.cfg.progress)
-    for i, (start, fragments) in enumerate(shards):
-        path = folder / f"shard-{i:06d}.index"
-        if path.exists():
-            resumed += 1
+    bar.update(len(shards) - len(todo))
+    # the next shard is read from Lance while this one is encoded
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-read") as reader:
+        ahead = reader.submit(_read_shard, todo[0][2]) if todo else None
+        for j, (i, start, _) in enumerate(todo):
+            x = ahead.result()
+            ahead = reader.submit(_read_shard, todo[j + 1][2]) if j + 1 < len(todo) else None
+            positions = np.arange(start, start + len(x), dtype=np.int64)
+            _shard_truth(b, x, start, queries, qvec, folder / f"shard-{i:06d}.truth.npz")
+            index = faiss.clone_index(trained)
+            if codec is not None:
+                faiss.extract_index_ivf(index).add_sa_codes(codec.encode(x), positions)
+            else:
+                index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), positions)
+            _write_index(index, folder / f"shard-{i:06d}.index")
             bar.update(1)
-            continue
-        x = _read_shard(fragments)
-        positions = np.arange(start, start + len(x), dtype=np.int64)
-        _shard_truth(b, x, start, queries, qvec, folder / f"shard-{i:06d}.truth.npz")
-        index = faiss.clone_index(trained)
-        if codec is not None:
-            faiss.extract_index_ivf(index).add_sa_codes(codec.encode(x), positions)
-        else:
-            index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), positions)
-        _write_index(index, path)
-        bar.update(1)
     bar.close()
-    return resumed
+    return len(shards) - len(todo)
 
 
 def _shard_truth(b: _Build, x: np.ndarray, start: int, queries: np.ndarray, qvec: np.ndarray, path: Path) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .params import HNSW_M, KMEANS_ITERATIONS, PQ_TRAIN_POINTS, IndexParams
 
-# distance blocks of at most this many elements (fp16 on the device: 1 GiB)
+# distance blocks of at most this many elements (float32: 2 GiB)
 BLOCK_ELEMENTS = 1 << 29
 
 
@@ -31,23 +31,22 @@ def nearest(x: Any, centroids: Any, metric: str = "l2") -> tuple[Any, Any]:
     """(distance, index) of the nearest centroid for every row of x; torch tensors, any device.
 
     L2 ranks by ||c||^2 - 2 x.c (||x||^2 is the same for every centroid and is added back for
-    the distance); ip by -x.c. On CUDA the products run in fp16 with fp32 accumulation.
+    the distance); ip by -x.c. In float32, so that assignments (and the codes built on them)
+    are those faiss computes: fp16 products would flip near-ties between lists.
     """
     import torch
 
-    half = x.is_cuda
-    c = centroids.half() if half else centroids.float()
-    c_norm = (centroids.float() ** 2).sum(1)
+    c = centroids.float()
+    c_norm = (c**2).sum(1)
     block = max(1, BLOCK_ELEMENTS // max(1, c.shape[0]))
     dists, ids = [], []
     for start in range(0, x.shape[0], block):
-        xb = x[start : start + block]
-        xb = xb.half() if half else xb.float()
-        prod = (xb @ c.T).float()
+        xb = x[start : start + block].float()
+        prod = xb @ c.T
         score = c_norm[None, :] - 2 * prod if metric == "l2" else -prod
         d, i = score.min(1)
         if metric == "l2":
-            d = d + (xb.float() ** 2).sum(1)
+            d = d + (xb**2).sum(1)
         dists.append(d)
         ids.append(i)
     return torch.cat(dists), torch.cat(ids)
@@ -149,7 +148,9 @@ def train_ivfpq(sample: np.ndarray, p: IndexParams, device: str, seed: int = 123
     ivf.own_fields = True
     quantizer.this.disown()  # the IVF index owns and frees its quantizer
     lists = assign(small, centroids, device, p.metric)
-    ivf.train_encoder(len(small), faiss.swig_ptr(small), faiss.swig_ptr(lists))
+    # as IndexIVF::train does: the encoder trains on residuals to the assigned centroids
+    residuals = np.ascontiguousarray(small - centroids[lists], dtype=np.float32)
+    ivf.train_encoder(len(residuals), faiss.swig_ptr(residuals), faiss.swig_ptr(lists))
     ivf.is_trained = True
     ivf.precompute_table()
     if opq is None:

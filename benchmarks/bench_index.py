@@ -1,0 +1,256 @@
+"""Index build: embedkit vs faiss-cpu's own train/add, same factory string, same threads, same data.
+
+For each N: synthetic clustered unit vectors (a Gaussian mixture, normalized) are written as an
+embedkit output (vectors.lance, float16, plus a manifest). Then, in this one process:
+
+- embedkit: `build_index(out)`: train (GPU when present), add per shard, merge on disk, recall
+  tuning. Seconds per phase from its report.
+- faiss-cpu: `faiss.index_factory(d, <embedkit's factory>)`, `.train()` on a sample of the same
+  size, `.add()` of the same vectors read from the same Lance dataset in 1M-row batches, with
+  the same number of OpenMP threads.
+
+Both indexes are then searched with plain faiss at embedkit's tuned nprobe (no rerank) on 1,000
+fresh queries from the same mixture, against exact top-10 by brute force: recall@10 and QPS.
+embedkit's full search (candidates + exact rerank from Lance) is measured too.
+
+    python benchmarks/bench_index.py --n 1000000,10000000 --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", default="1000000", help="comma-separated vector counts")
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--points-per-cluster", type=int, default=1000, help="mixture components = n / this")
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--no-baseline", action="store_true", help="skip faiss-cpu (e.g. when it would take too long)")
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)  # the same threads for embedkit's faiss calls and the baseline
+    work = Path(args.work or tempfile.mkdtemp(prefix="embedkit-bench-index-"))
+    rows = []
+    for n in (int(x) for x in args.n.split(",")):
+        rows.append(bench_one(n, args, work))
+        print(json.dumps(rows[-1]), flush=True)
+    print_table(rows, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+def bench_one(n: int, args, work: Path) -> dict:
+    import embedkit
+    from embedkit.index.build import load_index
+
+    out = work / f"out{n}"
+    t = time.perf_counter()
+    mix = make_output(out, n, args.dim, max(1, n // args.points_per_cluster), args.device)
+    gen_s = time.perf_counter() - t
+    queries = mix.sample(np.random.default_rng(7), args.queries)
+    truth = exact_top(out, queries, 10, args.device)
+
+    shutil.rmtree(out / "index", ignore_errors=True)
+    t = time.perf_counter()
+    report = embedkit.build_index(out, device=args.device, progress=False, log=lambda m: print(m, flush=True))
+    ek_wall = time.perf_counter() - t
+    row = {
+        "n": n, "dim": args.dim, "threads": args.threads, "factory": report.factory, "device": report.device,
+        "generate_s": round(gen_s, 1), "embedkit_wall_s": round(ek_wall, 2), "embedkit_phases_s": report.seconds,
+        "embedkit_build_s": round(sum(v for k, v in report.seconds.items() if k != "tune"), 2),
+        "nprobe": report.nprobe, "rerank": report.rerank, "embedkit_tuned_recall": report.recall,
+    }  # fmt: skip
+    index = load_index(out / "index")
+    row["embedkit_recall_norerank"], row["embedkit_qps_norerank"] = search_stats(index, queries, truth, report.nprobe)
+    retriever = embedkit.Retriever(out)
+    retriever.search_vectors(queries[:10], 10)  # warm the mmap and the vector reader
+    t = time.perf_counter()
+    res = retriever.search_vectors(queries, 10)
+    row["embedkit_qps_rerank"] = round(len(queries) / (time.perf_counter() - t), 1)
+    row["embedkit_recall_rerank"] = recall(np.array([[int(i) for i in ids] for ids in res.ids]), truth)
+    if not args.no_baseline:
+        base = faiss_baseline(out, report.factory, report_train_size(n, report.factory), args)
+        row.update(base["times"])
+        row["faiss_recall_norerank"], row["faiss_qps_norerank"] = search_stats(base["index"], queries, truth, report.nprobe)
+        row["speedup_build"] = round(row["faiss_build_s"] / row["embedkit_build_s"], 1)
+    return row
+
+
+def report_train_size(n: int, factory: str) -> int:
+    from embedkit.index.params import PQ_TRAIN_POINTS, TRAIN_POINTS_PER_LIST
+    import re
+
+    nlist = int(re.search(r"IVF(\d+)", factory).group(1))
+    return min(n, max(TRAIN_POINTS_PER_LIST * nlist, PQ_TRAIN_POINTS))
+
+
+class Mixture:
+    """Clustered unit vectors with a low intrinsic dimension, as sentence embeddings have.
+
+    Points are drawn from a Gaussian mixture in a `latent`-dimensional space, mapped to `dim`
+    dimensions by a fixed random linear map, given a little isotropic noise and normalized.
+    (An isotropic mixture in all 384 dimensions would make every neighbor within a cluster
+    nearly equidistant: a worst case for any quantizer, and unlike real embeddings.)
+    """
+
+    def __init__(self, dim: int, clusters: int, latent: int = 24, seed: int = 1):
+        rng = np.random.default_rng(seed)
+        self.centers = rng.standard_normal((clusters, latent), dtype=np.float32) * 2.0
+        self.map = rng.standard_normal((latent, dim), dtype=np.float32) / np.sqrt(latent)
+        self.dim = dim
+
+    def sample_fast(self, seed: int, n: int, device: str) -> np.ndarray:
+        """The same distribution drawn with torch (on the GPU when there is one): numpy's
+        single-threaded generator would take minutes for 10M x 384."""
+        import torch
+
+        dev = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+        g = torch.Generator(device=dev).manual_seed(seed)
+        centers, mapping = torch.from_numpy(self.centers).to(dev), torch.from_numpy(self.map).to(dev)
+        which = torch.randint(0, len(centers), (n,), generator=g, device=dev)
+        z = centers[which] + torch.randn((n, centers.shape[1]), generator=g, device=dev)
+        x = z @ mapping + torch.randn((n, self.dim), generator=g, device=dev) * (0.1 / self.dim**0.5)
+        return torch.nn.functional.normalize(x, dim=1).half().cpu().numpy()
+
+    def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        which = rng.integers(0, len(self.centers), n)
+        z = self.centers[which] + rng.standard_normal((n, self.centers.shape[1]), dtype=np.float32)
+        x = z @ self.map + rng.standard_normal((n, self.dim), dtype=np.float32) * (0.1 / np.sqrt(self.dim))
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_output(out: Path, n: int, dim: int, clusters: int, device: str) -> Mixture:
+    """An embedkit output of n synthetic float16 vectors with int64 ids 0..n-1; returns the mixture."""
+    import pyarrow as pa
+
+    from embedkit.shards import write_manifest
+    from embedkit.store import VectorStore, vectors_schema, vectors_table
+
+    mix = Mixture(dim, clusters)
+    if (out / "vectors.lance").exists() and VectorStore(out).dataset().count_rows() == n:
+        return mix
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    schema = vectors_schema(pa.int64(), dim, "float16")
+    store = VectorStore(out)
+    store.create(schema)
+    chunk = 1_000_000
+    for i, start in enumerate(range(0, n, chunk)):
+        m = min(chunk, n - start)
+        x = mix.sample_fast(100 + i, m, device)
+        table = vectors_table(schema, pa.array(np.arange(start, start + m)), x, np.zeros(m, np.int32), np.zeros(m, bool))
+        store.commit_shard(i, table)
+    write_manifest(out, {
+        "embedkit_version": "bench", "model": {"name": "synthetic", "dim": dim, "max_seq_length": 0, "pooling": "none", "weights_sha256": ""},
+        "output": {"dtype": "float16", "normalize": True, "keep_empty": False}, "input": {"kind": "synthetic"},
+        "plan": {"rows": n, "shard_rows": chunk, "shards": -(-n // chunk)},
+    })  # fmt: skip
+    return mix
+
+
+def batches(out: Path, rows: int = 1_000_000):
+    import lance
+
+    from embedkit.index.build import vectors_of
+
+    ds = lance.dataset(str(out / "vectors.lance"))
+    for batch in ds.to_batches(columns=["vector"], batch_size=rows):
+        yield vectors_of(batch).astype(np.float32)
+
+
+def exact_top(out: Path, q: np.ndarray, k: int, device: str) -> np.ndarray:
+    """Exact top-k row positions by inner product, streaming the vectors once."""
+    import torch
+
+    dev = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+    qt = torch.from_numpy(q).to(dev)
+    best_s = torch.full((len(q), k), -float("inf"), device=dev)
+    best_i = torch.zeros((len(q), k), dtype=torch.int64, device=dev)
+    start = 0
+    for x in batches(out):
+        s = qt @ torch.from_numpy(x).to(dev).T
+        top_s, top_i = s.topk(min(k, s.shape[1]), dim=1)
+        cat_s, cat_i = torch.cat([best_s, top_s], 1), torch.cat([best_i, top_i + start], 1)
+        order = cat_s.topk(k, dim=1).indices
+        best_s, best_i = cat_s.gather(1, order), cat_i.gather(1, order)
+        start += len(x)
+    return best_i.cpu().numpy()
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return round(float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found.tolist(), truth.tolist())])), 4)
+
+
+def search_stats(index, q: np.ndarray, truth: np.ndarray, nprobe: int) -> tuple[float, float]:
+    import faiss
+
+    faiss.extract_index_ivf(index).nprobe = nprobe
+    index.search(q[:10], 10)
+    t = time.perf_counter()
+    _, found = index.search(q, 10)
+    qps = len(q) / (time.perf_counter() - t)
+    return recall(found, truth), round(qps, 1)
+
+
+def faiss_baseline(out: Path, factory: str, train_size: int, args) -> dict:
+    """faiss-cpu's own train and add: the same factory, sample size, data and threads."""
+    import faiss
+    import lance
+
+    from embedkit.index.build import read_rows
+
+    ds = lance.dataset(str(out / "vectors.lance"))
+    n = ds.count_rows()
+    positions = np.sort(np.random.default_rng(1234).choice(n, size=train_size, replace=False))
+    t = time.perf_counter()
+    sample = read_rows(ds, positions)
+    read_s = time.perf_counter() - t
+    index = faiss.index_factory(args.dim, factory)
+    t = time.perf_counter()
+    index.train(sample)
+    train_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for x in batches(out):
+        index.add(x)
+    add_s = time.perf_counter() - t
+    times = {"faiss_read_sample_s": round(read_s, 2), "faiss_train_s": round(train_s, 2), "faiss_add_s": round(add_s, 2)}
+    times["faiss_build_s"] = round(read_s + train_s + add_s, 2)
+    print(f"faiss-cpu {factory}: {times}", flush=True)
+    return {"index": index, "times": times}
+
+
+def print_table(rows: list[dict], args) -> None:
+    print()
+    print(f"| N | factory | device | embedkit train / add / merge s | embedkit build s | faiss-cpu train / add s | faiss-cpu build s | speed-up | nprobe | recall@10 embedkit / faiss (no rerank) | recall@10 embedkit with rerank {rows[0]['rerank'] if rows else ''} | QPS embedkit / faiss / with rerank |")
+    print("|---" * 12 + "|")
+    for r in rows:
+        p = r["embedkit_phases_s"]
+        fb = f"{r.get('faiss_train_s', float('nan')):.1f} / {r.get('faiss_add_s', float('nan')):.1f}"
+        print(
+            f"| {r['n']:,} | {r['factory']} | {r['device']} | {p['train']:.1f} / {p['add']:.1f} / {p['merge']:.1f} | {r['embedkit_build_s']:.1f} "
+            f"| {fb} | {r.get('faiss_build_s', float('nan')):.1f} | {r.get('speedup_build', float('nan'))}x | {r['nprobe']} "
+            f"| {r['embedkit_recall_norerank']:.3f} / {r.get('faiss_recall_norerank', float('nan')):.3f} | {r['embedkit_recall_rerank']:.3f} "
+            f"| {r['embedkit_qps_norerank']:,.0f} / {r.get('faiss_qps_norerank', float('nan')):,.0f} / {r['embedkit_qps_rerank']:,.0f} |"
+        )
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
