@@ -112,8 +112,8 @@ class Mixture:
 
     def __init__(self, dim: int, clusters: int, latent: int = 24, seed: int = 1):
         rng = np.random.default_rng(seed)
-        self.centers = rng.standard_normal((clusters, latent), dtype=np.float32) * 2.0
-        self.map = rng.standard_normal((latent, dim), dtype=np.float32) / np.sqrt(latent)
+        self.centers = (rng.standard_normal((clusters, latent), dtype=np.float32) * 2.0).astype(np.float32)
+        self.map = (rng.standard_normal((latent, dim), dtype=np.float32) / np.sqrt(latent)).astype(np.float32)
         self.dim = dim
 
     def sample_fast(self, seed: int, n: int, device: str) -> np.ndarray:

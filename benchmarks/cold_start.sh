@@ -15,7 +15,7 @@ from bench_encode import _corpora
 full, _ = _corpora(Path(sys.argv[1]), int(sys.argv[2]), 1000, Path(sys.argv[3]))
 print("corpus", full)
 PY
-for tuning in 0 1 0 1; do
+for tuning in 0 1; do
   rm -rf "$work/out"
   EMBEDKIT_MALLOC_TUNING=$tuning python3 - "$work/corpus$docs.parquet" "$work/out" "$model" "$tuning" <<'PY'
 import resource, subprocess, sys, time

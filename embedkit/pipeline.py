@@ -531,7 +531,7 @@ class _Progress:
 
 # ---- in-memory use --------------------------------------------------------------------------
 
-_MODEL_CACHE: dict[tuple[str, str, str], tuple[Encoder, TextTokenizer]] = {}
+_MODEL_CACHE: dict[tuple[str, str, str, int | None], tuple[Encoder, TextTokenizer]] = {}
 
 
 def encode_texts(
@@ -542,17 +542,18 @@ def encode_texts(
     precision: str = "auto",
     normalize: bool = True,
     batch_tokens: int | None = None,
+    max_seq_length: int | None = None,
 ) -> np.ndarray:
     """Embed a list of strings in memory; float32 array of shape (len(texts), dim), input order.
 
-    The model stays loaded between calls with the same model, device and precision.
+    The model stays loaded between calls with the same model, device, precision and length.
 
     >>> embedkit.encode_texts(["hello world"]).shape   # doctest: +SKIP
     (1, 384)
     """
     retain_freed_memory()
     choice = choose_device(device, precision)
-    encoder, tokenizer = _cached_model(model, choice)
+    encoder, tokenizer = _cached_model(model, choice, max_seq_length)
     encoder.normalize = normalize  # the cached encoder serves both settings
     tok = tokenize_all(tokenizer, ["" if t is None else str(t) for t in texts])
     budget = batch_tokens or DEFAULT_BATCH_TOKENS[choice.type]
@@ -568,11 +569,11 @@ def encode_texts(
     return result
 
 
-def _cached_model(model: str, choice: DeviceChoice) -> tuple[Encoder, TextTokenizer]:
-    key = (model, choice.device, choice.precision)
+def _cached_model(model: str, choice: DeviceChoice, max_seq_length: int | None) -> tuple[Encoder, TextTokenizer]:
+    key = (model, choice.device, choice.precision, max_seq_length)
     if key not in _MODEL_CACHE:
         st = load_sentence_transformer(resolve_model(model), "cpu")
-        tokenizer = TextTokenizer(fast_tokenizer_json(st), int(st.max_seq_length or 512), truncation_side(st))
+        tokenizer = TextTokenizer(fast_tokenizer_json(st), _max_length(st, max_seq_length), truncation_side(st))
         encoder = Encoder(st, choice, normalize=False, out_dtype="float32", max_batch_tokens=DEFAULT_BATCH_TOKENS[choice.type])
         _MODEL_CACHE[key] = (encoder, tokenizer)
     return _MODEL_CACHE[key]

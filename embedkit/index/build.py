@@ -138,11 +138,20 @@ def run_build(out: str | Path, cfg: IndexConfig, log: Callable[[str], None]) -> 
     if manifest is None or not store.exists():
         raise EmbedkitError(f"{out} holds no vectors ({VECTORS_DIR} and embedkit.json); run `embedkit encode` first")
     with OutputLock(out):
+        _require_finished_encode(out, store, manifest)
         b = _plan(out, manifest, store, cfg, log)
         done = _finished(b)
         if done is not None:
             return done
         return _build(b)
+
+
+def _require_finished_encode(out: Path, store: VectorStore, manifest: dict) -> None:
+    """An index over a half-encoded output would be stale as soon as the encode resumes."""
+    planned = int(manifest.get("plan", {}).get("shards", 0))
+    done = len(store.committed_shards())
+    if done < planned:
+        raise EmbedkitError(f"{out} is not fully encoded ({done} of {planned} shards); rerun the encode command first")
 
 
 def _plan(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, log: Callable[[str], None]) -> _Build:
@@ -291,9 +300,10 @@ def _train_positions(b: _Build) -> np.ndarray:
 
 
 def _query_positions(b: _Build) -> np.ndarray:
-    """Held-out queries: rows outside the training sample, unless the sample is every row."""
+    """Held-out queries: rows outside the training sample, unless the sample is every row
+    (up to PQ_TRAIN_POINTS rows); a small output uses all its rows, for a steadier estimate."""
     n = b.params.n
-    q = min(b.cfg.queries, max(1, n // 10))
+    q = min(b.cfg.queries, n)
     rng = np.random.default_rng(b.cfg.seed + 1)
     candidates = rng.choice(n, size=min(n, 4 * q), replace=False)
     train = _train_positions(b)
@@ -330,8 +340,10 @@ def _add(b: _Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.nd
             index = faiss.clone_index(trained)
             if codec is not None:
                 faiss.extract_index_ivf(index).add_sa_codes(codec.encode(x), positions)
-            else:
+            elif _is_ivf(index):
                 index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), positions)
+            else:  # flat, HNSW: no add_with_ids; shards merge in order, so a vector's number is its position
+                index.add(np.ascontiguousarray(x, dtype=np.float32))
             _write_index(index, folder / f"shard-{i:06d}.index")
             bar.update(1)
     bar.close()

@@ -2,7 +2,7 @@
 
 Rules (each one is a line of the table in tests/test_index_params.py):
 
-- nlist: the power of two nearest 4 * sqrt(n), lowered until every list has at least
+- nlist: the power of two nearest 4 * sqrt(n) on a log scale, lowered until every list has at least
   MIN_POINTS_PER_LIST training points (k-means below that is unstable; faiss warns at 39).
 - PQ sub-quantizers (bytes per vector): dim / 8 (8 dimensions per sub-quantizer) when the
   inverted lists fit the memory budget, else the largest divisor of dim that fits.
@@ -148,7 +148,7 @@ def _pq_m(n: int, dim: int, nlist: int, budget: int, forced: int | None) -> int:
 
 def _custom(n: int, dim: int, factory: str, metric: str) -> IndexParams:
     ivf = re.search(r"IVF(\d+)", factory)
-    pq = re.search(r"PQ(\d+)", factory)
+    pq = re.search(r"(?<!O)PQ(\d+)", factory)  # not the OPQ16 of "OPQ16_64"
     lists = int(ivf.group(1)) if ivf else 0
     if lists and n < lists:
         raise EmbedkitError(f"{n:,} vectors are too few for {factory!r}: it has {lists} lists")

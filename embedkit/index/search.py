@@ -160,7 +160,8 @@ class Retriever:
         if model is None:
             raise EmbedkitError(f"{self.out}/embedkit.json names no model; search with vectors instead")
         normalize = bool(self.manifest.get("output", {}).get("normalize", True))
-        return self.search_vectors(encode_texts(list(texts), model=model, normalize=normalize), k)
+        max_len = self.manifest.get("model", {}).get("max_seq_length")  # queries cut as the documents were
+        return self.search_vectors(encode_texts(list(texts), model=model, normalize=normalize, max_seq_length=max_len), k)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10) -> SearchResults:
         """The k nearest stored rows of each vector: ids (the input's ids) and exact scores."""
