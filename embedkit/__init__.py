@@ -7,6 +7,7 @@ Public API (heavy libraries load on first use, so importing embedkit is instant)
     embedkit.status(out)                  -> OutputStatus    what an output holds
     embedkit.build_index(out, ...)        -> IndexReport     OUT/vectors.lance -> OUT/index (IVF-PQ)
     embedkit.Retriever(out).search(texts) -> SearchResults   ids and scores, reranked exactly
+    embedkit.generate(input, out, task=)  -> GenerateSummary summarize / score / classify with a causal LM
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "encode", "encode_texts", "status", "build_index", "Retriever", "EncodeSummary", "OutputStatus", "IndexReport",
-    "SearchResults", "EmbedkitError", "__version__",
+    "SearchResults", "generate", "GenerateSummary", "EmbedkitError", "__version__",
 ]  # fmt: skip
 
 from .errors import EmbedkitError
@@ -35,6 +36,10 @@ def __getattr__(name: str):
         from .index import build
 
         return getattr(build, name)
+    if name in ("generate", "GenerateSummary"):
+        from . import generate as module
+
+        return getattr(module, name)
     if name in ("Retriever", "SearchResults"):
         from .index import search
 

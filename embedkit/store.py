@@ -54,8 +54,8 @@ def vectors_table(schema: pa.Schema, ids: pa.Array, vectors: np.ndarray, n_token
 class VectorStore:
     """OUT/vectors.lance."""
 
-    def __init__(self, out: Path):
-        self.uri = str(Path(out) / VECTORS_DIR)
+    def __init__(self, out: Path, name: str = VECTORS_DIR):
+        self.uri = str(Path(out) / name)
         self.path = Path(self.uri)
 
     def exists(self) -> bool:

