@@ -37,9 +37,10 @@ def __getattr__(name: str):
 
         return getattr(build, name)
     if name in ("generate", "GenerateSummary"):
-        from . import generate as module
+        # the module is `generation`: a submodule named `generate` would shadow this function
+        from . import generation
 
-        return getattr(module, name)
+        return getattr(generation, name)
     if name in ("Retriever", "SearchResults"):
         from .index import search
 

@@ -148,7 +148,7 @@ def search(out: str, texts: tuple[str, ...], k: int, nprobe: int | None, rerank:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def generate(input: str, out: str, labels: str | None, quiet: bool, as_json: bool, **options: Any) -> None:
     """Summarize, score or classify every row of INPUT into OUT/generations.lance (resumable)."""
-    from .generate import generate as api_generate
+    from .generation import generate as api_generate
 
     label_list = tuple(x.strip() for x in labels.split(",") if x.strip()) if labels else ()
     summary = _run(lambda: api_generate(input, out, labels=label_list, progress=not quiet, **options))
