@@ -208,34 +208,133 @@ def continuation_logprobs(lm: Any, pairs: list[tuple[list[int], list[int]]], bud
 
 
 def summarize(lm: Any, tok: Any, prompts: list[list[int]], cfg: GenerateConfig, batch_size: int, seed: int) -> list[list[int]]:
-    """New token ids per prompt; prompts grouped by length, left padded, transformers' generate."""
-    import torch
+    """New token ids per prompt (cut before the end-of-sequence token).
 
-    order = np.argsort([len(p) for p in prompts], kind="stable")
-    result: list[list[int]] = [[] for _ in prompts]
-    device = next(lm.parameters()).device
-    torch.manual_seed(seed)
-    for s in range(0, len(order), batch_size):
-        rows = order[s : s + batch_size]
+    Decoding refills its batch: a finished sequence leaves at once and, when a quarter of
+    the batch is free, waiting prompts (shortest first, so a batch holds similar lengths) are
+    prefilled and join, their KV cache left-padded to the others'. The device never decodes
+    for one long straggler while the rest of the corpus waits.
+    """
+    configured = getattr(lm.generation_config, "eos_token_id", None)  # what generate() stops on
+    eos = {tok.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
+    decoder = RefillDecoder(lm, pad_id=tok.pad_token_id, eos_ids={e for e in eos if e is not None})
+    return decoder.run(prompts, max_new=cfg.max_new_tokens, batch_size=batch_size, temperature=cfg.temperature, seed=seed)
+
+
+class RefillDecoder:
+    """Greedy or sampled decoding over a queue of prompts with a batch that is refilled as it drains."""
+
+    def __init__(self, lm: Any, *, pad_id: int, eos_ids: set[int]):
+        import torch
+
+        self.torch = torch
+        self.lm = lm
+        self.pad_id = pad_id
+        self.eos = eos_ids
+        self.device = next(lm.parameters()).device
+
+    def run(self, prompts: list[list[int]], *, max_new: int, batch_size: int, temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+        from collections import deque
+
+        torch = self.torch
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        self.temperature = temperature
+        self.max_new = max_new
+        self.out: list[list[int]] = [[] for _ in prompts]
+        queue = deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
+        state = None  # (rows, cache, mask, positions, last tokens)
+        with torch.inference_mode():
+            while queue or state is not None:
+                free = batch_size - (len(state[0]) if state else 0)
+                if queue and (state is None or free >= max(1, batch_size // 4)):
+                    joiners = [queue.popleft() for _ in range(min(free, len(queue)))]
+                    state = self._merge(state, self._prefill(joiners, prompts))
+                if state is not None:
+                    state = self._step(state)
+        return self.out
+
+    def _choose(self, logits: Any) -> Any:
+        torch = self.torch
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.float() / self.temperature, -1)
+        return torch.multinomial(probs, 1, generator=self.gen).squeeze(1)
+
+    def _record(self, rows: list[int], tokens: Any) -> list[bool]:
+        """Append each row's new token; True where the row is finished."""
+        done = []
+        for r, t in zip(rows, tokens.tolist()):
+            if t in self.eos:
+                done.append(True)
+                continue
+            self.out[r].append(t)
+            done.append(len(self.out[r]) >= self.max_new)
+        return done
+
+    def _prefill(self, rows: list[int], prompts: list[list[int]]) -> Any:
+        """Left-padded prompts through the model; returns the state of the rows still running."""
+        torch = self.torch
         width = max(len(prompts[r]) for r in rows)
-        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for j, r in enumerate(rows):
             ids[j, width - len(prompts[r]) :] = torch.tensor(prompts[r])
             mask[j, width - len(prompts[r]) :] = 1
-        sample = cfg.temperature > 0
-        options = {"do_sample": True, "temperature": cfg.temperature} if sample else {"do_sample": False}
-        with torch.inference_mode():
-            out = lm.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=cfg.max_new_tokens,
-                pad_token_id=tok.pad_token_id, **options,
-            )  # fmt: skip
-        for j, r in enumerate(rows):
-            new = out[j, width:].tolist()
-            if tok.eos_token_id in new:
-                new = new[: new.index(tok.eos_token_id)]
-            result[r] = new
-    return result
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        first = self._choose(out.logits[:, -1])
+        done = self._record(rows, first)
+        state = (rows, out.past_key_values, mask, mask.sum(1), first)
+        return self._evict(state, done)
+
+    def _step(self, state: Any) -> Any:
+        torch = self.torch
+        rows, cache, mask, positions, last = state
+        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=mask.device)], 1)
+        out = self.lm(input_ids=last[:, None], attention_mask=mask, position_ids=positions[:, None], past_key_values=cache, use_cache=True)
+        nxt = self._choose(out.logits[:, -1])
+        done = self._record(rows, nxt)
+        return self._evict((rows, out.past_key_values, mask, positions + 1, nxt), done)
+
+    def _evict(self, state: Any, done: list[bool]) -> Any:
+        """Drop finished rows, and cache columns that no remaining row attends to."""
+        torch = self.torch
+        rows, cache, mask, positions, last = state
+        if all(done):
+            return None
+        if any(done):
+            keep = torch.tensor([i for i, d in enumerate(done) if not d], device=mask.device)
+            cache.batch_select_indices(keep)
+            rows = [r for r, d in zip(rows, done) if not d]
+            mask, positions, last = mask[keep], positions[keep], last[keep]
+            lead = int((mask.sum(0) == 0).long().cumprod(0).sum())  # all-padding columns on the left
+            if lead:
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+                mask = mask[:, lead:]
+        return rows, cache, mask, positions, last
+
+    def _merge(self, a: Any, b: Any) -> Any:
+        """One batch from two: the shorter cache is left-padded (masked) to the longer one's length."""
+        if a is None or b is None:
+            return a if b is None else b
+        torch = self.torch
+        (ra, ca, ma, pa_, la), (rb, cb, mb, pb, lb) = a, b
+        t = max(ma.shape[1], mb.shape[1])
+
+        def pad(x: Any, n: int, dim: int) -> Any:
+            if n == 0:
+                return x
+            shape = list(x.shape)
+            shape[dim] = n
+            return torch.cat([torch.zeros(shape, dtype=x.dtype, device=x.device), x], dim)
+
+        for la_, lb_ in zip(ca.layers, cb.layers):
+            la_.keys = torch.cat([pad(la_.keys, t - ma.shape[1], 2), pad(lb_.keys, t - mb.shape[1], 2)])
+            la_.values = torch.cat([pad(la_.values, t - ma.shape[1], 2), pad(lb_.values, t - mb.shape[1], 2)])
+        mask = torch.cat([pad(ma, t - ma.shape[1], 1), pad(mb, t - mb.shape[1], 1)])
+        return ra + rb, ca, mask, torch.cat([pa_, pb]), torch.cat([la, lb])
 
 
 # ---- the run -------------------------------------------------------------------------------
