@@ -33,7 +33,7 @@ from .corpus import Columns, Corpus, find_first_duplicate, open_corpus
 from .encoder import DeviceChoice, choose_device
 from .errors import EmbedkitError
 from .runtime import retain_freed_memory
-from .shards import OutputLock, Shard, plan_shards, read_manifest, write_manifest
+from .shards import MANIFEST, OutputLock, Shard, plan_shards, read_manifest, write_manifest
 from .store import VectorStore
 
 GENERATIONS_DIR = "generations.lance"
@@ -115,7 +115,9 @@ def load_generator(model: str, choice: DeviceChoice) -> tuple[Any, Any, str]:
     """(model in eval mode on the device, tokenizer, resolved name)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a weights bar on stderr: noise, and it breaks one-line refusals
     target = resolve_generator(model)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[choice.precision]
     try:
@@ -242,6 +244,17 @@ class RefillDecoder:
         self.max_new = max_new
         self.out: list[list[int]] = [[] for _ in prompts]
         queue = deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the cache keyword's rename notice, once per step
+        try:
+            return self._loop(queue, prompts, batch_size)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+
+    def _loop(self, queue: Any, prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+        torch = self.torch
         state = None  # (rows, cache, mask, positions, last tokens)
         with torch.inference_mode():
             while queue or state is not None:
@@ -282,7 +295,7 @@ class RefillDecoder:
             mask[j, width - len(prompts[r]) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         first = self._choose(out.logits[:, -1])
         done = self._record(rows, first)
         state = (rows, out.past_key_values, mask, mask.sum(1), first)
@@ -418,17 +431,20 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
     corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
     if corpus.num_rows == 0:
         raise EmbedkitError("the input has no rows")
-    choice = choose_device(cfg.device, "fp32" if cfg.precision == "auto" and not str(cfg.device).startswith("cuda") else cfg.precision)
+    choice = choose_device(cfg.device, cfg.precision)  # auto: fp16 on CUDA (made bf16 below), fp32 on CPU
     if choice.precision == "fp16" and cfg.precision == "auto":
         choice = DeviceChoice(choice.device, "bf16")  # bf16 on CUDA: fp16 overflows in some LMs
     _make_out(out)
     with OutputLock(out):
+        if (out / "vectors.lance").exists():
+            raise EmbedkitError(f"{out} holds embeddings (vectors.lance); write generations to another folder")
         if cfg.overwrite:
             import shutil
 
             shutil.rmtree(out / GENERATIONS_DIR, ignore_errors=True)
-        lm, tok, resolved = load_generator(cfg.model, choice)
-        shard_rows, manifest = _manifest(out, corpus, cfg, template, resolved, choice)
+            (out / MANIFEST).unlink(missing_ok=True)  # else the old task is still pinned and refused
+        lm, tok, _ = load_generator(cfg.model, choice)
+        shard_rows, manifest = _manifest(out, corpus, cfg, template, choice)
         store = VectorStore(out, GENERATIONS_DIR)
         if store.exists():
             store.remove_uncommitted()
@@ -450,13 +466,14 @@ def _make_out(out: Path) -> None:
         raise EmbedkitError(f"cannot write to {out}: {e.strerror}") from None
 
 
-def _manifest(out: Path, corpus: Corpus, cfg: GenerateConfig, template: str, model: str, choice: DeviceChoice) -> tuple[int, dict]:
+def _manifest(out: Path, corpus: Corpus, cfg: GenerateConfig, template: str, choice: DeviceChoice) -> tuple[int, dict]:
     old = read_manifest(out)
     shard_rows = cfg.shard_rows or (old["plan"]["shard_rows"] if old else DEFAULT_SHARD_ROWS[choice.type])
-    task = {"task": cfg.task, "prompt": template, "completion": cfg.completion, "labels": list(cfg.labels),
-            "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "seed": cfg.seed}  # fmt: skip
+    task = {"task": cfg.task, "prompt": template, "completion": cfg.completion, "labels": list(cfg.labels)}
+    if cfg.task == "summarize":  # decoding options change only summaries
+        task.update(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
     manifest = {
-        "embedkit_version": __version__, "generator": {"name": model, "precision": choice.precision}, "task": task,
+        "embedkit_version": __version__, "generator": {"name": cfg.model, "precision": choice.precision}, "task": task,
         "input": corpus.fingerprint(), "plan": {"rows": corpus.num_rows, "shard_rows": shard_rows, "shards": -(-corpus.num_rows // shard_rows)},
     }  # fmt: skip
     if old is not None:
@@ -485,6 +502,7 @@ def _run(corpus, out, cfg, template, lm, tok, choice, store, shards: list[Shard]
     schema = _schema(cfg.task, corpus.id_type)
     totals = {"docs": 0, "prompt": 0, "new": 0, "truncated": 0, "empty": 0, "shards": 0}
     start = time.perf_counter()
+    bar = _bar(sum(s.rows for s in shards if s.index not in done), cfg.progress)
     for shard in shards:
         if shard.index in done:
             continue
@@ -498,11 +516,22 @@ def _run(corpus, out, cfg, template, lm, tok, choice, store, shards: list[Shard]
         totals["truncated"] += int(np.sum(columns["truncated"])) if table.num_rows else 0
         totals["empty"] += empty
         totals["shards"] += 1
+        bar.update(shard.rows)
+    bar.close()
     return GenerateSummary(
         out=str(out), task=cfg.task, device=choice.device, docs=totals["docs"], prompt_tokens=totals["prompt"],
         new_tokens=totals["new"], seconds=time.perf_counter() - start, truncated=totals["truncated"],
         skipped_empty=totals["empty"], shards_done=totals["shards"], shards_skipped=len(done), shards_total=len(shards),
     )  # fmt: skip
+
+
+def _bar(total: int, enabled: bool) -> Any:
+    """Docs done, on a terminal; nothing otherwise."""
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="doc", unit_scale=True, file=sys.stderr, disable=not (enabled and sys.stderr.isatty()))
 
 
 def _limit(lm: Any, reserve: int) -> int:
