@@ -44,10 +44,13 @@ class EncodeConfig:
     max_seq_length: int | None = None
     overwrite: bool = False
     progress: bool = True
+    workers: int = 1  # device worker processes (--gpus): one per GPU, or N processes on a CPU
 
     def __post_init__(self) -> None:
         from .errors import EmbedkitError
 
+        if self.workers < 1:
+            raise EmbedkitError(f"--gpus must be all or a positive number, not {self.workers}")
         if self.dtype not in OUTPUT_DTYPES:
             raise EmbedkitError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {self.dtype!r}")
         if self.precision not in PRECISIONS:

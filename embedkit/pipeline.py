@@ -109,8 +109,12 @@ def encode(
     max_seq_length: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    gpus: int | str = 1,
 ) -> EncodeSummary:
     """Embed every row of INPUT into OUT/vectors.lance; resumable, one commit per shard.
+
+    `gpus`: worker processes, one per GPU ("all": every visible GPU); on a CPU, that many
+    processes. Each takes shards from the shared plan and commits them itself.
 
     >>> s = embedkit.encode("docs.parquet", "out/")          # doctest: +SKIP
     >>> s.docs, s.tokens_per_second                           # doctest: +SKIP
@@ -119,9 +123,26 @@ def encode(
         model=model, device=device, dtype=dtype, precision=precision, normalize=normalize,
         batch_tokens=batch_tokens, shard_rows=shard_rows, text_column=text_column, id_column=id_column,
         tokenize_workers=tokenize_workers, keep_empty=keep_empty, allow_duplicate_ids=allow_duplicate_ids,
-        max_seq_length=max_seq_length, overwrite=overwrite, progress=progress,
+        max_seq_length=max_seq_length, overwrite=overwrite, progress=progress, workers=_worker_count(gpus, device),
     )  # fmt: skip
     return run_encode(input, out, cfg)
+
+
+def _worker_count(gpus: int | str, device: str) -> int:
+    """--gpus all|N as a number of worker processes."""
+    if isinstance(gpus, str) and gpus.strip().lower() == "all":
+        import torch
+
+        if device == "cpu" or not torch.cuda.is_available():
+            raise EmbedkitError("--gpus all needs CUDA GPUs; on a CPU give a number of worker processes")
+        return torch.cuda.device_count()
+    try:
+        n = int(gpus)
+    except (TypeError, ValueError):
+        raise EmbedkitError(f"--gpus must be all or a positive number, not {gpus!r}") from None
+    if n < 1:
+        raise EmbedkitError(f"--gpus must be all or a positive number, not {gpus!r}")
+    return n
 
 
 def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeSummary:
@@ -140,6 +161,10 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
         pending = [s for s in job.shards if s.index not in done]
         if not pending:
             return _summary(job, _Totals(), 0.0, skipped=len(done))
+        if cfg.workers > 1:
+            from .workers import run_workers
+
+            return run_workers(input, out, cfg, job, pending, skipped=len(done))
         return _run_shards(corpus, job, pending, cfg, skipped=len(done))
 
 
@@ -211,6 +236,20 @@ def _prepare(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice)
     return _Job(
         out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest), store=store,
         schema=schema, max_length=max_length, tokenizer_json=fast_tokenizer_json(st), truncation_side=truncation_side(st),
+    )  # fmt: skip
+
+
+def attach_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice) -> _Job:
+    """A worker's view of an output that the parent has already prepared (manifest, store)."""
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise EmbedkitError(f"{out} has no {MANIFEST}")
+    st = load_sentence_transformer(resolve_model(cfg.model), "cpu")
+    dim = embedding_dim(st)
+    return _Job(
+        out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest), store=VectorStore(out),
+        schema=vectors_schema(corpus.id_type, dim, cfg.dtype), max_length=_max_length(st, cfg.max_seq_length),
+        tokenizer_json=fast_tokenizer_json(st), truncation_side=truncation_side(st),
     )  # fmt: skip
 
 
@@ -303,7 +342,8 @@ def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConf
         try:
             encoder = Encoder(job.model, job.choice, normalize=cfg.normalize, out_dtype=cfg.dtype, max_batch_tokens=budget)
             start = time.perf_counter()
-            with _Progress(sum(s.rows for s in pending), len(pending), cfg.progress) as bar:
+            sized = isinstance(pending, list)  # workers pull shards from a queue: no totals
+            with _Progress(sum(s.rows for s in pending) if sized else 0, len(pending) if sized else 0, cfg.progress and sized) as bar:
                 _consume(items, encoder, job, totals, bar)
         finally:
             stop.set()

@@ -9,6 +9,7 @@ they are invisible to readers and are deleted by `remove_uncommitted` under the 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -98,12 +99,21 @@ class VectorStore:
         import lance
         from lance.dataset import Transaction
 
-        tx = Transaction(
-            read_version=self.dataset().version,
-            operation=lance.LanceOperation.Append(fragments),
-            transaction_properties={SHARD_KEY: str(shard)},
-        )
-        return lance.LanceDataset.commit(self.uri, tx).version
+        # Several workers may commit to one dataset; Lance rebases concurrent appends, and a
+        # commit that still loses the race is retried on the new latest version.
+        for attempt in range(20):
+            tx = Transaction(
+                read_version=self.dataset().version,
+                operation=lance.LanceOperation.Append(fragments),
+                transaction_properties={SHARD_KEY: str(shard)},
+            )
+            try:
+                return lance.LanceDataset.commit(self.uri, tx).version
+            except Exception as e:  # pylance raises several types for a lost race
+                if "onflict" not in str(e) and "etry" not in str(e) or attempt == 19:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def commit_shard(self, shard: int, table: pa.Table) -> int:
         """Write and commit a whole shard at once."""
