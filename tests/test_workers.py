@@ -17,6 +17,7 @@ from conftest import SAMPLE, cli_command
 
 import embedkit
 from embedkit.errors import EmbedkitError
+from embedkit.store import VectorStore
 
 ROWS, SHARD_ROWS = 120, 20
 
@@ -48,7 +49,7 @@ def test_two_workers_write_what_one_writes(corpus, tmp_path):
     assert min(cos) >= 0.9999
     assert embedkit.status(tmp_path / "two").complete
     # each shard is one commit carrying its index, whichever worker made it
-    assert sorted(embedkit.store.VectorStore(tmp_path / "two").committed_shards()) == list(range(ROWS // SHARD_ROWS))
+    assert sorted(VectorStore(tmp_path / "two").committed_shards()) == list(range(ROWS // SHARD_ROWS))
 
 
 def test_killed_multi_worker_run_resumes_exactly_once(corpus, tmp_path):
@@ -59,14 +60,14 @@ def test_killed_multi_worker_run_resumes_exactly_once(corpus, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         try:
-            if len(embedkit.store.VectorStore(out).committed_shards()) >= 2:
+            if len(VectorStore(out).committed_shards()) >= 2:
                 break
         except Exception:  # the dataset may not exist yet
             pass
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the parent and both workers
     proc.wait()
-    done_before = len(embedkit.store.VectorStore(out).committed_shards())
+    done_before = len(VectorStore(out).committed_shards())
     assert 2 <= done_before < ROWS // 10, "the kill must land mid-run"
     rerun = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
