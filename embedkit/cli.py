@@ -48,6 +48,7 @@ def main() -> None:
 @click.option("--allow-duplicate-ids", is_flag=True, help="Accept an input whose ids repeat.")
 @click.option("--overwrite", is_flag=True, help="Delete OUT's vectors, index and manifest and start fresh.")
 @click.option("--gpus", default="1", show_default=True, help="Worker processes: all (every GPU) or N (N GPUs; on a CPU, N processes).")
+@click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]", help="Run shards as Ray tasks: a local Ray, or the cluster at ADDRESS (pip install 'embedkit[ray]').")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def encode(input: str, out: str, quiet: bool, as_json: bool, **options: Any) -> None:

@@ -45,6 +45,7 @@ class EncodeConfig:
     overwrite: bool = False
     progress: bool = True
     workers: int = 1  # device worker processes (--gpus): one per GPU, or N processes on a CPU
+    ray: str | None = None  # --ray: "" for a local Ray (or RAY_ADDRESS), else a cluster address
 
     def __post_init__(self) -> None:
         from .errors import EmbedkitError

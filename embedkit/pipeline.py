@@ -110,11 +110,13 @@ def encode(
     overwrite: bool = False,
     progress: bool = True,
     gpus: int | str = 1,
+    ray: str | None = None,
 ) -> EncodeSummary:
     """Embed every row of INPUT into OUT/vectors.lance; resumable, one commit per shard.
 
     `gpus`: worker processes, one per GPU ("all": every visible GPU); on a CPU, that many
-    processes. Each takes shards from the shared plan and commits them itself.
+    processes. Each takes shards from the shared plan and commits them itself. `ray`: run the
+    shards as Ray tasks ("" for a local Ray or $RAY_ADDRESS, else a cluster address).
 
     >>> s = embedkit.encode("docs.parquet", "out/")          # doctest: +SKIP
     >>> s.docs, s.tokens_per_second                           # doctest: +SKIP
@@ -123,7 +125,7 @@ def encode(
         model=model, device=device, dtype=dtype, precision=precision, normalize=normalize,
         batch_tokens=batch_tokens, shard_rows=shard_rows, text_column=text_column, id_column=id_column,
         tokenize_workers=tokenize_workers, keep_empty=keep_empty, allow_duplicate_ids=allow_duplicate_ids,
-        max_seq_length=max_seq_length, overwrite=overwrite, progress=progress, workers=_worker_count(gpus, device),
+        max_seq_length=max_seq_length, overwrite=overwrite, progress=progress, workers=_worker_count(gpus, device), ray=ray,
     )  # fmt: skip
     return run_encode(input, out, cfg)
 
@@ -161,6 +163,10 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
         pending = [s for s in job.shards if s.index not in done]
         if not pending:
             return _summary(job, _Totals(), 0.0, skipped=len(done))
+        if cfg.ray is not None:
+            from .distributed import run_ray
+
+            return run_ray(input, out, cfg, job, pending, skipped=len(done), address=cfg.ray)
         if cfg.workers > 1:
             from .workers import run_workers
 

@@ -1,0 +1,73 @@
+"""`--ray [ADDRESS]`: the shards of one plan as Ray tasks, on a cluster or a local Ray.
+
+The driver validates the input, writes the manifest and cleans the store under the output
+lock (so a second driver on the same OUT is refused), then submits one task per pending shard:
+`num_gpus=1` when encoding on CUDA, `num_gpus=0` on CPU clusters. A task runs the ordinary
+single-device pipeline on its shard and commits it. Ray retries a task whose worker died or was
+preempted; a retried task first checks whether its shard is already committed, so a shard is
+never written twice. A killed driver is resumed by rerunning the same command. Ray is imported
+only here (`pip install embedkit[ray]`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .config import EncodeConfig
+from .errors import EmbedkitError
+
+TASK_RETRIES = 3
+_JOB_CACHE: dict = {}  # per Ray worker process: the loaded model, reused by its later tasks
+
+
+def run_ray(input: str | Path, out: Path, cfg: EncodeConfig, job: Any, pending: list, skipped: int, address: str | None) -> Any:
+    """Encode `pending` shards as Ray tasks; returns the merged EncodeSummary."""
+    from .pipeline import EncodeSummary
+
+    try:
+        import ray
+    except ImportError:
+        raise EmbedkitError("--ray needs Ray: pip install 'embedkit[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+    gpu = job.choice.type == "cuda"
+    task = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1, max_retries=TASK_RETRIES)(encode_shard)
+    task_cfg = replace(cfg, workers=1, progress=False, overwrite=False, ray=None, device="cuda" if gpu else "cpu",
+                       tokenize_workers=cfg.tokenize_workers if cfg.tokenize_workers is not None else (None if gpu else 0))  # fmt: skip
+    start = time.perf_counter()
+    refs = [task.remote(str(input), str(out), task_cfg, s.index) for s in sorted(pending, key=lambda s: -s.rows)]
+    try:
+        parts = ray.get(refs)
+    except Exception as e:  # a task that failed after its retries
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise EmbedkitError(f"a Ray task failed ({first}); committed shards are kept: rerun the same command to resume") from None
+    fields = ("docs", "tokens", "padded_tokens", "truncated", "skipped_empty", "shards_done", "input_wait_seconds")
+    total = {f: sum(p[f] for p in parts) for f in fields}
+    return EncodeSummary(
+        out=str(out), device=f"ray ({'GPU' if gpu else 'CPU'} tasks)", seconds=time.perf_counter() - start,
+        shards_skipped=skipped, shards_total=len(job.shards), **total,
+    )  # fmt: skip
+
+
+def encode_shard(input: str, out: str, cfg: EncodeConfig, index: int) -> dict:
+    """One shard, in a Ray worker: skipped if a previous attempt already committed it."""
+    from .corpus import Columns, open_corpus
+    from .encoder import choose_device
+    from .pipeline import _run_shards, attach_job
+    from .runtime import retain_freed_memory
+    from .store import VectorStore
+
+    retain_freed_memory()
+    empty = {"docs": 0, "tokens": 0, "padded_tokens": 0, "truncated": 0, "skipped_empty": 0, "shards_done": 0, "input_wait_seconds": 0.0}
+    if index in VectorStore(Path(out)).committed_shards():
+        return empty  # a retry of a task whose commit landed before its worker died
+    key = (input, out, cfg.model, cfg.device, cfg.precision, cfg.max_seq_length)
+    if key not in _JOB_CACHE:
+        corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
+        _JOB_CACHE[key] = (corpus, attach_job(corpus, Path(out), cfg, choose_device(cfg.device, cfg.precision)))
+    corpus, job = _JOB_CACHE[key]
+    shard = next(s for s in job.shards if s.index == index)
+    return _run_shards(corpus, job, [shard], cfg, skipped=0).to_dict()

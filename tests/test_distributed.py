@@ -1,0 +1,99 @@
+"""Shards as Ray tasks on a real local Ray cluster (CPU): results, a killed worker, the lock."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import lance
+import pyarrow.parquet as pq
+import pytest
+from conftest import SAMPLE
+
+import embedkit
+from embedkit.errors import EmbedkitError
+from embedkit.shards import OutputLock
+from embedkit.store import VectorStore
+
+ray = pytest.importorskip("ray")
+
+ROWS = 120
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ray") / "docs.parquet"
+    pq.write_table(pq.read_table(SAMPLE).slice(0, ROWS), path)
+    return path
+
+
+def ids_in(out: Path) -> list:
+    return lance.dataset(str(out / "vectors.lance")).to_table(columns=["id"]).column("id").to_pylist()
+
+
+def task_pids() -> list[int]:
+    """Ray worker processes that are running an encode_shard task (Ray titles them so)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if f.read().startswith(b"ray::encode_shard"):
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def test_ray_tasks_encode_every_shard(local_ray, corpus, tmp_path):
+    s = embedkit.encode(corpus, tmp_path / "out", device="cpu", shard_rows=20, max_seq_length=64, progress=False, ray="")
+    assert (s.docs, s.shards_done, s.shards_total) == (ROWS, 6, 6)
+    ids = ids_in(tmp_path / "out")
+    assert len(ids) == len(set(ids)) == ROWS
+    assert embedkit.status(tmp_path / "out").complete
+
+
+def test_a_killed_worker_is_retried_and_nothing_is_lost_or_doubled(local_ray, corpus, tmp_path):
+    out = tmp_path / "out"
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["summary"] = embedkit.encode(corpus, out, device="cpu", shard_rows=10, max_seq_length=128, progress=False, ray="")
+        except BaseException as e:  # surfaced by the assertions below
+            result["error"] = e
+
+    driver = threading.Thread(target=run)
+    driver.start()
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and driver.is_alive() and time.time() < deadline:
+        pids = task_pids()
+        if pids and len(VectorStore(out).committed_shards() if (out / "vectors.lance").exists() else {}) >= 1:
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)  # a worker dies mid-shard, as on a preempted node
+        time.sleep(0.05)
+    driver.join(timeout=600)
+    assert killed is not None, "no running task was found to kill"
+    assert "error" not in result, result.get("error")
+    ids = ids_in(out)
+    assert len(ids) == len(set(ids)) == ROWS
+    assert sorted(VectorStore(out).committed_shards()) == list(range(ROWS // 10))
+
+
+def test_a_second_driver_on_the_same_output_is_refused(local_ray, corpus, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with OutputLock(out):  # what a running driver holds
+        with pytest.raises(EmbedkitError, match="another"):
+            embedkit.encode(corpus, out, device="cpu", shard_rows=20, progress=False, ray="")
