@@ -146,6 +146,7 @@ def search(out: str, texts: tuple[str, ...], k: int, nprobe: int | None, rerank:
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--id-column", default=None, help="Default: `id` when present, else the row number.")
 @click.option("--overwrite", is_flag=True, help="Delete OUT's generations and start fresh.")
+@click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]", help="Run shards as Ray tasks: a local Ray, or the cluster at ADDRESS.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def generate(input: str, out: str, labels: str | None, quiet: bool, as_json: bool, **options: Any) -> None:

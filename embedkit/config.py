@@ -128,6 +128,7 @@ class GenerateConfig:
     id_column: str | None = None
     overwrite: bool = False
     progress: bool = True
+    ray: str | None = None  # --ray: shards as Ray tasks ("" local Ray or $RAY_ADDRESS)
 
     def __post_init__(self) -> None:
         from .errors import EmbedkitError

@@ -1,6 +1,6 @@
 """`--ray [ADDRESS]`: the shards of one plan as Ray tasks, on a cluster or a local Ray.
 
-The driver validates the input, writes the manifest and cleans the store under the output
+`embedkit generate --ray` does the same with the generative pass. The driver validates the input, writes the manifest and cleans the store under the output
 lock (so a second driver on the same OUT is refused), then submits one task per pending shard:
 `num_gpus=1` when encoding on CUDA, `num_gpus=0` on CPU clusters. A task runs the ordinary
 single-device pipeline on its shard and commits it. Ray retries a task whose worker died or was
@@ -27,23 +27,14 @@ def run_ray(input: str | Path, out: Path, cfg: EncodeConfig, job: Any, pending: 
     """Encode `pending` shards as Ray tasks; returns the merged EncodeSummary."""
     from .pipeline import EncodeSummary
 
-    try:
-        import ray
-    except ImportError:
-        raise EmbedkitError("--ray needs Ray: pip install 'embedkit[ray]'") from None
-    if not ray.is_initialized():
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+    ray = _ray(address)
     gpu = job.choice.type == "cuda"
     task = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1, max_retries=TASK_RETRIES)(encode_shard)
     task_cfg = replace(cfg, workers=1, progress=False, overwrite=False, ray=None, device="cuda" if gpu else "cpu",
                        tokenize_workers=cfg.tokenize_workers if cfg.tokenize_workers is not None else (None if gpu else 0))  # fmt: skip
     start = time.perf_counter()
     refs = [task.remote(str(input), str(out), task_cfg, s.index) for s in sorted(pending, key=lambda s: -s.rows)]
-    try:
-        parts = ray.get(refs)
-    except Exception as e:  # a task that failed after its retries
-        first = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise EmbedkitError(f"a Ray task failed ({first}); committed shards are kept: rerun the same command to resume") from None
+    parts = _get(ray, refs)
     fields = ("docs", "tokens", "padded_tokens", "truncated", "skipped_empty", "shards_done", "input_wait_seconds")
     total = {f: sum(p[f] for p in parts) for f in fields}
     return EncodeSummary(
@@ -71,3 +62,57 @@ def encode_shard(input: str, out: str, cfg: EncodeConfig, index: int) -> dict:
     corpus, job = _JOB_CACHE[key]
     shard = next(s for s in job.shards if s.index == index)
     return _run_shards(corpus, job, [shard], cfg, skipped=0).to_dict()
+
+
+def run_generate_ray(input: str | Path, out: Path, cfg: Any, template: str, choice: Any, pending: list, skipped: int, total: int) -> Any:
+    """`embedkit generate --ray`: one Ray task per pending shard; the merged GenerateSummary."""
+    from .generation import summarize_parts
+
+    ray = _ray(cfg.ray)
+    gpu = choice.type == "cuda"
+    task = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1, max_retries=TASK_RETRIES)(generate_shard_task)
+    task_cfg = replace(cfg, ray=None, progress=False, overwrite=False, device="cuda" if gpu else "cpu")
+    start = time.perf_counter()
+    refs = [task.remote(str(input), str(out), task_cfg, template, choice.precision, s.index) for s in pending]
+    parts = _get(ray, refs)
+    return summarize_parts(out, cfg, f"ray ({'GPU' if gpu else 'CPU'} tasks)", parts, time.perf_counter() - start, skipped, total)
+
+
+def generate_shard_task(input: str, out: str, cfg: Any, template: str, precision: str, index: int) -> dict:
+    """One generate shard, in a Ray worker; skipped if a previous attempt committed it."""
+    from .corpus import Columns, open_corpus
+    from .encoder import DeviceChoice, choose_device
+    from .generation import GENERATIONS_DIR, _schema, generate_shard, load_generator
+    from .shards import plan_shards, read_manifest
+    from .store import VectorStore
+
+    store = VectorStore(Path(out), GENERATIONS_DIR)
+    if index in store.committed_shards():
+        return {"docs": 0, "prompt": 0, "new": 0, "truncated": 0, "empty": 0, "shards": 0}
+    choice = DeviceChoice(choose_device(cfg.device, "fp32").device, precision)
+    key = ("generate", input, cfg.model, choice.device, precision)
+    if key not in _JOB_CACHE:
+        lm, tok, _ = load_generator(cfg.model, choice)
+        _JOB_CACHE[key] = (open_corpus(input, Columns(cfg.text_column, cfg.id_column)), lm, tok)
+    corpus, lm, tok = _JOB_CACHE[key]
+    plan = read_manifest(Path(out))["plan"]
+    shard = plan_shards(plan["rows"], plan["shard_rows"])[index]
+    return generate_shard(corpus, cfg, template, lm, tok, choice, store, _schema(cfg.task, corpus.id_type), shard)
+
+
+def _ray(address: str | None) -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise EmbedkitError("--ray needs Ray: pip install 'embedkit[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def _get(ray: Any, refs: list) -> list:
+    try:
+        return ray.get(refs)
+    except Exception as e:  # a task that failed after its retries
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise EmbedkitError(f"a Ray task failed ({first}); committed shards are kept: rerun the same command to resume") from None

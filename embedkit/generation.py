@@ -410,6 +410,7 @@ def generate(
     id_column: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    ray: str | None = None,
 ) -> GenerateSummary:
     """Run a causal LM over every row of INPUT into OUT/generations.lance; resumable per shard.
 
@@ -420,6 +421,7 @@ def generate(
         task=task, model=model, prompt=prompt, completion=completion, labels=tuple(labels), max_new_tokens=max_new_tokens,
         temperature=temperature, seed=seed, device=device, precision=precision, batch_size=batch_size,
         shard_rows=shard_rows, text_column=text_column, id_column=id_column, overwrite=overwrite, progress=progress,
+        ray=ray,
     )  # fmt: skip
     return run_generate(input, out, cfg)
 
@@ -448,7 +450,6 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
 
             shutil.rmtree(out / GENERATIONS_DIR, ignore_errors=True)
             (out / MANIFEST).unlink(missing_ok=True)  # else the old task is still pinned and refused
-        lm, tok, _ = load_generator(cfg.model, choice)
         shard_rows, manifest = _manifest(out, corpus, cfg, template, choice)
         store = VectorStore(out, GENERATIONS_DIR)
         if store.exists():
@@ -461,6 +462,12 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
                 raise EmbedkitError(f"duplicate id {dup[0]!r} (rows {', '.join(map(str, dup[1]))}); fix the input")
         shards = plan_shards(corpus.num_rows, shard_rows)
         done = store.committed_shards()
+        if cfg.ray is not None:
+            from .distributed import run_generate_ray
+
+            pending = [s for s in shards if s.index not in done]
+            return run_generate_ray(input, out, cfg, template, choice, pending, len(done), len(shards))
+        lm, tok, _ = load_generator(cfg.model, choice)
         return _run(corpus, out, cfg, template, lm, tok, choice, store, shards, done)
 
 
@@ -502,31 +509,37 @@ def _schema(task: str, id_type: pa.DataType) -> pa.Schema:
 
 
 def _run(corpus, out, cfg, template, lm, tok, choice, store, shards: list[Shard], done: dict) -> GenerateSummary:
-    from .pipeline import _drop_empty
-
     schema = _schema(cfg.task, corpus.id_type)
-    totals = {"docs": 0, "prompt": 0, "new": 0, "truncated": 0, "empty": 0, "shards": 0}
     start = time.perf_counter()
+    parts = []
     bar = _bar(sum(s.rows for s in shards if s.index not in done), cfg.progress)
     for shard in shards:
         if shard.index in done:
             continue
-        table, empty = _drop_empty(corpus.read(shard.start, shard.stop), keep_empty=False)
-        columns, prompt_tokens, new_tokens = _task_columns(table, cfg, template, lm, tok, choice, shard.index)
-        rows = pa.table({"id": table.column("id"), **columns}).cast(schema) if table.num_rows else schema.empty_table()
-        store.commit_shard(shard.index, rows)
-        totals["docs"] += rows.num_rows
-        totals["prompt"] += prompt_tokens
-        totals["new"] += new_tokens
-        totals["truncated"] += int(np.sum(columns["truncated"])) if table.num_rows else 0
-        totals["empty"] += empty
-        totals["shards"] += 1
+        parts.append(generate_shard(corpus, cfg, template, lm, tok, choice, store, schema, shard))
         bar.update(shard.rows)
     bar.close()
+    return summarize_parts(out, cfg, choice.device, parts, time.perf_counter() - start, len(done), len(shards))
+
+
+def generate_shard(corpus, cfg, template, lm, tok, choice, store, schema, shard: Shard) -> dict:
+    """One shard: the task's columns for its rows, committed as one Lance commit."""
+    from .pipeline import _drop_empty
+
+    table, empty = _drop_empty(corpus.read(shard.start, shard.stop), keep_empty=False)
+    columns, prompt_tokens, new_tokens = _task_columns(table, cfg, template, lm, tok, choice, shard.index)
+    rows = pa.table({"id": table.column("id"), **columns}).cast(schema) if table.num_rows else schema.empty_table()
+    store.commit_shard(shard.index, rows)
+    truncated = int(np.sum(columns["truncated"])) if table.num_rows else 0
+    return {"docs": rows.num_rows, "prompt": prompt_tokens, "new": new_tokens, "truncated": truncated, "empty": empty, "shards": 1}
+
+
+def summarize_parts(out: Path, cfg: GenerateConfig, device: str, parts: list[dict], seconds: float, skipped: int, total: int) -> GenerateSummary:
+    t = {k: sum(p[k] for p in parts) for k in ("docs", "prompt", "new", "truncated", "empty", "shards")}
     return GenerateSummary(
-        out=str(out), task=cfg.task, device=choice.device, docs=totals["docs"], prompt_tokens=totals["prompt"],
-        new_tokens=totals["new"], seconds=time.perf_counter() - start, truncated=totals["truncated"],
-        skipped_empty=totals["empty"], shards_done=totals["shards"], shards_skipped=len(done), shards_total=len(shards),
+        out=str(out), task=cfg.task, device=device, docs=t["docs"], prompt_tokens=t["prompt"], new_tokens=t["new"],
+        seconds=seconds, truncated=t["truncated"], skipped_empty=t["empty"], shards_done=t["shards"],
+        shards_skipped=skipped, shards_total=total,
     )  # fmt: skip
 
 

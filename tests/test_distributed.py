@@ -97,3 +97,22 @@ def test_a_second_driver_on_the_same_output_is_refused(local_ray, corpus, tmp_pa
     with OutputLock(out):  # what a running driver holds
         with pytest.raises(EmbedkitError, match="another"):
             embedkit.encode(corpus, out, device="cpu", shard_rows=20, progress=False, ray="")
+
+
+def test_generate_as_ray_tasks_equals_a_local_run(local_ray, corpus, tmp_path):
+    small = tmp_path / "small.parquet"
+    pq.write_table(pq.read_table(corpus).slice(0, 12), small)
+    options = dict(task="score", device="cpu", shard_rows=4, progress=False)
+    local = embedkit.generate(small, tmp_path / "local", **options)
+    remote = embedkit.generate(small, tmp_path / "ray", ray="", **options)
+    assert (remote.docs, remote.shards_done, remote.shards_total) == (local.docs, 3, 3)
+
+    def scores(out: Path) -> dict:
+        t = lance.dataset(str(out / "generations.lance")).to_table()
+        ids = t.column("id").to_pylist()
+        assert len(ids) == len(set(ids)) == 12
+        return dict(zip(ids, t.column("logprob").to_pylist()))
+
+    a, b = scores(tmp_path / "local"), scores(tmp_path / "ray")
+    assert a.keys() == b.keys()
+    assert max(abs(a[k] - b[k]) for k in a) < 1e-4
