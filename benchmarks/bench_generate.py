@@ -95,6 +95,8 @@ def bench_transformers(folder: Path, texts: list[str], batch: int, args, static:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from embedkit.generation import left_pad
+
     tok = AutoTokenizer.from_pretrained(folder)
     tok.pad_token = tok.pad_token or tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(args.device).eval()
@@ -106,12 +108,8 @@ def bench_transformers(folder: Path, texts: list[str], batch: int, args, static:
     def run(selected) -> int:
         new = 0
         for rows in selected:
-            width = max(len(ids[r]) for r in rows)
-            x = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-            m = torch.zeros_like(x)
-            for j, r in enumerate(rows):
-                x[j, width - len(ids[r]) :] = torch.tensor(ids[r])
-                m[j, width - len(ids[r]) :] = 1
+            x, m = left_pad([ids[r] for r in rows], tok.pad_token_id)
+            width = x.shape[1]
             with torch.inference_mode():
                 out = model.generate(input_ids=x.to(args.device), attention_mask=m.to(args.device), do_sample=False,
                                      max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id, **extra)  # fmt: skip

@@ -34,12 +34,9 @@ def run_ray(input: str | Path, out: Path, cfg: EncodeConfig, job: Any, pending: 
                        tokenize_workers=cfg.tokenize_workers if cfg.tokenize_workers is not None else (None if gpu else 0))  # fmt: skip
     start = time.perf_counter()
     refs = [task.remote(str(input), str(out), task_cfg, s.index) for s in sorted(pending, key=lambda s: -s.rows)]
-    parts = _get(ray, refs)
-    fields = ("docs", "tokens", "padded_tokens", "truncated", "skipped_empty", "shards_done", "input_wait_seconds")
-    total = {f: sum(p[f] for p in parts) for f in fields}
-    return EncodeSummary(
-        out=str(out), device=f"ray ({'GPU' if gpu else 'CPU'} tasks)", seconds=time.perf_counter() - start,
-        shards_skipped=skipped, shards_total=len(job.shards), **total,
+    return EncodeSummary.merged(
+        _get(ray, refs), out=str(out), device=f"ray ({'GPU' if gpu else 'CPU'} tasks)",
+        seconds=time.perf_counter() - start, skipped=skipped, total=len(job.shards),
     )  # fmt: skip
 
 
@@ -52,9 +49,10 @@ def encode_shard(input: str, out: str, cfg: EncodeConfig, index: int) -> dict:
     from .store import VectorStore
 
     retain_freed_memory()
-    empty = {"docs": 0, "tokens": 0, "padded_tokens": 0, "truncated": 0, "skipped_empty": 0, "shards_done": 0, "input_wait_seconds": 0.0}
+    from .pipeline import SUMMED_FIELDS
+
     if index in VectorStore(Path(out)).committed_shards():
-        return empty  # a retry of a task whose commit landed before its worker died
+        return dict.fromkeys(SUMMED_FIELDS, 0)  # a retry of a task whose commit landed before its worker died
     key = (input, out, cfg.model, cfg.device, cfg.precision, cfg.max_seq_length)
     if key not in _JOB_CACHE:
         corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))

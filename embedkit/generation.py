@@ -223,6 +223,19 @@ def summarize(lm: Any, tok: Any, prompts: list[list[int]], cfg: GenerateConfig, 
     return decoder.run(prompts, max_new=cfg.max_new_tokens, batch_size=batch_size, temperature=cfg.temperature, seed=seed)
 
 
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """(ids, attention mask) of token lists padded on the left to the longest: the layout decoding needs."""
+    import torch
+
+    width = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, q in enumerate(seqs):
+        ids[j, width - len(q) :] = torch.tensor(q)
+        mask[j, width - len(q) :] = 1
+    return ids, mask
+
+
 class RefillDecoder:
     """Greedy or sampled decoding over a queue of prompts with a batch that is refilled as it drains."""
 
@@ -291,13 +304,7 @@ class RefillDecoder:
 
     def _prefill(self, rows: list[int], prompts: list[list[int]]) -> Any:
         """Left-padded prompts through the model; returns the state of the rows still running."""
-        torch = self.torch
-        width = max(len(prompts[r]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, r in enumerate(rows):
-            ids[j, width - len(prompts[r]) :] = torch.tensor(prompts[r])
-            mask[j, width - len(prompts[r]) :] = 1
+        ids, mask = left_pad([prompts[r] for r in rows], self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
@@ -441,6 +448,8 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
     choice = choose_device(cfg.device, cfg.precision)  # auto: fp16 on CUDA (made bf16 below), fp32 on CPU
     if choice.precision == "fp16" and cfg.precision == "auto":
         choice = DeviceChoice(choice.device, "bf16")  # bf16 on CUDA: fp16 overflows in some LMs
+    from .pipeline import _make_out
+
     _make_out(out)
     with OutputLock(out):
         if (out / "vectors.lance").exists():
@@ -469,13 +478,6 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
             return run_generate_ray(input, out, cfg, template, choice, pending, len(done), len(shards))
         lm, tok, _ = load_generator(cfg.model, choice)
         return _run(corpus, out, cfg, template, lm, tok, choice, store, shards, done)
-
-
-def _make_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise EmbedkitError(f"cannot write to {out}: {e.strerror}") from None
 
 
 def _manifest(out: Path, corpus: Corpus, cfg: GenerateConfig, template: str, choice: DeviceChoice) -> tuple[int, dict]:

@@ -47,6 +47,9 @@ PREFETCH_WINDOWS = 2  # tokenized windows kept ready ahead of the model
 FIRST_WINDOW = 4096  # documents in the run's first window (later windows double up to window_docs)
 
 
+SUMMED_FIELDS = ("docs", "tokens", "padded_tokens", "truncated", "skipped_empty", "shards_done", "input_wait_seconds")
+
+
 @dataclass(frozen=True)
 class EncodeSummary:
     """What a run did. `tokens` counts what the model read (after truncation)."""
@@ -71,6 +74,12 @@ class EncodeSummary:
     @property
     def padding_overhead(self) -> float:
         return self.padded_tokens / self.tokens - 1.0 if self.tokens else 0.0
+
+    @classmethod
+    def merged(cls, parts: list[dict], *, out: str, device: str, seconds: float, skipped: int, total: int) -> "EncodeSummary":
+        """One summary from several workers' `to_dict()`s (their counts add up)."""
+        counts = {f: sum(p[f] for p in parts) for f in SUMMED_FIELDS}
+        return cls(out=out, device=device, seconds=seconds, shards_skipped=skipped, shards_total=total, **counts)
 
     def to_dict(self) -> dict:
         d = asdict(self)

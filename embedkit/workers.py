@@ -53,12 +53,9 @@ def run_workers(input: str | Path, out: Path, cfg: EncodeConfig, job: Any, pendi
         dead = [f"worker {i} exited with {p.exitcode}" for i, p in enumerate(procs) if p.exitcode not in (0, None)]
         why = errors[0][1] if errors else "; ".join(dead) or "a worker stopped without reporting"
         raise EmbedkitError(f"{why}; committed shards are kept: rerun the same command to resume")
-    parts = [r[1] for r in reports]
-    fields = ("docs", "tokens", "padded_tokens", "truncated", "skipped_empty", "shards_done", "input_wait_seconds")
-    total = {f: sum(p[f] for p in parts) for f in fields}
-    return EncodeSummary(
-        out=str(out), device=f"{n} x {devices[0].split(':')[0]}", seconds=time.perf_counter() - start,
-        shards_skipped=skipped, shards_total=len(job.shards), **total,
+    return EncodeSummary.merged(
+        [r[1] for r in reports], out=str(out), device=f"{n} x {devices[0].split(':')[0]}",
+        seconds=time.perf_counter() - start, skipped=skipped, total=len(job.shards),
     )  # fmt: skip
 
 

@@ -583,19 +583,7 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _bar(total: int, enabled: bool) -> Any:
-    if not (enabled and sys.stderr.isatty()):
-        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="shard", desc="add", file=sys.stderr)
-
-
+    return tqdm(total=total, unit="shard", desc="add", file=sys.stderr, disable=not (enabled and sys.stderr.isatty()))
