@@ -1,15 +1,22 @@
 """Summarize throughput: embedkit's generate against transformers' `generate`, in one run.
 
-A model of SmolLM2-135M's shape (random weights unless --model is given: throughput does not
-depend on the values) summarizes --docs pydocs paragraphs with --max-new-tokens new tokens.
+A model of SmolLM2-135M's shape (RANDOM WEIGHTS unless --model is given: throughput does not
+depend on the values, and greedy decoding of random weights rarely meets an end-of-sequence
+token, so every prompt gets --max-new-tokens) summarizes pydocs paragraphs with the default
+summarize prompt in the model's chat template.
 
-- transformers: `model.generate(do_sample=False)` at each --batch-sizes, with the default
-  dynamic cache and with `cache_implementation="static"` (which compiles the decode step; timed
-  after a warm-up run on the same batch shapes).
-- embedkit: `embedkit.generate(task="summarize")` end to end (read parquet, prompt, decode,
-  write Lance) at each batch size.
+For each --batch-sizes B, on the same random sample of --baseline-batches x B documents
+(sorted by prompt length, cut into batches of B):
+- transformers `model.generate(do_sample=False)`, bf16, default dynamic cache;
+- the same with `cache_implementation="static"` (compiles the decode step), timed on a second
+  pass after a warm-up pass over the same batches;
+- embedkit's `generate(task="summarize", batch_size=B)` end to end (parquet in, Lance out).
+Then embedkit's default (batch_size unset: as many KV-cache slots as memory allows, up to 4096)
+over all --docs documents, end to end.
 
-Prints generated tokens/s for each and the ratio of embedkit to the best transformers row.
+Before timing, a check on --check-docs prompts: embedkit's decoder with its CUDA-graph step
+must give exactly the tokens of the same decoder run eagerly; agreement with transformers'
+greedy tokens (bf16: kernels differ, so ties can flip a token) is reported, not required.
 
     python benchmarks/bench_generate.py --corpus pydocs.parquet --docs 20000 --batch-sizes 32,256,1024
 """
@@ -27,6 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+PROMPT = "Summarize in one sentence:\n{text}"
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +43,10 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=20_000)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-sizes", default="32,256,1024")
+    ap.add_argument("--baseline-batches", type=int, default=4, help="batches per transformers configuration")
+    ap.add_argument("--check-docs", type=int, default=256)
     ap.add_argument("--model", default=None, help="a transformers folder (default: SmolLM2-135M shape, random weights)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder for the random model (default: the default generator's)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-static", action="store_true", help="skip the static-cache baseline")
     ap.add_argument("--work", default=None)
@@ -43,64 +55,114 @@ def main() -> None:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="embedkit-bench-gen-"))
     work.mkdir(parents=True, exist_ok=True)
-    folder = Path(args.model) if args.model else random_model(work)
-    corpus = work / f"docs{args.docs}.parquet"
-    texts = pq.read_table(args.corpus, columns=["text"]).column("text").combine_chunks().slice(0, args.docs)
-    pq.write_table(pa.table({"id": pa.array([f"d{i}" for i in range(len(texts))]), "text": texts}), corpus)
-    print(f"model {folder} ({'random weights' if not args.model else 'as given'}); {len(texts)} docs", flush=True)
+    folder = Path(args.model) if args.model else random_model(work, args.tokenizer)
+    texts = pq.read_table(args.corpus, columns=["text"]).column("text").combine_chunks().slice(0, args.docs).to_pylist()
+    ids = prompts(folder, texts)
+    lengths = np.array([len(p) for p in ids])
+    print(f"model {folder} ({'RANDOM WEIGHTS' if not args.model else 'as given'}); {len(texts)} docs; prompt tokens "
+          f"mean {lengths.mean():.0f}, median {np.median(lengths):.0f}, p99 {np.percentile(lengths, 99):.0f}, max {lengths.max()}", flush=True)  # fmt: skip
+    report: dict = {"model": str(folder), "random_weights": not args.model, "docs": len(texts), "max_new_tokens": args.max_new_tokens,
+                    "prompt_tokens_mean": float(lengths.mean()), "device": device_name(args.device)}  # fmt: skip
+    report["check"] = check(folder, [ids[i] for i in range(min(args.check_docs, len(ids)))], args)
+    print(json.dumps(report["check"]), flush=True)
     rows = []
+    rng = np.random.default_rng(0)
     for bs in (int(x) for x in args.batch_sizes.split(",")):
-        rows.append(bench_transformers(folder, texts.to_pylist(), bs, args, static=False))
-        if not args.no_static:
-            rows.append(bench_transformers(folder, texts.to_pylist(), bs, args, static=True))
-        rows.append(bench_embedkit(folder, corpus, bs, args, work))
+        subset = np.sort(rng.choice(len(texts), size=min(len(texts), bs * args.baseline_batches), replace=False))
+        rows.append(bench_transformers(folder, [ids[i] for i in subset], bs, args, static=False))
         print(json.dumps(rows[-1]), flush=True)
-    best = max(r["new_tok_s"] for r in rows if r["engine"] != "embedkit")
-    print("\n| engine | cache | batch | new tokens | seconds | new tok/s | x best transformers |\n|---|---|---|---|---|---|---|")
+        if not args.no_static:
+            rows.append(bench_transformers(folder, [ids[i] for i in subset], bs, args, static=True))
+            print(json.dumps(rows[-1]), flush=True)
+        rows.append(bench_embedkit(folder, [texts[i] for i in subset], bs, args, work))
+        print(json.dumps(rows[-1]), flush=True)
+    rows.append(bench_embedkit(folder, texts, None, args, work))
+    print(json.dumps(rows[-1]), flush=True)
+    best = max(r["new_tok_s"] for r in rows if r["engine"] == "transformers")
+    print("\n| engine | cache | batch | docs | new tokens | seconds | new tok/s | x best transformers |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['engine']} | {r['cache']} | {r['batch']} | {r['new_tokens']:,} | {r['seconds']:.1f} | {r['new_tok_s']:,.0f} | {r['new_tok_s'] / best:.2f}x |")
+        print(f"| {r['engine']} | {r['cache']} | {r['batch']} | {r['docs']:,} | {r['new_tokens']:,} | {r['seconds']:.1f} | "
+              f"{r['new_tok_s']:,.0f} | {r['new_tok_s'] / best:.2f}x |")  # fmt: skip
+    report["rows"] = rows
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps(report, indent=2))
 
 
-def random_model(work: Path) -> Path:
+def random_model(work: Path, tokenizer: str | None) -> Path:
     """SmolLM2-135M's shape with random weights, and the default model's tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from embedkit.generation import resolve_generator
-
     folder = work / "smollm2-135m-random"
     if (folder / "config.json").exists():
         return folder
-    tok_src = resolve_generator("SmolLM2-135M-Instruct")
+    if tokenizer is None:
+        from embedkit.generation import resolve_generator
+
+        tokenizer = resolve_generator("SmolLM2-135M-Instruct")
     cfg = LlamaConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=100000.0,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
     )  # fmt: skip
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tok_src).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(folder)
     return folder
 
 
-def prompts(tok, texts: list[str]) -> list[list[int]]:
-    from embedkit.generation import prompt_ids
+def prompts(folder: Path, texts: list[str]) -> list[list[int]]:
+    """Token ids of the default summarize prompt, exactly as embedkit builds them."""
+    from transformers import AutoTokenizer
 
-    return [prompt_ids(tok, f"Summarize in one sentence:\n{t}", chat=True) for t in texts]
+    from embedkit.generation import fit_prompts
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    return [p for p, _ in fit_prompts(tok, PROMPT, [{"text": t, "id": i} for i, t in enumerate(texts)], 8192 - 64, chat=True)]
 
 
-def bench_transformers(folder: Path, texts: list[str], batch: int, args, static: bool) -> dict:
-    """transformers' generate over the same prompts, grouped by length, greedy, bf16."""
+def load(folder: Path, device: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from embedkit.generation import left_pad
-
     tok = AutoTokenizer.from_pretrained(folder)
     tok.pad_token = tok.pad_token or tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(args.device).eval()
-    ids = prompts(tok, texts)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
+    return model, tok
+
+
+def check(folder: Path, ids: list[list[int]], args) -> dict:
+    """embedkit's decoder: CUDA-graph steps against eager steps (must be equal), and against transformers."""
+    import torch
+
+    from embedkit.decode import SlotDecoder
+
+    model, tok = load(folder, args.device)
+    eos = {tok.eos_token_id}
+    graphs = SlotDecoder(model, eos_ids=eos, graphs=args.device.startswith("cuda")).run(ids, max_new=args.max_new_tokens, max_slots=64)
+    eager = SlotDecoder(model, eos_ids=eos, graphs=False).run(ids, max_new=args.max_new_tokens, max_slots=64)
+    same_hf = 0
+    for p, mine in zip(ids[:32], graphs[:32]):
+        with torch.inference_mode():
+            seq = model.generate(input_ids=torch.tensor([p], device=args.device), attention_mask=torch.ones(1, len(p), dtype=torch.long, device=args.device),
+                                 do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id)  # fmt: skip
+        new = seq[0, len(p) :].tolist()
+        new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+        same_hf += new == mine
+    out = {"prompts": len(ids), "graph_equals_eager": sum(a == b for a, b in zip(graphs, eager)), "compared_to_transformers": min(32, len(ids)),
+           "equal_to_transformers": same_hf}  # fmt: skip
+    del model
+    torch.cuda.empty_cache() if args.device.startswith("cuda") else None
+    return out
+
+
+def bench_transformers(folder: Path, ids: list[list[int]], batch: int, args, static: bool) -> dict:
+    """transformers' generate over the prompts, grouped by length, greedy, bf16."""
+    import torch
+
+    from embedkit.generation import left_pad
+
+    model, tok = load(folder, args.device)
     order = np.argsort([len(p) for p in ids], kind="stable")
     batches = [order[s : s + batch] for s in range(0, len(order), batch)]
     extra = {"cache_implementation": "static"} if static else {}
@@ -116,26 +178,39 @@ def bench_transformers(folder: Path, texts: list[str], batch: int, args, static:
             new += int((out[:, width:] != tok.pad_token_id).sum())
         return new
 
+    warm = 0.0
     if static:
+        t = time.perf_counter()
         run(batches)  # warm-up: compiles the decode step for these shapes
+        warm = time.perf_counter() - t
     sync(args.device)
     t = time.perf_counter()
     new = run(batches)
     sync(args.device)
     seconds = time.perf_counter() - t
-    return {"engine": "transformers", "cache": "static" if static else "dynamic", "batch": batch, "new_tokens": new,
-            "seconds": seconds, "new_tok_s": new / seconds}  # fmt: skip
+    del model
+    return {"engine": "transformers", "cache": "static" if static else "dynamic", "batch": batch, "docs": len(ids), "new_tokens": new,
+            "seconds": seconds, "new_tok_s": new / seconds, "warmup_s": warm}  # fmt: skip
 
 
-def bench_embedkit(folder: Path, corpus: Path, batch: int, args, work: Path) -> dict:
+def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work: Path) -> dict:
+    """embedkit.generate end to end: parquet in, prompts, decoding, Lance out (model load excluded)."""
     import embedkit
 
-    out = work / f"gen-{batch}"
+    src = work / f"docs-{len(texts)}.parquet"
+    pq.write_table(pa.table({"id": pa.array([f"d{i}" for i in range(len(texts))]), "text": texts}), src)
+    out = work / f"gen-{batch or 'default'}"
     shutil.rmtree(out, ignore_errors=True)
-    s = embedkit.generate(corpus, out, task="summarize", model=str(folder), device=args.device, max_new_tokens=args.max_new_tokens,
+    s = embedkit.generate(src, out, task="summarize", model=str(folder), device=args.device, max_new_tokens=args.max_new_tokens,
                           batch_size=batch, progress=False)  # fmt: skip
-    return {"engine": "embedkit", "cache": "-", "batch": batch, "new_tokens": s.new_tokens, "seconds": s.seconds,
-            "new_tok_s": s.new_tokens / s.seconds}  # fmt: skip
+    return {"engine": "embedkit", "cache": "slots", "batch": batch or "default", "docs": s.docs, "new_tokens": s.new_tokens,
+            "seconds": s.seconds, "new_tok_s": s.new_tokens / s.seconds}  # fmt: skip
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
 
 
 def sync(device: str) -> None:

