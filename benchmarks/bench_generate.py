@@ -69,15 +69,11 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for bs in (int(x) for x in args.batch_sizes.split(",")):
         subset = np.sort(rng.choice(len(texts), size=min(len(texts), bs * args.baseline_batches), replace=False))
-        rows.append(bench_transformers(folder, [ids[i] for i in subset], bs, args, static=False))
-        print(json.dumps(rows[-1]), flush=True)
+        attempt(rows, bench_transformers, folder, [ids[i] for i in subset], bs, args, static=False)
         if not args.no_static:
-            rows.append(bench_transformers(folder, [ids[i] for i in subset], bs, args, static=True))
-            print(json.dumps(rows[-1]), flush=True)
-        rows.append(bench_embedkit(folder, [texts[i] for i in subset], bs, args, work))
-        print(json.dumps(rows[-1]), flush=True)
-    rows.append(bench_embedkit(folder, texts, None, args, work))
-    print(json.dumps(rows[-1]), flush=True)
+            attempt(rows, bench_transformers, folder, [ids[i] for i in subset], bs, args, static=True)
+        attempt(rows, bench_embedkit, folder, [texts[i] for i in subset], bs, args, work)
+    attempt(rows, bench_embedkit, folder, texts, None, args, work)
     best = max(r["new_tok_s"] for r in rows if r["engine"] == "transformers")
     print("\n| engine | cache | batch | docs | new tokens | seconds | new tok/s | x best transformers |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -86,6 +82,17 @@ def main() -> None:
     report["rows"] = rows
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def attempt(rows: list, fn, *a, **kw) -> None:
+    """One configuration; a failure is printed and the others still run."""
+    import traceback
+
+    try:
+        rows.append(fn(*a, **kw))
+        print(json.dumps(rows[-1]), flush=True)
+    except Exception:
+        traceback.print_exc()
 
 
 def random_model(work: Path, tokenizer: str | None) -> Path:
@@ -188,7 +195,6 @@ def bench_transformers(folder: Path, ids: list[list[int]], batch: int, args, sta
     new = run(batches)
     sync(args.device)
     seconds = time.perf_counter() - t
-    del model
     return {"engine": "transformers", "cache": "static" if static else "dynamic", "batch": batch, "docs": len(ids), "new_tokens": new,
             "seconds": seconds, "new_tok_s": new / seconds, "warmup_s": warm}  # fmt: skip
 
