@@ -212,7 +212,7 @@ def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work
     s = embedkit.generate(src, out, task="summarize", model=str(folder), device=args.device, max_new_tokens=args.max_new_tokens,
                           batch_size=batch, progress=False)  # fmt: skip
     return {"engine": "embedkit", "cache": "slots", "batch": batch or "default", "docs": s.docs, "new_tokens": s.new_tokens,
-            "seconds": s.seconds, "new_tok_s": s.new_tokens / s.seconds}  # fmt: skip
+            "seconds": s.seconds, "new_tok_s": s.new_tokens / s.seconds, "decode": s.decode}  # fmt: skip
 
 
 def device_name(device: str) -> str:

@@ -21,6 +21,7 @@ is not, and the caller falls back to the generic refill decoder.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +108,9 @@ class SlotDecoder:
         if reason:
             raise ValueError(f"SlotDecoder cannot run this model: {reason}")
         self.torch = torch
-        self.lm = lm
+        # the parts decoding uses, not the model object: a decoder kept per model (see
+        # generation.summarize) must not keep that model alive
+        self.model, self.head = lm.model, lm.lm_head
         self.device = next(lm.parameters()).device
         self.dtype = next(lm.parameters()).dtype
         cfg = lm.config
@@ -124,6 +127,7 @@ class SlotDecoder:
         self._graphs: dict[int, tuple[Any, Any]] = {}
         self._pool = None
         self._slots = 0
+        self.stats: dict = {}
 
     # ---- public ----------------------------------------------------------------------------
 
@@ -139,9 +143,13 @@ class SlotDecoder:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         lengths = [len(prompts[i]) for i in order]
         self.results: list[list[int]] = [[] for _ in prompts]
+        self.stats = {"groups": [], "steps": 0, "prefill_s": 0.0, "capture_s": 0.0, "captures": 0, "seconds": 0.0}
+        start = time.perf_counter()
         with torch.inference_mode():
             for g in plan_groups(lengths, max_new, max_slots, self._cache_budget()):
+                self.stats["groups"].append({"rows": g.stop - g.start, "slots": g.slots, "capacity": g.capacity})
                 self._run_group(prompts, order[g.start : g.stop], g)
+        self.stats["seconds"] = time.perf_counter() - start
         return self.results
 
     # ---- one group -------------------------------------------------------------------------
@@ -206,6 +214,8 @@ class SlotDecoder:
     def _prefill(self, prompts: list[list[int]], rows: list[int], slots: list[int]) -> None:
         """Run the prompts, write their keys/values into `slots` and record each first new token."""
         torch = self.torch
+        self._sync()  # prefill time is measured from here: the steps before it have finished
+        t0 = time.perf_counter()
         budget = PREFILL_TOKENS["cuda" if self.device.type == "cuda" else "cpu"]
         start = 0
         while start < len(rows):  # rows are sorted by length: cut by padded tokens
@@ -225,15 +235,16 @@ class SlotDecoder:
             self.pos[index] = lens
             self._start(index, first)
             start = stop
+        self._sync()
+        self.stats["prefill_s"] += time.perf_counter() - t0
 
     def _prefill_forward(self, ids: Any, lens: Any, index: Any) -> Any:
         """Causal forward of right-padded prompts; keys/values go to the slots; logits at each last token."""
         torch = self.torch
         b, t = ids.shape
-        lm = self.lm
-        x = lm.model.embed_tokens(ids)
+        x = self.model.embed_tokens(ids)
         positions = torch.arange(t, device=self.device)[None].expand(b, t)
-        cos, sin = lm.model.rotary_emb(x, positions)
+        cos, sin = self.model.rotary_emb(x, positions)
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
             q, k, v = self._qkv(layer, h, cos, sin)
@@ -246,7 +257,7 @@ class SlotDecoder:
             x = x + layer.self_attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         last = x[torch.arange(b, device=self.device), lens - 1]
-        return lm.lm_head(lm.model.norm(last))
+        return self.head(self.model.norm(last))
 
     def _qkv(self, layer: Any, h: Any, cos: Any, sin: Any) -> tuple[Any, Any, Any]:
         """Projected, rotated queries and keys, and values: (batch, heads, tokens, head_dim)."""
@@ -270,6 +281,7 @@ class SlotDecoder:
         if running:
             attended = max(self.pos[torch.tensor(running, device=self.device)].max().item() + steps, 1)
             length = min(self.capacity, -(-attended // LENGTH_BUCKET) * LENGTH_BUCKET)
+            self.stats["steps"] += steps
             for _ in range(steps):
                 logits = self._step(length)
                 self._advance(self._choose(logits))
@@ -334,6 +346,7 @@ class SlotDecoder:
     def _capture(self, length: int) -> tuple[Any, Any]:
         """The decode step as a CUDA graph over the static slot buffers (tok, pos, cache)."""
         torch = self.torch
+        t0 = time.perf_counter()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -345,15 +358,20 @@ class SlotDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             logits = self._step_forward(length)
+        self.stats["captures"] += 1
+        self.stats["capture_s"] += time.perf_counter() - t0
         return graph, logits
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
 
     def _step_forward(self, length: int) -> Any:
         """One token per slot: write its key/value at the slot's position, attend to [0, length)."""
         torch = self.torch
         n = self._slots
-        lm = self.lm
-        x = lm.model.embed_tokens(self.tok[:, None])
-        cos, sin = lm.model.rotary_emb(x, self.pos[:, None])
+        x = self.model.embed_tokens(self.tok[:, None])
+        cos, sin = self.model.rotary_emb(x, self.pos[:, None])
         visible = torch.arange(length, device=self.device)[None, :] <= self.pos[:, None]
         mask = visible[:, None, None, :]  # (slots, 1, 1, length), shared by the query heads of a group
         for i, layer in enumerate(self.layers):
@@ -367,7 +385,7 @@ class SlotDecoder:
             o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
             x = x + layer.self_attn.o_proj(o.reshape(n, 1, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return lm.lm_head(lm.model.norm(x[:, 0]))
+        return self.head(self.model.norm(x[:, 0]))
 
 
 def _rotate_half(x: Any) -> Any:

@@ -19,7 +19,8 @@ import hashlib
 import os
 import string
 import time
-from dataclasses import asdict, dataclass
+import weakref
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -260,15 +261,17 @@ def summarize(lm: Any, tok: Any, prompts: list[list[int]], cfg: GenerateConfig, 
     eos = {e for e in eos if e is not None}
     kind = next(lm.parameters()).device.type
     if supported(lm) is None:
-        decoder = getattr(lm, "_embedkit_slot_decoder", None)  # kept: its captured steps serve every shard
+        decoder = _DECODERS.get(lm)  # kept per model: its cache and captured steps serve every shard
         if decoder is None or decoder.eos_set != eos:
-            decoder = SlotDecoder(lm, eos_ids=eos)
-            lm._embedkit_slot_decoder = decoder
+            decoder = _DECODERS[lm] = SlotDecoder(lm, eos_ids=eos)
         slots = batch_size or SLOT_BATCH_SIZE[kind]
         return decoder.run(prompts, max_new=cfg.max_new_tokens, max_slots=slots, temperature=cfg.temperature, seed=seed)
     decoder = RefillDecoder(lm, pad_id=tok.pad_token_id, eos_ids=eos)
     batch = batch_size or DEFAULT_BATCH_SIZE[kind]
     return decoder.run(prompts, max_new=cfg.max_new_tokens, batch_size=batch, temperature=cfg.temperature, seed=seed)
+
+
+_DECODERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # model -> SlotDecoder, dropped with the model
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any]:
@@ -429,6 +432,7 @@ class GenerateSummary:
     shards_done: int
     shards_skipped: int
     shards_total: int
+    decode: dict = field(default_factory=dict)  # summarize with SlotDecoder: steps, prefill/capture seconds, slot groups
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -581,7 +585,9 @@ def generate_shard(corpus, cfg, template, lm, tok, choice, store, schema, shard:
     rows = pa.table({"id": table.column("id"), **columns}).cast(schema) if table.num_rows else schema.empty_table()
     store.commit_shard(shard.index, rows)
     truncated = int(np.sum(columns["truncated"])) if table.num_rows else 0
-    return {"docs": rows.num_rows, "prompt": prompt_tokens, "new": new_tokens, "truncated": truncated, "empty": empty, "shards": 1}
+    decoder = _DECODERS.get(lm) if cfg.task == "summarize" else None
+    decode = dict(decoder.stats) if decoder is not None else {}
+    return {"docs": rows.num_rows, "prompt": prompt_tokens, "new": new_tokens, "truncated": truncated, "empty": empty, "shards": 1, "decode": decode}
 
 
 def summarize_parts(out: Path, cfg: GenerateConfig, device: str, parts: list[dict], seconds: float, skipped: int, total: int) -> GenerateSummary:
@@ -589,8 +595,17 @@ def summarize_parts(out: Path, cfg: GenerateConfig, device: str, parts: list[dic
     return GenerateSummary(
         out=str(out), task=cfg.task, device=device, docs=t["docs"], prompt_tokens=t["prompt"], new_tokens=t["new"],
         seconds=seconds, truncated=t["truncated"], skipped_empty=t["empty"], shards_done=t["shards"],
-        shards_skipped=skipped, shards_total=total,
+        shards_skipped=skipped, shards_total=total, decode=_sum_decode([p.get("decode", {}) for p in parts]),
     )  # fmt: skip
+
+
+def _sum_decode(stats: list[dict]) -> dict:
+    """Decoder counters over shards: numbers added, slot groups listed."""
+    out: dict = {}
+    for st in stats:
+        for k, v in st.items():
+            out[k] = out.get(k, [] if isinstance(v, list) else 0) + v
+    return out
 
 
 def _bar(total: int, enabled: bool) -> Any:
