@@ -66,6 +66,9 @@ class EncodeSummary:
     shards_skipped: int
     shards_total: int
     input_wait_seconds: float = 0.0  # time the model sat waiting for tokenized input
+    # several workers (or Ray tasks): each one's tokens and seconds of encoding once its model
+    # was ready; `seconds` above is the whole run's wall time, start-up included
+    parts: tuple = ()
 
     @property
     def tokens_per_second(self) -> float:
@@ -79,7 +82,8 @@ class EncodeSummary:
     def merged(cls, parts: list[dict], *, out: str, device: str, seconds: float, skipped: int, total: int) -> "EncodeSummary":
         """One summary from several workers' `to_dict()`s (their counts add up)."""
         counts = {f: sum(p[f] for p in parts) for f in SUMMED_FIELDS}
-        return cls(out=out, device=device, seconds=seconds, shards_skipped=skipped, shards_total=total, **counts)
+        each = tuple({"tokens": p["tokens"], "seconds": round(p["seconds"], 2)} for p in parts)
+        return cls(out=out, device=device, seconds=seconds, shards_skipped=skipped, shards_total=total, parts=each, **counts)
 
     def to_dict(self) -> dict:
         d = asdict(self)

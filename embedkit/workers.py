@@ -43,11 +43,15 @@ def run_workers(input: str | Path, out: Path, cfg: EncodeConfig, job: Any, pendi
     for _ in range(n):
         shards.put(None)
     start = time.perf_counter()
-    procs = [ctx.Process(target=_worker, args=(str(input), str(out), worker_cfg, d, shards, results), daemon=True) for d in devices]
-    with _main_not_reimported():
-        for p in procs:
-            p.start()
-    reports = _collect(procs, results)
+    # not daemons: a worker starts its own tokenizer processes, which daemons may not
+    procs = [ctx.Process(target=_worker, args=(str(input), str(out), worker_cfg, d, shards, results)) for d in devices]
+    try:
+        with _main_not_reimported():
+            for p in procs:
+                p.start()
+        reports = _collect(procs, results)
+    finally:
+        _stop(procs)
     errors = [r for r in reports if r[0] == "error"]
     if errors or len(reports) < n:
         dead = [f"worker {i} exited with {p.exitcode}" for i, p in enumerate(procs) if p.exitcode not in (0, None)]
@@ -109,6 +113,16 @@ def _collect(procs: list, results: Any) -> list[tuple[str, Any]]:
     for p in procs:
         p.join(timeout=30)
     return reports
+
+
+def _stop(procs: list) -> None:
+    """Terminate workers still alive (the parent failed or was interrupted): none outlives the run."""
+    for p in procs:
+        if p.pid is not None and p.is_alive():
+            p.terminate()
+    for p in procs:
+        if p.pid is not None:
+            p.join(timeout=10)
 
 
 def _worker(input: str, out: str, cfg: EncodeConfig, device: str, shards: Any, results: Any) -> None:

@@ -81,3 +81,13 @@ def test_killed_multi_worker_run_resumes_exactly_once(corpus, tmp_path):
 def test_bad_gpus_values_are_refused(corpus, tmp_path, gpus):
     with pytest.raises(EmbedkitError, match="--gpus"):
         embedkit.encode(corpus, tmp_path / "o", device="cpu", gpus=gpus, progress=False)
+
+
+def test_workers_start_their_own_tokenizer_processes(corpus, tmp_path):
+    """Each worker with a tokenizer pool of its own, as on GPUs (workers must not be daemons)."""
+    options = dict(device="cpu", shard_rows=SHARD_ROWS, max_seq_length=64, progress=False)
+    one = embedkit.encode(corpus, tmp_path / "one", **options)
+    two = embedkit.encode(corpus, tmp_path / "two", gpus=2, tokenize_workers=1, **options)
+    assert (two.docs, two.tokens) == (one.docs, one.tokens)
+    assert len(two.parts) == 2 and sum(p["tokens"] for p in two.parts) == two.tokens
+    assert set(stored(tmp_path / "two")) == set(stored(tmp_path / "one"))
