@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder for the random model (default: the default generator's)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-static", action="store_true", help="skip the static-cache baseline")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="only profile embedkit's decoder on N docs at the default slots (top GPU kernels), then exit")  # fmt: skip
     ap.add_argument("--work", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -63,7 +65,10 @@ def main() -> None:
           f"mean {lengths.mean():.0f}, median {np.median(lengths):.0f}, p99 {np.percentile(lengths, 99):.0f}, max {lengths.max()}", flush=True)  # fmt: skip
     report: dict = {"model": str(folder), "random_weights": not args.model, "docs": len(texts), "max_new_tokens": args.max_new_tokens,
                     "prompt_tokens_mean": float(lengths.mean()), "device": device_name(args.device)}  # fmt: skip
-    report["check"] = check(folder, [ids[i] for i in range(min(args.check_docs, len(ids)))], args)
+    if args.profile:
+        print(isolated(profile, folder, ids[: args.profile], args), flush=True)
+        return
+    report["check"] = isolated(check, folder, [ids[i] for i in range(min(args.check_docs, len(ids)))], args)
     print(json.dumps(report["check"]), flush=True)
     rows = []
     rng = np.random.default_rng(0)
@@ -74,22 +79,35 @@ def main() -> None:
             attempt(rows, bench_transformers, folder, [ids[i] for i in subset], bs, args, static=True)
         attempt(rows, bench_embedkit, folder, [texts[i] for i in subset], bs, args, work)
     attempt(rows, bench_embedkit, folder, texts, None, args, work)
-    best = max(r["new_tok_s"] for r in rows if r["engine"] == "transformers")
-    print("\n| engine | cache | batch | docs | new tokens | seconds | new tok/s | x best transformers |\n|---|---|---|---|---|---|---|---|")
+    best = max((r["new_tok_s"] for r in rows if r["engine"] == "transformers"), default=float("nan"))
+    print("\n| engine | cache | batch | docs | new tokens | seconds | new tok/s | x best transformers | decoder s | decoder new tok/s | x best transformers |")
+    print("|---" * 11 + "|")
     for r in rows:
+        dec = r.get("decoder_s")
+        tail = f"{dec:.1f} | {r['new_tokens'] / dec:,.0f} | {r['new_tokens'] / dec / best:.2f}x" if dec else "- | - | -"
         print(f"| {r['engine']} | {r['cache']} | {r['batch']} | {r['docs']:,} | {r['new_tokens']:,} | {r['seconds']:.1f} | "
-              f"{r['new_tok_s']:,.0f} | {r['new_tok_s'] / best:.2f}x |")  # fmt: skip
+              f"{r['new_tok_s']:,.0f} | {r['new_tok_s'] / best:.2f}x | {tail} |")  # fmt: skip
     report["rows"] = rows
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 
+def isolated(fn, *a, **kw):
+    """fn in a fresh process: each configuration gets the whole GPU (compiled graphs and caches
+    of an earlier one would otherwise hold its memory)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+        return ex.submit(fn, *a, **kw).result()
+
+
 def attempt(rows: list, fn, *a, **kw) -> None:
-    """One configuration; a failure is printed and the others still run."""
+    """One configuration in its own process; a failure is printed and the others still run."""
     import traceback
 
     try:
-        rows.append(fn(*a, **kw))
+        rows.append(isolated(fn, *a, **kw))
         print(json.dumps(rows[-1]), flush=True)
     except Exception:
         traceback.print_exc()
@@ -144,10 +162,21 @@ def check(folder: Path, ids: list[list[int]], args) -> dict:
 
     from embedkit.decode import SlotDecoder
 
+    from embedkit.attention import reference_attention, slot_attention
+
     model, tok = load(folder, args.device)
     eos = {tok.eos_token_id}
     graphs = SlotDecoder(model, eos_ids=eos, graphs=args.device.startswith("cuda")).run(ids, max_new=args.max_new_tokens, max_slots=64)
     eager = SlotDecoder(model, eos_ids=eos, graphs=False).run(ids, max_new=args.max_new_tokens, max_slots=64)
+    dense_decoder = SlotDecoder(model, eos_ids=eos, graphs=False)
+    kernel_used = dense_decoder.kernel
+    dense_decoder.kernel = False
+    dense = dense_decoder.run(ids, max_new=args.max_new_tokens, max_slots=64)
+    g = torch.Generator(device=args.device).manual_seed(0)
+    q = torch.randn((256, 3, 3, 64), generator=g, device=args.device, dtype=torch.bfloat16)
+    k, v = (torch.randn((256, 3, 1100, 64), generator=g, device=args.device, dtype=torch.bfloat16) for _ in range(2))
+    lengths = torch.randint(1, 1101, (256,), generator=g, device=args.device)
+    err = (slot_attention(q, k, v, lengths, 0.125).float() - reference_attention(q.float(), k.float(), v.float(), lengths, 0.125)).abs().max().item()
     same_hf = 0
     for p, mine in zip(ids[:8], graphs[:8]):
         with torch.inference_mode():
@@ -156,11 +185,24 @@ def check(folder: Path, ids: list[list[int]], args) -> dict:
         new = seq[0, len(p) :].tolist()
         new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
         same_hf += new == mine
-    out = {"prompts": len(ids), "graph_equals_eager": sum(a == b for a, b in zip(graphs, eager)), "compared_to_transformers": min(8, len(ids)),
-           "equal_to_transformers": same_hf}  # fmt: skip
-    del model
-    torch.cuda.empty_cache() if args.device.startswith("cuda") else None
-    return out
+    return {"prompts": len(ids), "graph_equals_eager": sum(a == b for a, b in zip(graphs, eager)), "attention_kernel": kernel_used,
+            "kernel_max_abs_error_bf16": err, "kernel_equals_dense_decoding": sum(a == b for a, b in zip(eager, dense)),
+            "compared_to_transformers": min(8, len(ids)), "equal_to_transformers": same_hf}  # fmt: skip
+
+
+def profile(folder: Path, ids: list[list[int]], args) -> str:
+    """Where the decoder's GPU time goes: a warm run, then a profiled run, top kernels by GPU time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from embedkit.decode import SlotDecoder
+
+    model, tok = load(folder, args.device)
+    decoder = SlotDecoder(model, eos_ids={tok.eos_token_id})
+    decoder.run(ids, max_new=args.max_new_tokens, max_slots=4096)  # warm: kernels compiled, steps captured
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        decoder.run(ids, max_new=args.max_new_tokens, max_slots=4096)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    return f"decoder stats {json.dumps(decoder.stats)}\n{table}"
 
 
 def bench_transformers(folder: Path, ids: list[list[int]], batch: int, args, static: bool) -> dict:
@@ -212,7 +254,7 @@ def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work
     s = embedkit.generate(src, out, task="summarize", model=str(folder), device=args.device, max_new_tokens=args.max_new_tokens,
                           batch_size=batch, progress=False)  # fmt: skip
     return {"engine": "embedkit", "cache": "slots", "batch": batch or "default", "docs": s.docs, "new_tokens": s.new_tokens,
-            "seconds": s.seconds, "new_tok_s": s.new_tokens / s.seconds, "decode": s.decode}  # fmt: skip
+            "seconds": s.seconds, "new_tok_s": s.new_tokens / s.seconds, "decoder_s": s.decode.get("seconds"), "decode": s.decode}  # fmt: skip
 
 
 def device_name(device: str) -> str:

@@ -42,6 +42,9 @@ def main() -> None:
     ap.add_argument("--baseline-add-rows", type=int, default=0,
                     help="time faiss-cpu's add on the first R rows only and scale it by N/R (add is per vector, so linear); "
                          "the baseline's recall is then not measured")  # fmt: skip
+    ap.add_argument("--baseline-only", action="store_true",
+                    help="only faiss-cpu, on the data and index an earlier run left in --work (embedkit's figures read "
+                         "from that index's report): for machines whose commands cannot hold both")  # fmt: skip
     ap.add_argument("--work", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -64,6 +67,8 @@ def bench_one(n: int, args, work: Path) -> dict:
     from embedkit.index.build import load_index
 
     out = work / f"out{n}"
+    if args.baseline_only:
+        return baseline_only(out, n, args)
     t = time.perf_counter()
     mix = make_output(out, n, args.dim, max(1, n // args.points_per_cluster), args.device)
     gen_s = time.perf_counter() - t
@@ -88,12 +93,27 @@ def bench_one(n: int, args, work: Path) -> dict:
     res = retriever.search_vectors(queries, 10)
     row["embedkit_qps_rerank"] = round(len(queries) / (time.perf_counter() - t), 1)
     row["embedkit_recall_rerank"] = recall(np.array([[int(i) for i in ids] for ids in res.ids]), truth)
+    print(json.dumps({k: v for k, v in row.items()}), flush=True)  # embedkit's figures, before the (long) baseline
     if not args.no_baseline:
         base = faiss_baseline(out, report.factory, report_train_size(n, report.factory), args)
         row.update(base["times"])
         if base["index"].ntotal == n:
             row["faiss_recall_norerank"], row["faiss_qps_norerank"] = search_stats(base["index"], queries, truth, report.nprobe)
         row["speedup_build"] = round(row["faiss_build_s"] / row["embedkit_build_s"], 1)
+    return row
+
+
+def baseline_only(out: Path, n: int, args) -> dict:
+    """faiss-cpu on the vectors and with the factory of an index embedkit built earlier in this --work."""
+    params = json.loads((out / "index" / "params.json").read_text())["report"]
+    if params["n"] != n:
+        raise SystemExit(f"{out} holds an index of {params['n']} vectors, not {n}")
+    row = {"n": n, "dim": args.dim, "threads": args.threads, "factory": params["factory"], "device": params["device"],
+           "embedkit_phases_s": params["seconds"], "embedkit_build_s": round(sum(v for k, v in params["seconds"].items() if k != "tune"), 2),
+           "embedkit_from": "an earlier process (--baseline-only)"}  # fmt: skip
+    base = faiss_baseline(out, params["factory"], report_train_size(n, params["factory"]), args)
+    row.update(base["times"])
+    row["speedup_build"] = round(row["faiss_build_s"] / row["embedkit_build_s"], 1)
     return row
 
 
@@ -230,12 +250,14 @@ def faiss_baseline(out: Path, factory: str, train_size: int, args) -> dict:
     t = time.perf_counter()
     index.train(sample)
     train_s = time.perf_counter() - t
+    print(f"faiss-cpu train: {train_s:.1f} s on {len(sample):,} vectors", flush=True)
     limit = args.baseline_add_rows or n
     t = time.perf_counter()
     for x in batches(out):
         if index.ntotal >= limit:
             break
         index.add(x[: limit - index.ntotal])
+        print(f"faiss-cpu add: {index.ntotal:,} rows in {time.perf_counter() - t:.1f} s", flush=True)
     add_s = time.perf_counter() - t
     times = {"faiss_read_sample_s": round(read_s, 2), "faiss_train_s": round(train_s, 2), "faiss_add_s": round(add_s, 2)}
     if index.ntotal < n:  # measured on a prefix: scaled to all rows
@@ -249,6 +271,11 @@ def faiss_baseline(out: Path, factory: str, train_size: int, args) -> dict:
 
 def print_table(rows: list[dict], args) -> None:
     print()
+    if args.baseline_only:
+        for r in rows:
+            print(f"| {r['n']:,} | {r['factory']} | embedkit build {r['embedkit_build_s']:.1f} s ({r['embedkit_from']}) | faiss-cpu train "
+                  f"{r['faiss_train_s']:.1f} s, add {r['faiss_add_s']:.1f} s, build {r['faiss_build_s']:.1f} s | {r['speedup_build']}x |")  # fmt: skip
+        return
     print(f"| N | factory | device | embedkit train / add / merge s | embedkit build s | faiss-cpu train / add s | faiss-cpu build s | speed-up | nprobe | recall@10 embedkit / faiss (no rerank) | recall@10 embedkit with rerank {rows[0]['rerank'] if rows else ''} | QPS embedkit / faiss / with rerank |")
     print("|---" * 12 + "|")
     for r in rows:

@@ -92,6 +92,7 @@ def status(out: str, as_json: bool) -> None:
 @click.option("--target-recall", type=float, default=0.95, show_default=True, help="recall@10 the tuned nprobe/rerank must reach.")
 @click.option("--device", default="auto", show_default=True, help=f"One of {', '.join(DEVICES)} or cuda:N (training and encoding).")
 @click.option("--shard-rows", type=int, default=None, help="Vectors per add shard, the unit of resume (default: 1M).")
+@click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]", help="Add shards as Ray tasks: a local Ray, or the cluster at ADDRESS.")
 @click.option("--overwrite", is_flag=True, help="Rebuild even if a finished index matches.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

@@ -85,6 +85,7 @@ class IndexConfig:
     seed: int = 1234
     overwrite: bool = False
     progress: bool = True
+    ray: str | None = None  # --ray: add shards as Ray tasks ("" local Ray or $RAY_ADDRESS)
 
     def __post_init__(self) -> None:
         from .errors import EmbedkitError

@@ -21,12 +21,14 @@ is not, and the caller falls back to the generic refill decoder.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .attention import reference_attention, slot_attention, triton_usable
 from .errors import EmbedkitError
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -123,6 +125,10 @@ class SlotDecoder:
         self.eos_set = set(eos_ids)
         self.eos = torch.tensor(sorted(eos_ids), device=self.device, dtype=torch.long)
         self.graphs_on = (self.device.type == "cuda") if graphs is None else graphs
+        # per-slot attention kernel: each row reads only its own positions (embedkit/attention.py);
+        # then one captured step serves every length. fp32 stays on the reference path (tf32 dots).
+        probe = torch.empty(0, device=self.device, dtype=self.dtype)
+        self.kernel = triton_usable(probe) and (self.dtype != torch.float32 or os.environ.get("TRITON_INTERPRET") == "1")
         self.cache_tokens = cache_tokens
         self._graphs: dict[int, tuple[Any, Any]] = {}
         self._pool = None
@@ -279,8 +285,11 @@ class SlotDecoder:
         running = [s for s in range(self._slots) if holder[s] >= 0 and active[s]]
         steps = min(SYNC_EVERY, max((self.max_new - count[s] for s in running), default=0))
         if running:
-            attended = max(self.pos[torch.tensor(running, device=self.device)].max().item() + steps, 1)
-            length = min(self.capacity, -(-attended // LENGTH_BUCKET) * LENGTH_BUCKET)
+            if self.kernel:  # rows read their own lengths: one step shape for the whole group
+                length = self.capacity
+            else:  # dense attention over the longest row's positions, rounded up
+                attended = max(self.pos[torch.tensor(running, device=self.device)].max().item() + steps, 1)
+                length = min(self.capacity, -(-attended // LENGTH_BUCKET) * LENGTH_BUCKET)
             self.stats["steps"] += steps
             for _ in range(steps):
                 logits = self._step(length)
@@ -367,13 +376,12 @@ class SlotDecoder:
             self.torch.cuda.synchronize(self.device)
 
     def _step_forward(self, length: int) -> Any:
-        """One token per slot: write its key/value at the slot's position, attend to [0, length)."""
-        torch = self.torch
+        """One token per slot: write its key/value at the slot's position, attend to its own prefix
+        (the dense path reads [0, length) of every slot, masked)."""
         n = self._slots
         x = self.model.embed_tokens(self.tok[:, None])
         cos, sin = self.model.rotary_emb(x, self.pos[:, None])
-        visible = torch.arange(length, device=self.device)[None, :] <= self.pos[:, None]
-        mask = visible[:, None, None, :]  # (slots, 1, 1, length), shared by the query heads of a group
+        lengths = self.pos + 1
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
             q, k, v = self._qkv(layer, h, cos, sin)
@@ -381,8 +389,10 @@ class SlotDecoder:
             self.values[i][self.rows, :, self.pos] = v[:, :, 0]
             # the query heads that share a key head become that head's query rows: no repeated keys
             q = q.reshape(n, self.kv_heads, self.group, self.head_dim)
-            keys, values = self.keys[i, :, :, :length], self.values[i, :, :, :length]
-            o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+            if self.kernel:
+                o = slot_attention(q, self.keys[i], self.values[i], lengths, self.scale, kernel=True)
+            else:
+                o = reference_attention(q, self.keys[i], self.values[i], lengths, self.scale, span=length)
             x = x + layer.self_attn.o_proj(o.reshape(n, 1, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.head(self.model.norm(x[:, 0]))

@@ -1,6 +1,7 @@
 """`--ray [ADDRESS]`: the shards of one plan as Ray tasks, on a cluster or a local Ray.
 
-`embedkit generate --ray` does the same with the generative pass. The driver validates the input, writes the manifest and cleans the store under the output
+`embedkit generate --ray` does the same with the generative pass, and `embedkit build-index --ray`
+with the index's add phase (training and the merge stay on the driver). The driver validates the input, writes the manifest and cleans the store under the output
 lock (so a second driver on the same OUT is refused), then submits one task per pending shard:
 `num_gpus=1` when encoding on CUDA, `num_gpus=0` on CPU clusters. A task runs the ordinary
 single-device pipeline on its shard and commits it. Ray retries a task whose worker died or was
@@ -96,6 +97,52 @@ def generate_shard_task(input: str, out: str, cfg: Any, template: str, precision
     plan = read_manifest(Path(out))["plan"]
     shard = plan_shards(plan["rows"], plan["shard_rows"])[index]
     return generate_shard(corpus, cfg, template, lm, tok, choice, store, _schema(cfg.task, corpus.id_type), shard)
+
+
+def add_index_shards_ray(out: str, version: int, todo: list, spec: Any, queries: Any, qvec: Any, address: str, on_done: Any = None) -> None:
+    """`embedkit build-index --ray`: the add phase's shards as Ray tasks (`num_gpus=1` when the
+    build runs on CUDA). Each task reads its Lance fragments at the pinned version, encodes them
+    with the trained quantizer that the driver wrote, and writes its shard file; a retried task
+    whose file already landed does nothing. The driver merges afterwards, as without Ray."""
+    from dataclasses import replace as dc_replace
+
+    ray = _ray(address)
+    gpu = spec.device.startswith("cuda")
+    task = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1, max_retries=TASK_RETRIES)(index_shard_task)
+    task_spec = dc_replace(spec, device="cuda:0" if gpu else "cpu")  # a GPU task sees its one GPU as cuda:0
+    q_ref, v_ref = ray.put(queries), ray.put(qvec)
+    refs = [task.remote(out, version, [f.fragment_id for f in frags], i, start, task_spec, q_ref, v_ref) for i, start, frags in todo]
+    pending = list(refs)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)
+            if on_done is not None:
+                on_done()
+    except Exception as e:  # a task that failed after its retries
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise EmbedkitError(f"a Ray task failed ({first}); finished shards are kept: rerun the same command to resume") from None
+
+
+def index_shard_task(out: str, version: int, fragment_ids: list[int], i: int, start: int, spec: Any, queries: Any, qvec: Any) -> int:
+    """One add shard, in a Ray worker; returns its rows (0 when a previous attempt wrote it)."""
+    import faiss
+    import lance
+
+    from .index.build import TRAINED, _read_shard, device_codec, write_shard
+    from .store import VECTORS_DIR
+
+    if spec.index_path(i).exists():
+        return 0
+    key = ("index", spec.folder, version)
+    if key not in _JOB_CACHE:  # the trained quantizer and its device codec, once per worker
+        trained = faiss.read_index(str(Path(spec.folder).parent / TRAINED))
+        _JOB_CACHE[key] = (trained, device_codec(trained, spec, qvec, lambda msg: None))
+    trained, codec = _JOB_CACHE[key]
+    ds = lance.dataset(str(Path(out) / VECTORS_DIR), version=version)
+    x = _read_shard([ds.get_fragment(f) for f in fragment_ids])
+    write_shard(spec, trained, codec, i, start, x, queries, qvec)
+    return len(x)
 
 
 def _ray(address: str | None) -> Any:

@@ -185,8 +185,24 @@ def fit_prompts(tok: Any, template: str, rows: list[dict], limit: int, chat: boo
         ids = [prompt_ids(tok, t, chat) for t in texts]
     else:
         special = not (chat and getattr(tok, "chat_template", None))  # a chat template writes its own special tokens
-        ids = tok([wrap[0] + t + wrap[1] for t in texts], add_special_tokens=special)["input_ids"]
+        ids = encode_batch(tok, [wrap[0] + t + wrap[1] for t in texts], special)
     return [(list(p), False) if len(p) <= limit else fit_prompt(tok, template, fields, limit, chat) for p, fields in zip(ids, rows)]
+
+
+def encode_batch(tok: Any, texts: list[str], special: bool) -> list[list[int]]:
+    """Token ids of many texts: the fast tokenizer's Rust batch call (parallel, no Python per text)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return tok(texts, add_special_tokens=special)["input_ids"]
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
+
+
+def decode_batch(tok: Any, seqs: list[list[int]]) -> list[str]:
+    """Texts of many token lists, special tokens skipped, as `tok.decode` gives them."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or getattr(tok, "clean_up_tokenization_spaces", False):
+        return [tok.decode(q, skip_special_tokens=True) for q in seqs]
+    return backend.decode_batch(seqs, skip_special_tokens=True)
 
 
 def _chat_wrapper(tok: Any) -> tuple[str, str] | None:
@@ -633,7 +649,7 @@ def _task_columns(table: pa.Table, cfg: GenerateConfig, template: str, lm, tok, 
         prompts = [p for p, _ in fitted]
         new = summarize(lm, tok, prompts, cfg, cfg.batch_size, seed=cfg.seed + shard)
         cols = {
-            "summary": [tok.decode(n, skip_special_tokens=True).strip() for n in new],
+            "summary": [t.strip() for t in decode_batch(tok, new)],
             "prompt_tokens": [len(p) for p in prompts], "new_tokens": [len(n) for n in new], "truncated": [f for _, f in fitted],
         }  # fmt: skip
         return cols, sum(cols["prompt_tokens"]), sum(cols["new_tokens"])

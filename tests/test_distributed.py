@@ -116,3 +116,30 @@ def test_generate_as_ray_tasks_equals_a_local_run(local_ray, corpus, tmp_path):
     a, b = scores(tmp_path / "local"), scores(tmp_path / "ray")
     assert a.keys() == b.keys()
     assert max(abs(a[k] - b[k]) for k in a) < 1e-4
+
+
+def test_index_add_shards_as_ray_tasks_equal_a_local_build(local_ray, tmp_path):
+    """build-index --ray: the add shards run as Ray tasks; the index equals a local build's."""
+    import shutil
+
+    import numpy as np
+
+    src = tmp_path / "docs.parquet"  # PQ codebooks need at least 256 training vectors
+    pq.write_table(pq.read_table(SAMPLE).slice(0, 300), src)
+    out = tmp_path / "out"
+    embedkit.encode(src, out, device="cpu", shard_rows=50, max_seq_length=64, progress=False)
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    options = dict(nlist=2, pq_m=8, shard_rows=100, device="cpu", progress=False)
+    local = embedkit.build_index(out, **options)
+    remote = embedkit.build_index(copy, ray="", **options)
+    assert remote.shards_total == local.shards_total == 3
+    assert (remote.factory, remote.nprobe, remote.rerank, remote.recall) == (local.factory, local.nprobe, local.rerank, local.recall)
+    time.sleep(2)  # task events reach the GCS asynchronously
+    ran = [e for e in ray.timeline() if str(e.get("name", "")).endswith("index_shard_task")]
+    assert len(ran) == 3  # one Ray task per add shard
+    table = lance.dataset(str(out / "vectors.lance")).to_table(columns=["vector"])
+    queries = np.stack(table.column("vector").to_numpy(zero_copy_only=False)[:15]).astype(np.float32)
+    a = embedkit.Retriever(out).search_vectors(queries, 5)
+    b = embedkit.Retriever(copy).search_vectors(queries, 5)
+    assert a.ids == b.ids

@@ -75,6 +75,9 @@ FORCED = [
     # a forced 65536 lists gets the HNSW quantizer: 65536 * 39 = 2,555,904 vectors are enough
     ("nlist-65536", 2_555_904, 384, {"nlist": 65536}, "IVF65536_HNSW32,PQ48", 65536, 48, False, True, 2_555_904),
     ("nlist-65535", 2_555_904, 384, {"nlist": 65535}, "IVF65535,PQ48", 65535, 48, False, False, 2_555_904),
+    # 384/8 = 48 > 8 would rotate, but OPQ needs at least dim (384) vectors: 300 get none
+    ("few-no-opq", 300, 384, {"nlist": 2, "pq_m": 8}, "IVF2,PQ8", 2, 8, False, False, 300),
+    ("dim-vectors-opq", 384, 384, {"nlist": 2, "pq_m": 8}, "OPQ8,IVF2,PQ8", 2, 8, True, False, 384),
 ]
 
 
@@ -125,6 +128,10 @@ REFUSED = [
     ("budget-1-byte-short", 10_000_000, {"memory_budget": 115_165_823}, ["--memory-budget", "too small"]),
     ("budget-100M", 10_000_000, {"memory_budget": 100 << 20}, ["--memory-budget", "too small"]),
     ("custom-more-lists-than-vectors", 3000, {"factory": "IVF4096,Flat"}, ["too few", "IVF4096,Flat"]),
+    # PQ codebooks need 256 vectors; OPQ needs as many as the dimension
+    ("pq-under-256", 255, {"nlist": 1}, ["too few for product quantization", "256", "exact index"]),
+    ("pq-m-under-256", 120, {"pq_m": 8}, ["too few for product quantization"]),
+    ("opq-under-dim", 383, {"nlist": 2, "pq_m": 8, "opq": True}, ["--opq", "384", "383"]),
 ]
 
 

@@ -105,6 +105,7 @@ def build_index(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    ray: str | None = None,
 ) -> IndexReport:
     """Build (or resume building) the IVF-PQ index of OUT/vectors.lance into OUT/index/.
 
@@ -113,7 +114,7 @@ def build_index(
     """
     cfg = IndexConfig(
         nlist=nlist, pq_m=pq_m, opq=opq, factory=factory, memory_budget=memory_budget, target_recall=target_recall,
-        device=device, shard_rows=shard_rows, overwrite=overwrite, progress=progress,
+        device=device, shard_rows=shard_rows, overwrite=overwrite, progress=progress, ray=ray,
     )  # fmt: skip
     return run_build(out, cfg, log or (lambda msg: None))
 
@@ -316,51 +317,85 @@ def _query_positions(b: _Build) -> np.ndarray:
 # ---- add -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ShardSpec:
+    """What writing one add shard needs, picklable for a Ray task."""
+
+    folder: str  # OUT/index/shards
+    device: str
+    metric: str
+    ivfpq: bool
+    k: int
+
+    def index_path(self, i: int) -> Path:
+        return Path(self.folder) / f"shard-{i:06d}.index"
+
+
 def _add(b: _Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.ndarray) -> int:
     """Write each missing shard index (with its ground-truth block); returns how many existed."""
-    import faiss
-
     folder = b.dir / SHARDS
     folder.mkdir(exist_ok=True)
-    codec = TorchCodec(trained, b.device, b.params.metric) if b.params.ivfpq and b.device.startswith("cuda") else None
-    if codec is not None and not codec.agrees_with_faiss(qvec[:1024]):
-        b.log("the device encoder disagrees with faiss on a sample; encoding with faiss-cpu instead")
-        codec = None
-    todo = [(i, start, frags) for i, (start, frags) in enumerate(shards) if not (folder / f"shard-{i:06d}.index").exists()]
+    spec = ShardSpec(str(folder), b.device, b.params.metric, b.params.ivfpq, b.cfg.k)
+    todo = [(i, start, frags) for i, (start, frags) in enumerate(shards) if not spec.index_path(i).exists()]
     bar = _bar(len(shards), b.cfg.progress)
     bar.update(len(shards) - len(todo))
+    if b.cfg.ray is not None:
+        from ..distributed import add_index_shards_ray
+
+        add_index_shards_ray(str(b.out), b.key["vectors_version"], todo, spec, queries, qvec, b.cfg.ray, on_done=lambda: bar.update(1))
+        bar.close()
+        return len(shards) - len(todo)
+    codec = device_codec(trained, spec, qvec, b.log)
     # the next shard is read from Lance while this one is encoded
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-read") as reader:
         ahead = reader.submit(_read_shard, todo[0][2]) if todo else None
         for j, (i, start, _) in enumerate(todo):
             x = ahead.result()
             ahead = reader.submit(_read_shard, todo[j + 1][2]) if j + 1 < len(todo) else None
-            positions = np.arange(start, start + len(x), dtype=np.int64)
-            _shard_truth(b, x, start, queries, qvec, folder / f"shard-{i:06d}.truth.npz")
-            index = faiss.clone_index(trained)
-            if codec is not None:
-                faiss.extract_index_ivf(index).add_sa_codes(codec.encode(x), positions)
-            elif _is_ivf(index):
-                index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), positions)
-            else:  # flat, HNSW: no add_with_ids; shards merge in order, so a vector's number is its position
-                index.add(np.ascontiguousarray(x, dtype=np.float32))
-            _write_index(index, folder / f"shard-{i:06d}.index")
+            write_shard(spec, trained, codec, i, start, x, queries, qvec)
             bar.update(1)
     bar.close()
     return len(shards) - len(todo)
 
 
-def _shard_truth(b: _Build, x: np.ndarray, start: int, queries: np.ndarray, qvec: np.ndarray, path: Path) -> None:
+def device_codec(trained: Any, spec: ShardSpec, qvec: np.ndarray, log: Callable[[str], None]) -> Any:
+    """A TorchCodec on CUDA for IVF-PQ (checked against faiss on a sample), else None (faiss adds)."""
+    if not (spec.ivfpq and spec.device.startswith("cuda")):
+        return None
+    codec = TorchCodec(trained, spec.device, spec.metric)
+    if not codec.agrees_with_faiss(qvec[:1024]):
+        log("the device encoder disagrees with faiss on a sample; encoding with faiss-cpu instead")
+        return None
+    return codec
+
+
+def write_shard(spec: ShardSpec, trained: Any, codec: Any, i: int, start: int, x: np.ndarray, queries: np.ndarray, qvec: np.ndarray) -> None:
+    """One shard: its ground-truth block, then its index file (written last: its presence marks the shard done)."""
+    import faiss
+
+    positions = np.arange(start, start + len(x), dtype=np.int64)
+    _shard_truth(spec, x, start, queries, qvec, Path(spec.folder) / f"shard-{i:06d}.truth.npz")
+    index = faiss.clone_index(trained)
+    if codec is not None:
+        faiss.extract_index_ivf(index).add_sa_codes(codec.encode(x), positions)
+    elif _is_ivf(index):
+        index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), positions)
+    else:  # flat, HNSW: no add_with_ids; shards merge in order, so a vector's number is its position
+        index.add(np.ascontiguousarray(x, dtype=np.float32))
+    _write_index(index, spec.index_path(i))
+
+
+def _shard_truth(spec: ShardSpec, x: np.ndarray, start: int, queries: np.ndarray, qvec: np.ndarray, path: Path) -> None:
     """Exact top-k (inner product) of every query among this shard's rows, the query itself excluded."""
     import torch
 
-    dev = b.device if b.device.startswith("cuda") else "cpu"
+    dev = spec.device if spec.device.startswith("cuda") else "cpu"
     xs = torch.from_numpy(np.require(x, requirements=["C", "W"])).to(dev).float()
     scores = torch.from_numpy(qvec).to(dev) @ xs.T
     inside = (queries >= start) & (queries < start + len(x))
     rows = np.flatnonzero(inside)
     scores[torch.as_tensor(rows, device=dev), torch.as_tensor(queries[inside] - start, device=dev)] = -float("inf")
-    k = min(b.cfg.k, len(x))
+    k = min(spec.k, len(x))
     top, idx = scores.topk(k, dim=1)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, scores=top.cpu().numpy(), positions=idx.cpu().numpy().astype(np.int64) + start)

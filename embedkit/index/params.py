@@ -23,6 +23,7 @@ from ..errors import EmbedkitError
 
 MIN_POINTS_PER_LIST = 39
 TRAIN_POINTS_PER_LIST = 64
+PQ_MIN_POINTS = 256  # one per centroid of an 8-bit sub-quantizer
 PQ_TRAIN_POINTS = 65_536
 HNSW_FROM_NLIST = 65_536
 HNSW_M = 32
@@ -106,9 +107,17 @@ def choose_params(
         return _custom(n, dim, factory, metric)
     if n < FLAT_BELOW and nlist is None and pq_m is None:
         return IndexParams(n, dim, "Flat", metric, 0, 0, False, False, n, custom=True)
+    if n < PQ_MIN_POINTS:  # only reachable with --nlist/--pq-m: the automatic choice is Flat here
+        raise EmbedkitError(
+            f"{n:,} vectors are too few for product quantization (its codebooks need at least {PQ_MIN_POINTS}); "
+            "omit --nlist and --pq-m for an exact index"
+        )
     lists = _nlist(n, nlist)
     m = _pq_m(n, dim, lists, memory_budget, pq_m)
-    rotate = (dim // m > 8) if opq is None else opq
+    # faiss's OPQ training needs at least `dim` points (fewer corrupt its memory)
+    if opq and n < dim:
+        raise EmbedkitError(f"--opq needs at least {dim:,} vectors (the dimension) to train the rotation; this output has {n:,}")
+    rotate = (dim // m > 8 and n >= dim) if opq is None else opq
     hnsw = lists >= HNSW_FROM_NLIST
     text = f"{f'OPQ{m},' if rotate else ''}IVF{lists}{f'_HNSW{HNSW_M}' if hnsw else ''},PQ{m}"
     train = min(n, max(TRAIN_POINTS_PER_LIST * lists, PQ_TRAIN_POINTS))

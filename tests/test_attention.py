@@ -1,0 +1,73 @@
+"""The per-slot decode attention kernel against dense masked attention.
+
+The kernel is Triton; here it runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set in a
+child process because Triton reads it at import). The interpreter's bf16 dot products are
+wrong (a known limitation of its numpy emulation), so bf16 is checked on GPUs by
+benchmarks/bench_generate.py; fp32 and fp16 are checked here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+CHILD = r"""
+import json, sys, torch
+from embedkit.attention import slot_attention, reference_attention, BLOCK_N
+torch.manual_seed(0)
+worst = {}
+for dtype in (torch.float32, torch.float16):
+    for slots, heads, group, dim, capacity in [(6, 3, 3, 64, 2 * BLOCK_N + 9), (3, 2, 1, 32, BLOCK_N), (2, 1, 4, 16, 5)]:
+        q = torch.randn(slots, heads, group, dim)
+        k = torch.randn(slots, heads, capacity, dim)
+        v = torch.randn(slots, heads, capacity, dim)
+        # 1, a block exactly, a block and one, the whole capacity
+        lengths = torch.tensor([[1, BLOCK_N, BLOCK_N + 1, capacity][i % 4] for i in range(slots)]).clamp(max=capacity)
+        # keys as a strided view of a larger cache, like the decoder's per-layer slices
+        big_k = torch.randn(slots, heads, capacity + 7, dim); big_k[:, :, :capacity] = k
+        big_v = torch.randn(slots, heads, capacity + 7, dim); big_v[:, :, :capacity] = v
+        got = slot_attention(q.to(dtype), big_k.to(dtype)[:, :, :capacity], big_v.to(dtype)[:, :, :capacity], lengths, dim ** -0.5, kernel=True)
+        want = reference_attention(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), lengths, dim ** -0.5)
+        key = f"{dtype}"
+        worst[key] = max(worst.get(key, 0.0), float((got.float() - want).abs().max()))
+print(json.dumps(worst))
+"""
+
+
+def test_kernel_equals_dense_masked_attention():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    worst = json.loads(r.stdout.strip().splitlines()[-1])
+    assert worst["torch.float32"] < 1e-5, worst
+    assert worst["torch.float16"] < 2e-3, worst
+
+
+DECODE_CHILD = r"""
+import json, torch
+from transformers import AutoModelForCausalLM
+from embedkit.config import DEFAULT_GENERATOR
+from embedkit.decode import SlotDecoder
+from embedkit.generation import resolve_generator
+lm = AutoModelForCausalLM.from_pretrained(resolve_generator(DEFAULT_GENERATOR), dtype=torch.float32).eval()
+prompts = [[1, 9690, 198, 2683, 314, 260, 2576], [1, 4093, 28, 905], list(range(300, 380))]
+with_kernel = SlotDecoder(lm, eos_ids={2})
+assert with_kernel.kernel
+dense = SlotDecoder(lm, eos_ids={2})
+dense.kernel = False
+print(json.dumps([with_kernel.run(prompts, max_new=4, max_slots=2), dense.run(prompts, max_new=4, max_slots=2)]))
+"""
+
+
+def test_decoder_with_the_kernel_gives_the_dense_tokens():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", DECODE_CHILD], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kernel, dense = json.loads(r.stdout.strip().splitlines()[-1])
+    assert kernel == dense and all(len(t) for t in kernel)
