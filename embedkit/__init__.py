@@ -8,6 +8,7 @@ Public API (heavy libraries load on first use, so importing embedkit is instant)
     embedkit.build_index(out, ...)        -> IndexReport     OUT/vectors.lance -> OUT/index (IVF-PQ)
     embedkit.Retriever(out).search(texts) -> SearchResults   ids and scores, reranked exactly
     embedkit.generate(input, out, task=)  -> GenerateSummary summarize / score / classify with a causal LM
+    embedkit.plan(tokens_per_second=, ...) -> (Plan, count)  GPUs, hours and $ for a job inside a window
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "encode", "encode_texts", "status", "build_index", "Retriever", "EncodeSummary", "OutputStatus", "IndexReport",
-    "SearchResults", "generate", "GenerateSummary", "EmbedkitError", "__version__",
+    "SearchResults", "generate", "GenerateSummary", "plan", "EmbedkitError", "__version__",
 ]  # fmt: skip
 
 from .errors import EmbedkitError
@@ -41,6 +42,10 @@ def __getattr__(name: str):
         from . import generation
 
         return getattr(generation, name)
+    if name == "plan":
+        from . import planning
+
+        return planning.plan
     if name in ("Retriever", "SearchResults"):
         from .index import search
 

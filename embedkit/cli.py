@@ -159,5 +159,31 @@ def generate(input: str, out: str, labels: str | None, quiet: bool, as_json: boo
     click.echo(json.dumps(summary.to_dict()) if as_json else summary.line())
 
 
+
+@main.command()
+@click.option("--tokens", type=float, default=None, help="The job's size in tokens (or --input).")
+@click.option("--input", "input", type=click.Path(path_type=str), default=None, help="Count the tokens of this input instead.")
+@click.option("--model", default=None, help=f"Tokenizer for --input (default: {DEFAULT_MODEL}).")
+@click.option("--sample", type=int, default=10_000, show_default=True, help="Rows sampled to count --input (0: every row).")
+@click.option("--tokens-per-second", type=float, required=True, help="Measured throughput of one GPU (see docs/benchmarks.md).")
+@click.option("--window", default="12h", show_default=True, help="Time the job must finish in: 12h, 90m, 2d.")
+@click.option("--gpu-price", type=float, required=True, help="On-demand $ per GPU-hour.")
+@click.option("--spot-discount", type=float, default=0.0, show_default=True, help="Fraction off for spot GPUs, e.g. 0.6.")
+@click.option("--preemptions-per-hour", type=float, default=0.0, show_default=True, help="Expected preemptions per GPU-hour.")
+@click.option("--rework-bound", type=float, default=0.01, show_default=True, help="Largest fraction of work redone after preemptions.")
+@click.option("--restart-seconds", type=float, default=120.0, show_default=True, help="A preempted worker's way back.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(as_json: bool, **options: Any) -> None:
+    """How many GPUs, for how long, for how much: the smallest fleet that finishes in the window."""
+    from .planning import describe
+    from .planning import plan as api_plan
+
+    result, count = _run(lambda: api_plan(**options))
+    if as_json:
+        click.echo(json.dumps({"plan": result.to_dict(), "count": count.to_dict() if count else None}))
+    else:
+        click.echo(describe(result, count))
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,284 @@
+"""Planning a run: how many GPUs, for how long, for how much, from a measured throughput.
+
+The cost of an offline job is
+
+    $/1M tokens = ($/GPU-hour x (1 - spot discount)) / (tokens/s per GPU x 3600) x 1e6
+
+and a fleet finishes inside a window when the work, spread over its GPUs, plus the slowest
+shard's tail, fits. Preemptible GPUs are usable because every stage resumes per shard: a
+preemption costs the unfinished part of one shard plus a restart. `plan_fleet` is pure
+arithmetic over those quantities (tested with tables); `count_tokens` measures the token count
+of an input, exactly or from a random sample with a confidence interval.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EmbedkitError
+
+Z95 = 1.96  # two-sided 95% normal quantile
+SAMPLE_BLOCK = 64  # rows per sampled block
+READ_ROWS = 65_536  # rows per read when counting every row
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    """What a plan needs. Throughput is per GPU, measured (e.g. `embedkit encode --dry-run`, docs/benchmarks.md)."""
+
+    tokens: float
+    tokens_per_second: float
+    window_hours: float
+    gpu_price: float  # $ per GPU-hour, on demand
+    spot_discount: float = 0.0  # 0.6 = 60% off the on-demand price
+    preemptions_per_hour: float = 0.0  # per GPU; 0 for on-demand GPUs
+    restart_seconds: float = 120.0  # a preempted worker's way back: new machine, model load
+    rework_bound: float = 0.01  # at most this fraction of the work is redone after preemptions
+    max_shard_hours: float = 0.5  # shard length without preemptions: bounds the tail (straggler)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "--tokens": self.tokens > 0, "--tokens-per-second": self.tokens_per_second > 0,
+            "--window": self.window_hours > 0, "--gpu-price": self.gpu_price >= 0,
+            "--spot-discount": 0 <= self.spot_discount < 1, "--preemptions-per-hour": self.preemptions_per_hour >= 0,
+            "--rework-bound": 0 < self.rework_bound < 1, "--restart-seconds": self.restart_seconds >= 0,
+        }  # fmt: skip
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise EmbedkitError(f"{bad[0]} is out of range (tokens, throughput and window positive; spot discount in [0, 1))")
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """One fleet size and what it gives."""
+
+    gpus: int
+    hours: float  # expected wall time, the tail included
+    gpu_hours: float  # billed: every GPU held until the job ends
+    total_dollars: float
+    dollars_per_million_tokens: float  # with overheads (preemption re-work, restarts, tail)
+    within_window: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The smallest fleet that finishes inside the window, and its neighbours."""
+
+    inputs: PlanInput
+    price_per_gpu_hour: float  # after the spot discount
+    ideal_dollars_per_million_tokens: float  # the formula above: no overheads
+    effective_tokens_per_second: float  # per GPU, after preemption losses
+    shard_seconds: float  # shard length that keeps re-work under the bound
+    shard_tokens: float
+    tail_hours: float  # the straggler margin: the last shard's length
+    fleet: Fleet
+    smaller: Fleet | None  # one GPU fewer: misses the window by how much
+    larger: Fleet  # one GPU more: how much more it costs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def dollars_per_million(price_per_gpu_hour: float, tokens_per_second: float) -> float:
+    """($/GPU-hour) / (tokens/s per GPU x 3600) x 1e6."""
+    return price_per_gpu_hour / (tokens_per_second * 3600) * 1e6
+
+
+def shard_seconds_for(p: PlanInput) -> float:
+    """The longest shard whose expected re-work stays under the bound.
+
+    A preemption lands, on average, halfway through a shard, so it redoes half a shard: the
+    re-work fraction is rate x shard / 2. Without preemptions the cap is max_shard_hours.
+    """
+    cap = p.max_shard_hours * 3600
+    if p.preemptions_per_hour == 0:
+        return cap
+    return min(cap, 2 * p.rework_bound * 3600 / p.preemptions_per_hour)
+
+
+def plan_fleet(p: PlanInput) -> Plan:
+    """Smallest number of GPUs that finishes inside the window, with cost; see the module docstring."""
+    price = p.gpu_price * (1 - p.spot_discount)
+    shard = shard_seconds_for(p)
+    # time lost per GPU-second: half a shard of re-work plus a restart per preemption
+    lost = p.preemptions_per_hour / 3600 * (shard / 2 + p.restart_seconds)
+    if lost >= 1:
+        raise EmbedkitError("preemptions are so frequent that no work finishes; lower --preemptions-per-hour or the restart time")
+    effective = p.tokens_per_second * (1 - lost)
+    work = p.tokens / effective  # GPU-seconds
+    window = p.window_hours * 3600
+    if window <= shard:
+        raise EmbedkitError(f"a {p.window_hours:g} h window is shorter than one shard ({shard / 3600:.2f} h); use a longer window")
+    gpus = max(1, math.ceil(work / (window - shard)))
+    fleet = _fleet(p, gpus, work, shard, price)
+    return Plan(
+        inputs=p, price_per_gpu_hour=price, ideal_dollars_per_million_tokens=dollars_per_million(price, p.tokens_per_second),
+        effective_tokens_per_second=effective, shard_seconds=shard, shard_tokens=shard * effective, tail_hours=shard / 3600,
+        fleet=fleet, smaller=_fleet(p, gpus - 1, work, shard, price) if gpus > 1 else None, larger=_fleet(p, gpus + 1, work, shard, price),
+    )  # fmt: skip
+
+
+def _fleet(p: PlanInput, gpus: int, work: float, shard: float, price: float) -> Fleet:
+    seconds = work / gpus + shard  # even spread, then at worst one shard started at the end
+    gpu_hours = gpus * seconds / 3600
+    total = gpu_hours * price
+    return Fleet(gpus, seconds / 3600, gpu_hours, total, total / p.tokens * 1e6, seconds <= p.window_hours * 3600 + 1e-9)
+
+
+def parse_duration(text: str | float) -> float:
+    """Hours from "12h", "90m", "3600s", "1.5h", "2d" or a plain number of hours."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    t = str(text).strip().lower()
+    units = {"d": 24.0, "h": 1.0, "m": 1 / 60, "s": 1 / 3600}
+    scale = units.get(t[-1:], None)
+    number = t[:-1] if scale is not None else t
+    try:
+        value = float(number) * (scale if scale is not None else 1.0)
+    except ValueError:
+        raise EmbedkitError(f"cannot read the duration {text!r}; use e.g. 12h, 90m, 3600s or 1.5") from None
+    if not value > 0:
+        raise EmbedkitError(f"a duration must be positive, not {text!r}")
+    return value
+
+
+def plan(
+    *,
+    tokens_per_second: float,
+    window: str | float,
+    gpu_price: float,
+    tokens: float | None = None,
+    input: str | Path | None = None,
+    model: str | None = None,
+    sample: int = 10_000,
+    spot_discount: float = 0.0,
+    preemptions_per_hour: float = 0.0,
+    rework_bound: float = 0.01,
+    restart_seconds: float = 120.0,
+) -> tuple[Plan, TokenCount | None]:
+    """A fleet plan for `tokens` tokens, or for INPUT's tokens counted with `model`'s tokenizer.
+
+    >>> p, _ = embedkit.plan(tokens=1e12, tokens_per_second=4.1e6, window="12h", gpu_price=3.0)  # doctest: +SKIP
+    >>> p.fleet.gpus, p.fleet.total_dollars                                                    # doctest: +SKIP
+    """
+    from .config import DEFAULT_MODEL
+
+    if (tokens is None) == (input is None):
+        raise EmbedkitError("give the job's size as exactly one of --tokens N or --input INPUT")
+    count = None
+    if input is not None:
+        count = count_tokens(input, model or DEFAULT_MODEL, sample=sample)
+        tokens = count.tokens
+    inputs = PlanInput(
+        tokens=float(tokens), tokens_per_second=tokens_per_second, window_hours=parse_duration(window), gpu_price=gpu_price,
+        spot_discount=spot_discount, preemptions_per_hour=preemptions_per_hour, rework_bound=rework_bound,
+        restart_seconds=restart_seconds,
+    )  # fmt: skip
+    return plan_fleet(inputs), count
+
+
+def describe(p: Plan, count: TokenCount | None = None) -> str:
+    """The plan as a few lines for a terminal."""
+    i, f = p.inputs, p.fleet
+    lines = []
+    if count is not None:
+        how = "counted exactly" if count.exact else f"estimated from {count.sample_rows:,} sampled rows, 95% CI +/- {count.ci95:,.0f}"
+        lines.append(f"input: {count.rows:,} rows, {count.tokens:,.0f} tokens ({how}); {100 * count.truncated_fraction:.1f}% truncated")
+    lines += [
+        f"job: {i.tokens:,.0f} tokens at {i.tokens_per_second:,.0f} tokens/s per GPU, window {i.window_hours:g} h",
+        f"price: ${p.price_per_gpu_hour:.2f}/GPU-h after a {100 * i.spot_discount:.0f}% spot discount; "
+        f"${p.ideal_dollars_per_million_tokens:.4g} per 1M tokens at full use",
+        f"shards: {p.shard_seconds / 60:.1f} min each ({p.shard_tokens:,.0f} tokens), so re-work after preemptions stays under "
+        f"{100 * i.rework_bound:g}% at {i.preemptions_per_hour:g} preemptions per GPU-hour; straggler margin {p.tail_hours:.2f} h",
+        f"-> {_gpus(f.gpus)}, finished in {f.hours:.2f} h, {f.gpu_hours:,.1f} GPU-h, ${f.total_dollars:,.2f} "
+        f"(${f.dollars_per_million_tokens:.4g} per 1M tokens with overheads)",
+    ]
+    if p.smaller is not None:
+        s = p.smaller
+        lines.append(f"   {_gpus(s.gpus)}: {s.hours:.2f} h, misses the window by {s.hours - i.window_hours:.2f} h (${s.total_dollars:,.2f})")
+    lg = p.larger
+    lines.append(f"   {_gpus(lg.gpus)}: {lg.hours:.2f} h, {f.hours - lg.hours:.2f} h sooner for ${lg.total_dollars - f.total_dollars:,.2f} more")
+    return "\n".join(lines)
+
+
+def _gpus(n: int) -> str:
+    return f"{n} GPU" if n == 1 else f"{n} GPUs"
+
+
+# ---- measuring the input -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenCount:
+    """Tokens the encoder will read (after truncation), for all rows or estimated from a sample."""
+
+    rows: int
+    tokens: float
+    exact: bool
+    sample_rows: int
+    ci95: float  # half-width of the 95% confidence interval of `tokens` (0 when exact)
+    mean_tokens: float
+    truncated_fraction: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_tokens(input: str | Path, model: str, *, sample: int = 10_000, seed: int = 0, text_column: str = "text",
+                 max_seq_length: int | None = None) -> TokenCount:  # fmt: skip
+    """Token count of INPUT with the model's tokenizer and truncation, from `sample` random rows
+    (every row when there are no more; `sample=0` counts every row)."""
+    from .corpus import Columns, open_corpus
+    from .models import fast_tokenizer_json, load_sentence_transformer, resolve_model, truncation_side
+    from .tokenize import TextTokenizer
+
+    corpus = open_corpus(input, Columns(text_column, None))
+    n = corpus.num_rows
+    if n == 0:
+        raise EmbedkitError("the input has no rows")
+    st = load_sentence_transformer(resolve_model(model), "cpu")
+    limit = max_seq_length or st.max_seq_length
+    tok = TextTokenizer(fast_tokenizer_json(st), limit, truncation_side(st))
+    exact = sample == 0 or sample >= n
+    if exact:
+        lengths, truncated = _lengths(corpus, tok, [(0, n)])
+        return TokenCount(n, float(lengths.sum()), True, n, 0.0, float(lengths.mean()), float(truncated.mean()))
+    # cluster sample: random blocks of consecutive rows (a read per block, not per row)
+    blocks_total = -(-n // SAMPLE_BLOCK)
+    k = min(blocks_total, -(-sample // SAMPLE_BLOCK))
+    picked = np.sort(np.random.default_rng(seed).choice(blocks_total, size=k, replace=False))
+    spans = [(int(b) * SAMPLE_BLOCK, min(n, (int(b) + 1) * SAMPLE_BLOCK)) for b in picked]
+    lengths, truncated = _lengths(corpus, tok, spans)
+    sizes = np.array([b - a for a, b in spans], dtype=np.float64)
+    sums = np.add.reduceat(lengths, np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
+    mean = float(sums.sum() / sizes.sum())  # ratio estimator: tokens per row
+    # its standard error from the blocks' residuals, with the finite-population correction
+    if k > 1:
+        resid = sums - mean * sizes
+        se = math.sqrt(float((resid**2).sum()) / (k * (k - 1))) / float(sizes.mean()) * math.sqrt(max(0.0, 1 - k / blocks_total))
+    else:
+        se = float("inf")
+    return TokenCount(n, n * mean, False, int(sizes.sum()), Z95 * se * n, mean, float(truncated.mean()))
+
+
+def _lengths(corpus, tok, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Token lengths (truncated, special tokens included) of rows [a, b) per span, in order;
+    null, empty and blank texts count 0 tokens (encode skips them)."""
+    lengths, truncated = [], []
+    for a, b in spans:
+        for lo in range(a, b, READ_ROWS):
+            texts = corpus.read(lo, min(b, lo + READ_ROWS)).column("text").to_pylist()
+            keep = [i for i, t in enumerate(texts) if t is not None and t.strip()]
+            got_len = np.zeros(len(texts))
+            got_cut = np.zeros(len(texts), dtype=bool)
+            if keep:
+                got = tok([texts[i] for i in keep])
+                got_len[keep] = got.lengths
+                got_cut[keep] = got.truncated
+            lengths.append(got_len)
+            truncated.append(got_cut)
+    return np.concatenate(lengths), np.concatenate(truncated)

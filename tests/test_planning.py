@@ -1,0 +1,172 @@
+"""`embedkit plan`: the fleet arithmetic as tables, token counting against a real encode, the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import SAMPLE
+
+import embedkit
+from embedkit.errors import EmbedkitError
+from embedkit.planning import PlanInput, count_tokens, dollars_per_million, parse_duration, plan_fleet, shard_seconds_for
+
+T, S = 1e12, 4.1e6  # a trillion tokens; MiniLM's warm H200 rate (docs/benchmarks.md)
+
+
+def test_spot_discount_of_70_percent_cuts_cost_by_3_33x():
+    on_demand = plan_fleet(PlanInput(tokens=T, tokens_per_second=S, window_hours=12, gpu_price=3.0))
+    spot = plan_fleet(PlanInput(tokens=T, tokens_per_second=S, window_hours=12, gpu_price=3.0, spot_discount=0.7))
+    assert on_demand.ideal_dollars_per_million_tokens / spot.ideal_dollars_per_million_tokens == pytest.approx(1 / 0.3)
+    assert on_demand.fleet.total_dollars / spot.fleet.total_dollars == pytest.approx(1 / 0.3)
+    assert spot.fleet.gpus == on_demand.fleet.gpus  # same throughput, same fleet
+
+
+# (id, inputs, gpus, hours, total $, shard seconds)
+CASES = [
+    # work 1e12 / 4.1e6 = 243,902 GPU-s; shards 0.5 h; ceil(243,902 / (43,200 - 1,800)) = 6 GPUs;
+    # 243,902 / 6 + 1,800 = 42,451 s = 11.79 h; 6 x 11.79 h x $3 = $212.26
+    ("on-demand", dict(tokens=T, tokens_per_second=S, window_hours=12, gpu_price=3.0), 6, 42450.7 / 3600, 212.25, 1800),
+    # a day: ceil(243,902 / 84,600) = 3 GPUs; 243,902 / 3 + 1,800 = 83,101 s; 3 x 23.08 h x $3
+    ("24h", dict(tokens=T, tokens_per_second=S, window_hours=24, gpu_price=3.0), 3, 83100.8 / 3600, 207.75, 1800),
+    # 0.1 preemptions per GPU-hour and a 1% bound: shards of 2 x 0.01 x 3600 / 0.1 = 720 s;
+    # each GPU loses 0.1 / 3600 x (360 + 120) = 1.33%: 4,045,333 tokens/s; 247,199 GPU-s;
+    # ceil(247,199 / 42,480) = 6; 247,199 / 6 + 720 = 41,920 s; 6 x 11.64 h x $1.20 (60% off)
+    ("spot", dict(tokens=T, tokens_per_second=S, window_hours=12, gpu_price=3.0, spot_discount=0.6, preemptions_per_hour=0.1),
+     6, 41919.7 / 3600, 83.84, 720),
+    # a small job: one GPU; 1e9 / 1e6 = 1,000 s + 1,800 s tail
+    ("tiny", dict(tokens=1e9, tokens_per_second=1e6, window_hours=12, gpu_price=2.0), 1, 2800 / 3600, 2800 / 3600 * 2.0, 1800),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_plan_table(case):
+    _, kwargs, gpus, hours, dollars, shard = case
+    p = plan_fleet(PlanInput(**kwargs))
+    assert p.fleet.gpus == gpus
+    assert p.fleet.hours == pytest.approx(hours, rel=1e-4)
+    assert p.fleet.total_dollars == pytest.approx(dollars, rel=1e-3)
+    assert p.shard_seconds == pytest.approx(shard)
+    assert p.tail_hours == pytest.approx(shard / 3600)
+    assert p.fleet.within_window
+
+
+def test_ideal_cost_is_the_formula():
+    # $3/GPU-h at 4.1M tokens/s: 3 / (4.1e6 x 3600) x 1e6
+    assert dollars_per_million(3.0, 4.1e6) == pytest.approx(3 / 14_760_000_000 * 1e6)
+    p = plan_fleet(PlanInput(tokens=T, tokens_per_second=S, window_hours=12, gpu_price=3.0))
+    assert p.ideal_dollars_per_million_tokens == pytest.approx(dollars_per_million(3.0, S))
+    assert p.fleet.dollars_per_million_tokens > p.ideal_dollars_per_million_tokens  # the tail is paid for
+
+
+@pytest.mark.parametrize(
+    "tokens, window, rate, preempt",
+    list(itertools.product([1e9, 5e11, 3e12], [2, 12, 48], [2e5, 4.1e6], [0.0, 0.05, 0.5])),
+)
+def test_the_fleet_is_the_smallest_that_finishes(tokens, window, rate, preempt):
+    try:
+        p = plan_fleet(PlanInput(tokens=tokens, tokens_per_second=rate, window_hours=window, gpu_price=2.5, preemptions_per_hour=preempt))
+    except EmbedkitError:
+        pytest.skip("window shorter than a shard")
+    assert p.fleet.within_window and p.fleet.hours <= window
+    assert p.smaller is None or not p.smaller.within_window
+    assert p.larger.hours < p.fleet.hours and p.larger.total_dollars >= p.fleet.total_dollars
+    # re-work after preemptions stays under the bound: rate x shard / 2 (as a fraction of time)
+    assert preempt * p.shard_seconds / 2 / 3600 <= 0.01 + 1e-12
+
+
+def test_more_preemptions_mean_shorter_shards_and_lower_throughput():
+    base = dict(tokens=T, tokens_per_second=S, window_hours=12, gpu_price=3.0)
+    calm, stormy = PlanInput(**base, preemptions_per_hour=0.05), PlanInput(**base, preemptions_per_hour=0.5)
+    assert shard_seconds_for(stormy) < shard_seconds_for(calm)
+    assert plan_fleet(stormy).effective_tokens_per_second < plan_fleet(calm).effective_tokens_per_second
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(tokens=0), ["--tokens"]),
+        (dict(tokens_per_second=-1), ["--tokens-per-second"]),
+        (dict(spot_discount=1.0), ["--spot-discount"]),
+        (dict(window_hours=0.25), ["window is shorter than one shard"]),
+        (dict(preemptions_per_hour=40.0, restart_seconds=3600), ["no work finishes"]),
+    ],
+)
+def test_refusals(kwargs, words):
+    base = dict(tokens=T, tokens_per_second=S, window_hours=12, gpu_price=3.0)
+    with pytest.raises(EmbedkitError) as e:
+        plan_fleet(PlanInput(**{**base, **kwargs}))
+    for w in words:
+        assert w in str(e.value)
+
+
+@pytest.mark.parametrize("text, hours", [("12h", 12), ("90m", 1.5), ("3600s", 1), ("2d", 48), ("1.5", 1.5), (" 6H ", 6), (8, 8)])
+def test_parse_duration(text, hours):
+    assert parse_duration(text) == pytest.approx(hours)
+
+
+@pytest.mark.parametrize("text", ["", "h", "12x", "-3h", "0", "abc"])
+def test_parse_duration_refusals(text):
+    with pytest.raises(EmbedkitError):
+        parse_duration(text)
+
+
+# ---- counting an input's tokens --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_input(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan") / "docs.parquet"
+    pq.write_table(pq.read_table(SAMPLE).slice(0, 400), path)
+    return path
+
+
+def test_exact_count_equals_what_encode_reads(small_input, tmp_path):
+    count = count_tokens(small_input, "all-MiniLM-L6-v2", sample=0)
+    summary = embedkit.encode(small_input, tmp_path / "out", device="cpu", progress=False)
+    assert count.exact and count.rows == 400
+    assert count.tokens == summary.tokens
+    assert count.truncated_fraction == pytest.approx(summary.truncated / 400)
+
+
+def test_sampled_count_is_within_5_percent_and_its_interval():
+    exact = count_tokens(SAMPLE, "all-MiniLM-L6-v2", sample=0)
+    est = count_tokens(SAMPLE, "all-MiniLM-L6-v2", sample=1500, seed=3)
+    assert not est.exact and est.sample_rows >= 1500 and est.ci95 > 0
+    assert abs(est.tokens - exact.tokens) <= 0.05 * exact.tokens
+    assert abs(est.tokens - exact.tokens) <= est.ci95
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+
+def test_plan_command_json(run_cli):
+    r = run_cli("plan", "--tokens", "1e12", "--tokens-per-second", "4.1e6", "--window", "12h", "--gpu-price", "3",
+                "--spot-discount", "0.6", "--preemptions-per-hour", "0.1", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["plan"]["fleet"]["gpus"] == 6 and out["plan"]["smaller"]["within_window"] is False
+    assert out["count"] is None
+    assert math.isclose(out["plan"]["shard_seconds"], 720)
+
+
+def test_plan_command_counts_an_input(run_cli, small_input):
+    r = run_cli("plan", "--input", small_input, "--sample", "0", "--tokens-per-second", "1e5", "--window", "1h", "--gpu-price", "1")
+    assert r.returncode == 0, r.stderr
+    assert "400 rows" in r.stdout and "counted exactly" in r.stdout and "GPUs" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--tokens", "1e9", "--input", "x.parquet"], ["exactly one of --tokens"]),
+        (["--window", "12x", "--tokens", "1e9"], ["duration"]),
+        (["--tokens", "1e9", "--spot-discount", "1.5"], ["--spot-discount"]),
+    ],
+)
+def test_plan_command_refusals(run_cli, refused, args, words):
+    r = run_cli("plan", "--tokens-per-second", "1e6", "--gpu-price", "2", *args)
+    refused(r, *words)
