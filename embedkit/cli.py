@@ -51,13 +51,28 @@ def main() -> None:
 @click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]", help="Run shards as Ray tasks: a local Ray, or the cluster at ADDRESS (pip install 'embedkit[ray]').")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def encode(input: str, out: str, quiet: bool, as_json: bool, **options: Any) -> None:
+@click.option("--dry-run", is_flag=True, help="Count tokens, calibrate on this device, print time, bytes and cost; write nothing.")
+@click.option("--sample", type=int, default=10_000, show_default=True, help="--dry-run: rows sampled to count tokens (0: every row).")
+@click.option("--calibrate-rows", type=int, default=None, help="--dry-run: rows encoded to measure speed (default 100k on CUDA, 1k on CPU).")
+@click.option("--gpu-price", type=float, default=None, help="--dry-run: $ per device-hour, for the cost.")
+@click.option("--spot-discount", type=float, default=0.0, help="--dry-run: fraction off --gpu-price.")
+def encode(input: str, out: str, quiet: bool, as_json: bool, dry_run: bool, sample: int, calibrate_rows: int | None,
+           gpu_price: float | None, spot_discount: float, **options: Any) -> None:  # fmt: skip
     """Embed every row of INPUT into OUT/vectors.lance (resumable: rerun to continue).
 
     INPUT is a parquet file or folder, a .jsonl or .csv file, a Lance dataset, or a folder of .txt files.
     """
     from .pipeline import encode as api_encode
 
+    if dry_run:
+        from .config import EncodeConfig
+        from .planning import dry_run_encode
+
+        cfg = {k: v for k, v in options.items() if k not in ("gpus", "ray")}
+        d = _run(lambda: dry_run_encode(input, EncodeConfig(**cfg, progress=False), sample=sample, calibrate_rows=calibrate_rows,
+                                        gpu_price=gpu_price, spot_discount=spot_discount))  # fmt: skip
+        click.echo(json.dumps(d.to_dict()) if as_json else d.lines())
+        return
     summary = _run(lambda: api_encode(input, out, progress=not quiet, **options))
     click.echo(json.dumps(summary.to_dict()) if as_json else summary.line())
 

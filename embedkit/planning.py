@@ -13,6 +13,7 @@ of an input, exactly or from a random sample with a confidence interval.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -282,3 +283,108 @@ def _lengths(corpus, tok, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.
             lengths.append(got_len)
             truncated.append(got_cut)
     return np.concatenate(lengths), np.concatenate(truncated)
+
+
+# ---- dry run -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What `encode --dry-run` measured and expects; nothing was written to OUT."""
+
+    count: TokenCount
+    device: str
+    calibration_rows: int
+    calibration_tokens: int
+    tokens_per_second: float  # encoding rate once the model is loaded, measured on this device
+    startup_seconds: float  # process work before the first batch (model load, tokenizer pool), measured
+    padding_overhead: float
+    expected_seconds: float
+    vectors_bytes: int  # measured bytes per row of the calibration output, times the rows
+    index_bytes: int  # the IVF-PQ index `build-index` would choose
+    dollars: float | None
+    dollars_per_million_tokens: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> str:
+        c = self.count
+        how = "counted exactly" if c.exact else f"from {c.sample_rows:,} sampled rows, 95% CI +/- {c.ci95:,.0f}"
+        out = [
+            f"input: {c.rows:,} rows, {c.tokens:,.0f} tokens ({how}); {100 * c.truncated_fraction:.1f}% truncated",
+            f"calibration on {self.device}: {self.calibration_rows:,} rows, {self.calibration_tokens:,} tokens at "
+            f"{self.tokens_per_second:,.0f} tokens/s; start-up {self.startup_seconds:.1f} s; padding {100 * self.padding_overhead:.1f}%",
+            f"expected: {self.expected_seconds / 3600:.2f} h on one device ({self.expected_seconds:,.0f} s); vectors "
+            f"{_bytes(self.vectors_bytes)}, index {_bytes(self.index_bytes)}",
+        ]
+        if self.dollars is not None:
+            out.append(f"cost: ${self.dollars:,.2f} (${self.dollars_per_million_tokens:.4g} per 1M tokens); "
+                       "for a fleet and a window: embedkit plan --tokens-per-second " + f"{self.tokens_per_second:.0f}")  # fmt: skip
+        out.append("nothing was written")
+        return "\n".join(out)
+
+
+def dry_run_encode(input: str | Path, cfg, *, sample: int = 10_000, calibrate_rows: int | None = None,
+                   gpu_price: float | None = None, spot_discount: float = 0.0) -> DryRun:  # fmt: skip
+    """Count INPUT's tokens, encode a random sample of it with the real pipeline (into a
+    temporary folder) to measure this device, and extrapolate time, bytes and cost."""
+    import shutil
+    import tempfile
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .corpus import Columns, open_corpus
+    from .encoder import choose_device
+    from .index.params import choose_params
+    from .pipeline import encode
+
+    count = count_tokens(input, cfg.model, sample=sample, text_column=cfg.text_column, max_seq_length=cfg.max_seq_length)
+    choice = choose_device(cfg.device, cfg.precision)
+    rows = calibrate_rows or CALIBRATION_ROWS[choice.type]
+    corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
+    n = corpus.num_rows
+    blocks_total = -(-n // SAMPLE_BLOCK)
+    k = min(blocks_total, -(-rows // SAMPLE_BLOCK))
+    picked = np.sort(np.random.default_rng(1).choice(blocks_total, size=k, replace=False))
+    texts = pa.concat_arrays([corpus.read(int(b) * SAMPLE_BLOCK, min(n, (int(b) + 1) * SAMPLE_BLOCK)).column("text").combine_chunks() for b in picked])
+    work = Path(tempfile.mkdtemp(prefix="embedkit-dry-run-"))
+    try:
+        pq.write_table(pa.table({"text": texts}), work / "sample.parquet")
+        t = time.perf_counter()
+        s = encode(work / "sample.parquet", work / "out", model=cfg.model, device=cfg.device, dtype=cfg.dtype, precision=cfg.precision,
+                   normalize=cfg.normalize, batch_tokens=cfg.batch_tokens, tokenize_workers=cfg.tokenize_workers,
+                   keep_empty=cfg.keep_empty, max_seq_length=cfg.max_seq_length, progress=False)  # fmt: skip
+        wall = time.perf_counter() - t
+        per_row = _folder_bytes(work / "out" / "vectors.lance") / max(1, s.docs)
+        dim = json.loads((work / "out" / "embedkit.json").read_text())["model"]["dim"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    tps = s.tokens / s.seconds if s.seconds > 0 else float("inf")
+    startup = max(0.0, wall - s.seconds)
+    expected = startup + count.tokens / tps
+    kept = count.rows * (1 - (s.skipped_empty / max(1, len(texts))))
+    index = choose_params(max(1, int(kept)), dim, memory_budget=1 << 60).index_bytes
+    dollars = per_million = None
+    if gpu_price is not None:
+        dollars = expected / 3600 * gpu_price * (1 - spot_discount)
+        per_million = dollars / count.tokens * 1e6 if count.tokens else None
+    return DryRun(count, choice.device, s.docs, s.tokens, tps, startup, s.padding_overhead, expected, int(per_row * kept), int(index),
+                  dollars, per_million)  # fmt: skip
+
+
+CALIBRATION_ROWS = {"cuda": 100_000, "cpu": 1_000}  # seconds of encoding on an H200; tens of seconds on 2 CPU cores
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1024 or unit == "PB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} PB"

@@ -170,3 +170,35 @@ def test_plan_command_counts_an_input(run_cli, small_input):
 def test_plan_command_refusals(run_cli, refused, args, words):
     r = run_cli("plan", "--tokens-per-second", "1e6", "--gpu-price", "2", *args)
     refused(r, *words)
+
+
+# ---- encode --dry-run ------------------------------------------------------------------------
+
+TIME_FACTOR = 3.0  # a CPU calibration of a few hundred rows predicts a full run's time within this factor
+
+
+def test_dry_run_estimate_matches_a_real_run(small_input, tmp_path):
+    from embedkit.config import EncodeConfig
+    from embedkit.planning import dry_run_encode
+
+    d = dry_run_encode(small_input, EncodeConfig(device="cpu", progress=False), sample=320, calibrate_rows=192, gpu_price=1.0)
+    assert not (tmp_path / "real").exists()
+    real = embedkit.encode(small_input, tmp_path / "real", device="cpu", progress=False)
+    # estimated from 5 random blocks of 64 rows: within 5% of the real count, and inside its own 95% interval
+    assert not d.count.exact and 256 <= d.count.sample_rows <= 320
+    assert abs(d.count.tokens - real.tokens) <= min(d.count.ci95, 0.05 * real.tokens)
+    assert d.calibration_rows == 192 and d.tokens_per_second > 0
+    real_seconds = real.seconds + d.startup_seconds
+    assert 1 / TIME_FACTOR <= d.expected_seconds / real_seconds <= TIME_FACTOR, (d.expected_seconds, real_seconds)
+    stored = sum(f.stat().st_size for f in (tmp_path / "real" / "vectors.lance").rglob("*") if f.is_file())
+    assert 0.5 <= d.vectors_bytes / stored <= 2.0
+    assert d.dollars == pytest.approx(d.expected_seconds / 3600 * 1.0)
+
+
+def test_encode_dry_run_writes_nothing(run_cli, small_input, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("encode", small_input, out, "--device", "cpu", "--dry-run", "--sample", "0", "--calibrate-rows", "64", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["count"]["exact"] and d["count"]["rows"] == 400 and d["calibration_rows"] == 64
+    assert not out.exists()
