@@ -24,6 +24,12 @@ def _run(fn: Callable[[], Any]) -> Any:
         sys.exit(130)
 
 
+def _refuse(message: str) -> None:
+    """A usage error found by the CLI itself: one line on stderr, exit status 2."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
 @click.group()
 @click.version_option(package_name="embedkit")
 def main() -> None:
@@ -73,6 +79,8 @@ def encode(input: str, out: str, quiet: bool, as_json: bool, dry_run: bool, samp
                                         gpu_price=gpu_price, spot_discount=spot_discount))  # fmt: skip
         click.echo(json.dumps(d.to_dict()) if as_json else d.lines())
         return
+    if gpu_price is not None or calibrate_rows is not None or spot_discount or sample != 10_000:
+        _refuse("--sample, --calibrate-rows, --gpu-price and --spot-discount go with --dry-run")
     summary = _run(lambda: api_encode(input, out, progress=not quiet, **options))
     click.echo(json.dumps(summary.to_dict()) if as_json else summary.line())
 
@@ -80,11 +88,19 @@ def encode(input: str, out: str, quiet: bool, as_json: bool, dry_run: bool, samp
 @main.command()
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def status(out: str, as_json: bool) -> None:
+@click.option("--plot", "plot_path", type=click.Path(path_type=str), default=None, help="Also draw the run's timeline (shards per worker) to this PNG.")
+def status(out: str, as_json: bool, plot_path: str | None) -> None:
     """Show shards done / total, rows, tokens and the manifest of OUT."""
     from .status import status as api_status
 
     st = _run(lambda: api_status(out))
+    if plot_path:
+        from .plots import plot_timeline
+        from .status import commit_log
+
+        drawn = _run(lambda: plot_timeline(commit_log(out), plot_path, title=f"{out}: {st.shards_done}/{st.shards_total} shards"))
+        click.echo(f"timeline of {len(drawn['bars'])} shards on {len(drawn['workers'])} workers -> {plot_path} "
+                   f"(tail from 95% to 100% of shards: {drawn['tail_seconds']:.1f} s)", err=as_json)  # fmt: skip
     if as_json:
         click.echo(json.dumps(st.to_dict(), indent=2))
         return
@@ -188,12 +204,17 @@ def generate(input: str, out: str, labels: str | None, quiet: bool, as_json: boo
 @click.option("--rework-bound", type=float, default=0.01, show_default=True, help="Largest fraction of work redone after preemptions.")
 @click.option("--restart-seconds", type=float, default=120.0, show_default=True, help="A preempted worker's way back.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(as_json: bool, **options: Any) -> None:
+@click.option("--plot", "plot_path", type=click.Path(path_type=str), default=None, help="Also draw finish time and cost against fleet size and spot discount to this PNG.")
+def plan(as_json: bool, plot_path: str | None, **options: Any) -> None:
     """How many GPUs, for how long, for how much: the smallest fleet that finishes in the window."""
     from .planning import describe
     from .planning import plan as api_plan
 
     result, count = _run(lambda: api_plan(**options))
+    if plot_path:
+        from .plots import plot_plan
+
+        _run(lambda: plot_plan(result.inputs, plot_path))
     if as_json:
         click.echo(json.dumps({"plan": result.to_dict(), "count": count.to_dict() if count else None}))
     else:

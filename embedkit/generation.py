@@ -596,10 +596,11 @@ def generate_shard(corpus, cfg, template, lm, tok, choice, store, schema, shard:
     """One shard: the task's columns for its rows, committed as one Lance commit."""
     from .pipeline import _drop_empty
 
+    started = time.time()
     table, empty = _drop_empty(corpus.read(shard.start, shard.stop), keep_empty=False)
     columns, prompt_tokens, new_tokens = _task_columns(table, cfg, template, lm, tok, choice, shard.index)
     rows = pa.table({"id": table.column("id"), **columns}).cast(schema) if table.num_rows else schema.empty_table()
-    store.commit_shard(shard.index, rows)
+    store.commit_shard(shard.index, rows, started)
     truncated = int(np.sum(columns["truncated"])) if table.num_rows else 0
     decoder = _DECODERS.get(lm) if cfg.task == "summarize" else None
     decode = dict(decoder.stats) if decoder is not None else {}

@@ -44,6 +44,7 @@ from .store import VECTORS_DIR, VectorStore, vectors_schema, vectors_table
 from .tokenize import TextTokenizer, TokenizerPool, Tokenized, default_workers, tokenize_all
 
 PREFETCH_WINDOWS = 2  # tokenized windows kept ready ahead of the model
+SHARDS_IN_FLIGHT = 2  # shards a worker of a multi-worker run holds: one on the device, one being read
 FIRST_WINDOW = 4096  # documents in the run's first window (later windows double up to window_docs)
 
 
@@ -353,8 +354,12 @@ def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConf
     with TokenizerPool(job.tokenizer_json, job.max_length, workers, job.truncation_side) as pool:
         items: queue.Queue = queue.Queue(maxsize=PREFETCH_WINDOWS + 2)
         stop = threading.Event()
+        # A worker pulling shards from a shared queue holds at most two at a time (the one on
+        # the device and the next being tokenized): read-ahead must not take shards that an
+        # idle worker could run, or the last shards queue up behind one worker.
+        claims = None if isinstance(pending, list) else threading.Semaphore(SHARDS_IN_FLIGHT)
         producer = threading.Thread(
-            target=_produce, args=(corpus, pending, pool, cfg, budget, items, stop), daemon=True, name="embedkit-producer"
+            target=_produce, args=(corpus, pending, pool, cfg, budget, items, stop, claims), daemon=True, name="embedkit-producer"
         )
         # Reading and tokenizing the first windows overlaps moving the model to the device.
         producer.start()
@@ -363,7 +368,7 @@ def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConf
             start = time.perf_counter()
             sized = isinstance(pending, list)  # workers pull shards from a queue: no totals
             with _Progress(sum(s.rows for s in pending) if sized else 0, len(pending) if sized else 0, cfg.progress and sized) as bar:
-                _consume(items, encoder, job, totals, bar)
+                _consume(items, encoder, job, totals, bar, claims)
         finally:
             stop.set()
             _drain(items)
@@ -382,7 +387,7 @@ class _Written:
     truncated: int
 
 
-def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, bar: "_Progress") -> None:
+def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, bar: "_Progress", claims: threading.Semaphore | None = None) -> None:
     """Feed batches to the device; the writer thread writes each window, then commits each shard.
 
     Windows are written as fragments while later windows compute, so a shard's end costs only
@@ -391,6 +396,7 @@ def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, b
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-writer")
     last_commit: Future | None = None
     written: list[Future] = []
+    started = time.time()
     try:
         while True:
             t0 = time.perf_counter()
@@ -402,6 +408,7 @@ def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, b
                 raise item
             if isinstance(item, _ShardStart):
                 written = []
+                started = time.time()  # the device starts this shard: its timeline's start
             elif isinstance(item, _Window):
                 totals.skipped_empty += item.skipped_empty
                 if item.batches:
@@ -411,8 +418,10 @@ def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, b
             elif isinstance(item, _ShardEnd):
                 if last_commit is not None:
                     last_commit.result()  # surface a failed commit before going on
-                last_commit = writer.submit(_commit_shard, job, item.shard, written, totals, bar)
+                last_commit = writer.submit(_commit_shard, job, item.shard, written, totals, bar, started)
                 written = []
+                if claims is not None:
+                    claims.release()  # the producer may take the next shard from the shared queue
         if last_commit is not None:
             last_commit.result()
     finally:
@@ -429,13 +438,13 @@ def _write_window(encoder: Encoder, job: _Job, window: _Window, outputs: list[An
     )  # fmt: skip
 
 
-def _commit_shard(job: _Job, shard: Shard, written: list[Future], totals: _Totals, bar: "_Progress") -> None:
+def _commit_shard(job: _Job, shard: Shard, written: list[Future], totals: _Totals, bar: "_Progress", started: float | None = None) -> None:
     """Commit all of a shard's fragments as one Lance transaction: the shard is in, or it is not."""
     parts: list[_Written] = [f.result() for f in written]
     fragments = [frag for part in parts for frag in part.fragments]
     if not fragments:  # a shard of only empty texts still commits, so the ledger shows it done
         fragments = job.store.write_fragments(job.schema.empty_table())
-    job.store.commit_fragments(shard.index, fragments)
+    job.store.commit_fragments(shard.index, fragments, started)
     totals.docs += sum(p.docs for p in parts)
     totals.tokens += sum(p.tokens for p in parts)
     totals.padded_tokens += sum(p.padded_tokens for p in parts)
@@ -444,13 +453,18 @@ def _commit_shard(job: _Job, shard: Shard, written: list[Future], totals: _Total
     bar.shard_done()
 
 
-def _produce(corpus: Corpus, pending: list[Shard], pool: TokenizerPool, cfg: EncodeConfig, budget: int, items: queue.Queue, stop: threading.Event) -> None:
+def _produce(corpus: Corpus, pending: list[Shard], pool: TokenizerPool, cfg: EncodeConfig, budget: int, items: queue.Queue,
+             stop: threading.Event, claims: threading.Semaphore | None = None) -> None:  # fmt: skip
     """Producer thread: read shards, tokenize windows in the pool, pack them, queue them."""
     put = lambda item: _put(items, item, stop)  # noqa: E731
     try:
         inflight: deque = deque()
         submitted = 0
-        for shard in pending:
+        def flush_all() -> None:  # before waiting for a claim: hand over everything read so far
+            while inflight:
+                _flush_one(inflight, budget, put)
+
+        for shard in _claimed(pending, claims, stop, flush_all):
             inflight.append(_ShardStart(shard))
             # Read window by window: a shard's texts are never all in memory, and the device
             # starts as soon as the first window is tokenized.
@@ -467,6 +481,25 @@ def _produce(corpus: Corpus, pending: list[Shard], pool: TokenizerPool, cfg: Enc
         put(None)
     except BaseException as e:  # handed to the main thread, which raises it
         put(e)
+
+
+def _claimed(pending: Any, claims: threading.Semaphore | None, stop: threading.Event, before_wait: Callable[[], None]) -> Iterator[Shard]:
+    """The shards in order; with `claims`, the next is taken only when a claim is free.
+
+    A claim frees up when the consumer finishes a shard, so what the producer holds is handed
+    over (`before_wait`) before it waits: otherwise neither side could move.
+    """
+    it = iter(pending)
+    while True:
+        if claims is not None and not claims.acquire(blocking=False):
+            before_wait()
+            while not claims.acquire(timeout=0.5):
+                if stop.is_set():
+                    return
+        shard = next(it, None)
+        if shard is None:
+            return
+        yield shard
 
 
 def _windows(rows: int, window: int, first: bool) -> Iterator[tuple[int, int]]:

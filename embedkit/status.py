@@ -50,3 +50,15 @@ def status(out: str | Path) -> OutputStatus:
         out=str(out), shards_done=len(done), shards_total=manifest["plan"]["shards"], rows=rows, tokens=tokens,
         manifest=manifest,
     )  # fmt: skip
+
+
+def commit_log(out: str | Path) -> list[dict]:
+    """Per committed shard of OUT (embeddings or generations): worker, start and commit times."""
+    from .store import VECTORS_DIR, VectorStore
+
+    out = Path(out)
+    name = VECTORS_DIR if (out / VECTORS_DIR).exists() else "generations.lance"
+    store = VectorStore(out, name)
+    if not store.exists():
+        raise EmbedkitError(f"{out} holds no committed shards yet")
+    return store.commit_log()

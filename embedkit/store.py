@@ -9,6 +9,8 @@ they are invisible to readers and are deleted by `remove_uncommitted` under the 
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -19,6 +21,9 @@ from .errors import EmbedkitError
 
 VECTORS_DIR = "vectors.lance"
 SHARD_KEY = "embedkit.shard"
+WORKER_KEY = "embedkit.worker"  # host:pid of the process that committed
+STARTED_KEY = "embedkit.started"
+COMMITTED_KEY = "embedkit.committed"
 # Fragments of about this many rows: large sequential files for readers and the index build.
 MAX_ROWS_PER_FILE = 1 << 20
 
@@ -94,10 +99,18 @@ class VectorStore:
 
         return write_fragments(table, self.uri, schema=table.schema, max_rows_per_file=MAX_ROWS_PER_FILE)
 
-    def commit_fragments(self, shard: int, fragments: list) -> int:
-        """Make a shard's fragments visible in one commit that records the shard; returns the version."""
+    def commit_fragments(self, shard: int, fragments: list, started: float | None = None) -> int:
+        """Make a shard's fragments visible in one commit that records the shard; returns the version.
+
+        The commit also records who committed it and when the shard started and ended (epoch
+        seconds): the run's timeline (`embedkit status OUT --plot`).
+        """
         import lance
         from lance.dataset import Transaction
+
+        props = {SHARD_KEY: str(shard), WORKER_KEY: f"{socket.gethostname()}:{os.getpid()}"}
+        if started is not None:
+            props[STARTED_KEY] = f"{started:.3f}"
 
         # Several workers may commit to one dataset; Lance rebases concurrent appends, and a
         # commit that still loses the race is retried on the new latest version.
@@ -105,7 +118,7 @@ class VectorStore:
             tx = Transaction(
                 read_version=self.dataset().version,
                 operation=lance.LanceOperation.Append(fragments),
-                transaction_properties={SHARD_KEY: str(shard)},
+                transaction_properties={**props, COMMITTED_KEY: f"{time.time():.3f}"},
             )
             try:
                 return lance.LanceDataset.commit(self.uri, tx).version
@@ -115,9 +128,22 @@ class VectorStore:
                 time.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def commit_shard(self, shard: int, table: pa.Table) -> int:
+    def commit_shard(self, shard: int, table: pa.Table, started: float | None = None) -> int:
         """Write and commit a whole shard at once."""
-        return self.commit_fragments(shard, self.write_fragments(table))
+        return self.commit_fragments(shard, self.write_fragments(table), started)
+
+    def commit_log(self) -> list[dict]:
+        """Per committed shard: index, rows, worker, started and committed (epoch seconds; None if not recorded)."""
+        ds = self.dataset()
+        log = []
+        for tx in ds.get_transactions(ds.version):
+            props = getattr(tx, "transaction_properties", None) or {} if tx is not None else {}
+            if SHARD_KEY in props:
+                log.append({
+                    "shard": int(props[SHARD_KEY]), "rows": sum(f.physical_rows for f in tx.operation.fragments),
+                    "worker": props.get(WORKER_KEY), "started": _float(props.get(STARTED_KEY)), "committed": _float(props.get(COMMITTED_KEY)),
+                })  # fmt: skip
+        return sorted(log, key=lambda e: e["shard"])
 
     def remove_uncommitted(self) -> int:
         """Delete data files that no version references (left by a killed run); returns bytes freed.
@@ -138,3 +164,7 @@ class VectorStore:
             return 0, 0
         tokens = sum(int(pc.sum(b.column(0)).as_py() or 0) for b in ds.to_batches(columns=["n_tokens"]))
         return rows, tokens
+
+
+def _float(text: str | None) -> float | None:
+    return float(text) if text is not None else None

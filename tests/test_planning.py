@@ -202,3 +202,26 @@ def test_encode_dry_run_writes_nothing(run_cli, small_input, tmp_path):
     d = json.loads(r.stdout)
     assert d["count"]["exact"] and d["count"]["rows"] == 400 and d["calibration_rows"] == 64
     assert not out.exists()
+
+
+def test_plan_plot_draws_the_plan(tmp_path, run_cli):
+    from embedkit.plots import plot_plan
+
+    p = PlanInput(tokens=76.9e9, tokens_per_second=2.52e6, window_hours=1, gpu_price=3.0, spot_discount=0.6, preemptions_per_hour=0.1)
+    drawn = plot_plan(p, tmp_path / "cost.png")
+    plan = plan_fleet(p)
+    at = drawn["gpus"].index(plan.fleet.gpus)
+    assert drawn["planned_gpus"] == plan.fleet.gpus == 11
+    assert drawn["dollars"][at] == pytest.approx(plan.fleet.total_dollars)
+    assert drawn["hours"][at] <= 1 < drawn["hours"][at - 1]  # the curve crosses the window at the plan
+    i60 = drawn["discounts"].index(0.6)
+    assert drawn["dollars_per_million_tokens"][i60] == pytest.approx(plan.fleet.dollars_per_million_tokens)
+    r = run_cli("plan", "--tokens", "1e12", "--tokens-per-second", "4.1e6", "--gpu-price", "3", "--plot", tmp_path / "cli.png")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "cli.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dry_run_options_without_dry_run_are_refused(run_cli, refused, small_input, tmp_path):
+    r = run_cli("encode", small_input, tmp_path / "out", "--device", "cpu", "--gpu-price", "3")
+    refused(r, "--dry-run")
+    assert not (tmp_path / "out").exists()

@@ -91,3 +91,53 @@ def test_workers_start_their_own_tokenizer_processes(corpus, tmp_path):
     assert (two.docs, two.tokens) == (one.docs, one.tokens)
     assert len(two.parts) == 2 and sum(p["tokens"] for p in two.parts) == two.tokens
     assert set(stored(tmp_path / "two")) == set(stored(tmp_path / "one"))
+
+
+def test_workers_share_the_shards_and_the_timeline_shows_them(corpus, tmp_path, run_cli):
+    """A worker holds at most two shards at a time, so both workers get shards; `status --plot`
+    draws one bar per committed shard on one row per worker."""
+    from embedkit.plots import plot_timeline
+    from embedkit.status import commit_log
+
+    out = tmp_path / "out"
+    embedkit.encode(corpus, out, device="cpu", shard_rows=15, max_seq_length=64, gpus=2, progress=False)
+    log = commit_log(out)
+    assert sorted(e["shard"] for e in log) == list(range(ROWS // 15))
+    per_worker = {w: sum(1 for e in log if e["worker"] == w) for w in {e["worker"] for e in log}}
+    assert len(per_worker) == 2 and min(per_worker.values()) >= 2, per_worker
+    assert all(e["committed"] >= e["started"] for e in log)
+    drawn = plot_timeline(log, tmp_path / "t.png")
+    assert len(drawn["bars"]) == ROWS // 15 and sorted(drawn["workers"]) == sorted(per_worker)
+    r = run_cli("status", out, "--plot", tmp_path / "cli.png")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "cli.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "8 shards on 2 workers" in r.stdout
+
+
+def test_a_worker_takes_a_third_shard_only_after_finishing_one():
+    """The read-ahead of a worker claims shards from the shared queue through two permits;
+    before it waits for a permit it hands over what it has read (else nothing could finish)."""
+    import threading
+
+    from embedkit.pipeline import _claimed
+
+    taken: list[int] = []
+
+    def shared_queue():
+        for i in range(5):
+            taken.append(i)
+            yield i
+
+    claims, stop, handed = threading.Semaphore(2), threading.Event(), []
+    shards = _claimed(shared_queue(), claims, stop, lambda: handed.append(list(taken)))
+    got = [next(shards), next(shards)]
+    waiter = threading.Thread(target=lambda: got.append(next(shards)))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and taken == [0, 1] and handed == [[0, 1]]
+    claims.release()  # the consumer finished a shard
+    waiter.join(5)
+    assert got == [0, 1, 2] and taken == [0, 1, 2]
+    stop.set()
+    assert list(shards) == []  # stopped while waiting for a permit: no more shards taken
+    assert taken == [0, 1, 2]
