@@ -55,6 +55,7 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Delete OUT's vectors, index and manifest and start fresh.")
 @click.option("--gpus", default="1", show_default=True, help="Worker processes: all (every GPU) or N (N GPUs; on a CPU, N processes).")
 @click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]", help="Run shards as Ray tasks: a local Ray, or the cluster at ADDRESS (pip install 'embedkit[ray]').")
+@click.option("--reissue/--no-reissue", default=True, show_default=True, help="--gpus: near the end, run a slow worker's shard on an idle one too (first commit wins).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--dry-run", is_flag=True, help="Count tokens, calibrate on this device, print time, bytes and cost; write nothing.")
@@ -74,7 +75,7 @@ def encode(input: str, out: str, quiet: bool, as_json: bool, dry_run: bool, samp
         from .config import EncodeConfig
         from .planning import dry_run_encode
 
-        cfg = {k: v for k, v in options.items() if k not in ("gpus", "ray")}
+        cfg = {k: v for k, v in options.items() if k not in ("gpus", "ray", "reissue")}
         d = _run(lambda: dry_run_encode(input, EncodeConfig(**cfg, progress=False), sample=sample, calibrate_rows=calibrate_rows,
                                         gpu_price=gpu_price, spot_discount=spot_discount))  # fmt: skip
         click.echo(json.dumps(d.to_dict()) if as_json else d.lines())

@@ -46,6 +46,7 @@ class EncodeConfig:
     progress: bool = True
     workers: int = 1  # device worker processes (--gpus): one per GPU, or N processes on a CPU
     ray: str | None = None  # --ray: "" for a local Ray (or RAY_ADDRESS), else a cluster address
+    reissue: bool = True  # --gpus: re-issue a straggler's shard to an idle worker near the end
 
     def __post_init__(self) -> None:
         from .errors import EmbedkitError

@@ -8,6 +8,7 @@ writes them as Lance fragments while later windows compute, and commits each fin
 
 from __future__ import annotations
 
+import os
 import queue
 import shutil
 import sys
@@ -70,6 +71,8 @@ class EncodeSummary:
     # several workers (or Ray tasks): each one's tokens and seconds of encoding once its model
     # was ready; `seconds` above is the whole run's wall time, start-up included
     parts: tuple = ()
+    reissued: int = 0  # --gpus: shards queued again for an idle worker (first commit wins)
+    tail_seconds: float = 0.0  # --gpus: time from 95% of shards committed to 100%
 
     @property
     def tokens_per_second(self) -> float:
@@ -101,6 +104,7 @@ class EncodeSummary:
             f"{self.truncated} truncated, {self.skipped_empty} empty skipped, "
             f"padding {100 * self.padding_overhead:.1f}%, shards {self.shards_done} new + "
             f"{self.shards_skipped} already done of {self.shards_total}"
+            + (f"; tail {self.tail_seconds:.1f} s, {self.reissued} shards re-issued" if self.parts else "")
         )
 
 
@@ -125,12 +129,15 @@ def encode(
     progress: bool = True,
     gpus: int | str = 1,
     ray: str | None = None,
+    reissue: bool = True,
 ) -> EncodeSummary:
     """Embed every row of INPUT into OUT/vectors.lance; resumable, one commit per shard.
 
     `gpus`: worker processes, one per GPU ("all": every visible GPU); on a CPU, that many
     processes. Each takes shards from the shared plan and commits them itself. `ray`: run the
     shards as Ray tasks ("" for a local Ray or $RAY_ADDRESS, else a cluster address).
+    `reissue` (with `gpus`): near the end, a shard still running on one worker is queued again
+    for an idle one; the first commit wins.
 
     >>> s = embedkit.encode("docs.parquet", "out/")          # doctest: +SKIP
     >>> s.docs, s.tokens_per_second                           # doctest: +SKIP
@@ -140,6 +147,7 @@ def encode(
         batch_tokens=batch_tokens, shard_rows=shard_rows, text_column=text_column, id_column=id_column,
         tokenize_workers=tokenize_workers, keep_empty=keep_empty, allow_duplicate_ids=allow_duplicate_ids,
         max_seq_length=max_seq_length, overwrite=overwrite, progress=progress, workers=_worker_count(gpus, device), ray=ray,
+        reissue=reissue,
     )  # fmt: skip
     return run_encode(input, out, cfg)
 
@@ -345,7 +353,29 @@ class _Totals:
     input_wait: float = 0.0
 
 
-def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConfig, skipped: int) -> EncodeSummary:
+@dataclass(frozen=True)
+class WorkerHooks:
+    """What a worker of a multi-worker run adds to the pipeline (embedkit/workers.py).
+
+    `events(kind, shard, counts)` reports "commit" (with the shard's counts) and "lost" to the
+    parent. `tokens` is a folder of commit tokens: a shard is committed by whoever creates its
+    token first, so a shard re-issued to a second worker is committed once.
+    """
+
+    events: Callable[[str, int, dict], None]
+    tokens: Path
+
+
+def take_commit_token(tokens: Path, shard: int) -> bool:
+    """Atomically claim the right to commit `shard`; False when another worker has it."""
+    try:
+        os.close(os.open(tokens / f"shard-{shard}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConfig, skipped: int, hooks: WorkerHooks | None = None) -> EncodeSummary:
     workers = cfg.tokenize_workers if cfg.tokenize_workers is not None else default_workers(job.choice.type)
     budget = cfg.batch_tokens or default_batch_tokens(job.model, job.choice)
     totals = _Totals()
@@ -368,7 +398,7 @@ def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConf
             start = time.perf_counter()
             sized = isinstance(pending, list)  # workers pull shards from a queue: no totals
             with _Progress(sum(s.rows for s in pending) if sized else 0, len(pending) if sized else 0, cfg.progress and sized) as bar:
-                _consume(items, encoder, job, totals, bar, claims)
+                _consume(items, encoder, job, totals, bar, claims, hooks)
         finally:
             stop.set()
             _drain(items)
@@ -387,7 +417,8 @@ class _Written:
     truncated: int
 
 
-def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, bar: "_Progress", claims: threading.Semaphore | None = None) -> None:
+def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, bar: "_Progress", claims: threading.Semaphore | None = None,
+             hooks: WorkerHooks | None = None) -> None:  # fmt: skip
     """Feed batches to the device; the writer thread writes each window, then commits each shard.
 
     Windows are written as fragments while later windows compute, so a shard's end costs only
@@ -397,6 +428,7 @@ def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, b
     last_commit: Future | None = None
     written: list[Future] = []
     started = time.time()
+    shard_skipped = 0
     try:
         while True:
             t0 = time.perf_counter()
@@ -409,8 +441,10 @@ def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, b
             if isinstance(item, _ShardStart):
                 written = []
                 started = time.time()  # the device starts this shard: its timeline's start
+                shard_skipped = 0
             elif isinstance(item, _Window):
                 totals.skipped_empty += item.skipped_empty
+                shard_skipped += item.skipped_empty
                 if item.batches:
                     outputs = [encoder.forward(ids, lengths) for ids, lengths in item.batches]
                     written.append(writer.submit(_write_window, encoder, job, item, outputs))
@@ -418,7 +452,7 @@ def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, b
             elif isinstance(item, _ShardEnd):
                 if last_commit is not None:
                     last_commit.result()  # surface a failed commit before going on
-                last_commit = writer.submit(_commit_shard, job, item.shard, written, totals, bar, started)
+                last_commit = writer.submit(_commit_shard, job, item.shard, written, totals, bar, started, shard_skipped, hooks)
                 written = []
                 if claims is not None:
                     claims.release()  # the producer may take the next shard from the shared queue
@@ -438,19 +472,31 @@ def _write_window(encoder: Encoder, job: _Job, window: _Window, outputs: list[An
     )  # fmt: skip
 
 
-def _commit_shard(job: _Job, shard: Shard, written: list[Future], totals: _Totals, bar: "_Progress", started: float | None = None) -> None:
+def _commit_shard(job: _Job, shard: Shard, written: list[Future], totals: _Totals, bar: "_Progress", started: float | None = None,
+                  skipped_empty: int = 0, hooks: WorkerHooks | None = None) -> None:  # fmt: skip
     """Commit all of a shard's fragments as one Lance transaction: the shard is in, or it is not."""
     parts: list[_Written] = [f.result() for f in written]
     fragments = [frag for part in parts for frag in part.fragments]
+    if hooks is not None and not take_commit_token(hooks.tokens, shard.index):
+        # re-issued and committed by another worker first: these fragments stay unreferenced
+        # (invisible; the next run's cleanup deletes them)
+        hooks.events("lost", shard.index, {})
+        return
     if not fragments:  # a shard of only empty texts still commits, so the ledger shows it done
         fragments = job.store.write_fragments(job.schema.empty_table())
     job.store.commit_fragments(shard.index, fragments, started)
-    totals.docs += sum(p.docs for p in parts)
-    totals.tokens += sum(p.tokens for p in parts)
-    totals.padded_tokens += sum(p.padded_tokens for p in parts)
-    totals.truncated += sum(p.truncated for p in parts)
+    counts = {
+        "docs": sum(p.docs for p in parts), "tokens": sum(p.tokens for p in parts), "padded_tokens": sum(p.padded_tokens for p in parts),
+        "truncated": sum(p.truncated for p in parts), "skipped_empty": skipped_empty, "shards_done": 1,
+    }  # fmt: skip
+    totals.docs += counts["docs"]
+    totals.tokens += counts["tokens"]
+    totals.padded_tokens += counts["padded_tokens"]
+    totals.truncated += counts["truncated"]
     totals.shards_done += 1
     bar.shard_done()
+    if hooks is not None:
+        hooks.events("commit", shard.index, counts)
 
 
 def _produce(corpus: Corpus, pending: list[Shard], pool: TokenizerPool, cfg: EncodeConfig, budget: int, items: queue.Queue,
@@ -487,11 +533,13 @@ def _claimed(pending: Any, claims: threading.Semaphore | None, stop: threading.E
     """The shards in order; with `claims`, the next is taken only when a claim is free.
 
     A claim frees up when the consumer finishes a shard, so what the producer holds is handed
-    over (`before_wait`) before it waits: otherwise neither side could move.
+    over (`before_wait`) before it may wait: otherwise neither side could move.
     """
     it = iter(pending)
     while True:
-        if claims is not None and not claims.acquire(blocking=False):
+        if claims is not None:
+            # hand over first: both the permit and the shared queue may make us wait (the queue
+            # waits for the parent, which waits for this worker's commits)
             before_wait()
             while not claims.acquire(timeout=0.5):
                 if stop.is_set():

@@ -14,19 +14,23 @@ import contextlib
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 from .config import EncodeConfig
 from .errors import EmbedkitError
 
+COMMIT_TOKENS = ".embedkit-commits"  # one empty file per committed shard, during a multi-worker run
+STRAGGLER_GRACE_S = 5.0  # after the last commit: how long a worker busy with a duplicate may take to report
+
 
 def run_workers(input: str | Path, out: Path, cfg: EncodeConfig, job: Any, pending: list, skipped: int) -> Any:
     """Encode `pending` shards with cfg.workers processes; returns the merged EncodeSummary."""
-    from .pipeline import EncodeSummary
+    from .pipeline import SUMMED_FIELDS, EncodeSummary
 
     n = min(cfg.workers, len(pending))
     devices = _devices(job.choice.device, n)
@@ -35,32 +39,104 @@ def run_workers(input: str | Path, out: Path, cfg: EncodeConfig, job: Any, pendi
         max(1, (cores - 1) // n) if job.choice.type == "cuda" else 0
     )  # fmt: skip
     worker_cfg = replace(cfg, workers=1, progress=False, overwrite=False, tokenize_workers=tok_workers)
+    tokens = out / COMMIT_TOKENS
+    shutil.rmtree(tokens, ignore_errors=True)  # under the output lock: no other run is writing
+    tokens.mkdir()
     ctx = mp.get_context("spawn")  # a CUDA process cannot fork workers that use CUDA
     shards: Any = ctx.Queue()
     results: Any = ctx.Queue()
     for s in sorted(pending, key=lambda s: -s.rows):  # largest first: the last shards are short
         shards.put(s.index)
-    for _ in range(n):
-        shards.put(None)
     start = time.perf_counter()
     # not daemons: a worker starts its own tokenizer processes, which daemons may not
-    procs = [ctx.Process(target=_worker, args=(str(input), str(out), worker_cfg, d, shards, results)) for d in devices]
+    procs = [ctx.Process(target=_worker, args=(str(input), str(out), worker_cfg, d, w, shards, results)) for w, d in enumerate(devices)]
     try:
         with _main_not_reimported():
             for p in procs:
                 p.start()
-        reports = _collect(procs, results)
+        run = _coordinate(procs, shards, results, {s.index for s in pending}, reissue=cfg.reissue)
     finally:
         _stop(procs)
-    errors = [r for r in reports if r[0] == "error"]
-    if errors or len(reports) < n:
+        shutil.rmtree(tokens, ignore_errors=True)
+    errors = [r for r in run.reports if r[0] == "error"]
+    if errors or run.outstanding:
         dead = [f"worker {i} exited with {p.exitcode}" for i, p in enumerate(procs) if p.exitcode not in (0, None)]
         why = errors[0][1] if errors else "; ".join(dead) or "a worker stopped without reporting"
         raise EmbedkitError(f"{why}; committed shards are kept: rerun the same command to resume")
-    return EncodeSummary.merged(
-        [r[1] for r in reports], out=str(out), device=f"{n} x {devices[0].split(':')[0]}",
-        seconds=time.perf_counter() - start, skipped=skipped, total=len(job.shards),
+    totals = {f: sum(c.get(f, 0) for c in run.counts) for f in SUMMED_FIELDS}
+    totals["input_wait_seconds"] = sum(r[1]["input_wait_seconds"] for r in run.reports if r[0] == "ok")
+    each = tuple({"tokens": r[1]["tokens"], "seconds": round(r[1]["seconds"], 2)} for r in run.reports if r[0] == "ok")
+    return EncodeSummary(
+        out=str(out), device=f"{n} x {devices[0].split(':')[0]}", seconds=time.perf_counter() - start, shards_skipped=skipped,
+        shards_total=len(job.shards), parts=each, reissued=len(run.reissued), tail_seconds=run.tail_seconds, **totals,
     )  # fmt: skip
+
+
+@dataclass
+class _Run:
+    outstanding: set
+    reports: list = field(default_factory=list)
+    counts: list = field(default_factory=list)  # per committed shard (first commit only)
+    reissued: set = field(default_factory=set)
+    tail_seconds: float = 0.0  # from 95% of shards committed to 100%
+
+
+def _coordinate(procs: list, shards: Any, results: Any, pending: set, *, reissue: bool) -> _Run:
+    """Follow the workers' events until every shard is committed; re-issue stragglers.
+
+    Once every shard has been taken and a worker holds nothing, the oldest shard still running
+    elsewhere is queued again (once): whichever worker commits it first wins, the other's
+    fragments are dropped. When all shards are committed, workers still busy (with a duplicate)
+    get STRAGGLER_GRACE_S to report and are then stopped.
+    """
+    run = _Run(outstanding=set(pending))
+    total = len(pending)
+    claimed: dict[int, tuple[int, float]] = {}  # shard -> (worker, when), first claim
+    held: dict[int, set] = {i: set() for i in range(len(procs))}
+    commit_times: list[float] = []
+    finished_at = None
+    while len(run.reports) < len(procs):
+        if finished_at is not None and time.monotonic() - finished_at > STRAGGLER_GRACE_S:
+            break
+        try:
+            msg = results.get(timeout=0.5)
+        except queue.Empty:
+            if all(not p.is_alive() for p in procs):
+                break
+            continue
+        kind = msg[0]
+        if kind in ("ok", "error"):
+            run.reports.append(msg)
+            continue
+        _, worker, shard, payload = msg
+        if kind == "claim":
+            claimed.setdefault(shard, (worker, payload))
+            held[worker].add(shard)
+        elif kind in ("commit", "lost"):
+            held[worker].discard(shard)
+            if kind == "commit" and shard in run.outstanding:
+                run.outstanding.discard(shard)
+                run.counts.append(payload)
+                commit_times.append(time.monotonic())
+            if not run.outstanding and finished_at is None:
+                finished_at = time.monotonic()
+                for _ in procs:
+                    shards.put(None)
+            elif reissue and not held[worker] and len(claimed) == total:
+                _reissue_oldest(run, claimed, held, worker, shards)
+    if len(commit_times) >= 2:
+        k = max(0, int(0.95 * len(commit_times)) - 1)
+        run.tail_seconds = commit_times[-1] - commit_times[k]
+    return run
+
+
+def _reissue_oldest(run: _Run, claimed: dict, held: dict, idle: int, shards: Any) -> None:
+    """Queue again the oldest outstanding shard held by another worker (each shard at most once)."""
+    candidates = [s for s in run.outstanding if s not in run.reissued and any(s in h for w, h in held.items() if w != idle)]
+    if candidates:
+        oldest = min(candidates, key=lambda s: claimed[s][1])
+        run.reissued.add(oldest)
+        shards.put(oldest)
 
 
 @contextlib.contextmanager
@@ -97,24 +173,6 @@ def _devices(device: str, n: int) -> list[str]:
     return [f"cuda:{i}" for i in range(n)]
 
 
-def _collect(procs: list, results: Any) -> list[tuple[str, Any]]:
-    """Wait for every worker's report; stop waiting for one that died without reporting."""
-    reports: list[tuple[str, Any]] = []
-    while len(reports) < len(procs):
-        try:
-            reports.append(results.get(timeout=1.0))
-        except queue.Empty:
-            if all(not p.is_alive() for p in procs):
-                try:  # a report may have arrived just before the last worker ended
-                    while True:
-                        reports.append(results.get_nowait())
-                except queue.Empty:
-                    break
-    for p in procs:
-        p.join(timeout=30)
-    return reports
-
-
 def _stop(procs: list) -> None:
     """Terminate workers still alive (the parent failed or was interrupted): none outlives the run."""
     for p in procs:
@@ -125,26 +183,44 @@ def _stop(procs: list) -> None:
             p.join(timeout=10)
 
 
-def _worker(input: str, out: str, cfg: EncodeConfig, device: str, shards: Any, results: Any) -> None:
+def _worker(input: str, out: str, cfg: EncodeConfig, device: str, worker: int, shards: Any, results: Any) -> None:
     """One device: the single-device pipeline over shards taken from the shared queue."""
     try:
         from .corpus import Columns, open_corpus
         from .encoder import choose_device
-        from .pipeline import _run_shards, attach_job
+        from .pipeline import WorkerHooks, _run_shards, attach_job
         from .runtime import retain_freed_memory
 
         retain_freed_memory()
         corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
         job = attach_job(corpus, Path(out), cfg, choose_device(device, cfg.precision))
         by_index = {s.index: s for s in job.shards}
+        tokens = Path(out) / COMMIT_TOKENS
+        stall = _injected_stall(worker)
 
         def take():
+            nonlocal stall
             while (i := shards.get()) is not None:
+                if (tokens / f"shard-{i}").exists():
+                    continue  # a re-issued shard that its first worker has committed meanwhile
+                results.put(("claim", worker, i, time.time()))
+                if stall:
+                    time.sleep(stall)  # fault injection (tests): this worker stalls on its first shard
+                    stall = 0.0
                 yield by_index[i]
 
-        summary = _run_shards(corpus, job, take(), cfg, skipped=0)
+        hooks = WorkerHooks(events=lambda kind, shard, counts: results.put((kind, worker, shard, counts)), tokens=tokens)
+        summary = _run_shards(corpus, job, take(), cfg, skipped=0, hooks=hooks)
         results.put(("ok", summary.to_dict()))
     except EmbedkitError as e:
         results.put(("error", str(e)))
     except BaseException as e:  # reported to the parent as one line
         results.put(("error", f"{device} worker failed: {type(e).__name__}: {e}"))
+
+
+def _injected_stall(worker: int) -> float:
+    """EMBEDKIT_TEST_STALL="W:SECONDS": worker W sleeps SECONDS after taking its first shard.
+    A fault-injection hook for the straggler tests; unset in normal runs."""
+    spec = os.environ.get("EMBEDKIT_TEST_STALL", "")
+    w, _, seconds = spec.partition(":")
+    return float(seconds) if spec and w.strip() == str(worker) else 0.0

@@ -134,10 +134,33 @@ def test_a_worker_takes_a_third_shard_only_after_finishing_one():
     waiter = threading.Thread(target=lambda: got.append(next(shards)))
     waiter.start()
     waiter.join(0.5)
-    assert waiter.is_alive() and taken == [0, 1] and handed == [[0, 1]]
+    assert waiter.is_alive() and taken == [0, 1] and handed == [[], [0], [0, 1]]
     claims.release()  # the consumer finished a shard
     waiter.join(5)
     assert got == [0, 1, 2] and taken == [0, 1, 2]
     stop.set()
     assert list(shards) == []  # stopped while waiting for a permit: no more shards taken
     assert taken == [0, 1, 2]
+
+
+STALL_S = 30.0
+
+
+@pytest.mark.parametrize("reissue", [True, False])
+def test_a_stalled_worker_is_overtaken(corpus, tmp_path, monkeypatch, reissue):
+    """Worker 1 stalls STALL_S seconds on its first shard (fault injection). With re-issue the
+    other worker also runs that shard, commits it first, and the run ends well before the stall
+    is over; without, the run waits for it. Either way every id is written exactly once."""
+    monkeypatch.setenv("EMBEDKIT_TEST_STALL", f"1:{STALL_S}")
+    t = time.perf_counter()
+    s = embedkit.encode(corpus, tmp_path / "out", device="cpu", shard_rows=20, max_seq_length=64, gpus=2, reissue=reissue, progress=False)
+    wall = time.perf_counter() - t
+    assert len(stored(tmp_path / "out")) == ROWS and s.docs == ROWS and s.shards_done == ROWS // 20
+    assert sorted(VectorStore(tmp_path / "out").committed_shards()) == list(range(ROWS // 20))
+    if reissue:
+        assert s.reissued >= 1
+        assert wall < STALL_S, wall  # the stalled shard was committed by the other worker
+    else:
+        assert s.reissued == 0
+        assert wall > STALL_S, wall
+    assert not (tmp_path / "out" / ".embedkit-commits").exists()
