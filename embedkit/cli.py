@@ -128,12 +128,29 @@ def status(out: str, as_json: bool, plot_path: str | None) -> None:
 @click.option("--overwrite", is_flag=True, help="Rebuild even if a finished index matches.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def build_index(out: str, memory_budget: str | None, quiet: bool, as_json: bool, **options: Any) -> None:
+@click.option("--dry-run", is_flag=True, help="Print the plan and the build time measured from this device's rates; write nothing.")
+def build_index(out: str, memory_budget: str | None, quiet: bool, as_json: bool, dry_run: bool, **options: Any) -> None:
     """Build the IVF-PQ index of OUT/vectors.lance into OUT/index (resumable: rerun to continue)."""
     from .index.build import build_index as api_build
     from .index.params import parse_bytes
 
     budget = _run(lambda: parse_bytes(memory_budget)) if memory_budget else None
+    if dry_run:
+        from .config import IndexConfig
+        from .index.build import dry_run_build
+
+        d = _run(lambda: dry_run_build(out, IndexConfig(memory_budget=budget, progress=False, **options)))
+        if as_json:
+            click.echo(json.dumps(d))
+        else:
+            e, m = d["estimated_seconds"], d["measured"]
+            click.echo(f"plan: {d['factory']} over {d['n']:,} x {d['dim']} on {d['device']}; train on {d['train_size']:,}; "
+                       f"index {d['index_bytes'] / 2**20:,.1f} MB, build memory {d['build_memory_bytes'] / 2**20:,.1f} MB")
+            click.echo(f"measured on {m['sample_vectors']:,} vectors: read {m['read_bytes_per_second'] / 2**20:,.0f} MB/s, "
+                       f"assignment {m['assign_flops'] / 1e9:,.1f} GFLOP/s")
+            click.echo(f"expected: read {e['read']:.1f} s, train {e['train']:.1f} s, add {e['add']:.1f} s; "
+                       f"about {d['estimated_total_seconds']:.0f} s in all (merge and tuning not included); nothing was written")  # fmt: skip
+        return
     log = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
     report = _run(lambda: api_build(out, memory_budget=budget, progress=not quiet, log=log, **options))
     click.echo(json.dumps(report.to_dict()) if as_json else report.line())

@@ -512,3 +512,15 @@ def test_build_refuses_an_unfinished_encode(encoded, tmp_path):
     with pytest.raises(EmbedkitError, match="not fully encoded"):
         embedkit.build_index(out, device="cpu", progress=False)
     assert not (out / "index").exists()
+
+
+def test_build_index_dry_run_writes_nothing_and_plans_the_real_build(encoded, built, run_cli):
+    """--dry-run: the factory the real build chose, rates measured here, and no index folder."""
+    r = run_cli("build-index", encoded, "--device", "cpu", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert not (encoded / "index").exists()
+    assert d["factory"] == built.report.factory and d["n"] == ROWS
+    assert d["measured"]["sample_vectors"] == ROWS and d["measured"]["assign_flops"] > 0 and d["measured"]["read_bytes_per_second"] > 0
+    assert all(v > 0 for v in d["estimated_seconds"].values())
+    assert d["estimated_total_seconds"] == pytest.approx(sum(d["estimated_seconds"].values()), abs=0.01)

@@ -38,13 +38,14 @@ from ..config import IndexConfig
 from ..errors import EmbedkitError
 from ..shards import OutputLock, read_manifest
 from ..store import VECTORS_DIR, VectorStore
-from .params import BUILD_SHARD_ROWS, IndexParams, choose_params, estimate_build_seconds
-from .train import nearest, train_custom, train_ivfpq
+from .params import BUILD_SHARD_ROWS, KMEANS_ITERATIONS, IndexParams, choose_params, estimate_build_seconds
+from .train import assign, nearest, train_custom, train_ivfpq
 
 INDEX_DIR = "index"
 PARAMS = "params.json"
 STATE = "build.json"
 TRAINED = "trained.index"
+DRY_RUN_SAMPLE = 65_536  # vectors read and assigned to measure this device
 MERGED = "merged.index"
 IVFDATA = "merged.ivfdata"
 SHARDS = "shards"
@@ -145,6 +146,44 @@ def run_build(out: str | Path, cfg: IndexConfig, log: Callable[[str], None]) -> 
         if done is not None:
             return done
         return _build(b)
+
+
+def dry_run_build(out: str | Path, cfg: IndexConfig) -> dict:
+    """What `build-index` would do, and how long it should take here; writes nothing.
+
+    The plan is the one a build would choose. Two rates are measured on this device: reading
+    vectors sequentially from Lance, and nearest-centroid assignment (the training and add
+    work) on a sample. The phases are extrapolated from them.
+    """
+    out = Path(out)
+    manifest = read_manifest(out)
+    store = VectorStore(out)
+    if manifest is None or not store.exists():
+        raise EmbedkitError(f"{out} holds no vectors ({VECTORS_DIR} and embedkit.json); run `embedkit encode` first")
+    b = _plan(out, manifest, store, cfg, lambda msg: None)
+    p = b.params
+    t = time.perf_counter()
+    first = _read_shard(fragment_shards(b.ds, DRY_RUN_SAMPLE)[0][1])[:DRY_RUN_SAMPLE]
+    read_rate = first.nbytes / max(time.perf_counter() - t, 1e-6)
+    x = np.ascontiguousarray(first, dtype=np.float32)
+    lists = max(1, min(p.nlist or 1, len(x)))
+    centroids = x[np.random.default_rng(0).choice(len(x), size=lists, replace=False)]
+    assign(x[:1], centroids, b.device, p.metric)  # warm: kernels, threads
+    t = time.perf_counter()
+    assign(x, centroids, b.device, p.metric)
+    flops = len(x) * lists * p.dim * 2 / max(time.perf_counter() - t, 1e-6)
+    bytes_per_vector = first.nbytes / max(1, len(first))
+    seconds = {
+        "read": p.n * bytes_per_vector / read_rate * 2,  # once for the training sample, once for the add
+        "train": KMEANS_ITERATIONS * p.train_size * max(1, p.nlist) * p.dim * 2 / flops,
+        "add": p.n * (max(1, p.nlist) + (256 if p.pq_m else 0)) * p.dim * 2 / flops,
+    }
+    return {
+        "out": str(out), "factory": p.factory, "n": p.n, "dim": p.dim, "device": b.device, "train_size": p.train_size,
+        "index_bytes": p.index_bytes, "build_memory_bytes": p.build_memory_bytes,
+        "measured": {"sample_vectors": len(x), "read_bytes_per_second": read_rate, "assign_flops": flops},
+        "estimated_seconds": {k: round(v, 3) for k, v in seconds.items()}, "estimated_total_seconds": round(sum(seconds.values()), 3),
+    }  # fmt: skip
 
 
 def _require_finished_encode(out: Path, store: VectorStore, manifest: dict) -> None:
