@@ -26,8 +26,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from .attention import reference_attention, slot_attention, triton_usable
 from .errors import EmbedkitError
 
@@ -329,11 +327,7 @@ class SlotDecoder:
         self.tok.copy_(tokens)
 
     def _choose(self, logits: Any) -> Any:
-        torch = self.torch
-        if self.temperature <= 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits.float() / self.temperature, -1)
-        return torch.multinomial(probs, 1, generator=self.gen).squeeze(1)
+        return choose_tokens(logits, self.temperature, self.gen)
 
     def _step(self, length: int) -> Any:
         """Logits of one decode step over every slot, attending to the first `length` positions."""
@@ -398,20 +392,18 @@ class SlotDecoder:
         return self.head(self.model.norm(x[:, 0]))
 
 
+def choose_tokens(logits: Any, temperature: float, generator: Any) -> Any:
+    """The next token per row: argmax when temperature is 0, else a sample at that temperature."""
+    import torch
+
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
 def _rotate_half(x: Any) -> Any:
     import torch
 
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def slot_stats(lengths: list[int], max_new: int, max_slots: int, cache_tokens: int) -> dict:
-    """Groups, slots and capacities the plan gives: for logs and the benchmark."""
-    groups = plan_groups(sorted(lengths), max_new, max_slots, cache_tokens)
-    return {
-        "groups": len(groups),
-        "slots": [g.slots for g in groups],
-        "capacity": [g.capacity for g in groups],
-        "rows": [g.stop - g.start for g in groups],
-        "mean_prompt": float(np.mean(lengths)) if lengths else 0.0,
-    }

@@ -352,11 +352,9 @@ class RefillDecoder:
         return self.out
 
     def _choose(self, logits: Any) -> Any:
-        torch = self.torch
-        if self.temperature <= 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits.float() / self.temperature, -1)
-        return torch.multinomial(probs, 1, generator=self.gen).squeeze(1)
+        from .decode import choose_tokens
+
+        return choose_tokens(logits, self.temperature, self.gen)
 
     def _record(self, rows: list[int], tokens: Any) -> list[bool]:
         """Append each row's new token; True where the row is finished."""

@@ -249,10 +249,8 @@ def count_tokens(input: str | Path, model: str, *, sample: int = 10_000, seed: i
         lengths, truncated = _lengths(corpus, tok, [(0, n)])
         return TokenCount(n, float(lengths.sum()), True, n, 0.0, float(lengths.mean()), float(truncated.mean()))
     # cluster sample: random blocks of consecutive rows (a read per block, not per row)
-    blocks_total = -(-n // SAMPLE_BLOCK)
-    k = min(blocks_total, -(-sample // SAMPLE_BLOCK))
-    picked = np.sort(np.random.default_rng(seed).choice(blocks_total, size=k, replace=False))
-    spans = [(int(b) * SAMPLE_BLOCK, min(n, (int(b) + 1) * SAMPLE_BLOCK)) for b in picked]
+    spans = random_blocks(n, sample, seed)
+    k, blocks_total = len(spans), -(-n // SAMPLE_BLOCK)
     lengths, truncated = _lengths(corpus, tok, spans)
     sizes = np.array([b - a for a, b in spans], dtype=np.float64)
     sums = np.add.reduceat(lengths, np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
@@ -264,6 +262,14 @@ def count_tokens(input: str | Path, model: str, *, sample: int = 10_000, seed: i
     else:
         se = float("inf")
     return TokenCount(n, n * mean, False, int(sizes.sum()), Z95 * se * n, mean, float(truncated.mean()))
+
+
+def random_blocks(n: int, rows: int, seed: int) -> list[tuple[int, int]]:
+    """[start, stop) of about `rows` rows of [0, n): random blocks of SAMPLE_BLOCK consecutive rows, in order."""
+    blocks_total = -(-n // SAMPLE_BLOCK)
+    k = min(blocks_total, -(-rows // SAMPLE_BLOCK))
+    picked = np.sort(np.random.default_rng(seed).choice(blocks_total, size=k, replace=False))
+    return [(int(b) * SAMPLE_BLOCK, min(n, (int(b) + 1) * SAMPLE_BLOCK)) for b in picked]
 
 
 def _lengths(corpus, tok, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -346,10 +352,7 @@ def dry_run_encode(input: str | Path, cfg, *, sample: int = 10_000, calibrate_ro
     rows = calibrate_rows or CALIBRATION_ROWS[choice.type]
     corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
     n = corpus.num_rows
-    blocks_total = -(-n // SAMPLE_BLOCK)
-    k = min(blocks_total, -(-rows // SAMPLE_BLOCK))
-    picked = np.sort(np.random.default_rng(1).choice(blocks_total, size=k, replace=False))
-    texts = pa.concat_arrays([corpus.read(int(b) * SAMPLE_BLOCK, min(n, (int(b) + 1) * SAMPLE_BLOCK)).column("text").combine_chunks() for b in picked])
+    texts = pa.concat_arrays([corpus.read(a, b).column("text").combine_chunks() for a, b in random_blocks(n, rows, seed=1)])
     work = Path(tempfile.mkdtemp(prefix="embedkit-dry-run-"))
     try:
         pq.write_table(pa.table({"text": texts}), work / "sample.parquet")
