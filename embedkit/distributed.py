@@ -53,7 +53,8 @@ def encode_shard(input: str, out: str, cfg: EncodeConfig, index: int) -> dict:
     from .pipeline import SUMMED_FIELDS
 
     if index in VectorStore(Path(out)).committed_shards():
-        return dict.fromkeys(SUMMED_FIELDS, 0)  # a retry of a task whose commit landed before its worker died
+        # a retry of a task whose commit landed before its worker died: it adds nothing
+        return {**dict.fromkeys(SUMMED_FIELDS, 0), "seconds": 0.0}
     key = (input, out, cfg.model, cfg.device, cfg.precision, cfg.max_seq_length)
     if key not in _JOB_CACHE:
         corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))

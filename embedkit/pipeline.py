@@ -86,7 +86,8 @@ class EncodeSummary:
     def merged(cls, parts: list[dict], *, out: str, device: str, seconds: float, skipped: int, total: int) -> "EncodeSummary":
         """One summary from several workers' `to_dict()`s (their counts add up)."""
         counts = {f: sum(p[f] for p in parts) for f in SUMMED_FIELDS}
-        each = tuple({"tokens": p["tokens"], "seconds": round(p["seconds"], 2)} for p in parts)
+        # a part that did no work (a retried Ray task whose shard had already landed) is left out
+        each = tuple({"tokens": p["tokens"], "seconds": round(p["seconds"], 2)} for p in parts if p.get("shards_done"))
         return cls(out=out, device=device, seconds=seconds, shards_skipped=skipped, shards_total=total, parts=each, **counts)
 
     def to_dict(self) -> dict:

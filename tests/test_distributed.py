@@ -63,6 +63,22 @@ def test_ray_tasks_encode_every_shard(local_ray, corpus, tmp_path):
     assert embedkit.status(tmp_path / "out").complete
 
 
+def test_a_retried_task_whose_shard_landed_adds_nothing_to_the_summary(local_ray, corpus, tmp_path):
+    """A task retried after its commit landed (its worker died just after) returns an empty part;
+    merging it with real parts must neither fail nor count anything twice."""
+    from embedkit.config import EncodeConfig
+    from embedkit.distributed import encode_shard
+    from embedkit.pipeline import EncodeSummary
+
+    out = tmp_path / "out"
+    s = embedkit.encode(corpus, out, device="cpu", shard_rows=60, max_seq_length=64, progress=False, ray="")
+    cfg = EncodeConfig(device="cpu", shard_rows=60, max_seq_length=64, workers=1, progress=False)
+    retried = encode_shard(str(corpus), str(out), cfg, 0)
+    merged = EncodeSummary.merged([s.to_dict(), retried], out=str(out), device="cpu", seconds=1.0, skipped=0, total=2)
+    assert (merged.docs, merged.shards_done, len(merged.parts)) == (ROWS, 2, 1)
+    assert len(ids_in(out)) == ROWS
+
+
 def test_a_killed_worker_is_retried_and_nothing_is_lost_or_doubled(local_ray, corpus, tmp_path):
     out = tmp_path / "out"
     result: dict = {}
