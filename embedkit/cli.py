@@ -30,6 +30,29 @@ def _refuse(message: str) -> None:
     sys.exit(2)
 
 
+def dry_run_options(verb: str, default_rows: str) -> Callable[[Callable], Callable]:
+    """The --dry-run options that encode and generate share."""
+    options = [
+        click.option("--dry-run", is_flag=True, help="Count tokens, calibrate on this device, print time, bytes and cost; write nothing."),
+        click.option("--sample", type=int, default=10_000, show_default=True, help="--dry-run: rows sampled to count tokens (0: every row)."),
+        click.option("--calibrate-rows", type=int, default=None, help=f"--dry-run: rows {verb} to measure speed (default {default_rows})."),
+        click.option("--gpu-price", type=float, default=None, help="--dry-run: $ per device-hour, for the cost."),
+        click.option("--spot-discount", type=float, default=0.0, help="--dry-run: fraction off --gpu-price."),
+    ]
+
+    def apply(fn: Callable) -> Callable:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
+def _dry_run_only(sample: int, calibrate_rows: int | None, gpu_price: float | None, spot_discount: float) -> None:
+    if gpu_price is not None or calibrate_rows is not None or spot_discount or sample != 10_000:
+        _refuse("--sample, --calibrate-rows, --gpu-price and --spot-discount go with --dry-run")
+
+
 @click.group()
 @click.version_option(package_name="embedkit")
 def main() -> None:
@@ -58,11 +81,7 @@ def main() -> None:
 @click.option("--reissue/--no-reissue", default=True, show_default=True, help="--gpus: near the end, run a slow worker's shard on an idle one too (first commit wins).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--dry-run", is_flag=True, help="Count tokens, calibrate on this device, print time, bytes and cost; write nothing.")
-@click.option("--sample", type=int, default=10_000, show_default=True, help="--dry-run: rows sampled to count tokens (0: every row).")
-@click.option("--calibrate-rows", type=int, default=None, help="--dry-run: rows encoded to measure speed (default 100k on CUDA, 1k on CPU).")
-@click.option("--gpu-price", type=float, default=None, help="--dry-run: $ per device-hour, for the cost.")
-@click.option("--spot-discount", type=float, default=0.0, help="--dry-run: fraction off --gpu-price.")
+@dry_run_options("encoded", "100k on CUDA, 1k on CPU")
 def encode(input: str, out: str, quiet: bool, as_json: bool, dry_run: bool, sample: int, calibrate_rows: int | None,
            gpu_price: float | None, spot_discount: float, **options: Any) -> None:  # fmt: skip
     """Embed every row of INPUT into OUT/vectors.lance (resumable: rerun to continue).
@@ -80,8 +99,7 @@ def encode(input: str, out: str, quiet: bool, as_json: bool, dry_run: bool, samp
                                         gpu_price=gpu_price, spot_discount=spot_discount))  # fmt: skip
         click.echo(json.dumps(d.to_dict()) if as_json else d.lines())
         return
-    if gpu_price is not None or calibrate_rows is not None or spot_discount or sample != 10_000:
-        _refuse("--sample, --calibrate-rows, --gpu-price and --spot-discount go with --dry-run")
+    _dry_run_only(sample, calibrate_rows, gpu_price, spot_discount)
     summary = _run(lambda: api_encode(input, out, progress=not quiet, **options))
     click.echo(json.dumps(summary.to_dict()) if as_json else summary.line())
 
@@ -199,11 +217,23 @@ def search(out: str, texts: tuple[str, ...], k: int, nprobe: int | None, rerank:
 @click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]", help="Run shards as Ray tasks: a local Ray, or the cluster at ADDRESS.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def generate(input: str, out: str, labels: str | None, quiet: bool, as_json: bool, **options: Any) -> None:
+@dry_run_options("generated", "8192 on CUDA, 16 on CPU")
+def generate(input: str, out: str, labels: str | None, quiet: bool, as_json: bool, dry_run: bool, sample: int, calibrate_rows: int | None,
+             gpu_price: float | None, spot_discount: float, **options: Any) -> None:  # fmt: skip
     """Summarize, score or classify every row of INPUT into OUT/generations.lance (resumable)."""
     from .generation import generate as api_generate
 
     label_list = tuple(x.strip() for x in labels.split(",") if x.strip()) if labels else ()
+    if dry_run:
+        from .config import GenerateConfig
+        from .planning import dry_run_generate
+
+        cfg = {k: v for k, v in options.items() if k != "ray"}
+        d = _run(lambda: dry_run_generate(input, GenerateConfig(**cfg, labels=label_list, progress=False), sample=sample,
+                                          calibrate_rows=calibrate_rows, gpu_price=gpu_price, spot_discount=spot_discount))  # fmt: skip
+        click.echo(json.dumps(d.to_dict()) if as_json else d.lines())
+        return
+    _dry_run_only(sample, calibrate_rows, gpu_price, spot_discount)
     summary = _run(lambda: api_generate(input, out, labels=label_list, progress=not quiet, **options))
     click.echo(json.dumps(summary.to_dict()) if as_json else summary.line())
 

@@ -12,56 +12,146 @@ only here (`pip install embedkit[ray]`).
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import EncodeConfig
 from .errors import EmbedkitError
 
 TASK_RETRIES = 3
+STALL_ENV = "EMBEDKIT_TEST_STALL_SHARD"
 _JOB_CACHE: dict = {}  # per Ray worker process: the loaded model, reused by its later tasks
 
 
 def run_ray(input: str | Path, out: Path, cfg: EncodeConfig, job: Any, pending: list, skipped: int, address: str | None) -> Any:
-    """Encode `pending` shards as Ray tasks; returns the merged EncodeSummary."""
+    """Encode `pending` shards (in the given order: the most tokens first) as Ray tasks; returns
+    the merged EncodeSummary."""
     from .pipeline import EncodeSummary
 
     ray = _ray(address)
     gpu = job.choice.type == "cuda"
-    task = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1, max_retries=TASK_RETRIES)(encode_shard)
+    options: dict = {"num_gpus": 1 if gpu else 0, "num_cpus": 1, "max_retries": TASK_RETRIES}
+    stall = os.environ.get(STALL_ENV)
+    if stall:  # fault injection (tests): the tasks' processes must see it too
+        options["runtime_env"] = {"env_vars": {STALL_ENV: stall}}
+    task = ray.remote(**options)(encode_shard)
     task_cfg = replace(cfg, workers=1, progress=False, overwrite=False, ray=None, device="cuda" if gpu else "cpu",
                        tokenize_workers=cfg.tokenize_workers if cfg.tokenize_workers is not None else (None if gpu else 0))  # fmt: skip
+    arbiter = ray.remote(num_cpus=0)(CommitArbiter).remote()
+    slots = int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1))
     start = time.perf_counter()
-    refs = [task.remote(str(input), str(out), task_cfg, s.index) for s in sorted(pending, key=lambda s: -s.rows)]
-    return EncodeSummary.merged(
-        _get(ray, refs), out=str(out), device=f"ray ({'GPU' if gpu else 'CPU'} tasks)",
+    run = _follow_tasks(ray, lambda i, copy: task.remote(str(input), str(out), task_cfg, i, copy, arbiter), [s.index for s in pending],
+                        slots, reissue=cfg.reissue)  # fmt: skip
+    summary = EncodeSummary.merged(
+        run.parts, out=str(out), device=f"ray ({'GPU' if gpu else 'CPU'} tasks)",
         seconds=time.perf_counter() - start, skipped=skipped, total=len(job.shards),
     )  # fmt: skip
+    return replace(summary, reissued=len(run.reissued), tail_seconds=run.tail_seconds)
 
 
-def encode_shard(input: str, out: str, cfg: EncodeConfig, index: int) -> dict:
-    """One shard, in a Ray worker: skipped if a previous attempt already committed it."""
+class CommitArbiter:
+    """A Ray actor that gives each shard's commit to one copy of its task: the first to ask.
+    A retry of that copy (same shard, same copy number) keeps the right; a re-issued copy that
+    asks second is told to drop its fragments."""
+
+    def __init__(self) -> None:
+        self.holders: dict[int, int] = {}
+
+    def take(self, shard: int, copy: int) -> bool:
+        return self.holders.setdefault(shard, copy) == copy
+
+
+@dataclass
+class _TaskRun:
+    parts: list = field(default_factory=list)
+    reissued: set = field(default_factory=set)
+    tail_seconds: float = 0.0  # from 95% of shards committed to 100%
+
+
+def _follow_tasks(ray: Any, submit: Callable[[int, int], Any], order: list[int], slots: int, *, reissue: bool) -> _TaskRun:
+    """Submit one task per shard and wait for every shard to be committed.
+
+    Once no task waits for a slot and a slot is idle, the oldest shard still running gets a
+    second copy (once per shard): the copy that commits first wins, and the other is cancelled.
+    A task that fails after Ray's retries fails the run (committed shards are kept).
+    """
+    run = _TaskRun()
+    refs = {submit(i, 0): (i, 0) for i in order}
+    try:
+        _wait_for_commits(ray, submit, order, slots, reissue, refs, run)
+    finally:
+        for ref in refs:  # copies still running once every shard is in, or after a failure:
+            ray.cancel(ref, force=True)  # none may commit after the driver let go of OUT
+    return run
+
+
+def _wait_for_commits(ray: Any, submit: Callable[[int, int], Any], order: list[int], slots: int, reissue: bool, refs: dict, run: _TaskRun) -> None:
+    outstanding = set(order)
+    commit_times: list[float] = []
+    while outstanding:
+        ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.5)
+        for ref in ready:
+            shard, _copy = refs.pop(ref)
+            part = _get(ray, ref)
+            # a retry whose first attempt committed before its worker died returns no counts
+            if (part.get("shards_done") or part.get("committed_before")) and shard in outstanding:
+                outstanding.discard(shard)
+                run.parts.append(part)
+                commit_times.append(time.monotonic())
+                for other in [r for r, (s, _) in refs.items() if s == shard]:
+                    ray.cancel(other, force=True)  # the loser of a re-issued shard: its work is moot
+                    refs.pop(other)
+        if reissue and commit_times and outstanding and len(refs) < slots:  # near the end: a slot is idle
+            oldest = next((i for i in order if i in outstanding and i not in run.reissued), None)
+            if oldest is not None:
+                run.reissued.add(oldest)
+                refs[submit(oldest, 1)] = (oldest, 1)
+        if outstanding and not refs:  # every copy of a shard ended without committing it: never wait forever
+            raise EmbedkitError(f"shards {sorted(outstanding)} ended uncommitted; committed shards are kept: rerun the same command")
+    if len(commit_times) >= 2:
+        k = max(0, int(0.95 * len(commit_times)) - 1)
+        run.tail_seconds = commit_times[-1] - commit_times[k]
+
+
+def encode_shard(input: str, out: str, cfg: EncodeConfig, index: int, copy: int = 0, arbiter: Any = None) -> dict:
+    """One shard, in a Ray worker: skipped if a previous attempt already committed it. With an
+    `arbiter` (a CommitArbiter), the shard is committed only if this copy gets the right to."""
     from .corpus import Columns, open_corpus
     from .encoder import choose_device
-    from .pipeline import _run_shards, attach_job
+    from .pipeline import SUMMED_FIELDS, WorkerHooks, _run_shards, attach_job
     from .runtime import retain_freed_memory
     from .store import VectorStore
 
     retain_freed_memory()
-    from .pipeline import SUMMED_FIELDS
-
     if index in VectorStore(Path(out)).committed_shards():
         # a retry of a task whose commit landed before its worker died: it adds nothing
-        return {**dict.fromkeys(SUMMED_FIELDS, 0), "seconds": 0.0}
+        return {**dict.fromkeys(SUMMED_FIELDS, 0), "seconds": 0.0, "committed_before": True}
     key = (input, out, cfg.model, cfg.device, cfg.precision, cfg.max_seq_length)
     if key not in _JOB_CACHE:
         corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
         _JOB_CACHE[key] = (corpus, attach_job(corpus, Path(out), cfg, choose_device(cfg.device, cfg.precision)))
     corpus, job = _JOB_CACHE[key]
     shard = next(s for s in job.shards if s.index == index)
-    return _run_shards(corpus, job, [shard], cfg, skipped=0).to_dict()
+    if copy == 0:
+        _injected_stall(index)
+    hooks = None
+    if arbiter is not None:
+        import ray
+
+        hooks = WorkerHooks(events=lambda kind, shard, counts: None, take=lambda i: ray.get(arbiter.take.remote(i, copy)))
+    return _run_shards(corpus, job, [shard], cfg, skipped=0, hooks=hooks).to_dict()
+
+
+def _injected_stall(shard: int) -> None:
+    """EMBEDKIT_TEST_STALL_SHARD="N:SECONDS": the first copy of shard N sleeps SECONDS before it
+    starts. A fault-injection hook for the straggler tests; unset in normal runs."""
+    spec = os.environ.get(STALL_ENV, "")
+    n, _, seconds = spec.partition(":")
+    if spec and n.strip() == str(shard):
+        time.sleep(float(seconds))
 
 
 def run_generate_ray(input: str | Path, out: Path, cfg: Any, template: str, choice: Any, pending: list, skipped: int, total: int) -> Any:

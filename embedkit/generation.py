@@ -632,47 +632,58 @@ def _bar(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="doc", unit_scale=True, file=sys.stderr, disable=not (enabled and sys.stderr.isatty()))
 
 
-def _limit(lm: Any, reserve: int) -> int:
-    positions = int(getattr(lm.config, "max_position_embeddings", 2048) or 2048)
+def _limit(config: Any, reserve: int) -> int:
+    positions = int(getattr(config, "max_position_embeddings", 2048) or 2048)
     return max(8, positions - reserve)
+
+
+def task_inputs(texts: list, ids: list, cfg: GenerateConfig, template: str, tok: Any, config: Any) -> tuple[list, list[bool]]:
+    """What the model reads for each row, and whether it was truncated to fit: the prompt's token
+    ids (summarize, classify) or a (context, target) pair (score). Needs only the tokenizer and
+    the model's config, so a dry run counts tokens without loading the weights."""
+    if cfg.task == "score":
+        return _score_pairs(tok, template, cfg.completion, texts, ids, _limit(config, 0))
+    if cfg.task == "summarize":
+        limit, rows = _limit(config, cfg.max_new_tokens), [{"text": t, "id": i} for t, i in zip(texts, ids)]
+    else:  # classify: room for the longest label after the prompt
+        reserve = max(len(tok(" " + lab, add_special_tokens=False)["input_ids"]) for lab in cfg.labels)
+        labels = ", ".join(cfg.labels)
+        limit, rows = _limit(config, reserve), [{"text": t, "id": i, "labels": labels} for t, i in zip(texts, ids)]
+    fitted = fit_prompts(tok, template, rows, limit, chat=True)
+    return [p for p, _ in fitted], [f for _, f in fitted]
+
+
+def input_tokens(x: Any) -> int:
+    """Tokens of one task input: a prompt, or a (context, target) pair."""
+    return len(x[0]) + len(x[1]) if isinstance(x, tuple) else len(x)
 
 
 def _task_columns(table: pa.Table, cfg: GenerateConfig, template: str, lm, tok, choice: DeviceChoice, shard: int) -> tuple[dict, int, int]:
     """The task's output columns for a shard's rows (in row order), prompt tokens and new tokens."""
     texts = table.column("text").to_pylist()
-    ids = table.column("id").to_pylist()
-    labels = ", ".join(cfg.labels)
+    inputs, flags = task_inputs(texts, table.column("id").to_pylist(), cfg, template, tok, lm.config)
+    prompt_tokens = sum(input_tokens(x) for x in inputs)
     if cfg.task == "summarize":
-        limit = _limit(lm, cfg.max_new_tokens)
-        fitted = fit_prompts(tok, template, [{"text": t, "id": i} for t, i in zip(texts, ids)], limit, chat=True)
-        prompts = [p for p, _ in fitted]
-        new = summarize(lm, tok, prompts, cfg, cfg.batch_size, seed=cfg.seed + shard)
+        new = summarize(lm, tok, inputs, cfg, cfg.batch_size, seed=cfg.seed + shard)
         cols = {
             "summary": [t.strip() for t in decode_batch(tok, new)],
-            "prompt_tokens": [len(p) for p in prompts], "new_tokens": [len(n) for n in new], "truncated": [f for _, f in fitted],
+            "prompt_tokens": [len(p) for p in inputs], "new_tokens": [len(n) for n in new], "truncated": flags,
         }  # fmt: skip
-        return cols, sum(cols["prompt_tokens"]), sum(cols["new_tokens"])
+        return cols, prompt_tokens, sum(cols["new_tokens"])
     budget = SCORE_BATCH_TOKENS[choice.type]
     if cfg.task == "score":
-        pairs, flags = _score_pairs(tok, template, cfg.completion, texts, ids, _limit(lm, 0))
-        lps = continuation_logprobs(lm, pairs, budget)
+        lps = continuation_logprobs(lm, inputs, budget)
         cols = {
             "logprob": [float(lp.sum()) for lp in lps], "mean_logprob": [float(lp.mean()) if len(lp) else 0.0 for lp in lps],
             "n_tokens": [len(lp) for lp in lps], "truncated": flags,
         }  # fmt: skip
-        return cols, sum(len(c) + len(t) for c, t in pairs), 0
+        return cols, prompt_tokens, 0
     # classify: each label as the continuation of the prompt
-    limit = _limit(lm, max(len(tok(" " + lab, add_special_tokens=False)["input_ids"]) for lab in cfg.labels))
-    fitted = fit_prompts(tok, template, [{"text": t, "id": i, "labels": labels} for t, i in zip(texts, ids)], limit, chat=True)
     label_ids = [tok(lab, add_special_tokens=False)["input_ids"] for lab in cfg.labels]
-    pairs = [(p, lab) for p, _ in fitted for lab in label_ids]
-    lps = continuation_logprobs(lm, pairs, budget)
+    lps = continuation_logprobs(lm, [(p, lab) for p in inputs for lab in label_ids], budget)
     per_row = np.array([lp.sum() for lp in lps]).reshape(len(texts), len(cfg.labels))
-    cols = {
-        "label": [cfg.labels[int(k)] for k in per_row.argmax(1)], "label_logprobs": per_row.tolist(),
-        "truncated": [f for _, f in fitted],
-    }  # fmt: skip
-    return cols, sum(len(p) for p, _ in fitted), 0
+    cols = {"label": [cfg.labels[int(k)] for k in per_row.argmax(1)], "label_logprobs": per_row.tolist(), "truncated": flags}
+    return cols, prompt_tokens, 0
 
 
 def _score_pairs(tok, template: str, completion: str | None, texts: list, ids: list, limit: int) -> tuple[list, list]:

@@ -8,7 +8,6 @@ writes them as Lance fragments while later windows compute, and commits each fin
 
 from __future__ import annotations
 
-import os
 import queue
 import shutil
 import sys
@@ -85,9 +84,11 @@ class EncodeSummary:
     @classmethod
     def merged(cls, parts: list[dict], *, out: str, device: str, seconds: float, skipped: int, total: int) -> "EncodeSummary":
         """One summary from several workers' `to_dict()`s (their counts add up)."""
+        # a part that committed nothing (a retried Ray task whose shard had already landed, or a
+        # re-issued copy that lost the race) is left out: its work is counted by the winner
+        parts = [p for p in parts if p.get("shards_done")]
         counts = {f: sum(p[f] for p in parts) for f in SUMMED_FIELDS}
-        # a part that did no work (a retried Ray task whose shard had already landed) is left out
-        each = tuple({"tokens": p["tokens"], "seconds": round(p["seconds"], 2)} for p in parts if p.get("shards_done"))
+        each = tuple({"tokens": p["tokens"], "seconds": round(p["seconds"], 2)} for p in parts)
         return cls(out=out, device=device, seconds=seconds, shards_skipped=skipped, shards_total=total, parts=each, **counts)
 
     def to_dict(self) -> dict:
@@ -186,6 +187,10 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
         pending = [s for s in job.shards if s.index not in done]
         if not pending:
             return _summary(job, _Totals(), 0.0, skipped=len(done))
+        if cfg.ray is not None or cfg.workers > 1:
+            from .planning import longest_first
+
+            pending = longest_first(corpus, job, pending)
         if cfg.ray is not None:
             from .distributed import run_ray
 
@@ -359,21 +364,13 @@ class WorkerHooks:
     """What a worker of a multi-worker run adds to the pipeline (embedkit/workers.py).
 
     `events(kind, shard, counts)` reports "commit" (with the shard's counts) and "lost" to the
-    parent. `tokens` is a folder of commit tokens: a shard is committed by whoever creates its
-    token first, so a shard re-issued to a second worker is committed once.
+    parent. `take(shard)` claims the right to commit a shard and is true for its first caller
+    only (a commit token file on one machine, an actor on Ray), so a shard re-issued to a second
+    worker is committed once.
     """
 
     events: Callable[[str, int, dict], None]
-    tokens: Path
-
-
-def take_commit_token(tokens: Path, shard: int) -> bool:
-    """Atomically claim the right to commit `shard`; False when another worker has it."""
-    try:
-        os.close(os.open(tokens / f"shard-{shard}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        return True
-    except FileExistsError:
-        return False
+    take: Callable[[int], bool]
 
 
 def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConfig, skipped: int, hooks: WorkerHooks | None = None) -> EncodeSummary:
@@ -478,7 +475,7 @@ def _commit_shard(job: _Job, shard: Shard, written: list[Future], totals: _Total
     """Commit all of a shard's fragments as one Lance transaction: the shard is in, or it is not."""
     parts: list[_Written] = [f.result() for f in written]
     fragments = [frag for part in parts for frag in part.fragments]
-    if hooks is not None and not take_commit_token(hooks.tokens, shard.index):
+    if hooks is not None and not hooks.take(shard.index):
         # re-issued and committed by another worker first: these fragments stay unreferenced
         # (invisible; the next run's cleanup deletes them)
         hooks.events("lost", shard.index, {})

@@ -250,8 +250,14 @@ def count_tokens(input: str | Path, model: str, *, sample: int = 10_000, seed: i
         return TokenCount(n, float(lengths.sum()), True, n, 0.0, float(lengths.mean()), float(truncated.mean()))
     # cluster sample: random blocks of consecutive rows (a read per block, not per row)
     spans = random_blocks(n, sample, seed)
-    k, blocks_total = len(spans), -(-n // SAMPLE_BLOCK)
     lengths, truncated = _lengths(corpus, tok, spans)
+    return estimate_from_blocks(n, spans, lengths, truncated)
+
+
+def estimate_from_blocks(n: int, spans: list[tuple[int, int]], lengths: np.ndarray, truncated: np.ndarray) -> TokenCount:
+    """The token count of n rows from per-row `lengths` of the sampled blocks `spans`
+    (random_blocks): a ratio estimate with its 95% confidence interval."""
+    k, blocks_total = len(spans), -(-n // SAMPLE_BLOCK)
     sizes = np.array([b - a for a, b in spans], dtype=np.float64)
     sums = np.add.reduceat(lengths, np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
     mean = float(sums.sum() / sizes.sum())  # ratio estimator: tokens per row
@@ -289,6 +295,31 @@ def _lengths(corpus, tok, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.
             lengths.append(got_len)
             truncated.append(got_cut)
     return np.concatenate(lengths), np.concatenate(truncated)
+
+
+# ---- scheduling --------------------------------------------------------------------------------
+
+SHARD_SAMPLE_ROWS = 256  # rows per shard tokenized to rank the shards of a multi-worker run
+
+
+def longest_first(corpus, job, pending: list) -> list:
+    """Pending shards ordered by their token count, the most first (each estimated from
+    SHARD_SAMPLE_ROWS random rows). Shards have equal rows but not equal tokens; starting the
+    long ones first leaves short ones for the end, so the workers finish together."""
+    if len(pending) < 2:
+        return list(pending)
+    from .tokenize import TextTokenizer
+
+    tok = TextTokenizer(job.tokenizer_json, job.max_length, job.truncation_side)
+    tokens = {s.index: shard_tokens(corpus, tok, s) for s in pending}
+    return sorted(pending, key=lambda s: (-tokens[s.index], s.index))
+
+
+def shard_tokens(corpus, tok, shard, rows: int = SHARD_SAMPLE_ROWS) -> float:
+    """A shard's token count, estimated from random blocks of about `rows` of its rows."""
+    spans = [(shard.start + a, shard.start + b) for a, b in random_blocks(shard.rows, rows, seed=shard.index)]
+    lengths, _ = _lengths(corpus, tok, spans)
+    return float(lengths.mean()) * shard.rows if len(lengths) else 0.0
 
 
 # ---- dry run -----------------------------------------------------------------------------------
@@ -391,3 +422,133 @@ def _bytes(n: float) -> str:
             return f"{n:,.1f} {unit}"
         n /= 1024
     return f"{n:,.1f} PB"
+
+
+# ---- generate dry run ---------------------------------------------------------------------------
+
+GENERATE_CALIBRATION_ROWS = {"cuda": 8_192, "cpu": 16}  # two full slot batches on a GPU; seconds on a CPU
+
+
+@dataclass(frozen=True)
+class GenerateDryRun:
+    """What `generate --dry-run` measured and expects; nothing was written to OUT."""
+
+    task: str
+    count: TokenCount  # prompt tokens (for score: context and target) the model will read
+    device: str
+    calibration_rows: int
+    calibration_seconds: float  # generating, once the model was loaded
+    startup_seconds: float  # model load and everything before the first shard, measured
+    new_tokens_per_row: float  # measured in the calibration (0 for score and classify)
+    tokens_per_second: float  # prompt + new tokens per second in the calibration
+    expected_new_tokens: float
+    expected_seconds: float
+    output_bytes: int  # measured bytes per row of the calibration's generations, times the rows
+    dollars: float | None
+    dollars_per_million_tokens: float | None  # per 1M prompt + new tokens
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> str:
+        c = self.count
+        how = "counted exactly" if c.exact else f"from {c.sample_rows:,} sampled rows, 95% CI +/- {c.ci95:,.0f}"
+        out = [
+            f"input: {c.rows:,} rows, {c.tokens:,.0f} prompt tokens ({how}); {100 * c.truncated_fraction:.1f}% truncated",
+            f"calibration on {self.device}: {self.task} of {self.calibration_rows:,} rows in {self.calibration_seconds:.1f} s, "
+            f"{self.tokens_per_second:,.0f} tokens/s (prompt + new); {self.new_tokens_per_row:.1f} new tokens per row; "
+            f"start-up {self.startup_seconds:.1f} s",
+            f"expected: {self.expected_new_tokens:,.0f} new tokens, {self.expected_seconds / 3600:.2f} h on one device "
+            f"({self.expected_seconds:,.0f} s); generations {_bytes(self.output_bytes)}",
+        ]
+        if self.dollars is not None:
+            out.append(f"cost: ${self.dollars:,.2f} (${self.dollars_per_million_tokens:.4g} per 1M prompt + new tokens)")
+        out.append("nothing was written")
+        return "\n".join(out)
+
+
+def dry_run_generate(input: str | Path, cfg, *, sample: int = 10_000, calibrate_rows: int | None = None,
+                     gpu_price: float | None = None, spot_discount: float = 0.0) -> GenerateDryRun:  # fmt: skip
+    """Count the prompt tokens of INPUT (with the generator's tokenizer, template and truncation),
+    run the real generate on a random sample of rows (into a temporary folder) to measure this
+    device, and extrapolate time, new tokens, bytes and cost."""
+    import shutil
+    import tempfile
+    import time
+    from dataclasses import replace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .corpus import Columns, open_corpus
+    from .encoder import choose_device
+    from .generation import DEFAULT_PROMPTS, GENERATIONS_DIR, check_template, run_generate
+
+    template = cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPTS[cfg.task]
+    check_template(template, {"text", "id"} | ({"labels"} if cfg.task == "classify" else set()))
+    corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
+    n = corpus.num_rows
+    if n == 0:
+        raise EmbedkitError("the input has no rows")
+    count = count_prompt_tokens(corpus, cfg, template, sample=sample)
+    choice = choose_device(cfg.device, cfg.precision)
+    rows = calibrate_rows or GENERATE_CALIBRATION_ROWS[choice.type]
+    spans = random_blocks(n, rows, seed=1)
+    table = pa.concat_tables([corpus.read(a, b).select(["id", "text"]) for a, b in spans])
+    work = Path(tempfile.mkdtemp(prefix="embedkit-dry-run-"))
+    try:
+        pq.write_table(table, work / "sample.parquet")
+        t = time.perf_counter()
+        s = run_generate(work / "sample.parquet", work / "out", replace(cfg, prompt=template, text_column="text", id_column="id",
+                                                                        shard_rows=None, overwrite=False, progress=False, ray=None))  # fmt: skip
+        wall = time.perf_counter() - t
+        per_row = _folder_bytes(work / "out" / GENERATIONS_DIR) / max(1, s.docs)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    kept = n * s.docs / max(1, table.num_rows)  # empty texts are skipped, as in the calibration
+    new_per_row = s.new_tokens / max(1, s.docs)
+    tps = (s.prompt_tokens + s.new_tokens) / s.seconds if s.seconds > 0 else float("inf")
+    startup = max(0.0, wall - s.seconds)
+    expected = startup + kept * s.seconds / max(1, s.docs)
+    dollars = per_million = None
+    total_tokens = count.tokens + new_per_row * kept
+    if gpu_price is not None:
+        dollars = expected / 3600 * gpu_price * (1 - spot_discount)
+        per_million = dollars / total_tokens * 1e6 if total_tokens else None
+    return GenerateDryRun(cfg.task, count, choice.device, s.docs, s.seconds, startup, new_per_row, tps, new_per_row * kept, expected,
+                          int(per_row * kept), dollars, per_million)  # fmt: skip
+
+
+def count_prompt_tokens(corpus, cfg, template: str, *, sample: int = 10_000, seed: int = 0) -> TokenCount:
+    """Prompt tokens of every row (or of `sample` random rows, with a 95% CI), as generate counts
+    them: the template, the chat wrapping and the truncation; the weights are not loaded."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .generation import input_tokens, resolve_generator, task_inputs
+
+    target = resolve_generator(cfg.model)
+    try:
+        tok, config = AutoTokenizer.from_pretrained(target), AutoConfig.from_pretrained(target)
+    except Exception as e:  # library-specific failures: one line
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise EmbedkitError(f"cannot load generator {cfg.model}: {first}") from None
+    n = corpus.num_rows
+    exact = sample == 0 or sample >= n
+    spans = [(0, n)] if exact else random_blocks(n, sample, seed)
+    lengths, truncated = [], []
+    for a, b in spans:
+        for lo in range(a, b, READ_ROWS):
+            t = corpus.read(lo, min(b, lo + READ_ROWS))
+            texts = t.column("text").to_pylist()
+            keep = [i for i, x in enumerate(texts) if x is not None and x.strip()]  # generate skips empty texts
+            ids = t.column("id").to_pylist()
+            inputs, flags = task_inputs([texts[i] for i in keep], [ids[i] for i in keep], cfg, template, tok, config)
+            got, cut = np.zeros(len(texts)), np.zeros(len(texts), dtype=bool)
+            got[keep] = [input_tokens(x) for x in inputs]
+            cut[keep] = flags
+            lengths.append(got)
+            truncated.append(cut)
+    lengths_all, truncated_all = np.concatenate(lengths), np.concatenate(truncated)
+    if exact:
+        return TokenCount(n, float(lengths_all.sum()), True, n, 0.0, float(lengths_all.mean()), float(truncated_all.mean()))
+    return estimate_from_blocks(n, spans, lengths_all, truncated_all)

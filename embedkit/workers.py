@@ -45,7 +45,7 @@ def run_workers(input: str | Path, out: Path, cfg: EncodeConfig, job: Any, pendi
     ctx = mp.get_context("spawn")  # a CUDA process cannot fork workers that use CUDA
     shards: Any = ctx.Queue()
     results: Any = ctx.Queue()
-    for s in sorted(pending, key=lambda s: -s.rows):  # largest first: the last shards are short
+    for s in pending:  # in the caller's order: the most tokens first
         shards.put(s.index)
     start = time.perf_counter()
     # not daemons: a worker starts its own tokenizer processes, which daemons may not
@@ -209,13 +209,22 @@ def _worker(input: str, out: str, cfg: EncodeConfig, device: str, worker: int, s
                     stall = 0.0
                 yield by_index[i]
 
-        hooks = WorkerHooks(events=lambda kind, shard, counts: results.put((kind, worker, shard, counts)), tokens=tokens)
+        hooks = WorkerHooks(events=lambda kind, shard, counts: results.put((kind, worker, shard, counts)), take=lambda i: take_commit_token(tokens, i))
         summary = _run_shards(corpus, job, take(), cfg, skipped=0, hooks=hooks)
         results.put(("ok", summary.to_dict()))
     except EmbedkitError as e:
         results.put(("error", str(e)))
     except BaseException as e:  # reported to the parent as one line
         results.put(("error", f"{device} worker failed: {type(e).__name__}: {e}"))
+
+
+def take_commit_token(tokens: Path, shard: int) -> bool:
+    """Atomically claim the right to commit `shard`; False when another worker has it."""
+    try:
+        os.close(os.open(tokens / f"shard-{shard}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
 
 
 def _injected_stall(worker: int) -> float:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE
@@ -202,6 +204,59 @@ def test_encode_dry_run_writes_nothing(run_cli, small_input, tmp_path):
     d = json.loads(r.stdout)
     assert d["count"]["exact"] and d["count"]["rows"] == 400 and d["calibration_rows"] == 64
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def short_input(tmp_path_factory):
+    """128 rows cut to 120 characters: scoring them on a CPU takes seconds."""
+    path = tmp_path_factory.mktemp("plan") / "short.parquet"
+    t = pq.read_table(SAMPLE).slice(0, 128)
+    pq.write_table(t.set_column(t.schema.get_field_index("text"), "text", pa.array([x[:120] for x in t.column("text").to_pylist()])), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def short_scored(short_input, tmp_path_factory):
+    """A real `generate --task score` run over short_input: (summary, its output folder)."""
+    out = tmp_path_factory.mktemp("plan") / "real"
+    return embedkit.generate(short_input, out, task="score", device="cpu", progress=False), out
+
+
+def _prompt_tokens(path: Path, sample: int):
+    from embedkit.config import GenerateConfig
+    from embedkit.corpus import Columns, open_corpus
+    from embedkit.generation import DEFAULT_PROMPTS
+    from embedkit.planning import count_prompt_tokens
+
+    return count_prompt_tokens(open_corpus(path, Columns("text", None)), GenerateConfig(task="score"), DEFAULT_PROMPTS["score"], sample=sample)
+
+
+def test_prompt_tokens_are_counted_as_generate_counts_them(small_input, short_input, short_scored):
+    """Exactly (sample 0: equal to a real run's prompt tokens), and within 5% and inside its own
+    95% interval from a sample of 320 of 400 rows; the weights are never loaded for it."""
+    exact = _prompt_tokens(short_input, 0)
+    real, _ = short_scored
+    assert exact.exact and exact.tokens == real.prompt_tokens
+    full, est = _prompt_tokens(small_input, 0), _prompt_tokens(small_input, 320)
+    assert not est.exact and 256 <= est.sample_rows <= 320
+    assert abs(est.tokens - full.tokens) <= min(est.ci95, 0.05 * full.tokens)
+
+
+def test_generate_dry_run_predicts_a_real_run_and_writes_nothing(run_cli, short_input, short_scored, tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("generate", short_input, out, "--task", "score", "--device", "cpu", "--dry-run", "--sample", "0",
+                "--calibrate-rows", "64", "--gpu-price", "1", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert not out.exists()
+    real, real_out = short_scored
+    assert d["count"]["exact"] and d["count"]["tokens"] == real.prompt_tokens
+    assert d["calibration_rows"] == 64 and d["new_tokens_per_row"] == 0
+    real_seconds = real.seconds + d["startup_seconds"]
+    assert 1 / TIME_FACTOR <= d["expected_seconds"] / real_seconds <= TIME_FACTOR, (d["expected_seconds"], real_seconds)
+    stored = sum(f.stat().st_size for f in (real_out / "generations.lance").rglob("*") if f.is_file())
+    assert 0.5 <= d["output_bytes"] / stored <= 2.0
+    assert d["dollars"] == pytest.approx(d["expected_seconds"] / 3600)
 
 
 def test_plan_plot_draws_the_plan(tmp_path, run_cli):
