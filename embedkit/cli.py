@@ -82,8 +82,10 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @dry_run_options("encoded", "100k on CUDA, 1k on CPU")
+@click.option("--plot", "plot_path", type=click.Path(path_type=str), default=None,
+              help="--dry-run: also calibrate at four batch sizes and draw $/1M tokens (tokens/s without --gpu-price) against batch size to this PNG.")
 def encode(input: str, out: str, quiet: bool, as_json: bool, dry_run: bool, sample: int, calibrate_rows: int | None,
-           gpu_price: float | None, spot_discount: float, **options: Any) -> None:  # fmt: skip
+           gpu_price: float | None, spot_discount: float, plot_path: str | None, **options: Any) -> None:  # fmt: skip
     """Embed every row of INPUT into OUT/vectors.lance (resumable: rerun to continue).
 
     INPUT is a parquet file or folder, a .jsonl or .csv file, a Lance dataset, or a folder of .txt files.
@@ -94,12 +96,21 @@ def encode(input: str, out: str, quiet: bool, as_json: bool, dry_run: bool, samp
         from .config import EncodeConfig
         from .planning import dry_run_encode
 
+        from .planning import sweep_budgets
+
         cfg = {k: v for k, v in options.items() if k not in ("gpus", "ray", "reissue")}
+        sweep = _run(lambda: sweep_budgets(cfg["device"])) if plot_path else ()
         d = _run(lambda: dry_run_encode(input, EncodeConfig(**cfg, progress=False), sample=sample, calibrate_rows=calibrate_rows,
-                                        gpu_price=gpu_price, spot_discount=spot_discount))  # fmt: skip
+                                        gpu_price=gpu_price, spot_discount=spot_discount, sweep=sweep))  # fmt: skip
+        if plot_path:
+            from .plots import plot_batch_sweep
+
+            _run(lambda: plot_batch_sweep(d.sweep, plot_path, title=f"{input} on {d.device}"))
         click.echo(json.dumps(d.to_dict()) if as_json else d.lines())
         return
     _dry_run_only(sample, calibrate_rows, gpu_price, spot_discount)
+    if plot_path:
+        _refuse("--plot goes with --dry-run (after a run: embedkit status OUT --plot)")
     summary = _run(lambda: api_encode(input, out, progress=not quiet, **options))
     click.echo(json.dumps(summary.to_dict()) if as_json else summary.line())
 

@@ -341,6 +341,9 @@ class DryRun:
     index_bytes: int  # the IVF-PQ index `build-index` would choose
     dollars: float | None
     dollars_per_million_tokens: float | None
+    # --plot: the same calibration at other batch budgets: batch_tokens, tokens_per_second,
+    # padding_overhead and (with a price) dollars_per_million_tokens for each
+    sweep: tuple = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -358,14 +361,19 @@ class DryRun:
         if self.dollars is not None:
             out.append(f"cost: ${self.dollars:,.2f} (${self.dollars_per_million_tokens:.4g} per 1M tokens); "
                        "for a fleet and a window: embedkit plan --tokens-per-second " + f"{self.tokens_per_second:.0f}")  # fmt: skip
+        for p in self.sweep:
+            cost = f", ${p['dollars_per_million_tokens']:.4g} per 1M tokens" if p.get("dollars_per_million_tokens") is not None else ""
+            out.append(f"  batch {p['batch_tokens']:>8,} tokens: {p['tokens_per_second']:>12,.0f} tokens/s, padding "
+                       f"{100 * p['padding_overhead']:.1f}%{cost}")  # fmt: skip
         out.append("nothing was written")
         return "\n".join(out)
 
 
 def dry_run_encode(input: str | Path, cfg, *, sample: int = 10_000, calibrate_rows: int | None = None,
-                   gpu_price: float | None = None, spot_discount: float = 0.0) -> DryRun:  # fmt: skip
+                   gpu_price: float | None = None, spot_discount: float = 0.0, sweep: tuple[int, ...] = ()) -> DryRun:  # fmt: skip
     """Count INPUT's tokens, encode a random sample of it with the real pipeline (into a
-    temporary folder) to measure this device, and extrapolate time, bytes and cost."""
+    temporary folder) to measure this device, and extrapolate time, bytes and cost. `sweep`:
+    batch budgets (padded tokens) at which the calibration is run again, for the cost curve."""
     import shutil
     import tempfile
     import time
@@ -376,7 +384,6 @@ def dry_run_encode(input: str | Path, cfg, *, sample: int = 10_000, calibrate_ro
     from .corpus import Columns, open_corpus
     from .encoder import choose_device
     from .index.params import choose_params
-    from .pipeline import encode
 
     count = count_tokens(input, cfg.model, sample=sample, text_column=cfg.text_column, max_seq_length=cfg.max_seq_length)
     choice = choose_device(cfg.device, cfg.precision)
@@ -388,12 +395,11 @@ def dry_run_encode(input: str | Path, cfg, *, sample: int = 10_000, calibrate_ro
     try:
         pq.write_table(pa.table({"text": texts}), work / "sample.parquet")
         t = time.perf_counter()
-        s = encode(work / "sample.parquet", work / "out", model=cfg.model, device=cfg.device, dtype=cfg.dtype, precision=cfg.precision,
-                   normalize=cfg.normalize, batch_tokens=cfg.batch_tokens, tokenize_workers=cfg.tokenize_workers,
-                   keep_empty=cfg.keep_empty, max_seq_length=cfg.max_seq_length, progress=False)  # fmt: skip
+        s = _calibrate(work / "sample.parquet", work / "out", cfg, cfg.batch_tokens)
         wall = time.perf_counter() - t
         per_row = _folder_bytes(work / "out" / "vectors.lance") / max(1, s.docs)
         dim = json.loads((work / "out" / "embedkit.json").read_text())["model"]["dim"]
+        swept = [(b, _calibrate(work / "sample.parquet", work / f"sweep-{b}", cfg, b)) for b in sweep]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     tps = s.tokens / s.seconds if s.seconds > 0 else float("inf")
@@ -405,8 +411,34 @@ def dry_run_encode(input: str | Path, cfg, *, sample: int = 10_000, calibrate_ro
     if gpu_price is not None:
         dollars = expected / 3600 * gpu_price * (1 - spot_discount)
         per_million = dollars / count.tokens * 1e6 if count.tokens else None
+    points = tuple(
+        {"batch_tokens": b, "tokens_per_second": r.tokens_per_second, "padding_overhead": r.padding_overhead,
+         "dollars_per_million_tokens": None if gpu_price is None else dollars_per_million(gpu_price * (1 - spot_discount), r.tokens_per_second)}
+        for b, r in swept
+    )  # fmt: skip
     return DryRun(count, choice.device, s.docs, s.tokens, tps, startup, s.padding_overhead, expected, int(per_row * kept), int(index),
-                  dollars, per_million)  # fmt: skip
+                  dollars, per_million, points)  # fmt: skip
+
+
+SWEEP_FRACTIONS = (1 / 64, 1 / 16, 1 / 4, 1)  # of the device's largest default budget: the cost curve's points
+
+
+def sweep_budgets(device: str) -> tuple[int, ...]:
+    """Batch budgets for the cost curve of `encode --dry-run --plot` on this kind of device."""
+    from .config import DEFAULT_BATCH_TOKENS
+    from .encoder import choose_device
+
+    cap = DEFAULT_BATCH_TOKENS[choose_device(device, "auto").type]
+    return tuple(max(256, int(cap * f)) for f in SWEEP_FRACTIONS)
+
+
+def _calibrate(sample: Path, out: Path, cfg, batch_tokens: int | None):
+    """One real encode of the calibration sample with cfg's options at `batch_tokens`."""
+    from .pipeline import encode
+
+    return encode(sample, out, model=cfg.model, device=cfg.device, dtype=cfg.dtype, precision=cfg.precision, normalize=cfg.normalize,
+                  batch_tokens=batch_tokens, tokenize_workers=cfg.tokenize_workers, keep_empty=cfg.keep_empty,
+                  max_seq_length=cfg.max_seq_length, progress=False)  # fmt: skip
 
 
 CALIBRATION_ROWS = {"cuda": 100_000, "cpu": 1_000}  # seconds of encoding on an H200; tens of seconds on 2 CPU cores

@@ -79,3 +79,25 @@ def plot_timeline(log: list[dict], path: str | Path, title: str = "") -> dict:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return {"bars": bars, "workers": workers, "tail_seconds": tail}
+
+
+def plot_batch_sweep(sweep: tuple | list, path: str | Path, title: str = "") -> dict:
+    """$/1M tokens (or, without a price, tokens/s) against the batch budget, from the points
+    that `encode --dry-run --plot` measured on this device."""
+    if not sweep:
+        raise EmbedkitError("no batch sizes were measured")
+    plt = _pyplot()
+    budgets = [p["batch_tokens"] for p in sweep]
+    priced = all(p.get("dollars_per_million_tokens") is not None for p in sweep)
+    ys = [p["dollars_per_million_tokens"] if priced else p["tokens_per_second"] for p in sweep]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(budgets, ys, marker="o")
+    ax.set_xscale("log", base=2)
+    for b, y, p in zip(budgets, ys, sweep):
+        ax.annotate(f"pad {100 * p['padding_overhead']:.0f}%", (b, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.set(xlabel="batch budget (padded tokens per forward pass)", ylabel="$ per 1M tokens" if priced else "tokens/s",
+           title=title or ("cost per token against batch size" if priced else "throughput against batch size"))  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"batch_tokens": budgets, "y": ys, "priced": priced}

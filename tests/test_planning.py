@@ -259,6 +259,23 @@ def test_generate_dry_run_predicts_a_real_run_and_writes_nothing(run_cli, short_
     assert d["dollars"] == pytest.approx(d["expected_seconds"] / 3600)
 
 
+def test_encode_dry_run_plot_measures_cost_against_batch_size(run_cli, refused, small_input, tmp_path):
+    from embedkit.planning import sweep_budgets
+
+    r = run_cli("encode", small_input, tmp_path / "out", "--device", "cpu", "--dry-run", "--sample", "0", "--calibrate-rows", "64",
+                "--gpu-price", "2", "--spot-discount", "0.5", "--plot", tmp_path / "sweep.png", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert [p["batch_tokens"] for p in d["sweep"]] == list(sweep_budgets("cpu")) == [256, 1024, 4096, 16384]
+    for p in d["sweep"]:  # each point is its own measured calibration, priced by the cost formula
+        assert p["tokens_per_second"] > 0
+        assert p["dollars_per_million_tokens"] == pytest.approx(dollars_per_million(1.0, p["tokens_per_second"]))
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "out").exists()
+    refused(run_cli("encode", small_input, tmp_path / "out", "--plot", tmp_path / "x.png"), "--plot goes with --dry-run")
+    assert not (tmp_path / "out").exists()
+
+
 def test_plan_plot_draws_the_plan(tmp_path, run_cli):
     from embedkit.plots import plot_plan
 
