@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from . import __version__
 from .batching import pack_batches, pad_rows
-from .config import DEFAULT_BATCH_TOKENS, DEFAULT_MODEL, DEFAULT_SHARD_ROWS, EncodeConfig
+from .config import DEFAULT_BATCH_TOKENS, DEFAULT_MODEL, EncodeConfig
 from .corpus import Columns, Corpus, find_first_duplicate, open_corpus
 from .encoder import DeviceChoice, Encoder, choose_device, default_batch_tokens
 from .errors import EmbedkitError
@@ -38,6 +38,7 @@ from .models import (
     truncation_side,
     weights_hash,
 )
+from .planning import default_shard_rows
 from .runtime import retain_freed_memory
 from .shards import MANIFEST, OutputLock, Shard, manifest_differences, read_manifest, shards_from_manifest, write_manifest
 from .store import VECTORS_DIR, VectorStore, vectors_schema, vectors_table
@@ -248,7 +249,7 @@ def _prepare(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice)
     store = VectorStore(out)
     if old is None and store.exists():
         raise EmbedkitError(f"{out} holds {VECTORS_DIR} but no {MANIFEST}; start fresh with --overwrite")
-    shard_rows = cfg.shard_rows or (old["plan"]["shard_rows"] if old else DEFAULT_SHARD_ROWS[choice.type])
+    shard_rows = cfg.shard_rows or (old["plan"]["shard_rows"] if old else default_shard_rows(corpus.num_rows, choice.type, cfg.workers))
     manifest = _manifest(corpus, cfg, source.name, weights_hash(source, st), dim, max_length, pooling_mode(st), shard_rows)
     if old is not None:
         diffs = manifest_differences(old, manifest)

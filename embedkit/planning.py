@@ -302,6 +302,26 @@ def _lengths(corpus, tok, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.
 SHARD_SAMPLE_ROWS = 256  # rows per shard tokenized to rank the shards of a multi-worker run
 
 
+SHARDS_PER_WORKER = 4  # by default, a multi-worker run cuts at least this many shards per worker
+MIN_SHARD_ROWS = 1_000
+
+
+def default_shard_rows(rows: int, device_type: str, workers: int = 1) -> int:
+    """The shard size of a new output when the user gives none: DEFAULT_SHARD_ROWS for the
+    device, capped for several workers so each gets SHARDS_PER_WORKER shards or more (then the
+    last shard to finish is a small part of any worker's share, and re-issuing it is cheap).
+
+    >>> default_shard_rows(10_000_000, "cuda", 1), default_shard_rows(10_000_000, "cuda", 8)
+    (1000000, 312500)
+    """
+    from .config import DEFAULT_SHARD_ROWS
+
+    base = DEFAULT_SHARD_ROWS[device_type]
+    if workers <= 1:
+        return base
+    return min(base, max(MIN_SHARD_ROWS, -(-rows // (workers * SHARDS_PER_WORKER))))
+
+
 def longest_first(corpus, job, pending: list) -> list:
     """Pending shards ordered by their token count, the most first (each estimated from
     SHARD_SAMPLE_ROWS random rows). Shards have equal rows but not equal tokens; starting the

@@ -174,6 +174,23 @@ def test_plan_command_refusals(run_cli, refused, args, words):
     refused(r, *words)
 
 
+@pytest.mark.parametrize(
+    "rows, device, workers, expected",
+    [
+        (10_000_000, "cuda", 1, 1_000_000),  # one worker: the device's default
+        (10_000_000, "cuda", 2, 1_000_000),  # 10 shards for 2 workers: already 4 or more each
+        (10_000_000, "cuda", 8, 312_500),  # capped: 32 shards, 4 per worker
+        (1_000_000_000, "cuda", 64, 1_000_000),  # a billion rows: the default already gives 1,000 shards
+        (50_000, "cpu", 2, 6_250),
+        (3_000, "cpu", 4, 1_000),  # never below MIN_SHARD_ROWS
+    ],
+)
+def test_default_shard_rows_give_each_worker_several_shards(rows, device, workers, expected):
+    from embedkit.planning import default_shard_rows
+
+    assert default_shard_rows(rows, device, workers) == expected
+
+
 # ---- encode --dry-run ------------------------------------------------------------------------
 
 TIME_FACTOR = 3.0  # a CPU calibration of a few hundred rows predicts a full run's time within this factor
