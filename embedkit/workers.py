@@ -25,7 +25,8 @@ from .config import EncodeConfig
 from .errors import EmbedkitError
 
 COMMIT_TOKENS = ".embedkit-commits"  # one empty file per committed shard, during a multi-worker run
-STRAGGLER_GRACE_S = 5.0  # after the last commit: how long a worker busy with a duplicate may take to report
+STRAGGLER_GRACE_S = 2.0  # after the last commit: how long a worker busy with a duplicate may take to report
+IDLE_REPORT_S = 120.0  # after the last commit: how long a worker holding nothing (still starting, say) may take
 
 
 def run_workers(input: str | Path, out: Path, cfg: EncodeConfig, job: Any, pending: list, skipped: int) -> Any:
@@ -87,7 +88,8 @@ def _coordinate(procs: list, shards: Any, results: Any, pending: set, *, reissue
     Once every shard has been taken and a worker holds nothing, the oldest shard still running
     elsewhere is queued again (once): whichever worker commits it first wins, the other's
     fragments are dropped. When all shards are committed, workers still busy (with a duplicate)
-    get STRAGGLER_GRACE_S to report and are then stopped.
+    get STRAGGLER_GRACE_S to report and are then stopped; a worker that holds nothing (one still
+    loading its model when the shards ran out) is waited for: it only has to see the end.
     """
     run = _Run(outstanding=set(pending))
     total = len(pending)
@@ -95,9 +97,13 @@ def _coordinate(procs: list, shards: Any, results: Any, pending: set, *, reissue
     held: dict[int, set] = {i: set() for i in range(len(procs))}
     commit_times: list[float] = []
     finished_at = None
+    reported: set = set()
     while len(run.reports) < len(procs):
-        if finished_at is not None and time.monotonic() - finished_at > STRAGGLER_GRACE_S:
-            break
+        if finished_at is not None:
+            waited = time.monotonic() - finished_at
+            busy = any(held[w] for w in range(len(procs)) if w not in reported)
+            if waited > IDLE_REPORT_S or (busy and waited > STRAGGLER_GRACE_S):
+                break
         try:
             msg = results.get(timeout=0.5)
         except queue.Empty:
@@ -106,7 +112,8 @@ def _coordinate(procs: list, shards: Any, results: Any, pending: set, *, reissue
             continue
         kind = msg[0]
         if kind in ("ok", "error"):
-            run.reports.append(msg)
+            run.reports.append(msg[:2])
+            reported.add(msg[2])
             continue
         _, worker, shard, payload = msg
         if kind == "claim":
@@ -211,11 +218,11 @@ def _worker(input: str, out: str, cfg: EncodeConfig, device: str, worker: int, s
 
         hooks = WorkerHooks(events=lambda kind, shard, counts: results.put((kind, worker, shard, counts)), take=lambda i: take_commit_token(tokens, i))
         summary = _run_shards(corpus, job, take(), cfg, skipped=0, hooks=hooks)
-        results.put(("ok", summary.to_dict()))
+        results.put(("ok", summary.to_dict(), worker))
     except EmbedkitError as e:
-        results.put(("error", str(e)))
+        results.put(("error", str(e), worker))
     except BaseException as e:  # reported to the parent as one line
-        results.put(("error", f"{device} worker failed: {type(e).__name__}: {e}"))
+        results.put(("error", f"{device} worker failed: {type(e).__name__}: {e}", worker))
 
 
 def take_commit_token(tokens: Path, shard: int) -> bool:
