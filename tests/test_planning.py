@@ -191,6 +191,25 @@ def test_default_shard_rows_give_each_worker_several_shards(rows, device, worker
     assert default_shard_rows(rows, device, workers) == expected
 
 
+def test_shards_go_out_longest_first_by_tokens(tmp_path):
+    """Shards of equal rows but different document lengths: the one with the most tokens first."""
+    from types import SimpleNamespace
+
+    from embedkit.corpus import Columns, open_corpus
+    from embedkit.models import fast_tokenizer_json, load_sentence_transformer, resolve_model, truncation_side
+    from embedkit.planning import longest_first
+    from embedkit.shards import plan_shards
+
+    words = {0: 3, 1: 60, 2: 20, 3: 1}  # words per document in each 64-row shard
+    texts = [" ".join(["token"] * words[i // 64]) for i in range(64 * len(words))]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "docs.parquet")
+    corpus = open_corpus(tmp_path / "docs.parquet", Columns())
+    st = load_sentence_transformer(resolve_model("all-MiniLM-L6-v2"), "cpu")
+    job = SimpleNamespace(tokenizer_json=fast_tokenizer_json(st), max_length=256, truncation_side=truncation_side(st))
+    order = longest_first(corpus, job, plan_shards(corpus.num_rows, 64))
+    assert [s.index for s in order] == [1, 2, 0, 3]
+
+
 # ---- encode --dry-run ------------------------------------------------------------------------
 
 TIME_FACTOR = 3.0  # a CPU calibration of a few hundred rows predicts a full run's time within this factor
