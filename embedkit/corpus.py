@@ -7,6 +7,10 @@ run reads exactly the rows it read before. Formats:
 - Lance: a dataset folder (``*.lance`` or any folder holding ``_versions``), pinned to its version;
 - .jsonl / .csv: parsed once by pyarrow and sliced in memory;
 - a folder of ``.txt`` files: one document each, id = path relative to the folder.
+
+A text column may also hold bytes (binary): they are decoded as UTF-8. A value that is not
+text (bytes that are not valid UTF-8, a number or object in a JSON text field) reads as null,
+so the pipeline skips and counts it like an empty text and the rest of the shard proceeds.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import pyarrow as pa
 from .errors import EmbedkitError
 
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.string_view())
+BINARY_TYPES = (pa.binary(), pa.large_binary(), pa.binary_view())  # decoded as UTF-8, row by row
 
 
 class Corpus(Protocol):
@@ -66,7 +71,7 @@ def open_corpus(path: str | os.PathLike, columns: Columns = Columns()) -> Corpus
     if suffix in (".parquet", ".pq"):
         return ParquetCorpus(p, columns)
     if suffix in (".jsonl", ".ndjson", ".json"):
-        return TableCorpus(p, _read_jsonl(p), columns, "jsonl")
+        return TableCorpus(p, _read_jsonl(p, columns), columns, "jsonl")
     if suffix in (".csv", ".tsv"):
         return TableCorpus(p, _read_csv(p, columns.text), columns, "csv")
     raise EmbedkitError(
@@ -90,7 +95,7 @@ def _check_columns(schema: pa.Schema, columns: Columns, source: Path) -> str | N
             f"{source}: no text column {columns.text!r} (columns: {', '.join(names)}); pick one with --text-column"
         )
     text_type = schema.field(columns.text).type
-    if text_type not in TEXT_TYPES and text_type != pa.null():
+    if text_type not in TEXT_TYPES + BINARY_TYPES and text_type != pa.null():
         raise EmbedkitError(
             f"{source}: column {columns.text!r} holds {text_type}, not text; pick a string column with --text-column"
         )
@@ -121,9 +126,35 @@ def _normalize(table: pa.Table, text_col: str, id_col: str | None, id_type: pa.D
     text = table.column(text_col)
     if text.type == pa.null():
         text = pa.nulls(table.num_rows, pa.string())
+    elif text.type in BINARY_TYPES:
+        text = utf8_or_null(text)
     elif text.type != pa.string():
         text = text.cast(pa.string())
     return pa.table({"id": ids, "text": text})
+
+
+def utf8_or_null(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Bytes decoded as UTF-8 text; a value that is not valid UTF-8 becomes null.
+
+    One invalid document must not stop the run: it reads as a missing text, which the pipeline
+    skips and counts. The common all-valid case is one vectorized cast.
+
+    >>> utf8_or_null(pa.array(["café".encode(), "café".encode("latin-1"), None])).to_pylist()
+    ['café', None, None]
+    """
+    try:
+        return values.cast(pa.string())
+    except pa.ArrowInvalid:  # at least one value is not UTF-8: decode one by one
+        return pa.array([_decode_or_none(b) for b in values.to_pylist()], pa.string())
+
+
+def _decode_or_none(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 class ParquetCorpus:
@@ -321,7 +352,7 @@ class TextFolderCorpus:
         return {"kind": self.kind, "path": str(self.path.resolve()), "rows": self.num_rows, "listing_sha256": h.hexdigest()}
 
 
-def _read_jsonl(path: Path) -> pa.Table:
+def _read_jsonl(path: Path, columns: Columns) -> pa.Table:
     import pyarrow.json as pj
 
     if path.stat().st_size == 0:
@@ -329,7 +360,45 @@ def _read_jsonl(path: Path) -> pa.Table:
     try:
         return pj.read_json(path)
     except Exception as e:
+        if "changed from" in str(e):  # a field whose type differs between rows: read them one by one
+            return _read_jsonl_rows(path, columns)
         raise EmbedkitError(f"cannot parse {path} as JSON lines: {_first_line(e)}") from None
+
+
+def _read_jsonl_rows(path: Path, columns: Columns) -> pa.Table:
+    """The text and id columns of a JSON lines file whose fields change type between rows.
+
+    A text value that is not a string (a number, a boolean, an object) reads as null: that row
+    is skipped and counted, the others are kept. Ids must still be all integers or all strings.
+    """
+    import json
+
+    keep = [columns.text, columns.id or "id"]
+    values: dict[str, list] = {name: [] for name in keep}
+    present: set[str] = set()
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise EmbedkitError(f"cannot parse {path} as JSON lines: line {n}: {e}") from None
+            if not isinstance(row, dict):
+                raise EmbedkitError(f"cannot parse {path} as JSON lines: line {n} is not an object")
+            present.update(k for k in keep if k in row)
+            for name in keep:
+                values[name].append(row.get(name))
+    values[columns.text] = [v if isinstance(v, str) else None for v in values[columns.text]]
+    arrays = {}
+    for name in keep:
+        if name not in present and name != columns.text:
+            continue
+        try:
+            arrays[name] = pa.array(values[name], pa.string() if name == columns.text else None)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise EmbedkitError(f"{path}: field {name!r} mixes types ({_first_line(e)})") from None
+    return pa.table(arrays)
 
 
 def _read_csv(path: Path, text_column: str) -> pa.Table:

@@ -5,10 +5,15 @@ so vectors are the model's; embedkit only replaces how batches are formed and fe
 weights are cast to fp16/bf16 once (cheaper than autocasting every matmul), ids travel through a
 ring of pinned staging buffers with non-blocking copies, and nothing synchronizes until a shard's
 vectors are fetched.
+
+Vectors are checked when fetched, before anything is written: a row whose vector holds NaN or
+Inf is run again alone in fp32 (a 16-bit forward can overflow where fp32 does not), and a row
+still not finite is reported to the caller, which quarantines it.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +87,10 @@ class Encoder:
         self.normalize = normalize
         self.out_dtype = torch.float16 if out_dtype == "float16" else torch.float32
         compute = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[choice.precision]
+        # Rows that come out NaN/Inf are retried in fp32 on the host, with the weights as loaded:
+        # a 16-bit run keeps an fp32 copy there (the cast below is in place), an fp32 run
+        # retries with its own model.
+        self._fp32 = copy.deepcopy(model).float().cpu().eval() if compute != torch.float32 else None
         self.model = model.to(device=choice.device, dtype=compute).eval()
         self.device = torch.device(choice.device)
         input_names = getattr(getattr(model, "tokenizer", None), "model_input_names", []) or []
@@ -137,12 +146,12 @@ class Encoder:
         seq = ids.shape[1]
         return self.torch.arange(seq, device=ids.device)[None, :] < lens[:, None]
 
-    def _forward_modules(self, ids: Any, lens: Any, padded: bool) -> Any:
-        """The SentenceTransformer's own forward over all its modules."""
+    def _forward_modules(self, ids: Any, lens: Any, padded: bool, model: Any = None) -> Any:
+        """The SentenceTransformer's own forward over all its modules (`model`: another copy of it)."""
         features = {"input_ids": ids, "attention_mask": self._mask(ids, lens).long()}
         if self._wants_token_types:
             features["token_type_ids"] = self.torch.zeros_like(ids)
-        return self.model(features)["sentence_embedding"]
+        return (model or self.model)(features)["sentence_embedding"]
 
     def _forward_direct(self, ids: Any, lens: Any, padded: bool) -> Any:
         """The transformer called with a ready 4-D mask, then the remaining modules.
@@ -188,8 +197,47 @@ class Encoder:
         cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
         return bool((cos > 0.9999).all())
 
+    def fetch_checked(self, tensors: list[Any], batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, int]:
+        """The vectors of `batches` (their `forward` outputs), non-finite rows retried alone in fp32.
+
+        Returns (vectors, positions of rows still not finite, rows retried). A still-bad row's
+        vector is left as computed: the caller must not write it.
+        """
+        torch = self.torch
+        if not tensors:
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), 0
+        host = torch.cat(tensors).cpu().numpy()
+        bad = np.flatnonzero(~np.isfinite(host).all(axis=1))
+        if len(bad) == 0:
+            return host, bad, 0
+        ends = np.cumsum([len(ids) for ids, _ in batches])
+        still = []
+        for row in bad:
+            b = int(np.searchsorted(ends, row, side="right"))
+            j = int(row - (ends[b - 1] if b else 0))
+            ids, lengths = batches[b]
+            vector = self._retry_fp32(ids[j : j + 1, : lengths[j]], lengths[j : j + 1])
+            if np.isfinite(vector).all():
+                host[row] = vector
+            else:
+                still.append(row)
+        return host, np.asarray(still, np.int64), len(bad)
+
+    def _retry_fp32(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """One row alone, through the model's modules in fp32, in the output dtype."""
+        torch = self.torch
+        model = self._fp32 if self._fp32 is not None else self.model
+        device = torch.device("cpu") if self._fp32 is not None else self.device
+        with torch.inference_mode():
+            ids_t = torch.from_numpy(np.ascontiguousarray(ids)).long().to(device)
+            lens_t = torch.from_numpy(lengths.astype(np.int32)).to(device)
+            out = self._forward_modules(ids_t, lens_t, False, model=model).float()
+            if self.normalize:
+                out = torch.nn.functional.normalize(out, dim=-1)
+            return out.to(self.out_dtype).float().cpu().numpy()[0]
+
     def fetch(self, tensors: list[Any]) -> np.ndarray:
-        """Concatenate device tensors and bring them to the host (one synchronization)."""
+        """Concatenate device tensors and bring them to the host (one synchronization); raise on NaN/Inf."""
         torch = self.torch
         if not tensors:
             return np.zeros((0, 0), np.float32)

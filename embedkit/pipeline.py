@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -49,7 +49,7 @@ SHARDS_IN_FLIGHT = 2  # shards a worker of a multi-worker run holds: one on the 
 FIRST_WINDOW = 4096  # documents in the run's first window (later windows double up to window_docs)
 
 
-SUMMED_FIELDS = ("docs", "tokens", "padded_tokens", "truncated", "skipped_empty", "shards_done", "input_wait_seconds")
+SUMMED_FIELDS = ("docs", "tokens", "padded_tokens", "truncated", "skipped_empty", "shards_done", "input_wait_seconds", "retried", "quarantined")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,9 @@ class EncodeSummary:
     parts: tuple = ()
     reissued: int = 0  # --gpus: shards queued again for an idle worker (first commit wins)
     tail_seconds: float = 0.0  # --gpus: time from 95% of shards committed to 100%
+    retried: int = 0  # rows whose vectors were not finite, run again alone in fp32
+    quarantined: int = 0  # rows still not finite: left out, their ids recorded in their shard's commit
+    quarantined_ids: tuple = ()  # this process's quarantined ids (all of them: `embedkit status OUT --json`)
 
     @property
     def tokens_per_second(self) -> float:
@@ -108,7 +111,16 @@ class EncodeSummary:
             f"padding {100 * self.padding_overhead:.1f}%, shards {self.shards_done} new + "
             f"{self.shards_skipped} already done of {self.shards_total}"
             + (f"; tail {self.tail_seconds:.1f} s, {self.reissued} shards re-issued" if self.parts else "")
+            + (f"; non-finite vectors: {self.retried} rows retried in fp32, {self.quarantined} quarantined{_ids(self.quarantined_ids)}"
+               if self.retried else "")
         )
+
+
+def _ids(ids: tuple, shown: int = 10) -> str:
+    if not ids:
+        return ""
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return f" (ids {', '.join(map(repr, ids[:shown]))}{more})"
 
 
 def encode(
@@ -358,6 +370,8 @@ class _Totals:
     skipped_empty: int = 0
     shards_done: int = 0
     input_wait: float = 0.0
+    retried: int = 0
+    quarantined_ids: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -414,6 +428,8 @@ class _Written:
     tokens: int
     padded_tokens: int
     truncated: int
+    retried: int = 0
+    quarantined: tuple = ()  # ids left out: their vectors stayed NaN/Inf in fp32 too
 
 
 def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, bar: "_Progress", claims: threading.Semaphore | None = None,
@@ -462,12 +478,23 @@ def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, b
 
 
 def _write_window(encoder: Encoder, job: _Job, window: _Window, outputs: list[Any]) -> _Written:
-    """Fetch a window's vectors and write them as uncommitted fragments."""
-    vectors = encoder.fetch(outputs)
-    table = vectors_table(job.schema, window.ids, vectors, window.n_tokens, window.truncated)
+    """Fetch a window's vectors and write them as uncommitted fragments.
+
+    Checked before the write: a row whose vector is NaN/Inf was run again alone in fp32 by the
+    encoder; one still not finite is quarantined (left out, its id kept for the shard's commit).
+    """
+    vectors, bad, retried = encoder.fetch_checked(outputs, window.batches)
+    ids, n_tokens, truncated = window.ids, window.n_tokens, window.truncated
+    quarantined: tuple = ()
+    if len(bad):
+        keep = np.ones(len(vectors), bool)
+        keep[bad] = False
+        quarantined = tuple(ids.take(pa.array(bad)).to_pylist())
+        ids, vectors, n_tokens, truncated = ids.filter(pa.array(keep)), vectors[keep], n_tokens[keep], truncated[keep]
+    table = vectors_table(job.schema, ids, vectors, n_tokens, truncated)
     return _Written(
-        fragments=job.store.write_fragments(table), docs=table.num_rows, tokens=window.tokens,
-        padded_tokens=window.padded_tokens, truncated=int(window.truncated.sum()),
+        fragments=job.store.write_fragments(table) if table.num_rows else [], docs=table.num_rows, tokens=window.tokens,
+        padded_tokens=window.padded_tokens, truncated=int(truncated.sum()), retried=retried, quarantined=quarantined,
     )  # fmt: skip
 
 
@@ -483,11 +510,15 @@ def _commit_shard(job: _Job, shard: Shard, written: list[Future], totals: _Total
         return
     if not fragments:  # a shard of only empty texts still commits, so the ledger shows it done
         fragments = job.store.write_fragments(job.schema.empty_table())
-    job.store.commit_fragments(shard.index, fragments, started)
+    quarantined = [i for p in parts for i in p.quarantined]
+    job.store.commit_fragments(shard.index, fragments, started, quarantined)
     counts = {
         "docs": sum(p.docs for p in parts), "tokens": sum(p.tokens for p in parts), "padded_tokens": sum(p.padded_tokens for p in parts),
         "truncated": sum(p.truncated for p in parts), "skipped_empty": skipped_empty, "shards_done": 1,
+        "retried": sum(p.retried for p in parts), "quarantined": len(quarantined),
     }  # fmt: skip
+    totals.retried += counts["retried"]
+    totals.quarantined_ids += quarantined
     totals.docs += counts["docs"]
     totals.tokens += counts["tokens"]
     totals.padded_tokens += counts["padded_tokens"]
@@ -624,6 +655,7 @@ def _summary(job: _Job, t: _Totals, seconds: float, skipped: int) -> EncodeSumma
         out=str(job.out), device=job.choice.device, docs=t.docs, tokens=t.tokens, padded_tokens=t.padded_tokens,
         seconds=seconds, truncated=t.truncated, skipped_empty=t.skipped_empty, shards_done=t.shards_done,
         shards_skipped=skipped, shards_total=len(job.shards), input_wait_seconds=round(t.input_wait, 3),
+        retried=t.retried, quarantined=len(t.quarantined_ids), quarantined_ids=tuple(t.quarantined_ids),
     )  # fmt: skip
 
 

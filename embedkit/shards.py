@@ -8,6 +8,7 @@ dtype, normalization, input): a resume that would mix two different things is re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -64,8 +65,13 @@ def write_manifest(out: Path, manifest: dict) -> None:
     """Write atomically: a crash leaves the old manifest or the new one, never half of one."""
     path = Path(out) / MANIFEST
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk or a read-only folder: one line, not a traceback
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise EmbedkitError(f"cannot write {path}: {e.strerror or e}; free space (or fix the path) and rerun") from None
 
 
 # Manifest keys whose change makes an existing output unusable, and how to name them.

@@ -19,6 +19,7 @@ class OutputStatus:
     rows: int
     tokens: int
     manifest: dict
+    quarantined: tuple = ()  # ids left out because their vectors stayed NaN/Inf (retried in fp32 too)
 
     @property
     def complete(self) -> bool:
@@ -27,7 +28,8 @@ class OutputStatus:
     def to_dict(self) -> dict:
         return {
             "out": self.out, "shards_done": self.shards_done, "shards_total": self.shards_total,
-            "rows": self.rows, "tokens": self.tokens, "complete": self.complete, "manifest": self.manifest,
+            "rows": self.rows, "tokens": self.tokens, "complete": self.complete, "quarantined": list(self.quarantined),
+            "manifest": self.manifest,
         }  # fmt: skip
 
 
@@ -46,9 +48,10 @@ def status(out: str | Path) -> OutputStatus:
     store = VectorStore(out)
     done = store.committed_shards() if store.exists() else {}
     rows, tokens = store.row_stats() if store.exists() else (0, 0)
+    quarantined = tuple(store.quarantined()) if store.exists() else ()
     return OutputStatus(
         out=str(out), shards_done=len(done), shards_total=manifest["plan"]["shards"], rows=rows, tokens=tokens,
-        manifest=manifest,
+        manifest=manifest, quarantined=quarantined,
     )  # fmt: skip
 
 

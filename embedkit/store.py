@@ -5,14 +5,21 @@ whose transaction carries the shard's index (`embedkit.shard`). So a shard is in
 and the set of committed shards is read from the dataset's own transactions: there is no second
 ledger that could disagree with the data. Fragments written by a killed run belong to no commit;
 they are invisible to readers and are deleted by `remove_uncommitted` under the run's lock.
+
+A committed shard whose data files were damaged later (missing, or not the size its commit
+recorded) no longer counts as done; the next run removes its fragments in one commit
+(`embedkit.dropped`) and redoes it. Storage errors (a full disk, a file-size limit) become
+one-line `EmbedkitError`s: what is committed stays, and rerunning resumes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +31,8 @@ SHARD_KEY = "embedkit.shard"
 WORKER_KEY = "embedkit.worker"  # host:pid of the process that committed
 STARTED_KEY = "embedkit.started"
 COMMITTED_KEY = "embedkit.committed"
+DROPPED_KEY = "embedkit.dropped"  # shards whose damaged fragments a repair removed (comma-separated)
+QUARANTINED_KEY = "embedkit.quarantined"  # JSON list of ids left out of the shard (non-finite vectors)
 # Fragments of about this many rows: large sequential files for readers and the index build.
 MAX_ROWS_PER_FILE = 1 << 20
 
@@ -80,30 +89,113 @@ class VectorStore:
         """An empty dataset with the output schema (version 1): every shard is then an append."""
         import lance
 
-        lance.write_dataset(schema.empty_table(), self.uri, schema=schema, mode="create")
+        try:
+            lance.write_dataset(schema.empty_table(), self.uri, schema=schema, mode="create")
+        except OSError as e:
+            raise self._storage_error(e) from None
 
     def committed_shards(self) -> dict[int, int]:
-        """Shard index -> rows it committed, read from the dataset's transactions."""
+        """Shard index -> rows it committed, read from the dataset's transactions.
+
+        A shard whose data files are damaged (missing or resized since its commit) is left
+        out: it is not done, and the next run redoes it (see `remove_uncommitted`).
+        """
         ds = self.dataset()
-        done: dict[int, int] = {}
-        for tx in ds.get_transactions(ds.version):
-            props = getattr(tx, "transaction_properties", None) or {} if tx is not None else {}
+        ledger = self._ledger(ds)
+        damaged = self._damaged_shards(ds, ledger)
+        return {shard: rows for shard, (rows, _) in ledger.items() if shard not in damaged}
+
+    def quarantined(self) -> list:
+        """Ids left out of committed shards because their vectors were not finite, in shard order."""
+        ds = self.dataset()
+        found: dict[int, list] = {}
+        for tx in _oldest_first(ds):
+            props = _props(tx)
             if SHARD_KEY in props:
-                rows = sum(f.physical_rows for f in tx.operation.fragments)
-                done[int(props[SHARD_KEY])] = rows
-        return done
+                found[int(props[SHARD_KEY])] = json.loads(props.get(QUARANTINED_KEY, "[]"))
+            for shard in _dropped(props):
+                found.pop(shard, None)
+        return [i for shard in sorted(found) for i in found[shard]]
+
+    def _ledger(self, ds: Any) -> dict[int, tuple[int, list[str]]]:
+        """Shard -> (rows, its data file names), replaying commits and repairs oldest first."""
+        ledger: dict[int, tuple[int, list[str]]] = {}
+        for tx in _oldest_first(ds):
+            props = _props(tx)
+            if SHARD_KEY in props:
+                frags = tx.operation.fragments
+                files = [f.path for frag in frags for f in frag.files]
+                ledger[int(props[SHARD_KEY])] = (sum(f.physical_rows for f in frags), files)
+            for shard in _dropped(props):
+                ledger.pop(shard, None)
+        return ledger
+
+    def _damaged_files(self, ds: Any) -> dict[str, int]:
+        """Data file name -> fragment id, for referenced files that are missing or not the size
+        their commit recorded (a stat per file: no data is read)."""
+        data = self.path / "data"
+        if not data.is_dir():  # not a local dataset: nothing to stat
+            return {}
+        bad = {}
+        for frag in ds.get_fragments():
+            for f in frag.data_files():
+                expected = getattr(f, "file_size_bytes", None)
+                try:
+                    size = os.stat(data / f.path).st_size
+                except FileNotFoundError:
+                    size = -1
+                if size < 0 or (expected and size != expected):
+                    bad[f.path] = frag.fragment_id
+        return bad
+
+    def _damaged_shards(self, ds: Any, ledger: dict[int, tuple[int, list[str]]]) -> set[int]:
+        bad = self._damaged_files(ds)
+        if not bad:
+            return set()
+        return {shard for shard, (_, files) in ledger.items() if any(f in bad for f in files)}
+
+    def drop_damaged(self) -> list[int]:
+        """Remove every fragment of each shard with a damaged data file, in one commit that
+        records those shards as dropped (so they are redone); returns the shards."""
+        import lance
+        from lance.dataset import Transaction
+
+        ds = self.dataset()
+        ledger = self._ledger(ds)
+        shards = sorted(self._damaged_shards(ds, ledger))
+        if not shards:
+            return []
+        files = {f for shard in shards for f in ledger[shard][1]}
+        ids = sorted({frag.fragment_id for frag in ds.get_fragments() for f in frag.data_files() if f.path in files})
+        op = lance.LanceOperation.Delete(updated_fragments=[], deleted_fragment_ids=ids, predicate="embedkit: damaged data files")
+        tx = Transaction(read_version=ds.version, operation=op, transaction_properties={DROPPED_KEY: ",".join(map(str, shards))})
+        try:
+            lance.LanceDataset.commit(self.uri, tx)
+        except OSError as e:
+            raise self._storage_error(e) from None
+        return shards
 
     def write_fragments(self, table: pa.Table) -> list:
         """Write rows as data fragments that no version references yet (invisible to readers)."""
         from lance.fragment import write_fragments
 
-        return write_fragments(table, self.uri, schema=table.schema, max_rows_per_file=MAX_ROWS_PER_FILE)
+        try:
+            return write_fragments(table, self.uri, schema=table.schema, max_rows_per_file=MAX_ROWS_PER_FILE)
+        except OSError as e:
+            raise self._storage_error(e) from None
 
-    def commit_fragments(self, shard: int, fragments: list, started: float | None = None) -> int:
+    def _storage_error(self, e: OSError) -> EmbedkitError:
+        """A write that storage refused (full disk, file-size limit, read-only): one line, and
+        the promise a rerun keeps, since nothing uncommitted is ever visible."""
+        return EmbedkitError(f"cannot write to {self.uri}: {storage_reason(e)}; committed shards are kept: "
+                             "free space (or fix the path) and rerun the same command to resume")  # fmt: skip
+
+    def commit_fragments(self, shard: int, fragments: list, started: float | None = None, quarantined: list | None = None) -> int:
         """Make a shard's fragments visible in one commit that records the shard; returns the version.
 
         The commit also records who committed it and when the shard started and ended (epoch
-        seconds): the run's timeline (`embedkit status OUT --plot`).
+        seconds): the run's timeline (`embedkit status OUT --plot`); and the ids of rows left
+        out because their vectors were not finite (`quarantined`).
         """
         import lance
         from lance.dataset import Transaction
@@ -111,6 +203,8 @@ class VectorStore:
         props = {SHARD_KEY: str(shard), WORKER_KEY: f"{socket.gethostname()}:{os.getpid()}"}
         if started is not None:
             props[STARTED_KEY] = f"{started:.3f}"
+        if quarantined:
+            props[QUARANTINED_KEY] = json.dumps(list(quarantined))
 
         # Several workers may commit to one dataset; Lance rebases concurrent appends, and a
         # commit that still loses the race is retried on the new latest version.
@@ -124,20 +218,22 @@ class VectorStore:
                 return lance.LanceDataset.commit(self.uri, tx).version
             except Exception as e:  # pylance raises several types for a lost race
                 if "onflict" not in str(e) and "etry" not in str(e) or attempt == 19:
+                    if isinstance(e, OSError):
+                        raise self._storage_error(e) from None
                     raise
                 time.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def commit_shard(self, shard: int, table: pa.Table, started: float | None = None) -> int:
+    def commit_shard(self, shard: int, table: pa.Table, started: float | None = None, quarantined: list | None = None) -> int:
         """Write and commit a whole shard at once."""
-        return self.commit_fragments(shard, self.write_fragments(table), started)
+        return self.commit_fragments(shard, self.write_fragments(table), started, quarantined)
 
     def commit_log(self) -> list[dict]:
         """Per committed shard: index, rows, worker, started and committed (epoch seconds; None if not recorded)."""
         ds = self.dataset()
         log = []
         for tx in ds.get_transactions(ds.version):
-            props = getattr(tx, "transaction_properties", None) or {} if tx is not None else {}
+            props = _props(tx)
             if SHARD_KEY in props:
                 log.append({
                     "shard": int(props[SHARD_KEY]), "rows": sum(f.physical_rows for f in tx.operation.fragments),
@@ -148,23 +244,55 @@ class VectorStore:
     def remove_uncommitted(self) -> int:
         """Delete data files that no version references (left by a killed run); returns bytes freed.
 
-        Only safe while no other writer is active, which the run's lock guarantees. Every
-        version is kept, since the versions' transactions are the ledger of committed shards.
+        Shards whose data files were damaged are dropped first (`drop_damaged`), so the run
+        redoes them. Only safe while no other writer is active, which the run's lock
+        guarantees. Every version is kept, since the versions' transactions are the ledger of
+        committed shards.
         """
+        self.drop_damaged()
         stats = self.dataset().cleanup_old_versions(retain_versions=1 << 30, delete_unverified=True)
         return int(getattr(stats, "bytes_removed", 0))
 
     def row_stats(self) -> tuple[int, int]:
-        """(rows, tokens) in the latest version."""
+        """(rows, tokens) in the latest version, over intact fragments (a damaged one cannot be read)."""
         import pyarrow.compute as pc
 
         ds = self.dataset()
-        rows = ds.count_rows()
+        bad = set(self._damaged_files(ds).values())
+        frags = [f for f in ds.get_fragments() if f.fragment_id not in bad]
+        rows = sum(f.count_rows() for f in frags)
         if rows == 0:
             return 0, 0
-        tokens = sum(int(pc.sum(b.column(0)).as_py() or 0) for b in ds.to_batches(columns=["n_tokens"]))
+        tokens = sum(int(pc.sum(f.to_table(columns=["n_tokens"]).column(0)).as_py() or 0) for f in frags)
         return rows, tokens
 
 
 def _float(text: str | None) -> float | None:
     return float(text) if text is not None else None
+
+
+def _props(tx: Any) -> dict:
+    return (getattr(tx, "transaction_properties", None) or {}) if tx is not None else {}
+
+
+def _oldest_first(ds: Any) -> list:
+    """The dataset's transactions in commit order (pylance lists the latest first)."""
+    return list(reversed(ds.get_transactions(ds.version)))
+
+
+def _dropped(props: dict) -> list[int]:
+    return [int(s) for s in props.get(DROPPED_KEY, "").split(",") if s]
+
+
+def storage_reason(e: OSError) -> str:
+    """The operating system's words for a failed write, without Lance's source locations.
+
+    >>> storage_reason(OSError("LanceError(IO): File too large (os error 27), /src/writer.rs:254:9"))
+    'File too large (os error 27)'
+    """
+    if e.strerror:
+        return e.strerror
+    text = (str(e).strip() or type(e).__name__).splitlines()[0]
+    if text.startswith("LanceError(") and "): " in text:
+        text = text.split("): ", 1)[1]
+    return text.split(", /", 1)[0]

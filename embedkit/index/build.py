@@ -207,7 +207,7 @@ def _plan(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, log: 
     log(f"index plan: {params.describe()}; memory budget {budget / 2**30:.1f} GB; "
         f"expected build ~{estimate_build_seconds(params, gpu=gpu, cores=os.cpu_count() or 1):.0f} s on {device}")  # fmt: skip
     key = {
-        "vectors_version": int(ds.version), "n": n, "dim": dim, "factory": params.factory, "metric": metric,
+        "vectors_version": int(ds.version), "vectors_files": vectors_identity(ds), "n": n, "dim": dim, "factory": params.factory, "metric": metric,
         "shard_rows": cfg.shard_rows or BUILD_SHARD_ROWS, "seed": cfg.seed, "queries": cfg.queries, "k": cfg.k,
     }  # fmt: skip
     return _Build(out, out / INDEX_DIR, params, device, ds, key, cfg, log)
@@ -221,12 +221,44 @@ def _default_budget() -> int:
         return 8 << 30
 
 
+def vectors_identity(ds: Any) -> str:
+    """A digest of the data files a version of vectors.lance is made of (read from its manifest).
+
+    A version number alone does not name the vectors: an output deleted and encoded again
+    counts its versions from 1 anew. Data file names are unique, so this tells them apart.
+    """
+    h = hashlib.sha256()
+    for frag in ds.get_fragments():
+        for f in frag.data_files():
+            h.update(f"{frag.fragment_id}:{f.path}\n".encode())
+    return h.hexdigest()
+
+
+def index_damage(folder: Path, params: dict, full: bool = False) -> str | None:
+    """What is wrong with a finished index's files, or None: sizes always, the sha256 of
+    merged.index (small), and with `full` of every file."""
+    for name, check in params.get("files", {}).items():
+        path = folder / name
+        size, expected = path.stat().st_size if path.exists() else -1, check["bytes"]
+        if size != expected:
+            return f"{path} is " + ("missing" if size < 0 else f"{size:,} bytes, expected {expected:,}")
+        if (name == MERGED or full) and file_sha256(path) != check["sha256"]:
+            return f"{path} does not match its checksum"
+    return None
+
+
 def _finished(b: _Build) -> IndexReport | None:
-    """The existing report when a finished index matches; clears stale or unwanted state."""
+    """The existing report when a finished index matches; clears stale or unwanted state.
+
+    A matching index whose files were damaged since (truncated, changed) is rebuilt, not
+    reported up to date."""
     params = _read_json(b.dir / PARAMS)
     state = _read_json(b.dir / STATE)
     if params is not None and params.get("key") == b.key and params.get("target_recall") == b.cfg.target_recall and not b.cfg.overwrite:
-        return replace(IndexReport(**params["report"]), up_to_date=True)
+        damage = index_damage(b.dir, params)
+        if damage is None:
+            return replace(IndexReport(**params["report"]), up_to_date=True)
+        b.log(f"{damage}: rebuilding the index")
     if b.cfg.overwrite or params is not None or state != b.key:
         if b.dir.exists():
             b.log("starting the index build afresh" if state is None or b.cfg.overwrite else "the vectors or options changed: rebuilding the index")

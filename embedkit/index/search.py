@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import EmbedkitError
 from ..shards import read_manifest
 from ..store import VECTORS_DIR
-from .build import INDEX_DIR, MERGED, NPROBE_GRID, PARAMS, RERANK_FACTORS, _read_json, file_sha256, load_index
+from .build import INDEX_DIR, NPROBE_GRID, PARAMS, RERANK_FACTORS, _read_json, index_damage, load_index, vectors_identity
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,14 @@ class Retriever:
                 f"the index was built on version {built_on} of {VECTORS_DIR}, which is now at version {latest}; "
                 f"run `embedkit build-index {self.out}` again"
             )
-        _verify(folder, self.params, verify)
         self.ds = lance.dataset(uri, version=built_on)
+        built_from = self.params["key"].get("vectors_files")  # absent in indexes built before it was recorded
+        if built_from is not None and vectors_identity(self.ds) != built_from:
+            raise EmbedkitError(
+                f"the index was built on other vectors than {VECTORS_DIR} now holds at version {built_on} (it was written "
+                f"anew since); run `embedkit build-index {self.out}` again"
+            )
+        _verify(folder, self.params, verify)
         self.index = load_index(folder)
         self.nprobe = nprobe or int(self.params["nprobe"])
         self.rerank = rerank or int(self.params["rerank"])
@@ -189,13 +195,8 @@ def _verify(folder: Path, params: dict, level: str) -> None:
     """Sizes always; the sha256 of merged.index ("quick") or of every file ("full")."""
     if level == "none":
         return
-    for name, check in params.get("files", {}).items():
-        path = folder / name
-        size = path.stat().st_size if path.exists() else -1
-        if size != check["bytes"]:
-            state = "missing" if size < 0 else f"{size:,} bytes, expected {check['bytes']:,}"
-            raise EmbedkitError(f"{path} is {state}; rebuild with `embedkit build-index --overwrite`")
-        if (name == MERGED or level == "full") and file_sha256(path) != check["sha256"]:
-            raise EmbedkitError(f"{path} does not match its checksum; rebuild with `embedkit build-index --overwrite`")
+    damage = index_damage(folder, params, full=level == "full")
+    if damage is not None:
+        raise EmbedkitError(f"{damage}; rebuild with `embedkit build-index {folder.parent}`")
 
 
