@@ -151,7 +151,7 @@ class Encoder:
         features = {"input_ids": ids, "attention_mask": self._mask(ids, lens).long()}
         if self._wants_token_types:
             features["token_type_ids"] = self.torch.zeros_like(ids)
-        return (model or self.model)(features)["sentence_embedding"]
+        return (model if model is not None else self.model)(features)["sentence_embedding"]
 
     def _forward_direct(self, ids: Any, lens: Any, padded: bool) -> Any:
         """The transformer called with a ready 4-D mask, then the remaining modules.
@@ -235,22 +235,3 @@ class Encoder:
             if self.normalize:
                 out = torch.nn.functional.normalize(out, dim=-1)
             return out.to(self.out_dtype).float().cpu().numpy()[0]
-
-    def fetch(self, tensors: list[Any]) -> np.ndarray:
-        """Concatenate device tensors and bring them to the host (one synchronization); raise on NaN/Inf."""
-        torch = self.torch
-        if not tensors:
-            return np.zeros((0, 0), np.float32)
-        host = torch.cat(tensors).cpu().numpy()
-        bad = np.flatnonzero(~np.isfinite(host).all(axis=1))
-        if len(bad):
-            raise NonFiniteVectors(bad)
-        return host
-
-
-class NonFiniteVectors(EmbedkitError):
-    """The model produced NaN or Inf for some rows (their positions in the fetched block)."""
-
-    def __init__(self, rows: np.ndarray):
-        self.rows = rows
-        super().__init__(f"the model produced NaN/Inf vectors for {len(rows)} rows")
