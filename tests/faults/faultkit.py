@@ -98,6 +98,28 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], log: Path, what
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, log.read_text()[-3000:])
 
 
+def kill_at(args: Sequence[object], logs: Path, what: str, ready: Callable[[subprocess.Popen], Callable[[], bool]],
+            landed: Callable[[], bool], reset: Callable[[], None] | None = None, attempts: int = 3) -> int:
+    """Start the command and SIGKILL it at the point `ready(proc)()` detects; returns the attempts taken.
+
+    On a busy machine the poll may see a short phase only after the command has left it:
+    `landed()` (which also checks the state the kill left) then says so, and the kill is tried
+    again in a fresh run, after `reset()` puts back what the late run changed.
+    """
+    for attempt in range(1, attempts + 1):
+        if reset is not None and attempt > 1:
+            reset()
+        log = logs / f"{what.replace(' ', '-').replace(',', '')}-{attempt}.log"
+        proc = start(args, log)
+        try:
+            kill_when(proc, ready(proc), log, what)
+        finally:
+            kill_group(proc)
+        if landed():
+            return attempt
+    raise AssertionError(f"{attempts} kills in a row came too late for: {what}")
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     """End what is left of a command started by `start` (a tokenizer worker, say)."""
     try:
