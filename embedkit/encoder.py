@@ -14,6 +14,7 @@ still not finite is reported to the caller, which quarantines it.
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,18 @@ def default_batch_tokens(model: Any, choice: DeviceChoice) -> int:
     return int(min(cap, max(16_384, budget)))
 
 
+# model -> its fp32 copy on the host, made once per loaded model: a Ray worker builds a new
+# Encoder for every task from a model that the first one already cast and moved
+_FP32_COPIES: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+
+def host_fp32_copy(model: Any) -> Any:
+    """An fp32 copy of `model` on the host, taken before the first cast to 16 bits."""
+    if model not in _FP32_COPIES:
+        _FP32_COPIES[model] = copy.deepcopy(model).float().cpu().eval()
+    return _FP32_COPIES[model]
+
+
 class Encoder:
     """Runs a SentenceTransformer over padded id batches on one device."""
 
@@ -90,7 +103,7 @@ class Encoder:
         # Rows that come out NaN/Inf are retried in fp32 on the host, with the weights as loaded:
         # a 16-bit run keeps an fp32 copy there (the cast below is in place), an fp32 run
         # retries with its own model.
-        self._fp32 = copy.deepcopy(model).float().cpu().eval() if compute != torch.float32 else None
+        self._fp32 = host_fp32_copy(model) if compute != torch.float32 else None
         self.model = model.to(device=choice.device, dtype=compute).eval()
         self.device = torch.device(choice.device)
         input_names = getattr(getattr(model, "tokenizer", None), "model_input_names", []) or []
