@@ -3,7 +3,7 @@
 Nothing here stands in for an embedkit component. A fault is made the way it happens: a
 SIGKILL to the running command, a file-size limit on the child process, a damaged file, a
 folder the child may not write to. Kill points are found by polling the output folder (cheap
-directory listings), never by sleeping.
+directory listings), never by waiting a fixed time.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def run(*args: object, preexec: Callable[[], None] | None = None) -> Result:
 def run_all(commands: Sequence[Sequence[object]]) -> list[Result]:
     """Run several CLI commands at once (they are independent); results in the given order.
 
-    Most of a short command is interpreter and model start-up, so running a handful side by
-    side costs little more than one.
+    Most of a short command is interpreter and model start-up, mostly on one core, so a handful
+    side by side take much less time than one after another.
     """
     procs = [subprocess.Popen([*CLI, *map(str, c)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
              for c in commands]  # fmt: skip
