@@ -223,7 +223,7 @@ def index_shard_task(out: str, version: int, fragment_ids: list[int], i: int, st
     from .index.build import TRAINED, _read_shard, device_codec, write_shard
     from .store import VECTORS_DIR
 
-    if spec.index_path(i).exists():
+    if spec.done(i):
         return 0
     key = ("index", spec.folder, version)
     if key not in _JOB_CACHE:  # the trained quantizer and its device codec, once per worker

@@ -246,7 +246,7 @@ def test_rerun_is_up_to_date_and_overwrite_rebuilds(built, built_copy):
 
 def _shard_files(out: Path) -> list[str]:
     try:
-        return sorted(p.name for p in (out / "index" / "shards").glob("shard-*.index"))
+        return sorted(p.name for p in (out / "index" / "shards").glob("shard-*.json"))  # a shard is done once its record is written
     except FileNotFoundError:
         return []
 

@@ -401,13 +401,20 @@ class ShardSpec:
     def index_path(self, i: int) -> Path:
         return Path(self.folder) / f"shard-{i:06d}.index"
 
+    def done(self, i: int) -> bool:
+        """Shard i's index file is whole: its size is the one recorded when it was written
+        (a file damaged since, or left by an older build without the record, is redone)."""
+        path, record = self.index_path(i), self.index_path(i).with_suffix(".json")
+        doc = _read_json(record) if record.exists() else None
+        return path.exists() and doc is not None and doc.get("bytes") == path.stat().st_size
+
 
 def _add(b: _Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.ndarray) -> int:
     """Write each missing shard index (with its ground-truth block); returns how many existed."""
     folder = b.dir / SHARDS
     folder.mkdir(exist_ok=True)
     spec = ShardSpec(str(folder), b.device, b.params.metric, b.params.ivfpq, b.cfg.k)
-    todo = [(i, start, frags) for i, (start, frags) in enumerate(shards) if not spec.index_path(i).exists()]
+    todo = [(i, start, frags) for i, (start, frags) in enumerate(shards) if not spec.done(i)]
     bar = _bar(len(shards), b.cfg.progress)
     bar.update(len(shards) - len(todo))
     if b.cfg.ray is not None:
@@ -454,6 +461,8 @@ def write_shard(spec: ShardSpec, trained: Any, codec: Any, i: int, start: int, x
     else:  # flat, HNSW: no add_with_ids; shards merge in order, so a vector's number is its position
         index.add(np.ascontiguousarray(x, dtype=np.float32))
     _write_index(index, spec.index_path(i))
+    # the record, written last, is what marks the shard done (see ShardSpec.done)
+    _write_json(spec.index_path(i).with_suffix(".json"), {"bytes": spec.index_path(i).stat().st_size, "rows": len(x)})
 
 
 def _shard_truth(spec: ShardSpec, x: np.ndarray, start: int, queries: np.ndarray, qvec: np.ndarray, path: Path) -> None:

@@ -114,6 +114,20 @@ def test_duplicate_and_missing_ids_are_caught_at_merge(tmp_path, killed_builds):
     assert not (out / "index" / "params.json").exists(), "a build with wrong ids was committed"
 
 
+def test_truncated_shard_file_of_a_partial_build_is_redone(tmp_path, killed_builds):
+    """A shard file of an unfinished build cut short (a storage fault): its size no longer
+    matches the record written with it, so the rerun adds that shard again and finishes."""
+    out = tmp_path / "out"
+    shutil.copytree(killed_builds["after_merge_kill"], out)
+    path = out / "index" / "shards" / "shard-000002.index"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    result = run("build-index", out, *BUILD, "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["shards_resumed"] == ADD_SHARDS - 1 and report["n"] == ROWS
+    check_ids(load_index(out / "index"), ROWS)
+
+
 @pytest.fixture
 def indexed(tmp_path, uninterrupted) -> Path:
     """A copy of the shared output with its (exact, Flat) index built in-process."""
