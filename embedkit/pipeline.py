@@ -378,8 +378,8 @@ class _Totals:
 class WorkerHooks:
     """What a worker of a multi-worker run adds to the pipeline (embedkit/workers.py).
 
-    `events(kind, shard, counts)` reports "commit" (with the shard's counts) and "lost" to the
-    parent. `take(shard)` claims the right to commit a shard and is true for its first caller
+    `events(kind, shard, counts)` reports "ready" (the model is loaded), "commit" (with the
+    shard's counts) and "lost" to the parent. `take(shard)` claims the right to commit a shard and is true for its first caller
     only (a commit token file on one machine, an actor on Ray), so a shard re-issued to a second
     worker is committed once.
     """
@@ -409,6 +409,8 @@ def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConf
         try:
             encoder = Encoder(job.model, job.choice, normalize=cfg.normalize, out_dtype=cfg.dtype, max_batch_tokens=budget)
             start = time.perf_counter()
+            if hooks is not None:
+                hooks.events("ready", -1, {})  # this worker's clock starts: its part's seconds count from here
             sized = isinstance(pending, list)  # workers pull shards from a queue: no totals
             with _Progress(sum(s.rows for s in pending) if sized else 0, len(pending) if sized else 0, cfg.progress and sized) as bar:
                 _consume(items, encoder, job, totals, bar, claims, hooks)

@@ -66,7 +66,7 @@ def run_workers(input: str | Path, out: Path, cfg: EncodeConfig, job: Any, pendi
         raise EmbedkitError(f"{why}; committed shards are kept: rerun the same command to resume")
     totals = {f: sum(c.get(f, 0) for c in run.counts) for f in SUMMED_FIELDS}
     totals["input_wait_seconds"] = sum(r[1]["input_wait_seconds"] for r in run.reports if r[0] == "ok")
-    each = tuple({"tokens": r[1]["tokens"], "seconds": round(r[1]["seconds"], 2)} for r in run.reports if r[0] == "ok")
+    each = tuple(run.parts())
     return EncodeSummary(
         out=str(out), device=f"{n} x {devices[0].split(':')[0]}", seconds=time.perf_counter() - start, shards_skipped=skipped,
         shards_total=len(job.shards), parts=each, reissued=len(run.reissued), tail_seconds=run.tail_seconds, **totals,
@@ -80,6 +80,14 @@ class _Run:
     counts: list = field(default_factory=list)  # per committed shard (first commit only)
     reissued: set = field(default_factory=set)
     tail_seconds: float = 0.0  # from 95% of shards committed to 100%
+    ready_at: dict = field(default_factory=dict)  # worker -> when its model was ready
+    won: dict = field(default_factory=dict)  # worker -> [tokens of its winning commits, when the last landed]
+
+    def parts(self) -> list[dict]:
+        """Each worker's tokens and seconds from its model being ready to its last winning
+        commit. Taken from the events, not the workers' final reports: a worker stopped while
+        busy with a duplicate never sends one."""
+        return [{"tokens": t, "seconds": round(last - self.ready_at[w], 2)} for w, (t, last) in sorted(self.won.items()) if w in self.ready_at]
 
 
 def _coordinate(procs: list, shards: Any, results: Any, pending: set, *, reissue: bool) -> _Run:
@@ -116,7 +124,9 @@ def _coordinate(procs: list, shards: Any, results: Any, pending: set, *, reissue
             reported.add(msg[2])
             continue
         _, worker, shard, payload = msg
-        if kind == "claim":
+        if kind == "ready":
+            run.ready_at[worker] = time.monotonic()
+        elif kind == "claim":
             claimed.setdefault(shard, (worker, payload))
             held[worker].add(shard)
         elif kind in ("commit", "lost"):
@@ -125,6 +135,7 @@ def _coordinate(procs: list, shards: Any, results: Any, pending: set, *, reissue
                 run.outstanding.discard(shard)
                 run.counts.append(payload)
                 commit_times.append(time.monotonic())
+                run.won[worker] = [run.won.get(worker, [0, 0.0])[0] + payload["tokens"], commit_times[-1]]
             if not run.outstanding and finished_at is None:
                 finished_at = time.monotonic()
                 for _ in procs:

@@ -43,6 +43,9 @@ def test_two_workers_write_what_one_writes(corpus, tmp_path):
     two = embedkit.encode(corpus, tmp_path / "two", gpus=2, **options)
     assert (two.docs, two.tokens, two.shards_done) == (one.docs, one.tokens, ROWS // SHARD_ROWS)
     assert two.device == "2 x cpu"
+    # each worker's part counts the shards it committed, also for a worker stopped while busy
+    # with a re-issued duplicate (it never sends a final report)
+    assert sum(p["tokens"] for p in two.parts) == two.tokens and all(p["seconds"] > 0 for p in two.parts)
     a, b = stored(tmp_path / "one"), stored(tmp_path / "two")
     assert set(a) == set(b) and len(b) == ROWS
     cos = [float(a[k] @ b[k] / np.linalg.norm(a[k]) / np.linalg.norm(b[k])) for k in a]
@@ -89,7 +92,9 @@ def test_workers_start_their_own_tokenizer_processes(corpus, tmp_path):
     one = embedkit.encode(corpus, tmp_path / "one", **options)
     two = embedkit.encode(corpus, tmp_path / "two", gpus=2, tokenize_workers=1, **options)
     assert (two.docs, two.tokens) == (one.docs, one.tokens)
-    assert len(two.parts) == 2 and sum(p["tokens"] for p in two.parts) == two.tokens
+    # both workers started their pools (a failure would have failed the run); the parts list the
+    # workers that committed shards, one or both depending on who took them
+    assert 1 <= len(two.parts) <= 2 and sum(p["tokens"] for p in two.parts) == two.tokens
     assert set(stored(tmp_path / "two")) == set(stored(tmp_path / "one"))
 
 
