@@ -17,6 +17,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -228,6 +229,20 @@ class TokenCount:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def describe(self, what: str = "tokens") -> str:
+        """One line: rows, tokens, how they were counted, the share truncated."""
+        how = "counted exactly" if self.exact else f"from {self.sample_rows:,} sampled rows, 95% CI +/- {self.ci95:,.0f}"
+        return f"input: {self.rows:,} rows, {self.tokens:,.0f} {what} ({how}); {100 * self.truncated_fraction:.1f}% truncated"
+
+
+def run_cost(seconds: float, tokens: float, gpu_price: float | None, spot_discount: float) -> tuple[float | None, float | None]:
+    """($ for `seconds` on one device, $ per 1M of `tokens`) at the price after the discount;
+    (None, None) without a price."""
+    if gpu_price is None:
+        return None, None
+    dollars = seconds / 3600 * gpu_price * (1 - spot_discount)
+    return dollars, (dollars / tokens * 1e6 if tokens else None)
+
 
 def count_tokens(input: str | Path, model: str, *, sample: int = 10_000, seed: int = 0, text_column: str = "text",
                  max_seq_length: int | None = None) -> TokenCount:  # fmt: skip
@@ -244,13 +259,23 @@ def count_tokens(input: str | Path, model: str, *, sample: int = 10_000, seed: i
     st = load_sentence_transformer(resolve_model(model), "cpu")
     limit = max_seq_length or st.max_seq_length
     tok = TextTokenizer(fast_tokenizer_json(st), limit, truncation_side(st))
-    exact = sample == 0 or sample >= n
-    if exact:
-        lengths, truncated = _lengths(corpus, tok, [(0, n)])
+
+    def measure(texts: list[str], ids: list) -> tuple[np.ndarray, np.ndarray]:
+        got = tok(texts)
+        return got.lengths, got.truncated
+
+    return _count(corpus, measure, sample, seed)
+
+
+def _count(corpus, measure: Callable[[list[str], list], tuple], sample: int, seed: int) -> TokenCount:
+    """Every row's tokens (`sample` 0 or at least the rows), else a cluster sample of random
+    blocks of consecutive rows (a read per block, not per row) and its ratio estimate."""
+    n = corpus.num_rows
+    if sample == 0 or sample >= n:
+        lengths, truncated = _lengths(corpus, measure, [(0, n)])
         return TokenCount(n, float(lengths.sum()), True, n, 0.0, float(lengths.mean()), float(truncated.mean()))
-    # cluster sample: random blocks of consecutive rows (a read per block, not per row)
     spans = random_blocks(n, sample, seed)
-    lengths, truncated = _lengths(corpus, tok, spans)
+    lengths, truncated = _lengths(corpus, measure, spans)
     return estimate_from_blocks(n, spans, lengths, truncated)
 
 
@@ -278,20 +303,20 @@ def random_blocks(n: int, rows: int, seed: int) -> list[tuple[int, int]]:
     return [(int(b) * SAMPLE_BLOCK, min(n, (int(b) + 1) * SAMPLE_BLOCK)) for b in picked]
 
 
-def _lengths(corpus, tok, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token lengths (truncated, special tokens included) of rows [a, b) per span, in order;
-    null, empty and blank texts count 0 tokens (encode skips them)."""
+def _lengths(corpus, measure: Callable[[list[str], list], tuple], spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """`measure(texts, ids)` -> (token lengths, truncated flags) of rows [a, b) per span, in
+    order; null, empty and blank texts count 0 tokens (encode and generate skip them)."""
     lengths, truncated = [], []
     for a, b in spans:
         for lo in range(a, b, READ_ROWS):
-            texts = corpus.read(lo, min(b, lo + READ_ROWS)).column("text").to_pylist()
-            keep = [i for i, t in enumerate(texts) if t is not None and t.strip()]
+            t = corpus.read(lo, min(b, lo + READ_ROWS))
+            texts = t.column("text").to_pylist()
+            keep = [i for i, x in enumerate(texts) if x is not None and x.strip()]
             got_len = np.zeros(len(texts))
             got_cut = np.zeros(len(texts), dtype=bool)
             if keep:
-                got = tok([texts[i] for i in keep])
-                got_len[keep] = got.lengths
-                got_cut[keep] = got.truncated
+                ids = t.column("id").to_pylist()
+                got_len[keep], got_cut[keep] = measure([texts[i] for i in keep], [ids[i] for i in keep])
             lengths.append(got_len)
             truncated.append(got_cut)
     return np.concatenate(lengths), np.concatenate(truncated)
@@ -331,14 +356,14 @@ def longest_first(corpus, job, pending: list) -> list:
     from .tokenize import TextTokenizer
 
     tok = TextTokenizer(job.tokenizer_json, job.max_length, job.truncation_side)
-    tokens = {s.index: shard_tokens(corpus, tok, s) for s in pending}
+    tokens = {s.index: shard_tokens(corpus, lambda texts, ids: (tok(texts).lengths, 0), s) for s in pending}
     return sorted(pending, key=lambda s: (-tokens[s.index], s.index))
 
 
-def shard_tokens(corpus, tok, shard, rows: int = SHARD_SAMPLE_ROWS) -> float:
+def shard_tokens(corpus, measure: Callable[[list[str], list], tuple], shard, rows: int = SHARD_SAMPLE_ROWS) -> float:
     """A shard's token count, estimated from random blocks of about `rows` of its rows."""
     spans = [(shard.start + a, shard.start + b) for a, b in random_blocks(shard.rows, rows, seed=shard.index)]
-    lengths, _ = _lengths(corpus, tok, spans)
+    lengths, _ = _lengths(corpus, measure, spans)
     return float(lengths.mean()) * shard.rows if len(lengths) else 0.0
 
 
@@ -369,10 +394,8 @@ class DryRun:
         return asdict(self)
 
     def lines(self) -> str:
-        c = self.count
-        how = "counted exactly" if c.exact else f"from {c.sample_rows:,} sampled rows, 95% CI +/- {c.ci95:,.0f}"
         out = [
-            f"input: {c.rows:,} rows, {c.tokens:,.0f} tokens ({how}); {100 * c.truncated_fraction:.1f}% truncated",
+            self.count.describe(),
             f"calibration on {self.device}: {self.calibration_rows:,} rows, {self.calibration_tokens:,} tokens at "
             f"{self.tokens_per_second:,.0f} tokens/s; start-up {self.startup_seconds:.1f} s; padding {100 * self.padding_overhead:.1f}%",
             f"expected: {self.expected_seconds / 3600:.2f} h on one device ({self.expected_seconds:,.0f} s); vectors "
@@ -427,10 +450,7 @@ def dry_run_encode(input: str | Path, cfg, *, sample: int = 10_000, calibrate_ro
     expected = startup + count.tokens / tps
     kept = count.rows * (1 - (s.skipped_empty / max(1, len(texts))))
     index = choose_params(max(1, int(kept)), dim, memory_budget=1 << 60).index_bytes
-    dollars = per_million = None
-    if gpu_price is not None:
-        dollars = expected / 3600 * gpu_price * (1 - spot_discount)
-        per_million = dollars / count.tokens * 1e6 if count.tokens else None
+    dollars, per_million = run_cost(expected, count.tokens, gpu_price, spot_discount)
     points = tuple(
         {"batch_tokens": b, "tokens_per_second": r.tokens_per_second, "padding_overhead": r.padding_overhead,
          "dollars_per_million_tokens": None if gpu_price is None else dollars_per_million(gpu_price * (1 - spot_discount), r.tokens_per_second)}
@@ -503,10 +523,8 @@ class GenerateDryRun:
         return asdict(self)
 
     def lines(self) -> str:
-        c = self.count
-        how = "counted exactly" if c.exact else f"from {c.sample_rows:,} sampled rows, 95% CI +/- {c.ci95:,.0f}"
         out = [
-            f"input: {c.rows:,} rows, {c.tokens:,.0f} prompt tokens ({how}); {100 * c.truncated_fraction:.1f}% truncated",
+            self.count.describe("prompt tokens"),
             f"calibration on {self.device}: {self.task} of {self.calibration_rows:,} rows in {self.calibration_seconds:.1f} s, "
             f"{self.tokens_per_second:,.0f} tokens/s (prompt + new); {self.new_tokens_per_row:.1f} new tokens per row; "
             f"start-up {self.startup_seconds:.1f} s",
@@ -562,11 +580,7 @@ def dry_run_generate(input: str | Path, cfg, *, sample: int = 10_000, calibrate_
     tps = (s.prompt_tokens + s.new_tokens) / s.seconds if s.seconds > 0 else float("inf")
     startup = max(0.0, wall - s.seconds)
     expected = startup + kept * s.seconds / max(1, s.docs)
-    dollars = per_million = None
-    total_tokens = count.tokens + new_per_row * kept
-    if gpu_price is not None:
-        dollars = expected / 3600 * gpu_price * (1 - spot_discount)
-        per_million = dollars / total_tokens * 1e6 if total_tokens else None
+    dollars, per_million = run_cost(expected, count.tokens + new_per_row * kept, gpu_price, spot_discount)
     return GenerateDryRun(cfg.task, count, choice.device, s.docs, s.seconds, startup, new_per_row, tps, new_per_row * kept, expected,
                           int(per_row * kept), dollars, per_million)  # fmt: skip
 
@@ -584,23 +598,9 @@ def count_prompt_tokens(corpus, cfg, template: str, *, sample: int = 10_000, see
     except Exception as e:  # library-specific failures: one line
         first = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise EmbedkitError(f"cannot load generator {cfg.model}: {first}") from None
-    n = corpus.num_rows
-    exact = sample == 0 or sample >= n
-    spans = [(0, n)] if exact else random_blocks(n, sample, seed)
-    lengths, truncated = [], []
-    for a, b in spans:
-        for lo in range(a, b, READ_ROWS):
-            t = corpus.read(lo, min(b, lo + READ_ROWS))
-            texts = t.column("text").to_pylist()
-            keep = [i for i, x in enumerate(texts) if x is not None and x.strip()]  # generate skips empty texts
-            ids = t.column("id").to_pylist()
-            inputs, flags = task_inputs([texts[i] for i in keep], [ids[i] for i in keep], cfg, template, tok, config)
-            got, cut = np.zeros(len(texts)), np.zeros(len(texts), dtype=bool)
-            got[keep] = [input_tokens(x) for x in inputs]
-            cut[keep] = flags
-            lengths.append(got)
-            truncated.append(cut)
-    lengths_all, truncated_all = np.concatenate(lengths), np.concatenate(truncated)
-    if exact:
-        return TokenCount(n, float(lengths_all.sum()), True, n, 0.0, float(lengths_all.mean()), float(truncated_all.mean()))
-    return estimate_from_blocks(n, spans, lengths_all, truncated_all)
+
+    def measure(texts: list[str], ids: list) -> tuple[list[int], list[bool]]:
+        inputs, flags = task_inputs(texts, ids, cfg, template, tok, config)
+        return [input_tokens(x) for x in inputs], flags
+
+    return _count(corpus, measure, sample, seed)
