@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder for the random model (default: the default generator's)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-static", action="store_true", help="skip the static-cache baseline")
+    ap.add_argument("--headline-only", action="store_true", help="only embedkit's default run over all --docs (no check, no baselines)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="only profile embedkit's decoder on N docs at the default slots (top GPU kernels), then exit")  # fmt: skip
     ap.add_argument("--work", default=None)
@@ -71,14 +72,15 @@ def main() -> None:
     if args.profile:
         print(isolated(profile, folder, ids[: args.profile], args), flush=True)
         return
-    report["check"] = isolated(check, folder, [ids[i] for i in range(min(args.check_docs, len(ids)))], args)
-    print(json.dumps(report["check"]), flush=True)
     rows = []
+    if not args.headline_only:
+        report["check"] = isolated(check, folder, [ids[i] for i in range(min(args.check_docs, len(ids)))], args)
+        print(json.dumps(report["check"]), flush=True)
     attempt(rows, bench_embedkit, folder, texts, None, args, work)  # the headline row first: a long run may be cut short
     rng = np.random.default_rng(0)
     pool = np.flatnonzero(lengths <= args.baseline_max_prompt) if args.baseline_max_prompt else np.arange(len(texts))
     report["baseline_max_prompt"] = args.baseline_max_prompt
-    for bs in (int(x) for x in args.batch_sizes.split(",")):
+    for bs in (int(x) for x in args.batch_sizes.split(",")) if not args.headline_only else ():
         subset = np.sort(rng.choice(pool, size=min(len(pool), bs * args.baseline_batches), replace=False))
         attempt(rows, bench_transformers, folder, [ids[i] for i in subset], bs, args, static=False)
         if not args.no_static:
@@ -259,7 +261,7 @@ def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work
     s = embedkit.generate(src, out, task="summarize", model=str(folder), device=args.device, max_new_tokens=args.max_new_tokens,
                           batch_size=batch, progress=False)  # fmt: skip
     return {"engine": "embedkit", "cache": "slots", "batch": batch or "default", "docs": s.docs, "new_tokens": s.new_tokens,
-            "seconds": s.seconds, "new_tok_s": s.new_tokens / s.seconds, "decoder_s": s.decode.get("seconds"), "decode": s.decode}  # fmt: skip
+            "seconds": s.seconds, "new_tok_s": s.new_tokens / s.seconds, "decoder_s": s.decode.get("seconds"), "decode": s.decode, "phases": s.phases}  # fmt: skip
 
 
 def device_name(device: str) -> str:

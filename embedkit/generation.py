@@ -15,6 +15,7 @@ The default model, SmolLM2-135M-Instruct, is loaded offline from the GGUF file o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import string
@@ -22,6 +23,7 @@ import time
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -447,6 +449,7 @@ class GenerateSummary:
     shards_skipped: int
     shards_total: int
     decode: dict = field(default_factory=dict)  # summarize with SlotDecoder: steps, prefill/capture seconds, slot groups
+    phases: dict = field(default_factory=dict)  # wall seconds over shards: read, inputs, model, outputs, commit
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -595,14 +598,28 @@ def generate_shard(corpus, cfg, template, lm, tok, choice, store, schema, shard:
     from .pipeline import _drop_empty
 
     started = time.time()
-    table, empty = _drop_empty(corpus.read(shard.start, shard.stop), keep_empty=False)
-    columns, prompt_tokens, new_tokens = _task_columns(table, cfg, template, lm, tok, choice, shard.index)
-    rows = pa.table({"id": table.column("id"), **columns}).cast(schema) if table.num_rows else schema.empty_table()
-    store.commit_shard(shard.index, rows, started)
+    phases: dict[str, float] = {}
+    with _timed(phases, "read"):
+        table, empty = _drop_empty(corpus.read(shard.start, shard.stop), keep_empty=False)
+    columns, prompt_tokens, new_tokens = _task_columns(table, cfg, template, lm, tok, choice, shard.index, phases)
+    with _timed(phases, "commit"):
+        rows = pa.table({"id": table.column("id"), **columns}).cast(schema) if table.num_rows else schema.empty_table()
+        store.commit_shard(shard.index, rows, started)
     truncated = int(np.sum(columns["truncated"])) if table.num_rows else 0
     decoder = _DECODERS.get(lm) if cfg.task == "summarize" else None
     decode = dict(decoder.stats) if decoder is not None else {}
-    return {"docs": rows.num_rows, "prompt": prompt_tokens, "new": new_tokens, "truncated": truncated, "empty": empty, "shards": 1, "decode": decode}
+    return {"docs": rows.num_rows, "prompt": prompt_tokens, "new": new_tokens, "truncated": truncated, "empty": empty, "shards": 1,
+            "decode": decode, "phases": phases}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    """Add the block's wall seconds to phases[name]: where a shard's time goes, in the summary."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
 
 
 def summarize_parts(out: Path, cfg: GenerateConfig, device: str, parts: list[dict], seconds: float, skipped: int, total: int) -> GenerateSummary:
@@ -611,6 +628,7 @@ def summarize_parts(out: Path, cfg: GenerateConfig, device: str, parts: list[dic
         out=str(out), task=cfg.task, device=device, docs=t["docs"], prompt_tokens=t["prompt"], new_tokens=t["new"],
         seconds=seconds, truncated=t["truncated"], skipped_empty=t["empty"], shards_done=t["shards"],
         shards_skipped=skipped, shards_total=total, decode=_sum_decode([p.get("decode", {}) for p in parts]),
+        phases={k: round(v, 3) for k, v in _sum_decode([p.get("phases", {}) for p in parts]).items()},
     )  # fmt: skip
 
 
@@ -658,18 +676,28 @@ def input_tokens(x: Any) -> int:
     return len(x[0]) + len(x[1]) if isinstance(x, tuple) else len(x)
 
 
-def _task_columns(table: pa.Table, cfg: GenerateConfig, template: str, lm, tok, choice: DeviceChoice, shard: int) -> tuple[dict, int, int]:
+def _task_columns(table: pa.Table, cfg: GenerateConfig, template: str, lm, tok, choice: DeviceChoice, shard: int,
+                  phases: dict[str, float]) -> tuple[dict, int, int]:  # fmt: skip
     """The task's output columns for a shard's rows (in row order), prompt tokens and new tokens."""
-    texts = table.column("text").to_pylist()
-    inputs, flags = task_inputs(texts, table.column("id").to_pylist(), cfg, template, tok, lm.config)
-    prompt_tokens = sum(input_tokens(x) for x in inputs)
+    with _timed(phases, "inputs"):
+        texts = table.column("text").to_pylist()
+        inputs, flags = task_inputs(texts, table.column("id").to_pylist(), cfg, template, tok, lm.config)
+        prompt_tokens = sum(input_tokens(x) for x in inputs)
     if cfg.task == "summarize":
-        new = summarize(lm, tok, inputs, cfg, cfg.batch_size, seed=cfg.seed + shard)
-        cols = {
-            "summary": [t.strip() for t in decode_batch(tok, new)],
-            "prompt_tokens": [len(p) for p in inputs], "new_tokens": [len(n) for n in new], "truncated": flags,
-        }  # fmt: skip
+        with _timed(phases, "model"):
+            new = summarize(lm, tok, inputs, cfg, cfg.batch_size, seed=cfg.seed + shard)
+        with _timed(phases, "outputs"):
+            cols = {
+                "summary": [t.strip() for t in decode_batch(tok, new)],
+                "prompt_tokens": [len(p) for p in inputs], "new_tokens": [len(n) for n in new], "truncated": flags,
+            }  # fmt: skip
         return cols, prompt_tokens, sum(cols["new_tokens"])
+    with _timed(phases, "model"):
+        return _logprob_columns(lm, tok, cfg, choice, inputs, flags, len(texts)), prompt_tokens, 0
+
+
+def _logprob_columns(lm, tok, cfg: GenerateConfig, choice: DeviceChoice, inputs: list, flags: list[bool], n: int) -> dict:
+    """score and classify: columns from log-probabilities of continuations (pure prefill)."""
     budget = SCORE_BATCH_TOKENS[choice.type]
     if cfg.task == "score":
         lps = continuation_logprobs(lm, inputs, budget)
@@ -677,13 +705,12 @@ def _task_columns(table: pa.Table, cfg: GenerateConfig, template: str, lm, tok, 
             "logprob": [float(lp.sum()) for lp in lps], "mean_logprob": [float(lp.mean()) if len(lp) else 0.0 for lp in lps],
             "n_tokens": [len(lp) for lp in lps], "truncated": flags,
         }  # fmt: skip
-        return cols, prompt_tokens, 0
+        return cols
     # classify: each label as the continuation of the prompt
     label_ids = [tok(lab, add_special_tokens=False)["input_ids"] for lab in cfg.labels]
     lps = continuation_logprobs(lm, [(p, lab) for p in inputs for lab in label_ids], budget)
-    per_row = np.array([lp.sum() for lp in lps]).reshape(len(texts), len(cfg.labels))
-    cols = {"label": [cfg.labels[int(k)] for k in per_row.argmax(1)], "label_logprobs": per_row.tolist(), "truncated": flags}
-    return cols, prompt_tokens, 0
+    per_row = np.array([lp.sum() for lp in lps]).reshape(n, len(cfg.labels))
+    return {"label": [cfg.labels[int(k)] for k in per_row.argmax(1)], "label_logprobs": per_row.tolist(), "truncated": flags}
 
 
 def _score_pairs(tok, template: str, completion: str | None, texts: list, ids: list, limit: int) -> tuple[list, list]:

@@ -166,6 +166,11 @@ def test_greedy_summaries_equal_transformers_generate(tmp_path, short_docs_file,
             )
     assert not mismatches, "\n".join(mismatches)
     assert summary.new_tokens == total_new
+    # where the time went: every phase of the shard, together within the run's seconds
+    assert set(summary.phases) == {"read", "inputs", "model", "outputs", "commit"}
+    assert all(v >= 0 for v in summary.phases.values())
+    assert summary.phases["model"] >= summary.decode["seconds"] - 1e-3
+    assert sum(summary.phases.values()) <= summary.seconds + 1e-3
 
 
 # ---- score ---------------------------------------------------------------------------------
@@ -189,6 +194,7 @@ def test_scores_equal_a_plain_forward(tmp_path, score_docs, reference):
     pq.write_table(score_docs, src)
     summary = embedkit.generate(src, tmp_path / "lp", task="score", progress=False)
     assert summary.docs == score_docs.num_rows
+    assert set(summary.phases) == {"read", "inputs", "model", "commit"}  # pure prefill: no detokenizing
     got = _by_id(_read(tmp_path / "lp"))
     assert set(got) == set(score_docs.column("id").to_pylist())
     for row in score_docs.to_pylist():
