@@ -504,7 +504,7 @@ def generate(
 
 def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> GenerateSummary:
     """generate() with a ready GenerateConfig."""
-    retain_freed_memory()
+    retain_freed_memory(single_arena=False)  # prompts are tokenized here, by the tokenizer's threads
     out = Path(out)
     template = cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPTS[cfg.task]
     allowed = {"text", "id"} | ({"labels"} if cfg.task == "classify" else set())

@@ -25,28 +25,32 @@ _INT_MAX = 2**31 - 1
 _done = False
 
 
-def retain_freed_memory() -> bool:
+def retain_freed_memory(single_arena: bool = True) -> bool:
     """Tune glibc malloc to reuse freed memory instead of returning it to the kernel.
 
-    Idempotent; a no-op off Linux/glibc and when EMBEDKIT_MALLOC_TUNING=0. Returns whether the
-    settings are in effect.
+    `single_arena` puts every thread on the main arena, so that worker threads' big buffers are
+    reused too (other arenas cap at 64 MB). Leave it off in a process whose threads allocate
+    many small objects at once (the fast tokenizer's parallel batch calls in `generate`): with
+    one arena, every allocation waits on its lock.
+
+    Idempotent (the first call's settings stay); a no-op off Linux/glibc and when
+    EMBEDKIT_MALLOC_TUNING=0. Returns whether the settings are in effect.
     """
     global _done
     if _done:
         return True
     if os.environ.get("EMBEDKIT_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
         return False
+    settings = [
+        (_M_MMAP_THRESHOLD, _INT_MAX),  # requests up to 2 GB come from the heap...
+        (_M_TRIM_THRESHOLD, _INT_MAX),  # ...and up to 2 GB of freed heap stays mapped
+        (_M_TOP_PAD, 256 << 20),  # grow the heap in large steps
+    ]
+    if single_arena:
+        settings.append((_M_ARENA_MAX, 1))
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = all(
-            libc.mallopt(param, value)
-            for param, value in (
-                (_M_MMAP_THRESHOLD, _INT_MAX),  # requests up to 2 GB come from the heap...
-                (_M_TRIM_THRESHOLD, _INT_MAX),  # ...and up to 2 GB of freed heap stays mapped
-                (_M_TOP_PAD, 256 << 20),  # grow the heap in large steps
-                (_M_ARENA_MAX, 1),  # worker threads' big buffers are reused too (other arenas cap at 64 MB)
-            )
-        )
+        ok = all(libc.mallopt(param, value) for param, value in settings)
     except (OSError, AttributeError):  # not glibc (musl, for one): leave the allocator alone
         return False
     _done = ok
