@@ -31,7 +31,8 @@ def retain_freed_memory(single_arena: bool = True) -> bool:
     `single_arena` puts every thread on the main arena, so that worker threads' big buffers are
     reused too (other arenas cap at 64 MB). Leave it off in a process whose threads allocate
     many small objects at once (the fast tokenizer's parallel batch calls in `generate`): with
-    one arena, every allocation waits on its lock.
+    one arena, every allocation waits on its lock. On a 16-core machine, tokenizing 20k
+    prompts took 10.7 s with one arena and 0.7 s without (docs/benchmarks.md).
 
     Idempotent (the first call's settings stay); a no-op off Linux/glibc and when
     EMBEDKIT_MALLOC_TUNING=0. Returns whether the settings are in effect.
