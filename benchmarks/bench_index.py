@@ -144,13 +144,7 @@ def timed_add(out: Path, n: int, rows: int) -> dict:
 
     index = faiss.read_index(str(out / "index" / "trained.index"))
     assert index.ntotal == 0, "trained.index holds vectors"
-    t = time.perf_counter()
-    for x in batches(out):
-        if index.ntotal >= rows:
-            break
-        index.add(x[: rows - index.ntotal])
-        print(f"faiss-cpu add: {index.ntotal:,} rows in {time.perf_counter() - t:.1f} s", flush=True)
-    measured = time.perf_counter() - t
+    measured = add_prefix(index, out, rows)
     return {"faiss_add_measured_rows": int(index.ntotal), "faiss_add_measured_s": round(measured, 2),
             "faiss_add_s": round(measured * n / index.ntotal, 2), "faiss_add_into": "embedkit's trained index, faiss-cpu add"}  # fmt: skip
 
@@ -176,15 +170,7 @@ def bounded_train(out: Path, factory: str, train_size: int, args, deadline: floa
     import subprocess
     import threading
 
-    import lance
-
-    from embedkit.index.build import read_rows
-
-    ds = lance.dataset(str(out / "vectors.lance"))
-    positions = np.sort(np.random.default_rng(1234).choice(ds.count_rows(), size=train_size, replace=False))
-    t = time.perf_counter()
-    sample = read_rows(ds, positions)
-    read_s = time.perf_counter() - t
+    sample, read_s = baseline_sample(out, train_size)
     path = out / "baseline-sample.npy"
     np.save(path, sample)
     del sample
@@ -350,27 +336,14 @@ def faiss_baseline(out: Path, factory: str, train_size: int, args) -> dict:
     import faiss
     import lance
 
-    from embedkit.index.build import read_rows
-
-    ds = lance.dataset(str(out / "vectors.lance"))
-    n = ds.count_rows()
-    positions = np.sort(np.random.default_rng(1234).choice(n, size=train_size, replace=False))
-    t = time.perf_counter()
-    sample = read_rows(ds, positions)
-    read_s = time.perf_counter() - t
+    n = lance.dataset(str(out / "vectors.lance")).count_rows()
+    sample, read_s = baseline_sample(out, train_size)
     index = faiss.index_factory(args.dim, factory)
     t = time.perf_counter()
     index.train(sample)
     train_s = time.perf_counter() - t
     print(f"faiss-cpu train: {train_s:.1f} s on {len(sample):,} vectors", flush=True)
-    limit = args.baseline_add_rows or n
-    t = time.perf_counter()
-    for x in batches(out):
-        if index.ntotal >= limit:
-            break
-        index.add(x[: limit - index.ntotal])
-        print(f"faiss-cpu add: {index.ntotal:,} rows in {time.perf_counter() - t:.1f} s", flush=True)
-    add_s = time.perf_counter() - t
+    add_s = add_prefix(index, out, args.baseline_add_rows or n)
     times = {"faiss_read_sample_s": round(read_s, 2), "faiss_train_s": round(train_s, 2), "faiss_add_s": round(add_s, 2)}
     if index.ntotal < n:  # measured on a prefix: scaled to all rows
         times.update(faiss_add_measured_rows=int(index.ntotal), faiss_add_measured_s=round(add_s, 2))
@@ -379,6 +352,30 @@ def faiss_baseline(out: Path, factory: str, train_size: int, args) -> dict:
     times["faiss_build_s"] = round(read_s + train_s + add_s, 2)
     print(f"faiss-cpu {factory}: {times}", flush=True)
     return {"index": index, "times": times}
+
+
+def baseline_sample(out: Path, train_size: int) -> tuple[np.ndarray, float]:
+    """The baseline's training sample (fixed seed, the size embedkit trains on) and seconds to read it."""
+    import lance
+
+    from embedkit.index.build import read_rows
+
+    ds = lance.dataset(str(out / "vectors.lance"))
+    positions = np.sort(np.random.default_rng(1234).choice(ds.count_rows(), size=train_size, replace=False))
+    t = time.perf_counter()
+    sample = read_rows(ds, positions)
+    return sample, time.perf_counter() - t
+
+
+def add_prefix(index, out: Path, rows: int) -> float:
+    """faiss-cpu's add of the first `rows` vectors, in the script's 1M-row batches; seconds taken."""
+    t = time.perf_counter()
+    for x in batches(out):
+        if index.ntotal >= rows:
+            break
+        index.add(x[: rows - index.ntotal])
+        print(f"faiss-cpu add: {index.ntotal:,} rows in {time.perf_counter() - t:.1f} s", flush=True)
+    return time.perf_counter() - t
 
 
 def print_table(rows: list[dict], args) -> None:

@@ -94,9 +94,7 @@ def encode(input: str, out: str, quiet: bool, as_json: bool, dry_run: bool, samp
 
     if dry_run:
         from .config import EncodeConfig
-        from .planning import dry_run_encode
-
-        from .planning import sweep_budgets
+        from .planning import dry_run_encode, sweep_budgets
 
         cfg = {k: v for k, v in options.items() if k not in ("gpus", "ray", "reissue")}
         sweep = _run(lambda: sweep_budgets(cfg["device"])) if plot_path else ()

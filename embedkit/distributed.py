@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from .config import EncodeConfig
 from .errors import EmbedkitError
+from .status import straggler_tail
 
 TASK_RETRIES = 3
 STALL_ENV = "EMBEDKIT_TEST_STALL_SHARD"
@@ -111,9 +112,7 @@ def _wait_for_commits(ray: Any, submit: Callable[[int, int], Any], order: list[i
                 refs[submit(oldest, 1)] = (oldest, 1)
         if outstanding and not refs:  # every copy of a shard ended without committing it: never wait forever
             raise EmbedkitError(f"shards {sorted(outstanding)} ended uncommitted; committed shards are kept: rerun the same command")
-    if len(commit_times) >= 2:
-        k = max(0, int(0.95 * len(commit_times)) - 1)
-        run.tail_seconds = commit_times[-1] - commit_times[k]
+    run.tail_seconds = straggler_tail(commit_times)
 
 
 def encode_shard(input: str, out: str, cfg: EncodeConfig, index: int, copy: int = 0, arbiter: Any = None) -> dict:

@@ -21,9 +21,9 @@ import os
 import string
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -627,13 +627,13 @@ def summarize_parts(out: Path, cfg: GenerateConfig, device: str, parts: list[dic
     return GenerateSummary(
         out=str(out), task=cfg.task, device=device, docs=t["docs"], prompt_tokens=t["prompt"], new_tokens=t["new"],
         seconds=seconds, truncated=t["truncated"], skipped_empty=t["empty"], shards_done=t["shards"],
-        shards_skipped=skipped, shards_total=total, decode=_sum_decode([p.get("decode", {}) for p in parts]),
-        phases={k: round(v, 3) for k, v in _sum_decode([p.get("phases", {}) for p in parts]).items()},
+        shards_skipped=skipped, shards_total=total, decode=_sum_stats([p.get("decode", {}) for p in parts]),
+        phases={k: round(v, 3) for k, v in _sum_stats([p.get("phases", {}) for p in parts]).items()},
     )  # fmt: skip
 
 
-def _sum_decode(stats: list[dict]) -> dict:
-    """Decoder counters over shards: numbers added, slot groups listed."""
+def _sum_stats(stats: list[dict]) -> dict:
+    """Per-shard counters (decoder stats, phase seconds) over shards: numbers added, lists joined."""
     out: dict = {}
     for st in stats:
         for k, v in st.items():
@@ -693,10 +693,10 @@ def _task_columns(table: pa.Table, cfg: GenerateConfig, template: str, lm, tok, 
             }  # fmt: skip
         return cols, prompt_tokens, sum(cols["new_tokens"])
     with _timed(phases, "model"):
-        return _logprob_columns(lm, tok, cfg, choice, inputs, flags, len(texts)), prompt_tokens, 0
+        return _logprob_columns(lm, tok, cfg, choice, inputs, flags), prompt_tokens, 0
 
 
-def _logprob_columns(lm, tok, cfg: GenerateConfig, choice: DeviceChoice, inputs: list, flags: list[bool], n: int) -> dict:
+def _logprob_columns(lm, tok, cfg: GenerateConfig, choice: DeviceChoice, inputs: list, flags: list[bool]) -> dict:
     """score and classify: columns from log-probabilities of continuations (pure prefill)."""
     budget = SCORE_BATCH_TOKENS[choice.type]
     if cfg.task == "score":
@@ -709,7 +709,7 @@ def _logprob_columns(lm, tok, cfg: GenerateConfig, choice: DeviceChoice, inputs:
     # classify: each label as the continuation of the prompt
     label_ids = [tok(lab, add_special_tokens=False)["input_ids"] for lab in cfg.labels]
     lps = continuation_logprobs(lm, [(p, lab) for p in inputs for lab in label_ids], budget)
-    per_row = np.array([lp.sum() for lp in lps]).reshape(n, len(cfg.labels))
+    per_row = np.array([lp.sum() for lp in lps]).reshape(len(inputs), len(cfg.labels))
     return {"label": [cfg.labels[int(k)] for k in per_row.argmax(1)], "label_logprobs": per_row.tolist(), "truncated": flags}
 
 

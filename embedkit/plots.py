@@ -12,6 +12,7 @@ from typing import Any
 
 from .errors import EmbedkitError
 from .planning import PlanInput, _fleet, plan_fleet
+from .status import straggler_tail
 
 
 def _pyplot() -> Any:
@@ -71,8 +72,7 @@ def plot_timeline(log: list[dict], path: str | Path, title: str = "") -> dict:
         ax.barh(row[e["worker"] or "?"], width, left=start, height=0.6, edgecolor="black")
         ax.text(start + width / 2, row[e["worker"] or "?"], str(e["shard"]), ha="center", va="center", fontsize=7)
         bars.append({"shard": e["shard"], "worker": e["worker"], "start": start, "seconds": width})
-    ends = sorted(e["committed"] - t0 for e in timed)
-    tail = ends[-1] - ends[max(0, int(0.95 * len(ends)) - 1)]
+    tail = straggler_tail([e["committed"] for e in timed])
     ax.set_yticks(range(len(workers)), workers)
     ax.set(xlabel="seconds since the first shard started", title=title or f"{len(timed)} shards; tail from 95% to 100%: {tail:.1f} s")
     fig.tight_layout()

@@ -9,6 +9,14 @@ from .errors import EmbedkitError
 from .shards import MANIFEST, read_manifest
 
 
+def straggler_tail(commit_times: list[float]) -> float:
+    """Seconds from 95% of shards committed to 100% (commit times in any order; 0 for fewer than 2)."""
+    if len(commit_times) < 2:
+        return 0.0
+    ends = sorted(commit_times)
+    return ends[-1] - ends[max(0, int(0.95 * len(ends)) - 1)]
+
+
 @dataclass(frozen=True)
 class OutputStatus:
     """Progress of an output: complete when every planned shard is committed."""

@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,15 @@ def vectors_table(schema: pa.Schema, ids: pa.Array, vectors: np.ndarray, n_token
     )
 
 
+@dataclass(frozen=True)
+class _Commit:
+    """What one shard's commit recorded."""
+
+    rows: int
+    files: list[str]
+    quarantined: list
+
+
 class VectorStore:
     """OUT/vectors.lance."""
 
@@ -103,29 +113,24 @@ class VectorStore:
         ds = self.dataset()
         ledger = self._ledger(ds)
         damaged = self._damaged_shards(ds, ledger)
-        return {shard: rows for shard, (rows, _) in ledger.items() if shard not in damaged}
+        return {shard: c.rows for shard, c in ledger.items() if shard not in damaged}
 
     def quarantined(self) -> list:
         """Ids left out of committed shards because their vectors were not finite, in shard order."""
-        ds = self.dataset()
-        found: dict[int, list] = {}
-        for tx in _oldest_first(ds):
-            props = _props(tx)
-            if SHARD_KEY in props:
-                found[int(props[SHARD_KEY])] = json.loads(props.get(QUARANTINED_KEY, "[]"))
-            for shard in _dropped(props):
-                found.pop(shard, None)
-        return [i for shard in sorted(found) for i in found[shard]]
+        ledger = self._ledger(self.dataset())
+        return [i for shard in sorted(ledger) for i in ledger[shard].quarantined]
 
-    def _ledger(self, ds: Any) -> dict[int, tuple[int, list[str]]]:
-        """Shard -> (rows, its data file names), replaying commits and repairs oldest first."""
-        ledger: dict[int, tuple[int, list[str]]] = {}
+    def _ledger(self, ds: Any) -> dict[int, _Commit]:
+        """Shard -> its commit (rows, data file names, quarantined ids), replaying commits and
+        repairs oldest first."""
+        ledger: dict[int, _Commit] = {}
         for tx in _oldest_first(ds):
             props = _props(tx)
             if SHARD_KEY in props:
                 frags = tx.operation.fragments
                 files = [f.path for frag in frags for f in frag.files]
-                ledger[int(props[SHARD_KEY])] = (sum(f.physical_rows for f in frags), files)
+                quarantined = json.loads(props.get(QUARANTINED_KEY, "[]"))
+                ledger[int(props[SHARD_KEY])] = _Commit(sum(f.physical_rows for f in frags), files, quarantined)
             for shard in _dropped(props):
                 ledger.pop(shard, None)
         return ledger
@@ -148,11 +153,11 @@ class VectorStore:
                     bad[f.path] = frag.fragment_id
         return bad
 
-    def _damaged_shards(self, ds: Any, ledger: dict[int, tuple[int, list[str]]]) -> set[int]:
+    def _damaged_shards(self, ds: Any, ledger: dict[int, _Commit]) -> set[int]:
         bad = self._damaged_files(ds)
         if not bad:
             return set()
-        return {shard for shard, (_, files) in ledger.items() if any(f in bad for f in files)}
+        return {shard for shard, c in ledger.items() if any(f in bad for f in c.files)}
 
     def drop_damaged(self) -> list[int]:
         """Remove every fragment of each shard with a damaged data file, in one commit that
@@ -165,7 +170,7 @@ class VectorStore:
         shards = sorted(self._damaged_shards(ds, ledger))
         if not shards:
             return []
-        files = {f for shard in shards for f in ledger[shard][1]}
+        files = {f for shard in shards for f in ledger[shard].files}
         ids = sorted({frag.fragment_id for frag in ds.get_fragments() for f in frag.data_files() if f.path in files})
         op = lance.LanceOperation.Delete(updated_fragments=[], deleted_fragment_ids=ids, predicate="embedkit: damaged data files")
         tx = Transaction(read_version=ds.version, operation=op, transaction_properties={DROPPED_KEY: ",".join(map(str, shards))})

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 from .config import EncodeConfig
 from .errors import EmbedkitError
+from .status import straggler_tail
 
 COMMIT_TOKENS = ".embedkit-commits"  # one empty file per committed shard, during a multi-worker run
 STRAGGLER_GRACE_S = 2.0  # after the last commit: how long a worker busy with a duplicate may take to report
@@ -142,9 +143,7 @@ def _coordinate(procs: list, shards: Any, results: Any, pending: set, *, reissue
                     shards.put(None)
             elif reissue and not held[worker] and len(claimed) == total:
                 _reissue_oldest(run, claimed, held, worker, shards)
-    if len(commit_times) >= 2:
-        k = max(0, int(0.95 * len(commit_times)) - 1)
-        run.tail_seconds = commit_times[-1] - commit_times[k]
+    run.tail_seconds = straggler_tail(commit_times)
     return run
 
 

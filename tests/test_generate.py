@@ -9,7 +9,6 @@ every task is computed here, independently, one document at a time with transfor
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from embedkit.config import DEFAULT_GENERATOR, DEFAULT_PROMPTS
 from embedkit.errors import EmbedkitError
 from embedkit.generation import GENERATIONS_DIR, resolve_generator
 from embedkit.store import VectorStore
+from faults.faultkit import kill_group
 
 MAX_NEW = 16
 LOGPROB_TOL = 1e-3
@@ -286,13 +286,6 @@ def _shards_done(out: Path) -> int:
         return 0
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
 
 @pytest.fixture(scope="module")
 def resume_docs(sample) -> pa.Table:
@@ -318,7 +311,7 @@ def test_score_resumes_after_kill(tmp_path, resume_docs, reference, run_cli):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     assert proc.returncode == -signal.SIGKILL
     done_at_kill = _shards_done(out)
     assert 1 <= done_at_kill < shards_total, "the run finished before it was killed: nothing to resume"

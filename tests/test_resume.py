@@ -26,6 +26,7 @@ import embedkit
 from embedkit.errors import EmbedkitError
 from embedkit.shards import OutputLock
 from embedkit.store import vectors_table
+from faults.faultkit import kill_group
 
 RESUME_DOCS = 300
 SHARD_ROWS = 50
@@ -79,7 +80,7 @@ def killed_and_resumed(tmp_path_factory, resume_table, run_cli):
         proc.send_signal(signal.SIGKILL)  # the main process only, as an OOM kill would
         proc.wait()
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     at_kill = embedkit.status(out)
     status_at_kill = run_cli("status", out)
     ids_at_kill = lance.dataset(str(out / "vectors.lance")).to_table(columns=["id"]).column("id").to_pylist()
@@ -91,14 +92,6 @@ def killed_and_resumed(tmp_path_factory, resume_table, run_cli):
         "ids_at_kill": ids_at_kill, "status_at_kill": status_at_kill, "orphans": orphans, "rerun": rerun,
     }  # fmt: skip
 
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """End what is left of the run started in its own session (its tokenizer worker, if alive)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def _write_uncommitted(out: Path, ids: list[str]) -> set[str]:
