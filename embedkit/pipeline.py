@@ -9,7 +9,6 @@ writes them as Lance fragments while later windows compute, and commits each fin
 from __future__ import annotations
 
 import queue
-import shutil
 import sys
 import threading
 import time
@@ -29,7 +28,11 @@ from .config import DEFAULT_BATCH_TOKENS, DEFAULT_MODEL, EncodeConfig
 from .corpus import Columns, Corpus, find_first_duplicate, open_corpus
 from .encoder import DeviceChoice, Encoder, choose_device, default_batch_tokens
 from .errors import EmbedkitError
+from .digest import INPUT_CACHE
+from .index.state import INDEX_DIR
 from .models import (
+    ModelSource,
+    declared_max_length,
     embedding_dim,
     fast_tokenizer_json,
     load_sentence_transformer,
@@ -38,6 +41,7 @@ from .models import (
     truncation_side,
     weights_hash,
 )
+from .outdir import check_out, clear_output, make_out, undo_if_unstarted
 from .planning import default_shard_rows
 from .runtime import retain_freed_memory
 from .shards import MANIFEST, OutputLock, Shard, manifest_differences, read_manifest, shards_from_manifest, write_manifest
@@ -188,14 +192,28 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
     """encode() with a ready EncodeConfig."""
     retain_freed_memory()
     out = Path(out)
-    # Validate the input and device before OUT is created: a typo must not leave an empty OUT.
+    # Everything that can refuse the run is checked before OUT is touched or a model loads: a
+    # typo must not leave an empty OUT, and a refusal must not wait for a model.
     corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
+    if corpus.num_rows == 0:
+        raise EmbedkitError("the input has no rows")
     choice = choose_device(cfg.device, cfg.precision)
-    _make_out(out)
-    with OutputLock(out):
+    source = resolve_model(cfg.model)  # a hub id resolves to its local copy, or fails in one line
+    check_out(out)
+    created = make_out(out)
+    with undo_if_unstarted(out, created), OutputLock(out):
         if cfg.overwrite:
-            _clear_output(out)
-        job = _prepare(corpus, out, cfg, choice)
+            clear_output(out, (VECTORS_DIR, INDEX_DIR))
+        old, store = read_manifest(out), VectorStore(out)
+        if old is None and store.exists():
+            raise EmbedkitError(f"{out} holds {VECTORS_DIR} but no {MANIFEST}; start fresh with --overwrite")
+        shard_rows = cfg.shard_rows or (old["plan"]["shard_rows"] if old else default_shard_rows(corpus.num_rows, choice.type, cfg.workers))
+        manifest = _manifest(corpus, cfg, source, shard_rows, cache=out / INPUT_CACHE)
+        if old is not None:
+            _refuse_differences(out, old, manifest)
+            if store.exists() and len(store.committed_shards()) == old["plan"]["shards"]:
+                return _nothing_to_do(out, choice, old["plan"]["shards"])
+        job = _prepare(corpus, out, cfg, choice, source, manifest, old)
         done = job.store.committed_shards()
         pending = [s for s in job.shards if s.index not in done]
         if not pending:
@@ -215,6 +233,21 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
         return _run_shards(corpus, job, pending, cfg, skipped=len(done))
 
 
+def _nothing_to_do(out: Path, choice: DeviceChoice, shards: int) -> EncodeSummary:
+    return EncodeSummary(out=str(out), device=choice.device, docs=0, tokens=0, padded_tokens=0, seconds=0.0, truncated=0,
+                         skipped_empty=0, shards_done=0, shards_skipped=shards, shards_total=shards)  # fmt: skip
+
+
+def _refuse_differences(out: Path, old: dict, manifest: dict) -> None:
+    """Refuse a run whose settings differ from those OUT was made with (keys still unknown,
+    None until the model is loaded, are left for the second call)."""
+    diffs = manifest_differences(old, manifest)
+    if old.get("plan") != manifest["plan"]:
+        diffs.append(f"shard plan ({old.get('plan')} -> {manifest['plan']})")
+    if diffs:
+        raise EmbedkitError(f"{out} was written with a different {'; '.join(diffs)}; rerun with --overwrite to start fresh")
+
+
 @dataclass
 class _Job:
     """Everything a run needs once the output is validated."""
@@ -231,51 +264,24 @@ class _Job:
     truncation_side: str
 
 
-def _make_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".embedkit.write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise EmbedkitError(f"cannot write to {out}: {e.strerror}") from None
-
-
-def _clear_output(out: Path) -> None:
-    """--overwrite: remove what embedkit wrote (vectors, manifest, index), nothing else."""
-    for name in (VECTORS_DIR, "index"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    (out / MANIFEST).unlink(missing_ok=True)
-
-
-def _prepare(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice) -> _Job:
-    """Load the model, reconcile with an existing manifest, create or clean the store."""
-    if corpus.num_rows == 0:
-        raise EmbedkitError("the input has no rows")
-    source = resolve_model(cfg.model)
+def _prepare(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice, source: ModelSource, manifest: dict,
+             old: dict | None) -> _Job:  # fmt: skip
+    """Load the model, complete and check the manifest, create or clean the store."""
     # Load on the CPU: the tokenizer workers fork before the model moves to a GPU.
     st = load_sentence_transformer(source, "cpu")
     max_length = _max_length(st, cfg.max_seq_length)
     dim = embedding_dim(st)
-    old = read_manifest(out)
-    store = VectorStore(out)
-    if old is None and store.exists():
-        raise EmbedkitError(f"{out} holds {VECTORS_DIR} but no {MANIFEST}; start fresh with --overwrite")
-    shard_rows = cfg.shard_rows or (old["plan"]["shard_rows"] if old else default_shard_rows(corpus.num_rows, choice.type, cfg.workers))
-    manifest = _manifest(corpus, cfg, source.name, weights_hash(source, st), dim, max_length, pooling_mode(st), shard_rows)
+    manifest["model"].update(dim=dim, max_seq_length=max_length, pooling=pooling_mode(st))
+    if manifest["model"]["weights_sha256"] is None:  # a hub model loaded from the hub: hashed from its parameters
+        manifest["model"]["weights_sha256"] = weights_hash(source, st)
     if old is not None:
-        diffs = manifest_differences(old, manifest)
-        if old.get("plan") != manifest["plan"]:
-            diffs.append(f"shard plan ({old.get('plan')} -> {manifest['plan']})")
-        if diffs:
-            raise EmbedkitError(
-                f"{out} was written with a different {'; '.join(diffs)}; rerun with --overwrite to start fresh"
-            )
+        _refuse_differences(out, old, manifest)
     else:
         if not _ids_are_row_numbers(corpus):
             _check_duplicates(corpus, cfg.allow_duplicate_ids)
         write_manifest(out, manifest)
     schema = vectors_schema(corpus.id_type, dim, cfg.dtype)
+    store = VectorStore(out)
     if store.exists():
         store.remove_uncommitted()
     else:
@@ -310,12 +316,15 @@ def _max_length(st: Any, override: int | None) -> int:
     return override
 
 
-def _manifest(corpus: Corpus, cfg: EncodeConfig, name: str, weights: str, dim: int, max_length: int, pooling: str, shard_rows: int) -> dict:
+def _manifest(corpus: Corpus, cfg: EncodeConfig, source: ModelSource, shard_rows: int, cache: Path | None = None) -> dict:
+    """The manifest as far as it is known without loading the model: `dim` and `pooling` are
+    None, and `max_seq_length` too unless given or declared in the model's folder."""
+    max_length = cfg.max_seq_length or declared_max_length(source)
     return {
         "embedkit_version": __version__,
-        "model": {"name": name, "weights_sha256": weights, "dim": dim, "max_seq_length": max_length, "pooling": pooling},
+        "model": {"name": source.name, "weights_sha256": weights_hash(source), "dim": None, "max_seq_length": max_length, "pooling": None},
         "output": {"dtype": cfg.dtype, "normalize": cfg.normalize, "keep_empty": cfg.keep_empty},
-        "input": corpus.fingerprint(),
+        "input": corpus.fingerprint(cache=cache),
         "plan": {"rows": corpus.num_rows, "shard_rows": shard_rows, "shards": -(-corpus.num_rows // shard_rows)},
     }
 

@@ -93,13 +93,34 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
     """What differs between an existing output's manifest and this run's, in words."""
     diffs = []
     for keys, label in _PINNED.items():
+        if keys == ("input",):
+            diff = input_difference(old.get("input") or {}, new.get("input") or {})
+            diffs += [diff] if diff else []
+            continue
         a, b = _dig(old, keys), _dig(new, keys)
-        if a != b:
-            if keys == ("input",):
-                diffs.append("input (a different or changed file)")
-            else:
-                diffs.append(f"{label} ({a} -> {b})")
+        if b is not None and a != b:  # None: not known yet (what only the loaded model tells)
+            diffs.append(f"{label} ({a} -> {b})")
     return diffs
+
+
+# Input fingerprint keys that show where an input was, not what it is: not compared.
+_WHERE = ("path",)
+
+
+def input_difference(old: dict, new: dict) -> str | None:
+    """How this run's input differs from the one an output was made from, in words (None: the
+    same input). Content decides, not place or file times: a copy staged elsewhere is the same."""
+    keys = [k for k in sorted(set(old) | set(new)) if k not in _WHERE and old.get(k) != new.get(k)]
+    if not keys:
+        return None
+    if not {"sha256", "files_sha256"} & set(old):
+        return "input (the output records no content hash of its input: it was made by an older embedkit)"
+    if "kind" in keys:
+        return f"input (a different input: {old.get('kind')} at {old.get('path')}; this run reads {new.get('kind')} at {new.get('path')})"
+    shown = [k for k in keys if k not in ("sha256", "files_sha256", "version")]
+    if shown:
+        return "input (" + ", ".join(f"{k.replace('_', ' ')} {old.get(k)} -> {new.get(k)}" for k in shown) + ")"
+    return "input (its content changed since the output was made)"
 
 
 def _dig(d: dict, keys: tuple[str, ...]) -> Any:

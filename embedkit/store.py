@@ -28,6 +28,7 @@ import pyarrow as pa
 from .errors import EmbedkitError
 
 VECTORS_DIR = "vectors.lance"
+GENERATIONS_DIR = "generations.lance"  # what `embedkit generate` writes instead
 SHARD_KEY = "embedkit.shard"
 WORKER_KEY = "embedkit.worker"  # host:pid of the process that committed
 STARTED_KEY = "embedkit.started"
@@ -258,18 +259,23 @@ class VectorStore:
         stats = self.dataset().cleanup_old_versions(retain_versions=1 << 30, delete_unverified=True)
         return int(getattr(stats, "bytes_removed", 0))
 
-    def row_stats(self) -> tuple[int, int]:
-        """(rows, tokens) in the latest version, over intact fragments (a damaged one cannot be read)."""
+    def row_stats(self, sums: tuple[str, ...] = ("n_tokens",)) -> tuple[int, dict[str, int]]:
+        """(rows, {column: sum}) in the latest version, over intact fragments (a damaged one
+        cannot be read); columns of `sums` that the dataset lacks are left out."""
         import pyarrow.compute as pc
 
         ds = self.dataset()
         bad = set(self._damaged_files(ds).values())
         frags = [f for f in ds.get_fragments() if f.fragment_id not in bad]
+        columns = [c for c in sums if c in ds.schema.names]
         rows = sum(f.count_rows() for f in frags)
-        if rows == 0:
-            return 0, 0
-        tokens = sum(int(pc.sum(f.to_table(columns=["n_tokens"]).column(0)).as_py() or 0) for f in frags)
-        return rows, tokens
+        totals = dict.fromkeys(columns, 0)
+        if rows and columns:
+            for f in frags:
+                table = f.to_table(columns=columns)
+                for c in columns:
+                    totals[c] += int(pc.sum(table.column(c)).as_py() or 0)
+        return rows, totals
 
 
 def _float(text: str | None) -> float | None:

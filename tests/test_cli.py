@@ -168,10 +168,12 @@ def test_status_text(output, small_table, run_cli, full_token_count):
     tokens = sum(full_token_count(t) for t in small_table.column("text").to_pylist())
     n = small_table.num_rows
     assert result.stdout.splitlines() == [
-        f"{output}: shards 3/3 (complete)",
+        f"{output}: embeddings, shards 3/3 (complete)",
         f"rows {n:,}, input tokens {tokens:,}",
         "model sentence-transformers/all-MiniLM-L6-v2 (dim 384, max 256 tokens, mean pooling)",
-        f"vectors float16, normalize True; input parquet, {n:,} rows",
+        "vectors float16, normalize True",
+        f"input parquet, {n:,} rows in 3 shards of 8",
+        f"index: none (run `embedkit build-index {output}` to build one)",
         f"embedkit {embedkit.__version__}",
     ]
 
@@ -180,7 +182,8 @@ def test_status_json(output, small_table, run_cli):
     result = run_cli("status", output, "--json")
     assert result.returncode == 0, result.stderr
     st = json.loads(result.stdout)
-    assert st["complete"] is True
+    assert st["complete"] is True and st["kind"] == "embeddings" and st["new_tokens"] is None
+    assert st["index"]["state"] == "none"
     assert (st["shards_done"], st["shards_total"], st["rows"]) == (3, 3, small_table.num_rows)
     assert st["tokens"] == embedkit.status(output).tokens > 0
     assert st["manifest"]["model"]["dim"] == 384

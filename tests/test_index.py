@@ -12,6 +12,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,40 @@ def test_search_text_stored_verbatim(built, stored, texts_by_id, verbatim_rows):
     assert all(len(ids) == 5 for ids in res.ids)
 
 
+def test_status_reports_the_index_and_the_recall_it_promises(encoded, built, run_cli):
+    assert embedkit.status(encoded).index["state"] == "none"
+    index = embedkit.status(built.out).index
+    r = built.report
+    assert (index["state"], index["recall"], index["nprobe"], index["rerank"]) == ("current", r.recall, r.nprobe, r.rerank)
+    assert (index["factory"], index["n"], index["target_recall"]) == (r.factory, ROWS, TARGET)
+    shown = run_cli("status", built.out)
+    assert shown.returncode == 0, shown.stderr
+    assert (f"index: {r.factory} over {ROWS:,} vectors; recall@{K} {r.recall:.3f} promised at nprobe {r.nprobe}, "
+            f"rerank {r.rerank} (target {TARGET}); up to date") in shown.stdout.splitlines(), shown.stdout
+
+
+def test_plain_faiss_opens_the_index_from_any_working_directory(built_copy, tmp_path, stored, run_cli):
+    """merged.index names its lists file by an absolute path, so `faiss.read_index` works from
+    another folder than the build's, even when the build was given a relative OUT."""
+    rebuilt = run_cli("build-index", built_copy.name, "--overwrite", "--quiet", cwd=built_copy.parent)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = (
+        "import faiss, numpy as np, sys\n"
+        f"index = faiss.read_index({str(built_copy / 'index' / 'merged.index')!r})\n"
+        f"faiss.extract_index_ivf(index).nprobe = 64\n"
+        f"_, found = index.search(np.load({str(tmp_path / 'q.npy')!r}), 5)\n"
+        "print(found.tolist())\n"
+    )
+    np.save(tmp_path / "q.npy", stored.vectors[:20])
+    p = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ours = load_index(built_copy / "index")
+    faiss.extract_index_ivf(ours).nprobe = 64
+    assert json.loads(p.stdout.strip().splitlines()[-1]) == ours.search(stored.vectors[:20], 5)[1].tolist()
+
+
 # ---- rebuilds and resume ---------------------------------------------------------------------
 
 
@@ -275,6 +310,8 @@ def test_killed_build_resumes(encoded, stored, tmp_path, run_cli):
     assert not (out / "index" / "params.json").exists(), "the build finished before the kill"
     done = _shard_files(out)
     assert len(done) >= 2
+    assert embedkit.status(out).index["state"] == "unfinished"
+    assert f"index: unfinished build (run `embedkit build-index {out}` to resume it)" in run_cli("status", out).stdout
 
     rerun = run_cli(*args, "--json")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -321,6 +358,8 @@ def test_search_refuses_a_truncated_lists_file(built_copy, run_cli, refused):
     refused(run_cli("search", built_copy, "how do I report a bug"), "merged.ivfdata", f"{size // 2:,}")
     with pytest.raises(EmbedkitError, match="merged.ivfdata"):
         embedkit.Retriever(built_copy)
+    index = embedkit.status(built_copy).index
+    assert index["state"] == "damaged" and f"{size // 2:,} bytes" in index["reason"]
 
 
 def test_search_refuses_a_changed_index_file(built_copy, run_cli, refused):
@@ -343,6 +382,9 @@ def test_new_vectors_version_refuses_search_and_rebuilds(built_copy, stored, run
 
     searched = run_cli("search", built_copy, "how do I report a bug")
     refused(searched, f"version {built_on}", f"version {latest}", "build-index")
+    status = run_cli("status", built_copy)
+    assert f"index: stale, IVF64,PQ48 over {ROWS:,} vectors: built on version {built_on} of the vectors, which are now at " \
+        f"version {latest}; run `embedkit build-index {built_copy}` again" in status.stdout.splitlines(), status.stdout
 
     rebuilt = run_cli("build-index", built_copy, "--quiet", "--json")
     assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]

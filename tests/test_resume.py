@@ -131,7 +131,7 @@ def test_status_command_reports_an_incomplete_output(killed_and_resumed):
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[0]
     done, total = k["at_kill"].shards_done, k["at_kill"].shards_total
-    assert first == f"{k['out']}: shards {done}/{total} (incomplete: rerun the encode command to resume)"
+    assert first == f"{k['out']}: embeddings, shards {done}/{total} (incomplete: rerun the encode command to resume)"
 
 
 def test_rerun_finishes_every_id_exactly_once(killed_and_resumed, resume_table, read_output):

@@ -52,7 +52,7 @@ BASE = {
     "embedkit_version": "0.1.0",
     "model": {"name": "m", "weights_sha256": "aaa", "dim": 384, "max_seq_length": 256, "pooling": "mean"},
     "output": {"dtype": "float16", "normalize": True, "keep_empty": False},
-    "input": {"kind": "parquet", "files": [{"path": "/d/x.parquet", "size": 10}], "rows": 5},
+    "input": {"kind": "parquet", "path": "/d/x.parquet", "files": 1, "sha256": "c1", "rows": 5, "text_column": "text"},
     "plan": {"rows": 5, "shard_rows": 2, "shards": 3},
 }
 
@@ -75,9 +75,15 @@ DIFF_CASES = [
     pytest.param(("output", "dtype"), "float32", ["dtype (float16 -> float32)"], id="dtype"),
     pytest.param(("output", "normalize"), False, ["normalize (True -> False)"], id="normalize"),
     pytest.param(("output", "keep_empty"), True, ["keep empty (False -> True)"], id="keep-empty"),
-    pytest.param(
-        ("input", "files"), [{"path": "/d/x.parquet", "size": 11}], ["input (a different or changed file)"], id="input"
-    ),
+    pytest.param(("input", "sha256"), "c2", ["input (its content changed since the output was made)"], id="input-content"),
+    pytest.param(("input", "rows"), 6, ["input (rows 5 -> 6)"], id="input-rows"),
+    pytest.param(("input", "text_column"), "body", ["input (text column text -> body)"], id="input-column"),
+    pytest.param(("input", "kind"), "jsonl", ["input (a different input: parquet at /d/x.parquet; this run reads jsonl at /d/x.parquet)"],
+                 id="input-kind"),  # fmt: skip
+    # where the input lies is not what it is: the same content staged elsewhere resumes
+    pytest.param(("input", "path"), "/elsewhere/x.parquet", [], id="input-path-not-pinned"),
+    # a value the run does not know before the model loads (None) is compared after the load
+    pytest.param(("model", "dim"), None, [], id="unknown-yet"),
     # the version of embedkit that wrote the output does not pin it: a newer one may resume
     pytest.param(("embedkit_version",), "0.2.0", [], id="version-not-pinned"),
     # the plan is compared by the pipeline itself (it names the old and new plan)
@@ -88,6 +94,12 @@ DIFF_CASES = [
 @pytest.mark.parametrize("keys, value, expected", DIFF_CASES)
 def test_manifest_differences_table(keys, value, expected):
     assert manifest_differences(BASE, _changed(keys, value)) == expected
+
+
+def test_an_input_recorded_without_a_content_hash_is_named_as_such():
+    old = copy.deepcopy(BASE)
+    old["input"] = {"kind": "parquet", "files": [{"path": "/d/x.parquet", "size": 10, "mtime_ns": 1}], "rows": 5}
+    assert manifest_differences(old, BASE) == ["input (the output records no content hash of its input: it was made by an older embedkit)"]
 
 
 def test_manifest_differences_none_when_equal():

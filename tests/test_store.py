@@ -25,7 +25,8 @@ def test_ledger_lists_each_committed_shard_with_its_rows(tmp_path):
     store.commit_shard(0, _table(schema, ["a", "b"]))
     store.commit_fragments(2, store.write_fragments(_table(schema, ["c"])) + store.write_fragments(_table(schema, ["d", "e"])))
     assert store.committed_shards() == {0: 2, 2: 3}
-    assert store.row_stats() == (5, 15)
+    assert store.row_stats() == (5, {"n_tokens": 15})
+    assert store.row_stats(("n_tokens", "no_such_column")) == (5, {"n_tokens": 15})
 
 
 def test_uncommitted_fragments_are_invisible_then_removed(tmp_path):

@@ -20,8 +20,6 @@ Faiss ids are row positions in the pinned version of vectors.lance (fragments in
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import shutil
 import sys
@@ -39,15 +37,11 @@ from ..errors import EmbedkitError
 from ..shards import OutputLock, read_manifest
 from ..store import VECTORS_DIR, VectorStore
 from .params import BUILD_SHARD_ROWS, KMEANS_ITERATIONS, IndexParams, choose_params, estimate_build_seconds
+from .state import INDEX_DIR, IVFDATA, MERGED, PARAMS, STATE, file_sha256, index_damage, read_json, vectors_identity, write_json
 from .train import assign, nearest, train_custom, train_ivfpq
 
-INDEX_DIR = "index"
-PARAMS = "params.json"
-STATE = "build.json"
 TRAINED = "trained.index"
 DRY_RUN_SAMPLE = 65_536  # vectors read and assigned to measure this device
-MERGED = "merged.index"
-IVFDATA = "merged.ivfdata"
 SHARDS = "shards"
 NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
 RERANK_FACTORS = (1, 2, 5, 10)  # rerank depth = factor * k
@@ -221,39 +215,13 @@ def _default_budget() -> int:
         return 8 << 30
 
 
-def vectors_identity(ds: Any) -> str:
-    """A digest of the data files a version of vectors.lance is made of (read from its manifest).
-
-    A version number alone does not name the vectors: an output deleted and encoded again
-    counts its versions from 1 anew. Data file names are unique, so this tells them apart.
-    """
-    h = hashlib.sha256()
-    for frag in ds.get_fragments():
-        for f in frag.data_files():
-            h.update(f"{frag.fragment_id}:{f.path}\n".encode())
-    return h.hexdigest()
-
-
-def index_damage(folder: Path, params: dict, full: bool = False) -> str | None:
-    """What is wrong with a finished index's files, or None: sizes always, the sha256 of
-    merged.index (small), and with `full` of every file."""
-    for name, check in params.get("files", {}).items():
-        path = folder / name
-        size, expected = path.stat().st_size if path.exists() else -1, check["bytes"]
-        if size != expected:
-            return f"{path} is " + ("missing" if size < 0 else f"{size:,} bytes, expected {expected:,}")
-        if (name == MERGED or full) and file_sha256(path) != check["sha256"]:
-            return f"{path} does not match its checksum"
-    return None
-
-
 def _finished(b: _Build) -> IndexReport | None:
     """The existing report when a finished index matches; clears stale or unwanted state.
 
     A matching index whose files were damaged since (truncated, changed) is rebuilt, not
     reported up to date."""
-    params = _read_json(b.dir / PARAMS)
-    state = _read_json(b.dir / STATE)
+    params = read_json(b.dir / PARAMS)
+    state = read_json(b.dir / STATE)
     if params is not None and params.get("key") == b.key and params.get("target_recall") == b.cfg.target_recall and not b.cfg.overwrite:
         damage = index_damage(b.dir, params)
         if damage is None:
@@ -264,8 +232,8 @@ def _finished(b: _Build) -> IndexReport | None:
             b.log("starting the index build afresh" if state is None or b.cfg.overwrite else "the vectors or options changed: rebuilding the index")
         shutil.rmtree(b.dir, ignore_errors=True)
     b.dir.mkdir(parents=True, exist_ok=True)
-    if _read_json(b.dir / STATE) != b.key:
-        _write_json(b.dir / STATE, b.key)
+    if read_json(b.dir / STATE) != b.key:
+        write_json(b.dir / STATE, b.key)
     return None
 
 
@@ -405,7 +373,7 @@ class ShardSpec:
         """Shard i's index file is whole: its size is the one recorded when it was written
         (a file damaged since, or left by an older build without the record, is redone)."""
         path, record = self.index_path(i), self.index_path(i).with_suffix(".json")
-        doc = _read_json(record) if record.exists() else None
+        doc = read_json(record) if record.exists() else None
         return path.exists() and doc is not None and doc.get("bytes") == path.stat().st_size
 
 
@@ -462,7 +430,7 @@ def write_shard(spec: ShardSpec, trained: Any, codec: Any, i: int, start: int, x
         index.add(np.ascontiguousarray(x, dtype=np.float32))
     _write_index(index, spec.index_path(i))
     # the record, written last, is what marks the shard done (see ShardSpec.done)
-    _write_json(spec.index_path(i).with_suffix(".json"), {"bytes": spec.index_path(i).stat().st_size, "rows": len(x)})
+    write_json(spec.index_path(i).with_suffix(".json"), {"bytes": spec.index_path(i).stat().st_size, "rows": len(x)})
 
 
 def _shard_truth(spec: ShardSpec, x: np.ndarray, start: int, queries: np.ndarray, qvec: np.ndarray, path: Path) -> None:
@@ -552,10 +520,12 @@ def _merge(b: _Build, n_shards: int) -> Any:
     if _is_ivf(trained):
         from faiss.contrib.ondisk import merge_ondisk
 
-        # the lists file gets its final name (the index records it); params.json, written
-        # last, is what marks the index complete
+        # the lists file gets its final name, which the index records as given; params.json,
+        # written last, is what marks the index complete. An absolute name lets plain
+        # `faiss.read_index(".../merged.index")` open it from any working directory (a moved
+        # OUT needs faiss.IO_FLAG_ONDISK_SAME_DIR, which load_index always passes).
         with quiet_stdout():
-            merge_ondisk(trained, shard_files, str(b.dir / IVFDATA))
+            merge_ondisk(trained, shard_files, os.path.abspath(b.dir / IVFDATA))
         check_ids(trained, b.params.n)
     else:  # flat, HNSW and other non-IVF factories: one in-memory index from the shards
         for f in shard_files:
@@ -654,17 +624,9 @@ def _commit(b: _Build, report: IndexReport) -> None:
         "rerank": report.rerank, "k": report.k, "metric": report.metric, "files": checks, "report": report.to_dict(),
         "vectors": VECTORS_DIR,
     }  # fmt: skip
-    _write_json(b.dir / PARAMS, doc)
+    write_json(b.dir / PARAMS, doc)
     shutil.rmtree(b.dir / SHARDS, ignore_errors=True)
     (b.dir / STATE).unlink(missing_ok=True)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sizes(folder: Path) -> dict:
@@ -677,25 +639,6 @@ def _write_index(index: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     faiss.write_index(index, str(tmp))
     os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def _bar(total: int, enabled: bool) -> Any:

