@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import pyarrow as pa
 
@@ -342,38 +342,67 @@ def _read_jsonl(path: Path, columns: Columns) -> pa.Table:
 
     if path.stat().st_size == 0:
         raise EmbedkitError(f"{path} is empty")
+    if _starts_with(path, b"["):  # one JSON array of objects, not JSON lines: read as a whole
+        return _read_json_rows(path, columns, _json_array(path))
     try:
         return pj.read_json(path)
     except Exception as e:
         if "changed from" in str(e):  # a field whose type differs between rows: read them one by one
-            return _read_jsonl_rows(path, columns)
+            return _read_json_rows(path, columns, _json_lines(path))
         raise EmbedkitError(f"cannot parse {path} as JSON lines: {_first_line(e)}") from None
 
 
-def _read_jsonl_rows(path: Path, columns: Columns) -> pa.Table:
-    """The text and id columns of a JSON lines file whose fields change type between rows.
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip().startswith(prefix)
 
-    A text value that is not a string (a number, a boolean, an object) reads as null: that row
-    is skipped and counted, the others are kept. Ids must still be all integers or all strings.
-    """
+
+def _json_lines(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, value) of each non-blank line of a JSON lines file."""
     import json
 
-    keep = [columns.text, columns.id or "id"]
-    values: dict[str, list] = {name: [] for name in keep}
-    present: set[str] = set()
     with open(path, encoding="utf-8", errors="strict") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield f"line {n}", json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise EmbedkitError(f"cannot parse {path} as JSON lines: line {n}: {e}") from None
-            if not isinstance(row, dict):
-                raise EmbedkitError(f"cannot parse {path} as JSON lines: line {n} is not an object")
-            present.update(k for k in keep if k in row)
-            for name in keep:
-                values[name].append(row.get(name))
+
+
+def _json_array(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, value) of each element of a file holding one JSON array."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8", errors="strict") as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EmbedkitError(f"cannot parse {path} as a JSON array: {e}") from None
+    if not isinstance(doc, list):
+        raise EmbedkitError(f"cannot parse {path}: expected JSON lines or one array of objects")
+    yield from ((f"element {n}", row) for n, row in enumerate(doc, 1))
+
+
+def _read_json_rows(path: Path, columns: Columns, rows: Iterator[tuple[str, object]]) -> pa.Table:
+    """The text and id columns of JSON objects (JSON lines whose fields change type between
+    rows, or the elements of a JSON array).
+
+    A text value that is not a string (a number, a boolean, an object) reads as null: that row
+    is skipped and counted, the others are kept. Ids must still be all integers or all strings.
+    """
+    keep = [columns.text, columns.id or "id"]
+    values: dict[str, list] = {name: [] for name in keep}
+    present: set[str] = set()
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise EmbedkitError(f"cannot parse {path}: {where} is not an object (each row must be {{\"{columns.text}\": ...}})")
+        present.update(k for k in keep if k in row)
+        for name in keep:
+            values[name].append(row.get(name))
+    if not values[columns.text]:
+        raise EmbedkitError(f"{path} holds no rows")
     values[columns.text] = [v if isinstance(v, str) else None for v in values[columns.text]]
     arrays = {}
     for name in keep:

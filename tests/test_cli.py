@@ -85,8 +85,19 @@ def test_encode_refusals(tmp_path, run_cli, refused, make, needles):
     args = make(tmp_path)
     out = tmp_path / "out"
     refused(run_cli("encode", *args, out), *needles)
-    assert not (out / "vectors.lance").exists()
-    assert not (out / "embedkit.json").exists()
+    assert not out.exists()  # a refused run leaves nothing behind, not even an empty OUT
+
+
+def test_out_must_be_a_new_folder_or_an_output(tmp_path, run_cli, refused):
+    src = _write_parquet(tmp_path / "docs.parquet", {"id": ["a"], "text": ["x"]})
+    refused(run_cli("encode", src, src), "docs.parquet is a file", "OUT must be a folder")
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "cat.jpg").write_bytes(b"\xff\xd8")
+    refused(run_cli("encode", src, mine), "non-empty folder that is not an embedkit output", "cat.jpg")
+    refused(run_cli("generate", src, mine, "--task", "score"), "non-empty folder that is not an embedkit output")
+    assert sorted(p.name for p in mine.iterdir()) == ["cat.jpg"]
+    refused(run_cli("search", tmp_path / "nowhere", "query"), "output not found", "nowhere")
 
 
 def test_device_cuda_without_a_gpu_is_refused(tmp_path, run_cli, refused):

@@ -48,6 +48,17 @@ def test_reader_yields_every_row_in_order(corpora, small_table, txt_id, fmt):
     assert sorted(corpus.read_ids().to_pylist()) == sorted(expected_ids)
 
 
+def test_a_json_array_file_reads_like_json_lines(tmp_path, corpora, small_table):
+    """A .json file holding one array of objects (what many tools export) is read as its rows."""
+    path = tmp_path / "docs.json"
+    path.write_text(json.dumps(small_table.to_pylist(), indent=1))
+    assert open_corpus(path).read(0, small_table.num_rows).to_pylist() == open_corpus(corpora["jsonl"]).read(0, small_table.num_rows).to_pylist()
+    for body, needle in [('[{"id": "a", "text": "x"}, 3]', "element 2 is not an object"), ("[1, 2", "as a JSON array"), ("[]", "holds no rows")]:
+        path.write_text(body)
+        with pytest.raises(EmbedkitError, match=needle):
+            open_corpus(path)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_format_encodes_to_the_reference(
     tmp_path, corpora, small_table, small_reference, txt_id, vectors_of, cosine, read_output, fmt
