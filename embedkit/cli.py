@@ -240,8 +240,10 @@ def generate(input: str, out: str, labels: str | None, quiet: bool, as_json: boo
 
 
 @main.command()
-@click.option("--tokens", type=float, default=None, help="The job's size in tokens (or --input).")
+@click.option("--tokens", type=float, default=None, help="The job's size in tokens (or --input, or --docs with --avg-tokens).")
 @click.option("--input", "input", type=click.Path(path_type=str), default=None, help="Count the tokens of this input instead.")
+@click.option("--docs", type=float, default=None, help="The job's size in documents, with --avg-tokens.")
+@click.option("--avg-tokens", type=float, default=None, help="Tokens per document on average, with --docs.")
 @click.option("--model", default=None, help=f"Tokenizer for --input (default: {DEFAULT_MODEL}).")
 @click.option("--sample", type=int, default=10_000, show_default=True, help="Rows sampled to count --input (0: every row).")
 @click.option("--tokens-per-second", type=float, required=True, help="Measured throughput of one GPU (see docs/benchmarks.md).")

@@ -26,6 +26,7 @@ from .errors import EmbedkitError
 Z95 = 1.96  # two-sided 95% normal quantile
 SAMPLE_BLOCK = 64  # rows per sampled block
 READ_ROWS = 65_536  # rows per read when counting every row
+MIN_SHARDS = 4  # a job is cut into at least this many shards (see shard_seconds_for)
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,11 @@ def shard_seconds_for(p: PlanInput) -> float:
     """The longest shard whose expected re-work stays under the bound.
 
     A preemption lands, on average, halfway through a shard, so it redoes half a shard: the
-    re-work fraction is rate x shard / 2. Without preemptions the cap is max_shard_hours.
+    re-work fraction is rate x shard / 2. Without preemptions the cap is max_shard_hours. And a
+    job is cut into MIN_SHARDS shards or more: a shard, and so the straggler margin, is never a
+    large part of a short job (a 45-second job does not wait half an hour for its last shard).
     """
-    cap = p.max_shard_hours * 3600
+    cap = min(p.max_shard_hours * 3600, p.tokens / p.tokens_per_second / MIN_SHARDS)
     if p.preemptions_per_hour == 0:
         return cap
     return min(cap, 2 * p.rework_bound * 3600 / p.preemptions_per_hour)
@@ -155,6 +158,8 @@ def plan(
     gpu_price: float,
     tokens: float | None = None,
     input: str | Path | None = None,
+    docs: float | None = None,
+    avg_tokens: float | None = None,
     model: str | None = None,
     sample: int = 10_000,
     spot_discount: float = 0.0,
@@ -162,15 +167,20 @@ def plan(
     rework_bound: float = 0.01,
     restart_seconds: float = 120.0,
 ) -> tuple[Plan, TokenCount | None]:
-    """A fleet plan for `tokens` tokens, or for INPUT's tokens counted with `model`'s tokenizer.
+    """A fleet plan for `tokens` tokens, for `docs` documents of `avg_tokens` tokens each, or for
+    INPUT's tokens counted with `model`'s tokenizer.
 
     >>> p, _ = embedkit.plan(tokens=1e12, tokens_per_second=4.1e6, window="12h", gpu_price=3.0)  # doctest: +SKIP
     >>> p.fleet.gpus, p.fleet.total_dollars                                                    # doctest: +SKIP
     """
     from .config import DEFAULT_MODEL
 
-    if (tokens is None) == (input is None):
-        raise EmbedkitError("give the job's size as exactly one of --tokens N or --input INPUT")
+    if (docs is None) != (avg_tokens is None):
+        raise EmbedkitError("--docs and --avg-tokens go together: the job is docs x average tokens per doc")
+    if sum(x is not None for x in (tokens, input, docs)) != 1:
+        raise EmbedkitError("give the job's size as exactly one of --tokens N, --input INPUT, or --docs N with --avg-tokens M")
+    if docs is not None:
+        tokens = float(docs) * float(avg_tokens)  # type: ignore[arg-type]
     count = None
     if input is not None:
         count = count_tokens(input, model or DEFAULT_MODEL, sample=sample)
@@ -195,20 +205,41 @@ def describe(p: Plan, count: TokenCount | None = None) -> str:
         f"price: ${p.price_per_gpu_hour:.2f}/GPU-h after a {100 * i.spot_discount:.0f}% spot discount; "
         f"${p.ideal_dollars_per_million_tokens:.4g} per 1M tokens at full use",
         f"shards: {p.shard_seconds / 60:.1f} min each ({p.shard_tokens:,.0f} tokens), so re-work after preemptions stays under "
-        f"{100 * i.rework_bound:g}% at {i.preemptions_per_hour:g} preemptions per GPU-hour; straggler margin {p.tail_hours:.2f} h",
-        f"-> {_gpus(f.gpus)}, finished in {f.hours:.2f} h, {f.gpu_hours:,.1f} GPU-h, ${f.total_dollars:,.2f} "
+        f"{100 * i.rework_bound:g}% at {i.preemptions_per_hour:g} preemptions per GPU-hour; straggler margin {_duration(p.shard_seconds)}",
+        f"-> {gpus_text(f.gpus)}, finished in {_duration(f.hours * 3600)}, {f.gpu_hours:,.2f} GPU-h, ${f.total_dollars:,.2f} "
         f"(${f.dollars_per_million_tokens:.4g} per 1M tokens with overheads)",
     ]
     if p.smaller is not None:
         s = p.smaller
-        lines.append(f"   {_gpus(s.gpus)}: {s.hours:.2f} h, misses the window by {s.hours - i.window_hours:.2f} h (${s.total_dollars:,.2f})")
+        lines.append(f"   {gpus_text(s.gpus)}: {_duration(s.hours * 3600)}, misses the window by {_duration((s.hours - i.window_hours) * 3600)} "
+                     f"(${s.total_dollars:,.2f})")  # fmt: skip
     lg = p.larger
-    lines.append(f"   {_gpus(lg.gpus)}: {lg.hours:.2f} h, {f.hours - lg.hours:.2f} h sooner for ${lg.total_dollars - f.total_dollars:,.2f} more")
+    lines.append(f"   {gpus_text(lg.gpus)}: {_duration(lg.hours * 3600)}, {_duration((f.hours - lg.hours) * 3600)} sooner for "
+                 f"${lg.total_dollars - f.total_dollars:,.2f} more")  # fmt: skip
     return "\n".join(lines)
 
 
-def _gpus(n: int) -> str:
+def gpus_text(n: int) -> str:
     return f"{n} GPU" if n == 1 else f"{n} GPUs"
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as a terminal reads them: "45 s", "12.5 min", "3.20 h".
+
+    >>> _duration(45), _duration(750), _duration(11520)
+    ('45 s', '12.5 min', '3.20 h')
+    """
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def plan_command(tokens: float, tokens_per_second: float, gpu_price: float, spot_discount: float = 0.0) -> str:
+    """The `embedkit plan` command line for a measured job: a dry run prints it, ready to run."""
+    spot = f" --spot-discount {spot_discount:g}" if spot_discount else ""
+    return f"embedkit plan --tokens {tokens:.6g} --tokens-per-second {tokens_per_second:.0f} --window 12h --gpu-price {gpu_price:g}{spot}"
 
 
 # ---- measuring the input -------------------------------------------------------------------
@@ -386,6 +417,7 @@ class DryRun:
     index_bytes: int  # the IVF-PQ index `build-index` would choose
     dollars: float | None
     dollars_per_million_tokens: float | None
+    plan: str | None  # with a price: the `embedkit plan` command for a fleet and a window
     # --plot: the same calibration at other batch budgets: batch_tokens, tokens_per_second,
     # padding_overhead and (with a price) dollars_per_million_tokens for each
     sweep: tuple = ()
@@ -402,8 +434,7 @@ class DryRun:
             f"{_bytes(self.vectors_bytes)}, index {_bytes(self.index_bytes)}",
         ]
         if self.dollars is not None:
-            out.append(f"cost: ${self.dollars:,.2f} (${self.dollars_per_million_tokens:.4g} per 1M tokens); "
-                       "for a fleet and a window: embedkit plan --tokens-per-second " + f"{self.tokens_per_second:.0f}")  # fmt: skip
+            out.append(f"cost: ${self.dollars:,.2f} (${self.dollars_per_million_tokens:.4g} per 1M tokens); for a fleet and a window: {self.plan}")
         for p in self.sweep:
             cost = f", ${p['dollars_per_million_tokens']:.4g} per 1M tokens" if p.get("dollars_per_million_tokens") is not None else ""
             out.append(f"  batch {p['batch_tokens']:>8,} tokens: {p['tokens_per_second']:>12,.0f} tokens/s, padding "
@@ -456,8 +487,9 @@ def dry_run_encode(input: str | Path, cfg, *, sample: int = 10_000, calibrate_ro
          "dollars_per_million_tokens": None if gpu_price is None else dollars_per_million(gpu_price * (1 - spot_discount), r.tokens_per_second)}
         for b, r in swept
     )  # fmt: skip
+    command = plan_command(count.tokens, tps, gpu_price, spot_discount) if gpu_price is not None else None
     return DryRun(count, choice.device, s.docs, s.tokens, tps, startup, s.padding_overhead, expected, int(per_row * kept), int(index),
-                  dollars, per_million, points)  # fmt: skip
+                  dollars, per_million, command, points)  # fmt: skip
 
 
 SWEEP_FRACTIONS = (1 / 64, 1 / 16, 1 / 4, 1)  # of the device's largest default budget: the cost curve's points
@@ -518,6 +550,7 @@ class GenerateDryRun:
     output_bytes: int  # measured bytes per row of the calibration's generations, times the rows
     dollars: float | None
     dollars_per_million_tokens: float | None  # per 1M prompt + new tokens
+    plan: str | None = None  # with a price: the `embedkit plan` command for a fleet and a window
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -532,7 +565,8 @@ class GenerateDryRun:
             f"({self.expected_seconds:,.0f} s); generations {_bytes(self.output_bytes)}",
         ]
         if self.dollars is not None:
-            out.append(f"cost: ${self.dollars:,.2f} (${self.dollars_per_million_tokens:.4g} per 1M prompt + new tokens)")
+            out.append(f"cost: ${self.dollars:,.2f} (${self.dollars_per_million_tokens:.4g} per 1M prompt + new tokens); "
+                       f"for a fleet and a window: {self.plan}")  # fmt: skip
         out.append("nothing was written")
         return "\n".join(out)
 
@@ -580,9 +614,11 @@ def dry_run_generate(input: str | Path, cfg, *, sample: int = 10_000, calibrate_
     tps = (s.prompt_tokens + s.new_tokens) / s.seconds if s.seconds > 0 else float("inf")
     startup = max(0.0, wall - s.seconds)
     expected = startup + kept * s.seconds / max(1, s.docs)
-    dollars, per_million = run_cost(expected, count.tokens + new_per_row * kept, gpu_price, spot_discount)
+    total = count.tokens + new_per_row * kept
+    dollars, per_million = run_cost(expected, total, gpu_price, spot_discount)
+    command = plan_command(total, tps, gpu_price, spot_discount) if gpu_price is not None else None
     return GenerateDryRun(cfg.task, count, choice.device, s.docs, s.seconds, startup, new_per_row, tps, new_per_row * kept, expected,
-                          int(per_row * kept), dollars, per_million)  # fmt: skip
+                          int(per_row * kept), dollars, per_million, command)  # fmt: skip
 
 
 def count_prompt_tokens(corpus, cfg, template: str, *, sample: int = 10_000, seed: int = 0) -> TokenCount:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EmbedkitError
-from .planning import PlanInput, _fleet, plan_fleet
+from .planning import PlanInput, _fleet, gpus_text, plan_fleet
 from .status import straggler_tail
 
 
@@ -30,6 +30,8 @@ def plot_plan(p: PlanInput, path: str | Path) -> dict:
     """Three panels: finish time and total cost against fleet size (the window marked), and
     $/1M tokens against the spot discount for the planned fleet."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     plan = plan_fleet(p)
     work = p.tokens / plan.effective_tokens_per_second
     top = max(plan.fleet.gpus * 2, plan.fleet.gpus + 4)
@@ -40,20 +42,23 @@ def plot_plan(p: PlanInput, path: str | Path) -> dict:
     gpus = [f.gpus for f in fleets]
     axes[0].plot(gpus, [f.hours for f in fleets], marker="o", ms=3)
     axes[0].axhline(p.window_hours, color="red", ls="--", label=f"window {p.window_hours:g} h")
-    axes[0].axvline(plan.fleet.gpus, color="green", ls=":", label=f"plan: {plan.fleet.gpus} GPUs")
+    axes[0].axvline(plan.fleet.gpus, color="green", ls=":", label=f"plan: {gpus_text(plan.fleet.gpus)}")
     axes[0].set(xlabel="GPUs", ylabel="hours to finish", title="finish time")
     axes[0].legend()
     axes[1].plot(gpus, [f.total_dollars for f in fleets], marker="o", ms=3)
     axes[1].axvline(plan.fleet.gpus, color="green", ls=":")
     axes[1].set(xlabel="GPUs", ylabel="$ total", title="bill (every GPU held to the end)")
     axes[2].plot([100 * d for d in discounts], per_million, marker="o", ms=3)
-    axes[2].set(xlabel="spot discount %", ylabel="$ per 1M tokens", title=f"cost per token at {plan.fleet.gpus} GPUs")
+    axes[2].set(xlabel="spot discount %", ylabel="$ per 1M tokens", title=f"cost per token at {gpus_text(plan.fleet.gpus)}")
+    for ax in axes[:2]:  # a fleet is a whole number of GPUs
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{p.tokens:,.0f} tokens at {p.tokens_per_second:,.0f} tokens/s per GPU, ${p.gpu_price:g}/GPU-h on demand")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return {"gpus": gpus, "hours": [f.hours for f in fleets], "dollars": [f.total_dollars for f in fleets],
-            "discounts": discounts, "dollars_per_million_tokens": per_million, "planned_gpus": plan.fleet.gpus}  # fmt: skip
+            "discounts": discounts, "dollars_per_million_tokens": per_million, "planned_gpus": plan.fleet.gpus,
+            "gpu_ticks": [float(t) for t in axes[0].get_xticks()], "legend": axes[0].get_legend_handles_labels()[1]}  # fmt: skip
 
 
 def plot_timeline(log: list[dict], path: str | Path, title: str = "") -> dict:

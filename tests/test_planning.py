@@ -39,8 +39,11 @@ CASES = [
     # ceil(247,199 / 42,480) = 6; 247,199 / 6 + 720 = 41,920 s; 6 x 11.64 h x $1.20 (60% off)
     ("spot", dict(tokens=T, tokens_per_second=S, window_hours=12, gpu_price=3.0, spot_discount=0.6, preemptions_per_hour=0.1),
      6, 41919.7 / 3600, 83.84, 720),
-    # a small job: one GPU; 1e9 / 1e6 = 1,000 s + 1,800 s tail
-    ("tiny", dict(tokens=1e9, tokens_per_second=1e6, window_hours=12, gpu_price=2.0), 1, 2800 / 3600, 2800 / 3600 * 2.0, 1800),
+    # a small job: one GPU; 1e9 / 1e6 = 1,000 s of work, cut into 4 shards of 250 s (not 0.5 h):
+    # 1,000 s + a 250 s tail
+    ("tiny", dict(tokens=1e9, tokens_per_second=1e6, window_hours=12, gpu_price=2.0), 1, 1250 / 3600, 1250 / 3600 * 2.0, 250),
+    # a 45-second job: shards of 11.25 s, so the margin is seconds, not half an hour
+    ("45 s", dict(tokens=45e6, tokens_per_second=1e6, window_hours=12, gpu_price=2.0), 1, 56.25 / 3600, 56.25 / 3600 * 2.0, 11.25),
 ]  # fmt: skip
 
 
@@ -155,6 +158,15 @@ def test_plan_command_json(run_cli):
     assert math.isclose(out["plan"]["shard_seconds"], 720)
 
 
+def test_plan_command_sizes_a_job_by_documents_and_says_seconds_for_a_short_one(run_cli):
+    by_docs = run_cli("plan", "--docs", "600000", "--avg-tokens", "75", "--tokens-per-second", "1e6", "--gpu-price", "2", "--json")
+    by_tokens = run_cli("plan", "--tokens", "45e6", "--tokens-per-second", "1e6", "--gpu-price", "2", "--json")
+    assert by_docs.returncode == 0 and by_tokens.returncode == 0, (by_docs.stderr, by_tokens.stderr)
+    assert json.loads(by_docs.stdout) == json.loads(by_tokens.stdout)
+    text = run_cli("plan", "--docs", "600000", "--avg-tokens", "75", "--tokens-per-second", "1e6", "--gpu-price", "2").stdout
+    assert "straggler margin 11 s" in text and "-> 1 GPU, finished in 56 s" in text, text
+
+
 def test_plan_command_counts_an_input(run_cli, small_input):
     r = run_cli("plan", "--input", small_input, "--sample", "0", "--tokens-per-second", "1e5", "--window", "1h", "--gpu-price", "1")
     assert r.returncode == 0, r.stderr
@@ -165,6 +177,8 @@ def test_plan_command_counts_an_input(run_cli, small_input):
     "args, words",
     [
         (["--tokens", "1e9", "--input", "x.parquet"], ["exactly one of --tokens"]),
+        (["--tokens", "1e9", "--docs", "10", "--avg-tokens", "5"], ["exactly one of --tokens"]),
+        (["--docs", "1000"], ["--docs and --avg-tokens go together"]),
         (["--window", "12x", "--tokens", "1e9"], ["duration"]),
         (["--tokens", "1e9", "--spot-discount", "1.5"], ["--spot-discount"]),
     ],
@@ -293,6 +307,11 @@ def test_generate_dry_run_predicts_a_real_run_and_writes_nothing(run_cli, short_
     stored = sum(f.stat().st_size for f in (real_out / "generations.lance").rglob("*") if f.is_file())
     assert 0.5 <= d["output_bytes"] / stored <= 2.0
     assert d["dollars"] == pytest.approx(d["expected_seconds"] / 3600)
+    # the plan command it suggests runs as printed
+    suggested = d["plan"].split()
+    assert suggested[:2] == ["embedkit", "plan"] and "--gpu-price" in suggested
+    planned = run_cli(*suggested[1:])
+    assert planned.returncode == 0 and "GPU" in planned.stdout, planned.stderr
 
 
 def test_encode_dry_run_plot_measures_cost_against_batch_size(run_cli, refused, small_input, tmp_path):
@@ -324,6 +343,8 @@ def test_plan_plot_draws_the_plan(tmp_path, run_cli):
     assert drawn["hours"][at] <= 1 < drawn["hours"][at - 1]  # the curve crosses the window at the plan
     i60 = drawn["discounts"].index(0.6)
     assert drawn["dollars_per_million_tokens"][i60] == pytest.approx(plan.fleet.dollars_per_million_tokens)
+    one = plot_plan(PlanInput(tokens=1e9, tokens_per_second=1e6, window_hours=12, gpu_price=3.0), tmp_path / "one.png")
+    assert one["legend"][1] == "plan: 1 GPU" and all(t == int(t) for t in one["gpu_ticks"]), one
     r = run_cli("plan", "--tokens", "1e12", "--tokens-per-second", "4.1e6", "--gpu-price", "3", "--plot", tmp_path / "cli.png")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "cli.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
