@@ -199,7 +199,8 @@ def _plan(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, log: 
     device = choose_device(cfg.device, "auto").device
     gpu = device.startswith("cuda")
     log(f"index plan: {params.describe()}; memory budget {budget / 2**30:.1f} GB; "
-        f"expected build ~{estimate_build_seconds(params, gpu=gpu, cores=os.cpu_count() or 1):.0f} s on {device}")  # fmt: skip
+        f"expected build ~{estimate_build_seconds(params, gpu=gpu, cores=os.cpu_count() or 1):.0f} s on {device} "
+        "(a model of the work; --dry-run measures this machine)")  # fmt: skip
     key = {
         "vectors_version": int(ds.version), "vectors_files": vectors_identity(ds), "n": n, "dim": dim, "factory": params.factory, "metric": metric,
         "shard_rows": cfg.shard_rows or BUILD_SHARD_ROWS, "seed": cfg.seed, "queries": cfg.queries, "k": cfg.k,

@@ -39,6 +39,12 @@ WRITE_BYTES_PER_S = 0.5e9
 CPU_FLOPS_PER_CORE = 12.6e9
 GPU_FLOPS = 100e12
 KMEANS_ITERATIONS = 10
+# PQ codebooks are trained by faiss-cpu on every machine: 25 k-means iterations per sub-quantizer
+# over 256 centroids in dim/M dimensions. Distances in a few dimensions run far below the matmul
+# rate: on the H200 machine's 16 cores the PQ step of the 10M build took ~12 s, a tenth of what
+# CPU_FLOPS_PER_CORE would give; on a 2-core machine, 3,000 points took 3-5 s.
+PQ_ITERATIONS = 25
+PQ_EFFICIENCY = 0.1
 
 
 @dataclass(frozen=True)
@@ -172,9 +178,11 @@ def estimate_build_seconds(p: IndexParams, *, gpu: bool, cores: int) -> float:
     read = p.n * p.dim * 2 / READ_BYTES_PER_S
     lists = max(1, p.nlist)
     train = KMEANS_ITERATIONS * p.train_size * lists * p.dim * 2 / flops
+    pq_points = min(p.train_size, PQ_TRAIN_POINTS) if p.pq_m else 0
+    pq_train = PQ_ITERATIONS * pq_points * 256 * p.dim * 2 / (CPU_FLOPS_PER_CORE * max(1, cores) * PQ_EFFICIENCY)
     add = p.n * (lists + 256) * p.dim * 2 / flops
     write = p.index_bytes / WRITE_BYTES_PER_S
-    return read + train + add + write
+    return read + train + pq_train + add + write
 
 
 def parse_bytes(text: str) -> int:
