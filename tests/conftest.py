@@ -234,18 +234,54 @@ def cli_command() -> list[str]:
     return [sys.executable, "-m", "embedkit.cli"]
 
 
+def run_cli_in_process(*args: str | Path, cwd: Path | None = None) -> CliResult:
+    """Run the `embedkit` command's code in this process (click's runner), as a subprocess would.
+
+    Most CLI tests check what the command prints and how it exits, not process start-up: run
+    here, they share the interpreter, its imports and the loaded models, which is most of a
+    short command's time on a small CPU. An uncaught exception is rendered into stderr as the
+    traceback a user would see. Tests of a fresh process (kills, start-up imports, environment
+    variables) use `run_cli_process`.
+    """
+    import traceback
+    import warnings
+
+    from click.testing import CliRunner
+
+    from embedkit.cli import main
+
+    here = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # as PYTHONWARNINGS=ignore does for the subprocess
+            r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+    finally:
+        os.chdir(here)
+    stderr = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(r.exception))
+    return CliResult(r.exit_code, r.stdout, stderr)
+
+
+def run_cli_subprocess(*args: str | Path, cwd: Path | None = None) -> CliResult:
+    """Run `python -m embedkit.cli ARGS` to completion in a fresh process."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    p = subprocess.run([*cli_command(), *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
+    return CliResult(p.returncode, p.stdout, p.stderr)
+
+
 @pytest.fixture(scope="session")
 def run_cli() -> Callable[..., CliResult]:
-    """Run `python -m embedkit.cli ARGS` to completion in a subprocess."""
+    """Run the `embedkit` command in this process (see run_cli_in_process)."""
+    return run_cli_in_process
 
-    def run(*args: str | Path, cwd: Path | None = None) -> CliResult:
-        env = dict(os.environ, PYTHONWARNINGS="ignore")
-        p = subprocess.run(
-            [*cli_command(), *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=900
-        )
-        return CliResult(p.returncode, p.stdout, p.stderr)
 
-    return run
+@pytest.fixture(scope="session")
+def run_cli_process() -> Callable[..., CliResult]:
+    """Run the `embedkit` command in a fresh process (see run_cli_subprocess)."""
+    return run_cli_subprocess
 
 
 def assert_refused(result: CliResult, *needles: str) -> str:

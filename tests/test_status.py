@@ -15,8 +15,12 @@ from embedkit.shards import write_manifest
 
 @pytest.fixture(scope="module")
 def docs(tmp_path_factory, small_table) -> Path:
+    """Three documents cut to 80 characters: a causal LM's forward on a CPU costs per token."""
+    import pyarrow as pa
+
     path = tmp_path_factory.mktemp("status-docs") / "docs.parquet"
-    pq.write_table(small_table.slice(0, 3), path)
+    rows = small_table.slice(0, 3)
+    pq.write_table(rows.set_column(1, "text", pa.array([t[:80] for t in rows.column("text").to_pylist()])), path)
     return path
 
 
