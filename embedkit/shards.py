@@ -85,15 +85,20 @@ _PINNED = {
     ("output", "normalize"): "normalize",
     # a resume that changed it would leave empty texts in some shards and not in others
     ("output", "keep_empty"): "keep empty",
+    # what is stored beside the vectors: every shard's rows must have the same columns
+    ("output", "store_text"): "store text",
+    ("output", "keep_columns"): "kept columns",
     ("input",): "input",
 }
+# What a key absent from an older manifest means (it was written before the key existed).
+_ABSENT = {("output", "store_text"): False, ("output", "keep_columns"): []}
 
 
 def manifest_differences(old: dict, new: dict) -> list[str]:
     """What differs between an existing output's manifest and this run's, in words."""
     diffs = []
     for keys, label in _PINNED.items():
-        a, b = _dig(old, keys), _dig(new, keys)
+        a, b = (_ABSENT.get(keys) if v is None else v for v in (_dig(old, keys), _dig(new, keys)))
         if a != b:
             if keys == ("input",):
                 diffs.append("input (a different or changed file)")
