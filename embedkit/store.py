@@ -40,8 +40,8 @@ MAX_ROWS_PER_FILE = 1 << 20
 
 
 def vectors_schema(id_type: pa.DataType, dim: int, dtype: str, *, text: bool = False, kept: tuple[pa.Field, ...] = ()) -> pa.Schema:
-    """id, vector (fixed_size_list<float16|float32>[dim]), n_tokens, truncated; then `text` (with
-    `text`) and the kept input columns, with their input types.
+    """id, vector (fixed_size_list<float16|float32>[dim]), n_tokens, truncated; then the
+    document's `text` (when `text` is true) and the kept input columns, with their input types.
 
     >>> vectors_schema(pa.string(), 4, "float16", text=True).names
     ['id', 'vector', 'n_tokens', 'truncated', 'text']
