@@ -24,9 +24,10 @@ __all__ = [
 from .errors import EmbedkitError
 
 # Not lazy like the rest: importing the `embedkit.status` submodule (by anyone, at any time)
-# binds `embedkit.status` to that module, unless the function is bound here first. It is light.
+# binds `embedkit.status` to that module, unless the function is bound here first; the same for
+# `embedkit.export`. Both modules are light.
+from .export import ExportSummary, export
 from .status import OutputStatus, status
-from .export import ExportSummary, export  # the same, for the `embedkit.export` submodule
 
 
 def __getattr__(name: str):

@@ -13,8 +13,8 @@ import io
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import lance
 import numpy as np
@@ -29,7 +29,7 @@ from embedkit.errors import EmbedkitError
 from embedkit.shards import write_manifest
 
 KEPT = ("title", "rank", "weight")
-OPTIONS = dict(device="cpu", shard_rows=5, max_seq_length=64, tokenize_workers=0, progress=False)
+OPTIONS = {"device": "cpu", "shard_rows": 5, "max_seq_length": 64, "tokenize_workers": 0, "progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +176,9 @@ def test_search_prints_the_text_on_one_line(indexed, rich, run_cli):
     r = run_cli("search", indexed, text, "-k", "3")
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.splitlines()
-    width = int(os.environ.get("COLUMNS", 100))
+    width = int(os.environ.get("COLUMNS", "100"))
     assert len(lines) == 4 and lines[0].startswith(f"query: {' '.join(text.split())[:width - 10]}")
-    assert lines[1].startswith(f"   1. ") and f"  {doc}  " in lines[1]
+    assert lines[1].startswith("   1. ") and f"  {doc}  " in lines[1]
     assert all(len(line) <= max(width, 100) for line in lines)
     shown = lines[1].split(f"  {doc}  ", 1)[1]
     flat = " ".join(text.split())
