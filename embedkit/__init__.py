@@ -6,7 +6,8 @@ Public API (heavy libraries load on first use, so importing embedkit is instant)
     embedkit.encode_texts(texts, ...)     -> np.ndarray      in-memory embeddings
     embedkit.status(out)                  -> OutputStatus    what an output holds
     embedkit.build_index(out, ...)        -> IndexReport     OUT/vectors.lance -> OUT/index (IVF-PQ)
-    embedkit.Retriever(out).search(texts) -> SearchResults   ids and scores, reranked exactly
+    embedkit.Retriever(out).search(texts) -> SearchResults   ids, scores (and stored texts), reranked exactly
+    embedkit.export(out, path, format=)   -> ExportSummary   an output's rows as jsonl, csv or parquet
     embedkit.generate(input, out, task=)  -> GenerateSummary summarize / score / classify with a causal LM
     embedkit.plan(tokens_per_second=, ...) -> (Plan, count)  GPUs, hours and $ for a job inside a window
 """
@@ -17,13 +18,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "encode", "encode_texts", "status", "build_index", "Retriever", "EncodeSummary", "OutputStatus", "IndexReport",
-    "SearchResults", "generate", "GenerateSummary", "plan", "EmbedkitError", "__version__",
+    "SearchResults", "generate", "GenerateSummary", "plan", "export", "ExportSummary", "EmbedkitError", "__version__",
 ]  # fmt: skip
 
 from .errors import EmbedkitError
 
 # Not lazy like the rest: importing the `embedkit.status` submodule (by anyone, at any time)
-# binds `embedkit.status` to that module, unless the function is bound here first. It is light.
+# binds `embedkit.status` to that module, unless the function is bound here first; the same for
+# `embedkit.export`. Both modules are light.
+from .export import ExportSummary, export
 from .status import OutputStatus, status
 
 

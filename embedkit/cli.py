@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from typing import Any, Callable
 
 import click
 
-from .config import DEFAULT_GENERATOR, DEFAULT_MODEL, DEVICES, OUTPUT_DTYPES, PRECISIONS, TASKS
+from .config import DEFAULT_GENERATOR, DEFAULT_MODEL, DEVICES, EXPORT_FORMATS, OUTPUT_DTYPES, PRECISIONS, TASKS
 from .errors import EmbedkitError
 
 
@@ -48,6 +50,11 @@ def dry_run_options(verb: str, default_rows: str) -> Callable[[Callable], Callab
     return apply
 
 
+def _names(text: str | None) -> tuple[str, ...]:
+    """A comma-separated list of names (--labels, --keep-columns) as a tuple."""
+    return tuple(x.strip() for x in text.split(",") if x.strip()) if text else ()
+
+
 def _dry_run_only(sample: int, calibrate_rows: int | None, gpu_price: float | None, spot_discount: float) -> None:
     if gpu_price is not None or calibrate_rows is not None or spot_discount or sample != 10_000:
         _refuse("--sample, --calibrate-rows, --gpu-price and --spot-discount go with --dry-run")
@@ -75,6 +82,8 @@ def main() -> None:
 @click.option("--max-seq-length", type=int, default=None, help="Truncate documents to this many tokens (default: the model's).")
 @click.option("--keep-empty", is_flag=True, help="Embed null/empty texts as \"\" instead of skipping them.")
 @click.option("--allow-duplicate-ids", is_flag=True, help="Accept an input whose ids repeat.")
+@click.option("--store-text", is_flag=True, help="Store each document's text in a `text` column beside its vector (search shows it).")
+@click.option("--keep-columns", default=None, metavar="A,B", help="Also store these input columns beside the vectors, with their types.")
 @click.option("--overwrite", is_flag=True, help="Delete OUT's vectors, index and manifest and start fresh.")
 @click.option("--gpus", default="1", show_default=True, help="Worker processes: all (every GPU) or N (N GPUs; on a CPU, N processes).")
 @click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]", help="Run shards as Ray tasks: a local Ray, or the cluster at ADDRESS (pip install 'embedkit[ray]').")
@@ -85,13 +94,14 @@ def main() -> None:
 @click.option("--plot", "plot_path", type=click.Path(path_type=str), default=None,
               help="--dry-run: also calibrate at four batch sizes and draw $/1M tokens (tokens/s without --gpu-price) against batch size to this PNG.")
 def encode(input: str, out: str, quiet: bool, as_json: bool, dry_run: bool, sample: int, calibrate_rows: int | None,
-           gpu_price: float | None, spot_discount: float, plot_path: str | None, **options: Any) -> None:  # fmt: skip
+           gpu_price: float | None, spot_discount: float, plot_path: str | None, keep_columns: str | None, **options: Any) -> None:  # fmt: skip
     """Embed every row of INPUT into OUT/vectors.lance (resumable: rerun to continue).
 
     INPUT is a parquet file or folder, a .jsonl or .csv file, a Lance dataset, or a folder of .txt files.
     """
     from .pipeline import encode as api_encode
 
+    options["keep_columns"] = _names(keep_columns)
     if dry_run:
         from .config import EncodeConfig
         from .planning import dry_run_encode, sweep_budgets
@@ -180,20 +190,36 @@ def build_index(out: str, memory_budget: str | None, quiet: bool, as_json: bool,
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Hits per query.")
 @click.option("--nprobe", type=int, default=None, help="Inverted lists to visit (default: the tuned value in index/params.json).")
 @click.option("--rerank", type=int, default=None, help="Candidates reranked exactly (default: the tuned value).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per query: {query, hits: [{id, score}]}.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines, one object per query: {query, hits: [{id, score, text?, ...kept columns}]}.")
 def search(out: str, texts: tuple[str, ...], k: int, nprobe: int | None, rerank: int | None, as_json: bool) -> None:
     """Search OUT's index with the given texts, encoded by OUT's model."""
     from .index.search import Retriever
 
     results = _run(lambda: Retriever(out, nprobe=nprobe, rerank=rerank).search(list(texts), k=k))
-    rows = results.to_json(list(texts))
     if as_json:
-        click.echo(json.dumps(rows))
+        for row in results.to_json(list(texts)):  # JSON lines: one object per query
+            click.echo(json.dumps(row, default=str))
         return
-    for row in rows:
-        click.echo(f"query: {row['query']}")
-        for rank, hit in enumerate(row["hits"], 1):
-            click.echo(f"  {rank:2d}. {hit['score']:.4f}  {hit['id']}")
+    width = shutil.get_terminal_size((100, 24)).columns
+    click.echo("\n".join(results.lines(list(texts), width=width)))
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=str))
+@click.option("--format", "fmt", default="jsonl", show_default=True, metavar="|".join(EXPORT_FORMATS),
+              help="jsonl: one object per row; csv: a header, the vector as one column holding a JSON list; parquet (needs -o).")
+@click.option("-o", "--output", "path", type=click.Path(path_type=str), default=None, help="File to write (default: standard output).")
+@click.option("--partial", is_flag=True, help="Export an unfinished output's committed shards instead of refusing it.")
+def export(out: str, fmt: str, path: str | None, partial: bool) -> None:
+    """Write OUT's rows (vectors with their text and kept columns, or generations) for other tools."""
+    from .export import export as api_export
+
+    try:
+        summary = _run(lambda: api_export(out, path, format=fmt, partial=partial))
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    click.echo(summary.line(), err=True)
 
 
 @main.command()
@@ -223,7 +249,7 @@ def generate(input: str, out: str, labels: str | None, quiet: bool, as_json: boo
     """Summarize, score or classify every row of INPUT into OUT/generations.lance (resumable)."""
     from .generation import generate as api_generate
 
-    label_list = tuple(x.strip() for x in labels.split(",") if x.strip()) if labels else ()
+    label_list = _names(labels)
     if dry_run:
         from .config import GenerateConfig
         from .planning import dry_run_generate

@@ -20,6 +20,10 @@ DEFAULT_BATCH_TOKENS = {"cuda": 524_288, "cpu": 16_384}
 DEFAULT_SHARD_ROWS = {"cuda": 1_000_000, "cpu": 10_000}
 
 OUTPUT_DTYPES = ("float16", "float32")
+# The columns vectors.lance holds itself (store.vectors_schema; `text` with --store-text): a kept
+# input column may not take one of these names.
+OUTPUT_COLUMNS = ("id", "vector", "n_tokens", "truncated", "text")
+EXPORT_FORMATS = ("jsonl", "csv", "parquet")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -47,9 +51,13 @@ class EncodeConfig:
     workers: int = 1  # device worker processes (--gpus): one per GPU, or N processes on a CPU
     ray: str | None = None  # --ray: "" for a local Ray (or RAY_ADDRESS), else a cluster address
     reissue: bool = True  # --gpus: re-issue a straggler's shard to an idle worker near the end
+    store_text: bool = False  # --store-text: each document's text in a `text` column beside its vector
+    keep_columns: tuple[str, ...] = ()  # --keep-columns: input columns stored beside the vectors, with their types
 
     def __post_init__(self) -> None:
         from .errors import EmbedkitError
+
+        _check_kept_names(self.keep_columns)
 
         if self.workers < 1:
             raise EmbedkitError(f"--gpus must be all or a positive number, not {self.workers}")
@@ -67,6 +75,27 @@ class EncodeConfig:
             raise EmbedkitError(f"window_docs must be positive, not {self.window_docs}")
         if self.tokenize_workers is not None and self.tokenize_workers < 0:
             raise EmbedkitError(f"--tokenize-workers must be 0 or more, not {self.tokenize_workers}")
+
+
+def _check_kept_names(names: tuple[str, ...]) -> None:
+    """--keep-columns names: each once, none of the output's own columns."""
+    from .errors import EmbedkitError
+
+    if isinstance(names, str):  # a bare string would be kept letter by letter
+        raise EmbedkitError(f"keep_columns must be a sequence of column names, not the string {names!r}")
+    seen: set[str] = set()
+    for name in names:
+        if not name:
+            raise EmbedkitError("--keep-columns has an empty column name")
+        if name in OUTPUT_COLUMNS:
+            hint = "; --store-text stores the text" if name == "text" else ""
+            raise EmbedkitError(f"--keep-columns {name!r} clashes with the output's own column {name!r} "
+                                f"(it holds {', '.join(OUTPUT_COLUMNS)}){hint}")  # fmt: skip
+        if name == "score":  # a search hit is {id, score, text, ...kept columns}
+            raise EmbedkitError("--keep-columns 'score' clashes with the score of search hits; rename the column")
+        if name in seen:
+            raise EmbedkitError(f"--keep-columns names {name!r} twice")
+        seen.add(name)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,9 @@ run reads exactly the rows it read before. Formats:
 - .jsonl / .csv: parsed once by pyarrow and sliced in memory;
 - a folder of ``.txt`` files: one document each, id = path relative to the folder.
 
+Columns named in ``Columns.keep`` (``--keep-columns``) follow ``id`` and ``text`` with their input
+types; only those columns are read, so an input's other columns cost nothing.
+
 A text column may also hold bytes (binary): they are decoded as UTF-8. A value that is not
 text (bytes that are not valid UTF-8, a number or object in a JSON text field) reads as null,
 so the pipeline skips and counts it like an empty text and the rest of the shard proceeds.
@@ -34,9 +37,10 @@ class Corpus(Protocol):
     num_rows: int
     id_type: pa.DataType
     kind: str
+    kept_fields: tuple[pa.Field, ...]  # the kept columns (Columns.keep) with their input types
 
     def read(self, start: int, stop: int) -> pa.Table:
-        """Rows [start, stop) as a table of `id` and `text` (text may hold nulls)."""
+        """Rows [start, stop) as a table of `id`, `text` (may hold nulls), then the kept columns."""
 
     def read_ids(self) -> pa.ChunkedArray:
         """All ids in row order, for the duplicate check."""
@@ -48,10 +52,12 @@ class Corpus(Protocol):
 
 @dataclass(frozen=True)
 class Columns:
-    """Which input columns hold the text and the id (None: the default `id` when present)."""
+    """Which input columns hold the text and the id (None: the default `id` when present), and
+    which others to read along (`keep`: stored beside the vectors)."""
 
     text: str = "text"
     id: str | None = None
+    keep: tuple[str, ...] = ()
 
 
 def open_corpus(path: str | os.PathLike, columns: Columns = Columns()) -> Corpus:
@@ -65,6 +71,8 @@ def open_corpus(path: str | os.PathLike, columns: Columns = Columns()) -> Corpus
         if any(p.rglob("*.parquet")):
             return ParquetCorpus(p, columns)
         if any(p.rglob("*.txt")):
+            if columns.keep:
+                raise EmbedkitError(f"{p} is a folder of .txt files, which has no columns to keep; drop --keep-columns")
             return TextFolderCorpus(p)
         raise EmbedkitError(f"{p} is a folder with no .parquet or .txt files and is not a Lance dataset")
     suffix = p.suffix.lower()
@@ -100,11 +108,18 @@ def _check_columns(schema: pa.Schema, columns: Columns, source: Path) -> str | N
         raise EmbedkitError(
             f"{source}: column {columns.text!r} holds {text_type}, not text; pick a string column with --text-column"
         )
+    missing = [c for c in columns.keep if c not in names]
+    if missing:
+        raise EmbedkitError(f"{source}: no column {missing[0]!r} to keep (columns: {', '.join(names)})")
     if columns.id is not None:
         if columns.id not in names:
             raise EmbedkitError(f"{source}: no id column {columns.id!r} (columns: {', '.join(names)})")
         return columns.id
     return "id" if "id" in names else None
+
+
+def _kept_fields(schema: pa.Schema, columns: Columns) -> tuple[pa.Field, ...]:
+    return tuple(schema.field(name) for name in columns.keep)
 
 
 def _id_type(schema: pa.Schema, id_col: str | None, source: Path) -> pa.DataType:
@@ -118,8 +133,9 @@ def _id_type(schema: pa.Schema, id_col: str | None, source: Path) -> pa.DataType
     raise EmbedkitError(f"{source}: id column {id_col!r} holds {t}; ids must be integers or strings")
 
 
-def _normalize(table: pa.Table, text_col: str, id_col: str | None, id_type: pa.DataType, first_row: int) -> pa.Table:
-    """Project to (id, text) with the output's id type; row numbers stand in for missing ids."""
+def _normalize(table: pa.Table, text_col: str, id_col: str | None, id_type: pa.DataType, first_row: int,
+               keep: tuple[str, ...] = ()) -> pa.Table:  # fmt: skip
+    """Project to (id, text, *keep) with the output's id type; row numbers stand in for missing ids."""
     if id_col is None:
         ids = pa.array(range(first_row, first_row + table.num_rows), pa.int64())
     else:
@@ -131,7 +147,7 @@ def _normalize(table: pa.Table, text_col: str, id_col: str | None, id_type: pa.D
         text = utf8_or_null(text)
     elif text.type != pa.string():
         text = text.cast(pa.string())
-    return pa.table({"id": ids, "text": text})
+    return pa.table({"id": ids, "text": text, **{name: table.column(name) for name in keep}})
 
 
 def utf8_or_null(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
@@ -181,9 +197,12 @@ class ParquetCorpus:
                 schema = file_schema
                 self.id_col = _check_columns(schema, columns, f)
                 self.id_type = _id_type(schema, self.id_col, f)
+                self.kept_fields = _kept_fields(schema, columns)
             else:
                 _check_columns(file_schema, columns, f)
+                _same_kept_types(self.kept_fields, file_schema, self.files[0], f)
         self.text_col = columns.text
+        self.keep = columns.keep
         # row offsets of every row group of every file, in order
         self._groups: list[tuple[int, int, int, int]] = []  # (file idx, group idx, first row, n rows)
         row = 0
@@ -197,7 +216,7 @@ class ParquetCorpus:
         self._cached: tuple[tuple[int, int], pa.Table] | None = None
 
     def _columns(self) -> list[str]:
-        return [self.text_col] + ([self.id_col] if self.id_col else [])
+        return list(dict.fromkeys([self.text_col] + ([self.id_col] if self.id_col else []) + list(self.keep)))
 
     def read(self, start: int, stop: int) -> pa.Table:
         import bisect
@@ -213,9 +232,9 @@ class ParquetCorpus:
                 continue
             t = self._row_group(fi, gi)
             lo, hi = max(start, first) - first, min(stop, first + n) - first
-            parts.append(_normalize(t.slice(lo, hi - lo), self.text_col, self.id_col, self.id_type, first + lo))
+            parts.append(_normalize(t.slice(lo, hi - lo), self.text_col, self.id_col, self.id_type, first + lo, self.keep))
         if not parts:
-            return pa.table({"id": pa.array([], self.id_type), "text": pa.array([], pa.string())})
+            return pa.schema([pa.field("id", self.id_type), pa.field("text", pa.string()), *self.kept_fields]).empty_table()
         return pa.concat_tables(parts)
 
     def _row_group(self, fi: int, gi: int) -> pa.Table:
@@ -260,14 +279,16 @@ class LanceCorpus:
         self.id_col = _check_columns(schema, columns, path)
         self.id_type = _id_type(schema, self.id_col, path)
         self.text_col = columns.text
+        self.keep = columns.keep
+        self.kept_fields = _kept_fields(schema, columns)
         self.num_rows = self.ds.count_rows()
 
     def _columns(self) -> list[str]:
-        return [self.text_col] + ([self.id_col] if self.id_col else [])
+        return list(dict.fromkeys([self.text_col] + ([self.id_col] if self.id_col else []) + list(self.keep)))
 
     def read(self, start: int, stop: int) -> pa.Table:
         t = self.ds.to_table(columns=self._columns(), offset=start, limit=stop - start)
-        return _normalize(t, self.text_col, self.id_col, self.id_type, start)
+        return _normalize(t, self.text_col, self.id_col, self.id_type, start, self.keep)
 
     def read_ids(self) -> pa.ChunkedArray:
         if self.id_col is None:
@@ -294,11 +315,13 @@ class TableCorpus:
         self.id_col = _check_columns(table.schema, columns, path)
         self.id_type = _id_type(table.schema, self.id_col, path)
         self.text_col = columns.text
+        self.keep = columns.keep
+        self.kept_fields = _kept_fields(table.schema, columns)
         self.table = table
         self.num_rows = table.num_rows
 
     def read(self, start: int, stop: int) -> pa.Table:
-        return _normalize(self.table.slice(start, stop - start), self.text_col, self.id_col, self.id_type, start)
+        return _normalize(self.table.slice(start, stop - start), self.text_col, self.id_col, self.id_type, start, self.keep)
 
     def read_ids(self) -> pa.ChunkedArray:
         return self.read(0, self.num_rows).column("id")
@@ -312,6 +335,7 @@ class TextFolderCorpus:
 
     kind = "txt"
     id_type = pa.string()
+    kept_fields: tuple[pa.Field, ...] = ()  # one text per file: no other columns
 
     def __init__(self, path: Path):
         self.path = path
@@ -386,13 +410,13 @@ def _json_array(path: Path) -> Iterator[tuple[str, object]]:
 
 
 def _read_json_rows(path: Path, columns: Columns, rows: Iterator[tuple[str, object]]) -> pa.Table:
-    """The text and id columns of JSON objects (JSON lines whose fields change type between
-    rows, or the elements of a JSON array).
+    """The text, id and kept columns of JSON objects (JSON lines whose fields change type
+    between rows, or the elements of a JSON array).
 
     A text value that is not a string (a number, a boolean, an object) reads as null: that row
     is skipped and counted, the others are kept. Ids must still be all integers or all strings.
     """
-    keep = [columns.text, columns.id or "id"]
+    keep = list(dict.fromkeys([columns.text, columns.id or "id", *columns.keep]))
     values: dict[str, list] = {name: [] for name in keep}
     present: set[str] = set()
     for where, row in rows:
@@ -413,6 +437,14 @@ def _read_json_rows(path: Path, columns: Columns, rows: Iterator[tuple[str, obje
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
             raise EmbedkitError(f"{path}: field {name!r} mixes types ({_first_line(e)})") from None
     return pa.table(arrays)
+
+
+def _same_kept_types(fields: tuple[pa.Field, ...], schema: pa.Schema, first: Path, source: Path) -> None:
+    """A kept column has one type in every file of a parquet folder (it is stored with that type)."""
+    for f in fields:
+        other = schema.field(f.name).type
+        if other != f.type:
+            raise EmbedkitError(f"column {f.name!r} to keep holds {f.type} in {first} but {other} in {source}")
 
 
 def _read_csv(path: Path, text_column: str) -> pa.Table:

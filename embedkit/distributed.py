@@ -118,9 +118,8 @@ def _wait_for_commits(ray: Any, submit: Callable[[int, int], Any], order: list[i
 def encode_shard(input: str, out: str, cfg: EncodeConfig, index: int, copy: int = 0, arbiter: Any = None) -> dict:
     """One shard, in a Ray worker: skipped if a previous attempt already committed it. With an
     `arbiter` (a CommitArbiter), the shard is committed only if this copy gets the right to."""
-    from .corpus import Columns, open_corpus
     from .encoder import choose_device
-    from .pipeline import SUMMED_FIELDS, WorkerHooks, _run_shards, attach_job
+    from .pipeline import SUMMED_FIELDS, WorkerHooks, _run_shards, attach_job, open_input
     from .runtime import retain_freed_memory
     from .store import VectorStore
 
@@ -128,9 +127,10 @@ def encode_shard(input: str, out: str, cfg: EncodeConfig, index: int, copy: int 
     if index in VectorStore(Path(out)).committed_shards():
         # a retry of a task whose commit landed before its worker died: it adds nothing
         return {**dict.fromkeys(SUMMED_FIELDS, 0), "seconds": 0.0, "committed_before": True}
-    key = (input, out, cfg.model, cfg.device, cfg.precision, cfg.max_seq_length)
+    # the stored columns are in the key: a cached corpus reads only the columns its run stored
+    key = (input, out, cfg.model, cfg.device, cfg.precision, cfg.max_seq_length, cfg.store_text, cfg.keep_columns)
     if key not in _JOB_CACHE:
-        corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
+        corpus = open_input(input, cfg)
         _JOB_CACHE[key] = (corpus, attach_job(corpus, Path(out), cfg, choose_device(cfg.device, cfg.precision)))
     corpus, job = _JOB_CACHE[key]
     shard = next(s for s in job.shards if s.index == index)

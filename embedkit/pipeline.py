@@ -16,7 +16,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -149,8 +149,14 @@ def encode(
     gpus: int | str = 1,
     ray: str | None = None,
     reissue: bool = True,
+    store_text: bool = False,
+    keep_columns: Sequence[str] = (),
 ) -> EncodeSummary:
     """Embed every row of INPUT into OUT/vectors.lance; resumable, one commit per shard.
+
+    `store_text`: each document's text in a `text` column beside its vector (search shows it,
+    LanceDB sees it). `keep_columns`: input columns stored beside the vectors too, with their
+    input types. Both are pinned in the manifest: a resume must give the same.
 
     `gpus`: worker processes, one per GPU ("all": every visible GPU); on a CPU, that many
     processes. Each takes shards from the shared plan and commits them itself. `ray`: run the
@@ -160,13 +166,15 @@ def encode(
 
     >>> s = embedkit.encode("docs.parquet", "out/")          # doctest: +SKIP
     >>> s.docs, s.tokens_per_second                           # doctest: +SKIP
+    >>> embedkit.encode("docs.parquet", "out/", store_text=True, keep_columns=("url",))  # doctest: +SKIP
     """
     cfg = EncodeConfig(
         model=model, device=device, dtype=dtype, precision=precision, normalize=normalize,
         batch_tokens=batch_tokens, shard_rows=shard_rows, text_column=text_column, id_column=id_column,
         tokenize_workers=tokenize_workers, keep_empty=keep_empty, allow_duplicate_ids=allow_duplicate_ids,
         max_seq_length=max_seq_length, overwrite=overwrite, progress=progress, workers=_worker_count(gpus, device), ray=ray,
-        reissue=reissue,
+        reissue=reissue, store_text=store_text,
+        keep_columns=keep_columns if isinstance(keep_columns, str) else tuple(keep_columns),  # a str is refused by name
     )  # fmt: skip
     return run_encode(input, out, cfg)
 
@@ -194,7 +202,7 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
     out = Path(out)
     # Everything that can refuse the run is checked before OUT is touched or a model loads: a
     # typo must not leave an empty OUT, and a refusal must not wait for a model.
-    corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
+    corpus = open_input(input, cfg)
     if corpus.num_rows == 0:
         raise EmbedkitError("the input has no rows")
     choice = choose_device(cfg.device, cfg.precision)
@@ -248,6 +256,21 @@ def _refuse_differences(out: Path, old: dict, manifest: dict) -> None:
         raise EmbedkitError(f"{out} was written with a different {'; '.join(diffs)}; rerun with --overwrite to start fresh")
 
 
+def open_input(input: str | Path, cfg: EncodeConfig) -> Corpus:
+    """INPUT as the encode reads it: the text and id columns, and the kept ones (nothing else)."""
+    return open_corpus(input, Columns(cfg.text_column, cfg.id_column, cfg.keep_columns))
+
+
+def _schema(corpus: Corpus, cfg: EncodeConfig, dim: int) -> pa.Schema:
+    return vectors_schema(corpus.id_type, dim, cfg.dtype, text=cfg.store_text, kept=corpus.kept_fields)
+
+
+def _carried(cfg: EncodeConfig) -> list[str]:
+    """The columns a window carries from the reader to the store: the id, and what is stored
+    beside the vectors (nothing more unless --store-text or --keep-columns)."""
+    return ["id", *(["text"] if cfg.store_text else []), *cfg.keep_columns]
+
+
 @dataclass
 class _Job:
     """Everything a run needs once the output is validated."""
@@ -280,7 +303,7 @@ def _prepare(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice,
         if not _ids_are_row_numbers(corpus):
             _check_duplicates(corpus, cfg.allow_duplicate_ids)
         write_manifest(out, manifest)
-    schema = vectors_schema(corpus.id_type, dim, cfg.dtype)
+    schema = _schema(corpus, cfg, dim)
     store = VectorStore(out)
     if store.exists():
         store.remove_uncommitted()
@@ -301,7 +324,7 @@ def attach_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoic
     dim = embedding_dim(st)
     return _Job(
         out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest), store=VectorStore(out),
-        schema=vectors_schema(corpus.id_type, dim, cfg.dtype), max_length=_max_length(st, cfg.max_seq_length),
+        schema=_schema(corpus, cfg, dim), max_length=_max_length(st, cfg.max_seq_length),
         tokenizer_json=fast_tokenizer_json(st), truncation_side=truncation_side(st),
     )  # fmt: skip
 
@@ -323,7 +346,8 @@ def _manifest(corpus: Corpus, cfg: EncodeConfig, source: ModelSource, shard_rows
     return {
         "embedkit_version": __version__,
         "model": {"name": source.name, "weights_sha256": weights_hash(source), "dim": None, "max_seq_length": max_length, "pooling": None},
-        "output": {"dtype": cfg.dtype, "normalize": cfg.normalize, "keep_empty": cfg.keep_empty},
+        "output": {"dtype": cfg.dtype, "normalize": cfg.normalize, "keep_empty": cfg.keep_empty, "store_text": cfg.store_text,
+                   "keep_columns": list(cfg.keep_columns)},
         "input": corpus.fingerprint(cache=cache),
         "plan": {"rows": corpus.num_rows, "shard_rows": shard_rows, "shards": -(-corpus.num_rows // shard_rows)},
     }
@@ -351,7 +375,7 @@ class _Window:
     """A tokenized, packed slice of a shard, rows in the order the batches take them."""
 
     shard: Shard
-    ids: pa.Array
+    rows: pa.Table  # id, then any columns stored beside the vectors (_carried)
     n_tokens: np.ndarray
     truncated: np.ndarray
     batches: list[tuple[np.ndarray, np.ndarray]]  # (padded ids, lengths)
@@ -495,14 +519,14 @@ def _write_window(encoder: Encoder, job: _Job, window: _Window, outputs: list[An
     encoder; one still not finite is quarantined (left out, its id kept for the shard's commit).
     """
     vectors, bad, retried = encoder.fetch_checked(outputs, window.batches)
-    ids, n_tokens, truncated = window.ids, window.n_tokens, window.truncated
+    rows, n_tokens, truncated = window.rows, window.n_tokens, window.truncated
     quarantined: tuple = ()
     if len(bad):
         keep = np.ones(len(vectors), bool)
         keep[bad] = False
-        quarantined = tuple(ids.take(pa.array(bad)).to_pylist())
-        ids, vectors, n_tokens, truncated = ids.filter(pa.array(keep)), vectors[keep], n_tokens[keep], truncated[keep]
-    table = vectors_table(job.schema, ids, vectors, n_tokens, truncated)
+        quarantined = tuple(rows.column("id").take(pa.array(bad)).to_pylist())
+        rows, vectors, n_tokens, truncated = rows.filter(pa.array(keep)), vectors[keep], n_tokens[keep], truncated[keep]
+    table = vectors_table(job.schema, rows.column("id"), vectors, n_tokens, truncated, columns=rows)
     return _Written(
         fragments=job.store.write_fragments(table) if table.num_rows else [], docs=table.num_rows, tokens=window.tokens,
         padded_tokens=window.padded_tokens, truncated=int(truncated.sum()), retried=retried, quarantined=quarantined,
@@ -547,6 +571,7 @@ def _produce(corpus: Corpus, pending: list[Shard], pool: TokenizerPool, cfg: Enc
     try:
         inflight: deque = deque()
         submitted = 0
+        carried = _carried(cfg)
         def flush_all() -> None:  # before waiting for a claim: hand over everything read so far
             while inflight:
                 _flush_one(inflight, budget, put)
@@ -558,7 +583,7 @@ def _produce(corpus: Corpus, pending: list[Shard], pool: TokenizerPool, cfg: Enc
             for w, size in _windows(shard.rows, cfg.window_docs, first=submitted == 0):
                 table, empty = _drop_empty(corpus.read(shard.start + w, shard.start + w + size), cfg.keep_empty)
                 texts = table.column("text").combine_chunks()
-                inflight.append((shard, table.column("id").combine_chunks(), pool.submit(texts), empty))
+                inflight.append((shard, table.select(carried), pool.submit(texts), empty))
                 submitted += 1
                 while sum(isinstance(x, tuple) for x in inflight) > PREFETCH_WINDOWS:
                     _flush_one(inflight, budget, put)
@@ -637,21 +662,21 @@ def _drop_empty(table: pa.Table, keep_empty: bool) -> tuple[pa.Table, int]:
     if n_empty == 0:
         return table, 0
     if keep_empty:
-        return table.set_column(1, "text", pc.fill_null(text, "")), 0
+        return table.set_column(table.schema.get_field_index("text"), "text", pc.fill_null(text, "")), 0
     return table.filter(pc.invert(empty)), n_empty
 
 
-def _pack(shard: Shard, ids: pa.Array, pending: Any, skipped_empty: int, budget: int) -> _Window:
+def _pack(shard: Shard, rows: pa.Table, pending: Any, skipped_empty: int, budget: int) -> _Window:
     tok: Tokenized = pending.get()
-    if len(ids) == 0:  # every text of the window was empty
+    if rows.num_rows == 0:  # every text of the window was empty
         none = np.zeros(0, np.int32)
-        return _Window(shard, ids, none, none.astype(bool), [], 0, 0, skipped_empty)
+        return _Window(shard, rows, none, none.astype(bool), [], 0, 0, skipped_empty)
     batches = pack_batches(tok.lengths, budget)
     order = np.concatenate([b.rows for b in batches])
     padded = [(pad_rows(tok.flat, tok.offsets, b.rows, b.seq_len), tok.lengths[b.rows].astype(np.int32)) for b in batches]
     return _Window(
         shard=shard,
-        ids=ids.take(pa.array(order)),
+        rows=rows.take(pa.array(order)),  # the stored columns travel with their ids
         n_tokens=tok.n_tokens[order],
         truncated=tok.truncated[order],
         batches=padded,

@@ -462,12 +462,14 @@ def dry_run_encode(input: str | Path, cfg, *, sample: int = 10_000, calibrate_ro
     count = count_tokens(input, cfg.model, sample=sample, text_column=cfg.text_column, max_seq_length=cfg.max_seq_length)
     choice = choose_device(cfg.device, cfg.precision)
     rows = calibrate_rows or CALIBRATION_ROWS[choice.type]
-    corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
+    corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column, cfg.keep_columns))
     n = corpus.num_rows
-    texts = pa.concat_arrays([corpus.read(a, b).column("text").combine_chunks() for a, b in random_blocks(n, rows, seed=1)])
+    # the kept columns come along: stored beside the vectors, they are part of the bytes measured
+    blocks = pa.concat_tables([corpus.read(a, b).drop_columns(["id"]) for a, b in random_blocks(n, rows, seed=1)])
+    texts = blocks.column("text")
     work = Path(tempfile.mkdtemp(prefix="embedkit-dry-run-"))
     try:
-        pq.write_table(pa.table({"text": texts}), work / "sample.parquet")
+        pq.write_table(blocks, work / "sample.parquet")
         t = time.perf_counter()
         s = _calibrate(work / "sample.parquet", work / "out", cfg, cfg.batch_tokens)
         wall = time.perf_counter() - t
@@ -510,7 +512,7 @@ def _calibrate(sample: Path, out: Path, cfg, batch_tokens: int | None):
 
     return encode(sample, out, model=cfg.model, device=cfg.device, dtype=cfg.dtype, precision=cfg.precision, normalize=cfg.normalize,
                   batch_tokens=batch_tokens, tokenize_workers=cfg.tokenize_workers, keep_empty=cfg.keep_empty,
-                  max_seq_length=cfg.max_seq_length, progress=False)  # fmt: skip
+                  max_seq_length=cfg.max_seq_length, store_text=cfg.store_text, keep_columns=cfg.keep_columns, progress=False)  # fmt: skip
 
 
 CALIBRATION_ROWS = {"cuda": 100_000, "cpu": 1_000}  # seconds of encoding on an H200; tens of seconds on 2 CPU cores

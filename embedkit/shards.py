@@ -85,8 +85,13 @@ _PINNED = {
     ("output", "normalize"): "normalize",
     # a resume that changed it would leave empty texts in some shards and not in others
     ("output", "keep_empty"): "keep empty",
+    # what is stored beside the vectors: every shard's rows must have the same columns
+    ("output", "store_text"): "store text",
+    ("output", "keep_columns"): "kept columns",
     ("input",): "input",
 }
+# What a key absent from an older manifest means (it was written before the key existed).
+_ABSENT = {("output", "store_text"): False, ("output", "keep_columns"): []}
 
 
 def manifest_differences(old: dict, new: dict) -> list[str]:
@@ -98,7 +103,10 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
             diffs += [diff] if diff else []
             continue
         a, b = _dig(old, keys), _dig(new, keys)
-        if b is not None and a != b:  # None: not known yet (what only the loaded model tells)
+        if b is None:  # not known yet: what only the loaded model tells is compared after the load
+            continue
+        a = _ABSENT.get(keys) if a is None else a
+        if a != b:
             diffs.append(f"{label} ({a} -> {b})")
     return diffs
 

@@ -35,12 +35,18 @@ STARTED_KEY = "embedkit.started"
 COMMITTED_KEY = "embedkit.committed"
 DROPPED_KEY = "embedkit.dropped"  # shards whose damaged fragments a repair removed (comma-separated)
 QUARANTINED_KEY = "embedkit.quarantined"  # JSON list of ids left out of the shard (non-finite vectors)
+BASE_COLUMNS = ("id", "vector", "n_tokens", "truncated")  # what every vectors.lance holds, first
 # Fragments of about this many rows: large sequential files for readers and the index build.
 MAX_ROWS_PER_FILE = 1 << 20
 
 
-def vectors_schema(id_type: pa.DataType, dim: int, dtype: str) -> pa.Schema:
-    """id, vector (fixed_size_list<float16|float32>[dim]), n_tokens, truncated."""
+def vectors_schema(id_type: pa.DataType, dim: int, dtype: str, *, text: bool = False, kept: tuple[pa.Field, ...] = ()) -> pa.Schema:
+    """id, vector (fixed_size_list<float16|float32>[dim]), n_tokens, truncated; then the
+    document's `text` (when `text` is true) and the kept input columns, with their input types.
+
+    >>> vectors_schema(pa.string(), 4, "float16", text=True).names
+    ['id', 'vector', 'n_tokens', 'truncated', 'text']
+    """
     value = pa.float16() if dtype == "float16" else pa.float32()
     return pa.schema(
         [
@@ -48,12 +54,21 @@ def vectors_schema(id_type: pa.DataType, dim: int, dtype: str) -> pa.Schema:
             pa.field("vector", pa.list_(value, dim)),
             pa.field("n_tokens", pa.int32()),
             pa.field("truncated", pa.bool_()),
+            *([pa.field("text", pa.string())] if text else []),
+            *kept,
         ]
     )
 
 
-def vectors_table(schema: pa.Schema, ids: pa.Array, vectors: np.ndarray, n_tokens: np.ndarray, truncated: np.ndarray) -> pa.Table:
-    """Assemble a shard's rows; vectors is (rows, dim) in the schema's value type."""
+def stored_columns(schema: pa.Schema) -> list[str]:
+    """The columns stored beside the vectors: `text` and the kept input columns, in schema order."""
+    return schema.names[len(BASE_COLUMNS):]
+
+
+def vectors_table(schema: pa.Schema, ids: pa.Array, vectors: np.ndarray, n_tokens: np.ndarray, truncated: np.ndarray,
+                  columns: pa.Table | None = None) -> pa.Table:  # fmt: skip
+    """Assemble a shard's rows; vectors is (rows, dim) in the schema's value type. `columns`
+    holds the rows' stored columns (`stored_columns(schema)`), in the same row order."""
     vtype = schema.field("vector").type
     dim = vtype.list_size
     flat = pa.array(np.ascontiguousarray(vectors).reshape(-1), type=vtype.value_type)
@@ -63,6 +78,7 @@ def vectors_table(schema: pa.Schema, ids: pa.Array, vectors: np.ndarray, n_token
             "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
             "n_tokens": pa.array(n_tokens, pa.int32()),
             "truncated": pa.array(truncated, pa.bool_()),
+            **{name: columns.column(name) for name in stored_columns(schema)},
         },
         schema=schema,
     )
@@ -105,13 +121,14 @@ class VectorStore:
         except OSError as e:
             raise self._storage_error(e) from None
 
-    def committed_shards(self) -> dict[int, int]:
-        """Shard index -> rows it committed, read from the dataset's transactions.
+    def committed_shards(self, ds: Any = None) -> dict[int, int]:
+        """Shard index -> rows it committed, read from the dataset's transactions (of `ds`, an
+        opened version of this dataset, else the latest).
 
         A shard whose data files are damaged (missing or resized since its commit) is left
         out: it is not done, and the next run redoes it (see `remove_uncommitted`).
         """
-        ds = self.dataset()
+        ds = ds if ds is not None else self.dataset()
         ledger = self._ledger(ds)
         damaged = self._damaged_shards(ds, ledger)
         return {shard: c.rows for shard, c in ledger.items() if shard not in damaged}
@@ -259,14 +276,18 @@ class VectorStore:
         stats = self.dataset().cleanup_old_versions(retain_versions=1 << 30, delete_unverified=True)
         return int(getattr(stats, "bytes_removed", 0))
 
+    def intact_fragments(self, ds: Any) -> list:
+        """The fragments of `ds` whose data files are all present at their recorded size."""
+        bad = set(self._damaged_files(ds).values())
+        return [f for f in ds.get_fragments() if f.fragment_id not in bad]
+
     def row_stats(self, sums: tuple[str, ...] = ("n_tokens",)) -> tuple[int, dict[str, int]]:
         """(rows, {column: sum}) in the latest version, over intact fragments (a damaged one
         cannot be read); columns of `sums` that the dataset lacks are left out."""
         import pyarrow.compute as pc
 
         ds = self.dataset()
-        bad = set(self._damaged_files(ds).values())
-        frags = [f for f in ds.get_fragments() if f.fragment_id not in bad]
+        frags = self.intact_fragments(ds)
         columns = [c for c in sums if c in ds.schema.names]
         rows = sum(f.count_rows() for f in frags)
         totals = dict.fromkeys(columns, 0)

@@ -203,13 +203,12 @@ def _stop(procs: list) -> None:
 def _worker(input: str, out: str, cfg: EncodeConfig, device: str, worker: int, shards: Any, results: Any) -> None:
     """One device: the single-device pipeline over shards taken from the shared queue."""
     try:
-        from .corpus import Columns, open_corpus
         from .encoder import choose_device
-        from .pipeline import WorkerHooks, _run_shards, attach_job
+        from .pipeline import WorkerHooks, _run_shards, attach_job, open_input
         from .runtime import retain_freed_memory
 
         retain_freed_memory()
-        corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
+        corpus = open_input(input, cfg)
         job = attach_job(corpus, Path(out), cfg, choose_device(device, cfg.precision))
         by_index = {s.index: s for s in job.shards}
         tokens = Path(out) / COMMIT_TOKENS

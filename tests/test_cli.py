@@ -167,9 +167,9 @@ def test_encode_prints_a_summary_line(tmp_path, corpora, small_table, run_cli):
 
 @pytest.fixture(scope="module")
 def output(tmp_path_factory, corpora) -> Path:
-    """A complete default output over the parquet corpus (3 shards)."""
+    """A complete output over the parquet corpus (3 shards), with the texts stored."""
     out = tmp_path_factory.mktemp("status") / "out"
-    embedkit.encode(corpora["parquet"], out, shard_rows=8, device="cpu", progress=False)
+    embedkit.encode(corpora["parquet"], out, shard_rows=8, device="cpu", store_text=True, progress=False)
     return out
 
 
@@ -198,7 +198,7 @@ def test_status_json(output, small_table, run_cli):
     assert (st["shards_done"], st["shards_total"], st["rows"]) == (3, 3, small_table.num_rows)
     assert st["tokens"] == embedkit.status(output).tokens > 0
     assert st["manifest"]["model"]["dim"] == 384
-    assert st["manifest"]["output"] == {"dtype": "float16", "normalize": True, "keep_empty": False}
+    assert st["manifest"]["output"] == {"dtype": "float16", "normalize": True, "keep_empty": False, "store_text": True, "keep_columns": []}
     assert st["manifest"]["plan"] == {"rows": small_table.num_rows, "shard_rows": 8, "shards": 3}
 
 
@@ -208,10 +208,12 @@ def test_output_opens_as_a_lancedb_table(output, small_table, small_reference):
     table = lancedb.connect(str(output)).open_table("vectors")
     assert table.count_rows() == small_table.num_rows
     assert sorted(table.to_arrow().column("id").to_pylist()) == sorted(small_table.column("id").to_pylist())
-    # nearest neighbour of a document's reference vector is that document
+    assert table.schema.field("text").type == pa.string()  # --store-text: the content beside the vector
+    # nearest neighbour of a document's reference vector is that document, with its text
     doc_id, vec = next(iter(small_reference.items()))
     hits = table.search(np.asarray(vec, dtype=np.float32)).limit(1).to_list()
     assert hits[0]["id"] == doc_id
+    assert hits[0]["text"] == dict(zip(small_table.column("id").to_pylist(), small_table.column("text").to_pylist()))[doc_id]
 
 
 def _python(code: str) -> str:
@@ -239,3 +241,11 @@ def test_status_function_whatever_is_imported_first(first, output):
     """`embedkit.status(out)` is the function even when the `embedkit.status` module was imported first."""
     code = f"{first}\nimport embedkit\nprint(embedkit.status({str(output)!r}).complete, embedkit.OutputStatus.__name__)"
     assert _python(code) == "True OutputStatus"
+
+
+@pytest.mark.parametrize("first", ["import embedkit", "import embedkit.export", "from embedkit.export import ExportSummary"])
+def test_export_function_whatever_is_imported_first(first, output, tmp_path):
+    """`embedkit.export(...)` is the function even when the `embedkit.export` module was imported first."""
+    path = tmp_path / "rows.jsonl"
+    code = f"{first}\nimport embedkit\nprint(embedkit.export({str(output)!r}, {str(path)!r}).rows, embedkit.ExportSummary.__name__)"
+    assert _python(code) == "20 ExportSummary"

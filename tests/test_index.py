@@ -519,19 +519,18 @@ def test_torch_codec_matches_faiss(stored, options, metric, factory):
 # ---- the search command and other readers ----------------------------------------------------
 
 
-def test_search_json_output(built, stored, texts_by_id, verbatim_rows, run_cli):
+def test_search_json_output(built, stored, texts_by_id, verbatim_rows, run_cli_process):
     texts = [texts_by_id[stored.ids[verbatim_rows[0]]], "how do I open a file for reading"]
-    r = run_cli("search", built.out, *texts, "-k", "5", "--json")
+    r = run_cli_process("search", built.out, *texts, "-k", "5", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len(r.stdout.strip().splitlines()) == 1, r.stdout  # nothing but the JSON on stdout
-    rows = json.loads(r.stdout)
-    assert isinstance(rows, list) and len(rows) == 2
+    rows = [json.loads(line) for line in r.stdout.splitlines()]  # JSON lines: nothing else on stdout
+    assert len(rows) == 2 and all(isinstance(row, dict) for row in rows)
     known = set(stored.ids)
     for row, text in zip(rows, texts):
         assert set(row) == {"query", "hits"} and row["query"] == text
         assert len(row["hits"]) == 5
         for hit in row["hits"]:
-            assert set(hit) == {"id", "score"}
+            assert set(hit) == {"id", "score"}  # no text stored: none shown
             assert hit["id"] in known and isinstance(hit["score"], float)
         scores = [hit["score"] for hit in row["hits"]]
         assert scores == sorted(scores, reverse=True)

@@ -200,6 +200,8 @@ REFUSALS = [
     pytest.param(["--shard-rows", "5"], ["shard plan"], id="shard-plan"),
     # shards written with and without empty rows would mix in one output
     pytest.param(["--keep-empty"], ["keep empty (False -> True)"], id="keep-empty"),
+    # shards with and without a text column would not make one table
+    pytest.param(["--store-text"], ["store text (False -> True)"], id="store-text"),
 ]
 
 

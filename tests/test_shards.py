@@ -51,7 +51,7 @@ def test_shards_from_manifest_uses_the_recorded_plan():
 BASE = {
     "embedkit_version": "0.1.0",
     "model": {"name": "m", "weights_sha256": "aaa", "dim": 384, "max_seq_length": 256, "pooling": "mean"},
-    "output": {"dtype": "float16", "normalize": True, "keep_empty": False},
+    "output": {"dtype": "float16", "normalize": True, "keep_empty": False, "store_text": False, "keep_columns": []},
     "input": {"kind": "parquet", "path": "/d/x.parquet", "files": 1, "sha256": "c1", "rows": 5, "text_column": "text"},
     "plan": {"rows": 5, "shard_rows": 2, "shards": 3},
 }
@@ -75,6 +75,8 @@ DIFF_CASES = [
     pytest.param(("output", "dtype"), "float32", ["dtype (float16 -> float32)"], id="dtype"),
     pytest.param(("output", "normalize"), False, ["normalize (True -> False)"], id="normalize"),
     pytest.param(("output", "keep_empty"), True, ["keep empty (False -> True)"], id="keep-empty"),
+    pytest.param(("output", "store_text"), True, ["store text (False -> True)"], id="store-text"),
+    pytest.param(("output", "keep_columns"), ["url"], ["kept columns ([] -> ['url'])"], id="keep-columns"),
     pytest.param(("input", "sha256"), "c2", ["input (its content changed since the output was made)"], id="input-content"),
     pytest.param(("input", "rows"), 6, ["input (rows 5 -> 6)"], id="input-rows"),
     pytest.param(("input", "text_column"), "body", ["input (text column text -> body)"], id="input-column"),
@@ -110,6 +112,13 @@ def test_manifest_differences_lists_every_change_in_order():
     new = _changed(("output", "dtype"), "float32")
     new["model"]["name"] = "other"
     assert manifest_differences(BASE, new) == ["model (m -> other)", "dtype (float16 -> float32)"]
+
+
+def test_a_manifest_from_before_stored_columns_reads_as_storing_none():
+    old = copy.deepcopy(BASE)
+    del old["output"]["store_text"], old["output"]["keep_columns"]
+    assert manifest_differences(old, BASE) == []
+    assert manifest_differences(old, _changed(("output", "store_text"), True)) == ["store text (False -> True)"]
 
 
 def test_manifest_differences_with_a_section_missing():

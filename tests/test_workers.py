@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lance
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE, cli_command
@@ -53,6 +54,22 @@ def test_two_workers_write_what_one_writes(corpus, tmp_path):
     assert embedkit.status(tmp_path / "two").complete
     # each shard is one commit carrying its index, whichever worker made it
     assert sorted(VectorStore(tmp_path / "two").committed_shards()) == list(range(ROWS // SHARD_ROWS))
+
+
+@pytest.mark.slow  # two spawned workers, each loading torch and the model
+def test_workers_store_the_text_and_kept_columns(tmp_path):
+    """Each worker reads and writes the stored columns of its own shards."""
+    rows = pq.read_table(SAMPLE).slice(0, 30)
+    rows = rows.append_column("n", pa.array(range(30), pa.int16()))
+    src = tmp_path / "docs.parquet"
+    pq.write_table(rows, src)
+    s = embedkit.encode(src, tmp_path / "out", device="cpu", gpus=2, shard_rows=10, max_seq_length=32, store_text=True,
+                        keep_columns=("n",), progress=False)  # fmt: skip
+    assert s.device == "2 x cpu" and s.shards_done == 3
+    table = lance.dataset(str(tmp_path / "out" / "vectors.lance")).to_table()
+    assert table.schema.field("n").type == pa.int16()
+    got = {r["id"]: (r["text"], r["n"]) for r in table.select(["id", "text", "n"]).to_pylist()}
+    assert got == {r["id"]: (r["text"], r["n"]) for r in rows.to_pylist()}
 
 
 def test_killed_multi_worker_run_resumes_exactly_once(corpus, tmp_path):

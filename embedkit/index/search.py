@@ -8,7 +8,7 @@ tuning, so the recall in params.json is the recall of this search.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,25 +16,67 @@ import numpy as np
 
 from ..errors import EmbedkitError
 from ..shards import read_manifest
-from ..store import VECTORS_DIR
+from ..store import VECTORS_DIR, stored_columns
 from .build import NPROBE_GRID, RERANK_FACTORS, load_index
 from .state import INDEX_DIR, PARAMS, index_damage, read_json, staleness
 
 
 @dataclass(frozen=True)
 class SearchResults:
-    """Per query, the ids and scores of its hits, best first (fewer than k when the index is smaller)."""
+    """Per query, the ids and scores of its hits, best first (fewer than k when the index is smaller).
+
+    `texts` (when the output stores them: `encode --store-text`) and `columns` (the kept input
+    columns, by name) are per query too, in the order of `ids`.
+    """
 
     ids: list[list[Any]]
     scores: list[list[float]]
+    texts: list[list[str | None]] | None = None
+    columns: dict[str, list[list[Any]]] = field(default_factory=dict)
 
     def to_json(self, queries: Sequence[str] | None = None) -> list[dict]:
+        """One dict per query: {"query"?, "hits": [{"id", "score", "text"?, ...columns}]}."""
         rows = []
         for i, (ids, scores) in enumerate(zip(self.ids, self.scores)):
             row: dict = {"query": queries[i]} if queries is not None else {}
-            row["hits"] = [{"id": d, "score": round(float(s), 6)} for d, s in zip(ids, scores)]
+            row["hits"] = [self._hit(i, j, d, s) for j, (d, s) in enumerate(zip(ids, scores))]
             rows.append(row)
         return rows
+
+    def _hit(self, query: int, rank: int, doc_id: Any, score: float) -> dict:
+        hit = {"id": doc_id, "score": round(float(score), 6)}
+        if self.texts is not None:
+            hit["text"] = self.texts[query][rank]
+        for name, values in self.columns.items():
+            hit[name] = values[query][rank]
+        return hit
+
+    def lines(self, queries: Sequence[str], width: int = 100) -> list[str]:
+        """What `embedkit search` prints: per query its line, then rank, score, id and, when
+        stored, the text; each on one line, shortened to `width` characters in all.
+
+        >>> SearchResults([["a"]], [[0.5]], [["Open  a\\nfile."]]).lines(["q"])
+        ['query: q', '   1. 0.5000  a  Open a file.']
+        """
+        out = []
+        for i, query in enumerate(queries):
+            out.append(f"query: {one_line(query, max(20, width - 7))}")
+            for rank, (doc_id, score) in enumerate(zip(self.ids[i], self.scores[i])):
+                line = f"  {rank + 1:2d}. {score:.4f}  {doc_id}"
+                if self.texts is not None and self.texts[i][rank] is not None:
+                    line += "  " + one_line(self.texts[i][rank], max(20, width - len(line) - 2))
+                out.append(line)
+        return out
+
+
+def one_line(text: str, width: int) -> str:
+    """Whitespace collapsed, cut to `width` characters with an ellipsis.
+
+    >>> one_line("a  b\\n\\tc " * 3, 10)
+    'a b c a b…'
+    """
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 class VectorCache:
@@ -173,16 +215,27 @@ class Retriever:
         nprobe = self.nprobe if self.params["key"].get("factory", "").find("IVF") >= 0 else 0
         cand = candidates(self.index, q, nprobe, max(self.rerank, k))
         positions, scores = rerank(q, cand, self.cache, k)
-        return SearchResults(ids=self._ids(positions), scores=[s[p >= 0].tolist() for p, s in zip(positions, scores)])
+        found = self._rows(positions)
+        return SearchResults(
+            ids=found.pop("id"), scores=[s[p >= 0].tolist() for p, s in zip(positions, scores)], texts=found.pop("text", None),
+            columns=found,
+        )  # fmt: skip
 
-    def _ids(self, positions: np.ndarray) -> list[list[Any]]:
+    def _rows(self, positions: np.ndarray) -> dict[str, list[list[Any]]]:
+        """The hits' ids and stored columns (text, kept columns), per query: one `take` for all."""
+        names = ["id", *stored_columns(self.ds.schema)]
         flat = positions[positions >= 0]
         if len(flat) == 0:
-            return [[] for _ in positions]
+            return {name: [[] for _ in positions] for name in names}
         uniq = np.unique(flat)
-        ids = self.ds.take(uniq, columns=["id"]).column("id").to_pylist()
-        lookup = dict(zip(uniq.tolist(), ids))
-        return [[lookup[p] for p in row[row >= 0].tolist()] for row in positions]
+        table = self.ds.take(uniq, columns=names)
+        where = {p: i for i, p in enumerate(uniq.tolist())}
+        rows = [[where[p] for p in row[row >= 0].tolist()] for row in positions]
+        return {name: _per_query(table.column(name).to_pylist(), rows) for name in names}
+
+
+def _per_query(values: list, rows: list[list[int]]) -> list[list]:
+    return [[values[i] for i in row] for row in rows]
 
 
 def _verify(folder: Path, params: dict, level: str) -> None:

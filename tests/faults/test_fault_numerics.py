@@ -65,7 +65,7 @@ def runs(tmp_path_factory, sample, corpus_file) -> dict:
     pq.write_table(pa.table({"id": list(texts), "text": list(texts.values())}), src)
     outs = {"faulty": root / "out-faulty", "silent": root / "out-silent", "batch": root / "out-batch"}
     results = run_all([
-        ["encode", src, outs["faulty"], "--model", faulty, "--precision", "fp16", "--json", "-q"],
+        ["encode", src, outs["faulty"], "--model", faulty, "--precision", "fp16", "--store-text", "--json", "-q"],
         ["encode", src, outs["silent"], "--model", silent, "--json", "-q"],
         ["encode", corpus_file, outs["batch"], *ENCODE_OPTIONS, "--batch-tokens", "64", "--json"],
     ])  # fmt: skip
@@ -82,6 +82,8 @@ def test_non_finite_rows_are_retried_in_fp32_then_quarantined(runs, cosine, vect
     table = read_vectors(out)
     texts = runs["texts"]
     assert sorted(table.column("id").to_pylist()) == sorted(k for k in texts if k != "nan")
+    # the stored texts are filtered with their rows: each is still its own id's
+    assert dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist())) == {k: v for k, v in texts.items() if k != "nan"}
     vectors = vectors_of(table)
     assert all(np.isfinite(v).all() for v in vectors.values())
     # the retried row holds the fp32 vector of the same (changed) model
