@@ -249,3 +249,18 @@ def test_export_function_whatever_is_imported_first(first, output, tmp_path):
     path = tmp_path / "rows.jsonl"
     code = f"{first}\nimport embedkit\nprint(embedkit.export({str(output)!r}, {str(path)!r}).rows, embedkit.ExportSummary.__name__)"
     assert _python(code) == "20 ExportSummary"
+
+
+@pytest.mark.slow
+def test_the_readme_python_example_runs_on_a_cpu_as_written(tmp_path):
+    """The README's Python block, run as a user would from a clone (data/sample.parquet at hand),
+    in a fresh interpreter on this CPU: no device to edit, nothing to add."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("Python:\n\n```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sample.parquet").symlink_to(Path(__file__).resolve().parents[1] / "data" / "sample.parquet")
+    p = subprocess.run([sys.executable, "-c", block + "\nprint('hits', len(hits.ids[0]), hits.texts[0][0] is not None)"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=1800)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip().splitlines()[-1] == "hits 5 True"
+    assert (tmp_path / "vectors.parquet").stat().st_size > 0
