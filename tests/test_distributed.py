@@ -19,6 +19,7 @@ from embedkit.shards import OutputLock
 from embedkit.store import VectorStore
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a local Ray cluster and its worker processes: tens of seconds per test on 2 cores
 
 ROWS = 120
 

@@ -1,6 +1,6 @@
 """The index stage end to end on real data: build_index, Retriever, and the build-index and search commands.
 
-Everything is real: the 3000 sample documents encoded once per session by the bundled model into
+Everything is real: 2,000 sample documents encoded once per session by the bundled model into
 a real Lance dataset, faiss indexes trained and merged on disk, the CLI run as a subprocess. Tests
 that change an output work on their own copy of it; the session's encoded output and built index
 are only read.
@@ -34,12 +34,13 @@ from embedkit.index.params import choose_params
 from embedkit.index.train import train_ivfpq
 from embedkit.store import VectorStore, vectors_table
 
-ROWS = 3000
+ROWS = 2000  # of the bundled sample: IVF32,PQ48 by the default rules
+MAX_SEQ = 64  # tokens per document: the encode is most of this file's time on a small CPU
 DIM = 384
 K = 10
 TARGET = 0.95
-ENCODE_SHARD_ROWS = 100  # 30 Lance fragments: an add shard of the build is whole fragments
-KILL_SHARD_ROWS = 300  # 10 add shards in the killed build
+ENCODE_SHARD_ROWS = 100  # 20 Lance fragments: an add shard of the build is whole fragments
+KILL_SHARD_ROWS = 200  # 10 add shards in the killed build
 HANG_GUARD_S = 600  # only stops a hung test; no assertion depends on time
 
 
@@ -61,9 +62,11 @@ class Built:
 
 @pytest.fixture(scope="session")
 def encoded(tmp_path_factory) -> Path:
-    """The sample encoded once (max 128 tokens, 30 shards of 100 rows); never indexed, never changed."""
-    out = tmp_path_factory.mktemp("index") / "encoded"
-    embedkit.encode(SAMPLE, out, device="cpu", max_seq_length=128, shard_rows=ENCODE_SHARD_ROWS, progress=False)
+    """ROWS sample rows encoded once (MAX_SEQ tokens, shards of 100 rows); never indexed, never changed."""
+    root = tmp_path_factory.mktemp("index")
+    src, out = root / "docs.parquet", root / "encoded"
+    pq.write_table(pq.read_table(SAMPLE).slice(0, ROWS), src)
+    embedkit.encode(src, out, device="cpu", max_seq_length=MAX_SEQ, shard_rows=ENCODE_SHARD_ROWS, progress=False)
     assert len(lance.dataset(str(out / "vectors.lance")).get_fragments()) == ROWS // ENCODE_SHARD_ROWS
     return out
 
@@ -103,7 +106,7 @@ def texts_by_id(sample) -> dict:
 
 @pytest.fixture(scope="session")
 def verbatim_rows(stored, sample) -> list[int]:
-    """Row positions whose text can be searched verbatim: not truncated at 128 tokens (the query is
+    """Row positions whose text can be searched verbatim: not truncated at MAX_SEQ tokens (the query is
     encoded without that limit), a text that occurs once, and no other stored vector closer than
     cosine 0.9 (so the row itself must be the best hit)."""
     texts = sample.column("text").to_pylist()
@@ -112,7 +115,7 @@ def verbatim_rows(stored, sample) -> list[int]:
         counts[t] = counts.get(t, 0) + 1
     text_of = dict(zip(sample.column("id").to_pylist(), texts))
     rows = []
-    for pos in np.flatnonzero(~stored.truncated & (stored.n_tokens >= 8) & (stored.n_tokens <= 100)):
+    for pos in np.flatnonzero(~stored.truncated & (stored.n_tokens >= 8) & (stored.n_tokens <= MAX_SEQ)):
         if counts[text_of[stored.ids[pos]]] != 1:
             continue
         sims = stored.vectors @ stored.vectors[pos]
@@ -156,9 +159,9 @@ def small_output(encoded: Path, dst: Path, rows: int) -> Path:
 def test_build_report_and_files(built, encoded):
     r, folder = built.report, built.out / "index"
     assert not r.up_to_date
-    assert (r.factory, r.n, r.dim, r.metric, r.k, r.target_recall) == ("IVF64,PQ48", ROWS, DIM, "l2", K, TARGET)
+    assert (r.factory, r.n, r.dim, r.metric, r.k, r.target_recall) == ("IVF32,PQ48", ROWS, DIM, "l2", K, TARGET)
     assert r.recall >= TARGET, r.recall_table
-    assert 1 <= r.nprobe <= 64 and r.rerank in (10, 20, 50, 100)
+    assert 1 <= r.nprobe <= 32 and r.rerank in (10, 20, 50, 100)
     # the tuning stops at the first (nprobe, rerank) that reaches the target: the reported one
     last = r.recall_table[-1]
     assert (last["nprobe"], last["rerank"]) == (r.nprobe, r.rerank)
@@ -181,7 +184,7 @@ def test_build_report_and_files(built, encoded):
 
     merged = faiss.read_index(str(folder / "merged.index"), faiss.IO_FLAG_ONDISK_SAME_DIR)
     assert merged.ntotal == ROWS and merged.d == DIM
-    assert faiss.extract_index_ivf(merged).nlist == 64
+    assert faiss.extract_index_ivf(merged).nlist == 32
     check_ids(merged, ROWS)
     trained = faiss.read_index(str(folder / "trained.index"))
     assert trained.is_trained and trained.ntotal == 0 and trained.d == DIM
@@ -319,7 +322,7 @@ def test_killed_build_resumes(encoded, stored, tmp_path, run_cli):
     assert not report["up_to_date"]
     assert report["shards_total"] == ROWS // KILL_SHARD_ROWS
     assert report["shards_resumed"] == len(done) >= 1
-    assert report["n"] == ROWS and report["factory"] == "IVF64,PQ48"
+    assert report["n"] == ROWS and report["factory"] == "IVF32,PQ48"
     assert report["recall"] >= TARGET, report["recall_table"]
     assert not (out / "index" / "shards").exists()
 
@@ -346,7 +349,7 @@ def test_build_index_without_vectors_is_refused(tmp_path, run_cli, refused):
 
 
 def test_too_many_lists_is_refused(encoded, run_cli, refused):
-    refused(run_cli("build-index", encoded, "--nlist", "4096"), "3,000", "--nlist 4096")
+    refused(run_cli("build-index", encoded, "--nlist", "4096"), "2,000", "--nlist 4096")
     assert not (encoded / "index").exists()
 
 
@@ -383,7 +386,7 @@ def test_new_vectors_version_refuses_search_and_rebuilds(built_copy, stored, run
     searched = run_cli("search", built_copy, "how do I report a bug")
     refused(searched, f"version {built_on}", f"version {latest}", "build-index")
     status = run_cli("status", built_copy)
-    assert f"index: stale, IVF64,PQ48 over {ROWS:,} vectors: built on version {built_on} of the vectors, which are now at " \
+    assert f"index: stale, IVF32,PQ48 over {ROWS:,} vectors: built on version {built_on} of the vectors, which are now at " \
         f"version {latest}; run `embedkit build-index {built_copy}` again" in status.stdout.splitlines(), status.stdout
 
     rebuilt = run_cli("build-index", built_copy, "--quiet", "--json")
@@ -481,7 +484,7 @@ def test_unnormalized_output_uses_inner_product(unnormalized_model_dir, sample, 
 @pytest.mark.parametrize(
     "options,metric,factory",
     [
-        ({}, "l2", "IVF64,PQ48"),
+        ({}, "l2", "IVF32,PQ48"),
         ({"nlist": 16, "pq_m": 8, "opq": True}, "l2", "OPQ8,IVF16,PQ8"),
         ({"nlist": 16}, "ip", "IVF16,PQ48"),
     ],

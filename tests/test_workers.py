@@ -20,7 +20,7 @@ import embedkit
 from embedkit.errors import EmbedkitError
 from embedkit.store import VectorStore
 
-ROWS, SHARD_ROWS = 120, 20
+ROWS, SHARD_ROWS = 120, 15  # 8 shards: each of two workers takes several
 
 
 @pytest.fixture(scope="module")
@@ -38,40 +38,73 @@ def stored(out: Path) -> dict:
     return dict(zip(ids, vectors))
 
 
-def test_two_workers_write_what_one_writes(corpus, tmp_path):
-    options = dict(device="cpu", shard_rows=SHARD_ROWS, max_seq_length=64, progress=False)
-    one = embedkit.encode(corpus, tmp_path / "one", **options)
-    two = embedkit.encode(corpus, tmp_path / "two", gpus=2, **options)
+@pytest.fixture(scope="module")
+def one_and_two(corpus, tmp_path_factory) -> tuple:
+    """The corpus (with an int16 column) encoded by one process and by two workers, storing the
+    text and that column: (one's summary, two's summary, two's OUT). Each worker loads torch and
+    the model itself, so the suite runs one two-worker encode and checks it from several sides."""
+    root = tmp_path_factory.mktemp("one-and-two")
+    rows = pq.read_table(corpus)
+    rows = rows.append_column("n", pa.array(range(ROWS), pa.int16()))
+    src = root / "docs.parquet"
+    pq.write_table(rows, src)
+    options = dict(device="cpu", shard_rows=SHARD_ROWS, max_seq_length=64, store_text=True, keep_columns=("n",), progress=False)
+    one = embedkit.encode(src, root / "one", **options)
+    two = embedkit.encode(src, root / "two", gpus=2, **options)
+    return one, two, root / "two", rows
+
+
+@pytest.mark.slow  # two spawned workers, each loading torch and the model
+def test_two_workers_write_what_one_writes(one_and_two):
+    one, two, out, _ = one_and_two
     assert (two.docs, two.tokens, two.shards_done) == (one.docs, one.tokens, ROWS // SHARD_ROWS)
     assert two.device == "2 x cpu"
     # each worker's part counts the shards it committed, also for a worker stopped while busy
     # with a re-issued duplicate (it never sends a final report)
     assert sum(p["tokens"] for p in two.parts) == two.tokens and all(p["seconds"] > 0 for p in two.parts)
-    a, b = stored(tmp_path / "one"), stored(tmp_path / "two")
+    a, b = stored(Path(one.out)), stored(out)
     assert set(a) == set(b) and len(b) == ROWS
     cos = [float(a[k] @ b[k] / np.linalg.norm(a[k]) / np.linalg.norm(b[k])) for k in a]
     assert min(cos) >= 0.9999
-    assert embedkit.status(tmp_path / "two").complete
+    assert embedkit.status(out).complete
     # each shard is one commit carrying its index, whichever worker made it
-    assert sorted(VectorStore(tmp_path / "two").committed_shards()) == list(range(ROWS // SHARD_ROWS))
+    assert sorted(VectorStore(out).committed_shards()) == list(range(ROWS // SHARD_ROWS))
 
 
-@pytest.mark.slow  # two spawned workers, each loading torch and the model
-def test_workers_store_the_text_and_kept_columns(tmp_path):
+@pytest.mark.slow
+def test_workers_store_the_text_and_kept_columns(one_and_two):
     """Each worker reads and writes the stored columns of its own shards."""
-    rows = pq.read_table(SAMPLE).slice(0, 30)
-    rows = rows.append_column("n", pa.array(range(30), pa.int16()))
-    src = tmp_path / "docs.parquet"
-    pq.write_table(rows, src)
-    s = embedkit.encode(src, tmp_path / "out", device="cpu", gpus=2, shard_rows=10, max_seq_length=32, store_text=True,
-                        keep_columns=("n",), progress=False)  # fmt: skip
-    assert s.device == "2 x cpu" and s.shards_done == 3
-    table = lance.dataset(str(tmp_path / "out" / "vectors.lance")).to_table()
+    _, _, out, rows = one_and_two
+    table = lance.dataset(str(out / "vectors.lance")).to_table()
     assert table.schema.field("n").type == pa.int16()
     got = {r["id"]: (r["text"], r["n"]) for r in table.select(["id", "text", "n"]).to_pylist()}
     assert got == {r["id"]: (r["text"], r["n"]) for r in rows.to_pylist()}
 
 
+@pytest.mark.slow
+def test_workers_share_the_shards_and_the_timeline_shows_them(one_and_two, tmp_path, run_cli):
+    """A worker holds at most two shards at a time, so both workers get shards, each with a
+    tokenizer pool of its own (a worker is not a daemon); `status --plot` draws one bar per
+    committed shard on one row per worker."""
+    from embedkit.plots import plot_timeline
+    from embedkit.status import commit_log
+
+    _, two, out, _ = one_and_two
+    log = commit_log(out)
+    assert sorted(e["shard"] for e in log) == list(range(ROWS // SHARD_ROWS))
+    per_worker = {w: sum(1 for e in log if e["worker"] == w) for w in {e["worker"] for e in log}}
+    assert len(per_worker) == 2 and min(per_worker.values()) >= 2, per_worker
+    assert len(two.parts) == 2
+    assert all(e["committed"] >= e["started"] for e in log)
+    drawn = plot_timeline(log, tmp_path / "t.png")
+    assert len(drawn["bars"]) == ROWS // SHARD_ROWS and sorted(drawn["workers"]) == sorted(per_worker)
+    r = run_cli("status", out, "--plot", tmp_path / "cli.png")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "cli.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"{ROWS // SHARD_ROWS} shards on 2 workers" in r.stdout
+
+
+@pytest.mark.slow
 def test_killed_multi_worker_run_resumes_exactly_once(corpus, tmp_path):
     out = tmp_path / "out"
     args = [*cli_command(), "encode", str(corpus), str(out), "--device", "cpu", "--gpus", "2", "--shard-rows", "10",
@@ -101,39 +134,6 @@ def test_killed_multi_worker_run_resumes_exactly_once(corpus, tmp_path):
 def test_bad_gpus_values_are_refused(corpus, tmp_path, gpus):
     with pytest.raises(EmbedkitError, match="--gpus"):
         embedkit.encode(corpus, tmp_path / "o", device="cpu", gpus=gpus, progress=False)
-
-
-def test_workers_start_their_own_tokenizer_processes(corpus, tmp_path):
-    """Each worker with a tokenizer pool of its own, as on GPUs (workers must not be daemons)."""
-    options = dict(device="cpu", shard_rows=SHARD_ROWS, max_seq_length=64, progress=False)
-    one = embedkit.encode(corpus, tmp_path / "one", **options)
-    two = embedkit.encode(corpus, tmp_path / "two", gpus=2, tokenize_workers=1, **options)
-    assert (two.docs, two.tokens) == (one.docs, one.tokens)
-    # both workers started their pools (a failure would have failed the run); the parts list the
-    # workers that committed shards, one or both depending on who took them
-    assert 1 <= len(two.parts) <= 2 and sum(p["tokens"] for p in two.parts) == two.tokens
-    assert set(stored(tmp_path / "two")) == set(stored(tmp_path / "one"))
-
-
-def test_workers_share_the_shards_and_the_timeline_shows_them(corpus, tmp_path, run_cli):
-    """A worker holds at most two shards at a time, so both workers get shards; `status --plot`
-    draws one bar per committed shard on one row per worker."""
-    from embedkit.plots import plot_timeline
-    from embedkit.status import commit_log
-
-    out = tmp_path / "out"
-    embedkit.encode(corpus, out, device="cpu", shard_rows=15, max_seq_length=64, gpus=2, progress=False)
-    log = commit_log(out)
-    assert sorted(e["shard"] for e in log) == list(range(ROWS // 15))
-    per_worker = {w: sum(1 for e in log if e["worker"] == w) for w in {e["worker"] for e in log}}
-    assert len(per_worker) == 2 and min(per_worker.values()) >= 2, per_worker
-    assert all(e["committed"] >= e["started"] for e in log)
-    drawn = plot_timeline(log, tmp_path / "t.png")
-    assert len(drawn["bars"]) == ROWS // 15 and sorted(drawn["workers"]) == sorted(per_worker)
-    r = run_cli("status", out, "--plot", tmp_path / "cli.png")
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "cli.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "8 shards on 2 workers" in r.stdout
 
 
 def test_a_worker_takes_a_third_shard_only_after_finishing_one():
@@ -168,6 +168,7 @@ def test_a_worker_takes_a_third_shard_only_after_finishing_one():
 STALL_S = 30.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reissue", [True, False])
 def test_a_stalled_worker_is_overtaken(corpus, tmp_path, monkeypatch, reissue):
     """Worker 1 stalls STALL_S seconds on its first shard (fault injection). With re-issue the
