@@ -89,17 +89,29 @@ _PINNED = {
 }
 
 
-def manifest_differences(old: dict, new: dict) -> list[str]:
-    """What differs between an existing output's manifest and this run's, in words."""
+def manifest_differences(old: dict, new: dict, pinned: dict[tuple[str, ...], str] | None = None) -> list[str]:
+    """What differs between an existing output's manifest and this run's, in words.
+
+    `pinned` names the keys to compare (default: the encode pipeline's)."""
     diffs = []
-    for keys, label in _PINNED.items():
+    for keys, label in (_PINNED if pinned is None else pinned).items():
         a, b = _dig(old, keys), _dig(new, keys)
         if a != b:
             if keys == ("input",):
                 diffs.append("input (a different or changed file)")
             else:
-                diffs.append(f"{label} ({a} -> {b})")
+                diffs.append(f"{label} ({_shown(a)} -> {_shown(b)})")
     return diffs
+
+
+def _shown(value: Any) -> str:
+    """A manifest value in a one-line message: lists comma-joined, long or multi-line text quoted and cut."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    if isinstance(value, str) and (len(value) > 40 or not value.isprintable()):
+        text = repr(value)
+        return text if len(text) <= 48 else text[:45] + "..."
+    return str(value)
 
 
 def _dig(d: dict, keys: tuple[str, ...]) -> Any:
