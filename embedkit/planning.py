@@ -588,10 +588,10 @@ def dry_run_generate(input: str | Path, cfg, *, sample: int = 10_000, calibrate_
 
     from .corpus import Columns, open_corpus
     from .encoder import choose_device
-    from .generation import DEFAULT_PROMPTS, GENERATIONS_DIR, check_template, run_generate
+    from .generation import DEFAULT_PROMPTS, GENERATIONS_DIR, check_task_templates, run_generate
 
     template = cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPTS[cfg.task]
-    check_template(template, {"text", "id"} | ({"labels"} if cfg.task == "classify" else set()))
+    check_task_templates(cfg, template)
     corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
     n = corpus.num_rows
     if n == 0:

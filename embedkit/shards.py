@@ -94,10 +94,12 @@ _PINNED = {
 _ABSENT = {("output", "store_text"): False, ("output", "keep_columns"): []}
 
 
-def manifest_differences(old: dict, new: dict) -> list[str]:
-    """What differs between an existing output's manifest and this run's, in words."""
+def manifest_differences(old: dict, new: dict, pinned: dict[tuple[str, ...], str] | None = None) -> list[str]:
+    """What differs between an existing output's manifest and this run's, in words.
+
+    `pinned` names the keys to compare (default: the encode pipeline's)."""
     diffs = []
-    for keys, label in _PINNED.items():
+    for keys, label in (_PINNED if pinned is None else pinned).items():
         if keys == ("input",):
             diff = input_difference(old.get("input") or {}, new.get("input") or {})
             diffs += [diff] if diff else []
@@ -107,8 +109,18 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
             continue
         a = _ABSENT.get(keys) if a is None else a
         if a != b:
-            diffs.append(f"{label} ({a} -> {b})")
+            diffs.append(f"{label} ({_shown(a)} -> {_shown(b)})")
     return diffs
+
+
+def _shown(value: Any) -> str:
+    """A manifest value in a one-line message: lists comma-joined, long or multi-line text quoted and cut."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) if value else "none"
+    if isinstance(value, str) and (len(value) > 40 or not value.isprintable()):
+        text = repr(value)
+        return text if len(text) <= 48 else text[:45] + "..."
+    return str(value)
 
 
 # Input fingerprint keys that show where an input was, not what it is: not compared.

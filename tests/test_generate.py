@@ -9,6 +9,8 @@ every task is computed here, independently, one document at a time with transfor
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import subprocess
 import sys
@@ -24,15 +26,21 @@ import pytest
 
 import embedkit
 import embedkit.generation
-from embedkit.config import DEFAULT_GENERATOR, DEFAULT_PROMPTS
+from embedkit.config import DEFAULT_COMPLETIONS, DEFAULT_GENERATOR, DEFAULT_PROMPTS
 from embedkit.errors import EmbedkitError
 from embedkit.generation import GENERATIONS_DIR, resolve_generator
 from embedkit.store import VectorStore
 from faults.faultkit import kill_group
 
 MAX_NEW = 16
-LOGPROB_TOL = 1e-3
-LABELS = ("code", "documentation", "error message")  # 1, 2 and 2 tokens: continuations of unequal length
+# A sum of many fp32 log-probabilities depends on the batch shape and summation order: compare
+# relatively (the floor is for sums near zero).
+LOGPROB_REL, LOGPROB_ABS = 1e-4, 1e-3
+LABELS = ("code", "documentation", "error message")  # 1, 1 and 2 tokens: continuations of unequal length
+CLASSIFY_SET = Path(__file__).resolve().parents[1] / "data" / "classify.jsonl"  # texts with an unambiguous label
+TOPICS = ("animal", "food", "sport", "emotion", "tool")
+TOPIC_ROWS = 4  # texts of each topic
+MIN_TOPIC_ACCURACY = 0.9  # the scoring before calibration got 0.2 (the first label for every text)
 HANG_GUARD_S = 300  # only stops a hung test; no assertion depends on time
 RESUME_DOCS = 10
 RESUME_SHARD_ROWS = 2
@@ -202,9 +210,9 @@ def test_scores_equal_a_plain_forward(tmp_path, score_docs, reference):
         want = _continuation_logprobs(lm, [], ids)
         mine = got[row["id"]]
         assert mine["n_tokens"] == len(ids) - 1, row["id"]
-        assert mine["logprob"] == pytest.approx(float(want.sum()), abs=LOGPROB_TOL), row["id"]
+        assert mine["logprob"] == pytest.approx(float(want.sum()), rel=LOGPROB_REL, abs=LOGPROB_ABS), row["id"]
         want_mean = float(want.mean()) if len(want) else 0.0
-        assert mine["mean_logprob"] == pytest.approx(want_mean, abs=LOGPROB_TOL), row["id"]
+        assert mine["mean_logprob"] == pytest.approx(want_mean, rel=LOGPROB_REL, abs=LOGPROB_ABS), row["id"]
         assert mine["truncated"] is False
     assert got["x:one-token"]["n_tokens"] == 0 and got["x:one-token"]["logprob"] == 0.0
     assert got["x:counting"]["mean_logprob"] > -1.0 > got["x:unicode"]["mean_logprob"]  # predictable text scores high
@@ -224,30 +232,116 @@ def test_completion_scores_equal_a_plain_forward(tmp_path, short_docs_file, shor
         assert len(want) == len(target)
         mine = got[row["id"]]
         assert mine["n_tokens"] == len(target), row["id"]
-        assert mine["logprob"] == pytest.approx(float(want.sum()), abs=LOGPROB_TOL), row["id"]
-        assert mine["mean_logprob"] == pytest.approx(float(want.mean()), abs=LOGPROB_TOL), row["id"]
+        assert mine["logprob"] == pytest.approx(float(want.sum()), rel=LOGPROB_REL, abs=LOGPROB_ABS), row["id"]
+        assert mine["mean_logprob"] == pytest.approx(float(want.mean()), rel=LOGPROB_REL, abs=LOGPROB_ABS), row["id"]
 
 
 # ---- classify ------------------------------------------------------------------------------
 
 
+def _label_logprobs(lm, tok, text: str, labels) -> np.ndarray:
+    """Each label's log-probability (summed over its tokens) as the answer to the default classify
+    prompt, by plain forward passes: the chat prompt, the default answer up to the label, the label."""
+    completion = DEFAULT_COMPLETIONS["classify"]
+    head = completion.split("{label}")[0]
+    assert head.endswith(" ")  # the label follows a space: " animal" is the token the model writes
+    head_ids = tok(head.rstrip(), add_special_tokens=False)["input_ids"]
+    context = _chat_ids(tok, DEFAULT_PROMPTS["classify"].format(text=text)) + head_ids
+    want = []
+    for lab in labels:
+        target = tok(" " + lab, add_special_tokens=False)["input_ids"]
+        assert tok(completion.format(label=lab), add_special_tokens=False)["input_ids"] == head_ids + target  # as tokenized whole
+        want.append(float(_continuation_logprobs(lm, context, target).sum()))
+    return np.array(want)
+
+
+def _label_prior(lm, tok, labels) -> np.ndarray:
+    """The labels' mean log-probability after the content-free texts of Zhao et al. 2021."""
+    return np.mean([_label_logprobs(lm, tok, free, labels) for free in ("N/A", "", "[MASK]")], axis=0)
+
+
+def _assert_classify_equals_plain_forward(got: dict, table: pa.Table, labels, lm, tok) -> None:
+    """label_logprobs: plain forward passes; label_scores: those less the content-free prior; label: the best score."""
+    prior = _label_prior(lm, tok, labels)
+    for row in table.to_pylist():
+        want = _label_logprobs(lm, tok, row["text"], labels)
+        mine = got[row["id"]]
+        np.testing.assert_allclose(mine["label_logprobs"], want, rtol=LOGPROB_REL, atol=LOGPROB_ABS, err_msg=row["id"])
+        np.testing.assert_allclose(mine["label_scores"], want - prior, rtol=LOGPROB_REL, atol=LOGPROB_ABS, err_msg=row["id"])
+        assert mine["label"] == labels[int(np.argmax(mine["label_scores"]))], row["id"]
+        assert mine["truncated"] is False
+
+
 def test_classify_label_logprobs_equal_a_plain_forward(tmp_path, short_docs_file, short_docs, reference):
+    """Documents of three lengths (padded batches) and labels of one and two tokens."""
     lm, tok = reference
     out = tmp_path / "cls"
     embedkit.generate(short_docs_file, out, task="classify", labels=LABELS, progress=False)
     got = _by_id(_read(out))
     assert set(got) == set(short_docs.column("id").to_pylist())
-    for row in short_docs.to_pylist():
-        prompt = DEFAULT_PROMPTS["classify"].format(labels=", ".join(LABELS), text=row["text"])
-        assert prompt.startswith("Classify the text as one of: code, documentation, error message.\n\n")
-        context = _chat_ids(tok, prompt)
-        want = [float(_continuation_logprobs(lm, context, tok(lab, add_special_tokens=False)["input_ids"]).sum()) for lab in LABELS]
-        mine = got[row["id"]]
-        assert len(mine["label_logprobs"]) == len(LABELS)
-        np.testing.assert_allclose(mine["label_logprobs"], want, atol=LOGPROB_TOL, rtol=0, err_msg=row["id"])
-        assert mine["label"] == LABELS[int(np.argmax(mine["label_logprobs"]))], row["id"]
-        assert mine["label"] == LABELS[int(np.argmax(want))], row["id"]
-        assert mine["truncated"] is False
+    assert [len(tok(" " + lab, add_special_tokens=False)["input_ids"]) for lab in LABELS] == [1, 1, 2]
+    _assert_classify_equals_plain_forward(got, short_docs, LABELS, lm, tok)
+
+
+@pytest.fixture(scope="module")
+def topic_texts() -> pa.Table:
+    """Short texts whose topic no reader would doubt, TOPIC_ROWS of each label in TOPICS."""
+    rows = [json.loads(line) for line in CLASSIFY_SET.read_text().splitlines()]
+    picked = [r for lab in TOPICS for r in [r for r in rows if r["set"] == "topics" and r["label"] == lab][:TOPIC_ROWS]]
+    assert len(picked) == TOPIC_ROWS * len(TOPICS)
+    return pa.table({"id": [r["id"] for r in picked], "text": [r["text"] for r in picked], "gold": [r["label"] for r in picked]})
+
+
+@pytest.fixture(scope="module")
+def topic_runs(tmp_path_factory, topic_texts) -> dict[tuple[str, ...], tuple[Path, dict]]:
+    """classify over topic_texts with the labels in TOPICS order and reversed: labels -> (OUT, rows by id)."""
+    root = tmp_path_factory.mktemp("topics")
+    src = root / "topics.parquet"
+    pq.write_table(topic_texts.select(["id", "text"]), src)
+    runs = {}
+    for k, labels in enumerate((TOPICS, TOPICS[::-1])):
+        out = root / f"out-{k}"
+        embedkit.generate(src, out, task="classify", labels=labels, progress=False)
+        runs[labels] = (out, _by_id(_read(out)))
+    return runs
+
+
+def test_classify_scores_of_labelled_texts_equal_a_plain_forward(topic_runs, topic_texts, reference):
+    lm, tok = reference
+    _, got = topic_runs[TOPICS]
+    assert set(got) == set(topic_texts.column("id").to_pylist())
+    every_other = topic_texts.take(list(range(0, topic_texts.num_rows, 2)))  # half the rows: plain forwards are slow on a CPU
+    _assert_classify_equals_plain_forward(got, every_other, TOPICS, lm, tok)
+
+
+def test_classify_is_accurate_in_both_label_orders_and_the_same_in_each(topic_runs, topic_texts):
+    """Labels the old scoring got wrong: it chose the first listed label for almost every text."""
+    gold = dict(zip(topic_texts.column("id").to_pylist(), topic_texts.column("gold").to_pylist()))
+    predicted = {labels: {i: row["label"] for i, row in got.items()} for labels, (_, got) in topic_runs.items()}
+    for labels, pred in predicted.items():
+        accuracy = np.mean([pred[i] == g for i, g in gold.items()])
+        assert accuracy >= MIN_TOPIC_ACCURACY, (labels, accuracy, {i: p for i, p in pred.items() if p != gold[i]})
+    forward, backward = predicted.values()
+    assert forward == backward
+    # the per-label columns follow the --labels order
+    _, by_forward = topic_runs[TOPICS]
+    _, by_backward = topic_runs[TOPICS[::-1]]
+    for i in gold:
+        np.testing.assert_allclose(by_forward[i]["label_scores"], by_backward[i]["label_scores"][::-1], rtol=LOGPROB_REL, atol=LOGPROB_ABS)
+
+
+def test_a_resume_with_other_labels_is_refused_naming_them(topic_runs, run_cli, refused):
+    """Its shards would mix two label sets (or two orders of the per-label columns)."""
+    out, _ = topic_runs[TOPICS]
+    src = out.parent / "topics.parquet"  # the run's own input: only the labels change
+    before = _read(out)
+    other = (*TOPICS[:-1], "plant")
+    line = refused(run_cli("generate", src, out, "--task", "classify", "--labels", ",".join(other)),
+                   f"different labels ({','.join(TOPICS)} -> {','.join(other)})", "--overwrite")  # fmt: skip
+    assert line.count("(") == 1, line  # nothing else is named
+    reordered = ",".join(TOPICS[::-1])
+    refused(run_cli("generate", src, out, "--task", "classify", "--labels", reordered), f"different labels ({','.join(TOPICS)} -> {reordered})")
+    assert _read(out).equals(before)
 
 
 # ---- empty texts ---------------------------------------------------------------------------
@@ -368,19 +462,39 @@ def test_refuses_classify_without_labels(tmp_path, short_docs_file, run_cli, ref
     refused(run_cli("generate", short_docs_file, tmp_path / "out", "--task", "classify", "--labels", "yes"), "--labels")
 
 
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        (dict(labels=("yes", "no", "yes")), "distinct"),
+        (dict(labels=("yes", " ")), "not empty"),
+        (dict(labels=("yes", "no"), completion="The answer is"), "{label}"),
+        (dict(labels=("yes", "no"), completion="{text} is {label}"), "{text}"),
+    ],
+    ids=["repeated-label", "blank-label", "answer-without-label", "answer-with-text"],
+)
+def test_refuses_labels_or_an_answer_that_classify_cannot_score(tmp_path, short_docs_file, options, needle):
+    with pytest.raises(EmbedkitError, match=re.escape(needle)):
+        embedkit.generate(short_docs_file, tmp_path / "out", task="classify", progress=False, **options)
+    assert not (tmp_path / "out" / GENERATIONS_DIR).exists()
+
+
 def test_refuses_a_missing_input(tmp_path, run_cli, refused):
     refused(run_cli("generate", tmp_path / "nope.parquet", tmp_path / "out", "--task", "score"), "nope.parquet")
 
 
 @pytest.mark.parametrize(
-    "change",
-    [["--task", "classify", "--labels", "yes,no"], ["--task", "score", "--prompt", "Text: {text}"]],
-    ids=["other-task", "other-prompt"],
+    "change, named",
+    [
+        (["--task", "classify", "--labels", "yes,no"], "different task (score -> classify); rerun"),
+        (["--task", "score", "--prompt", "Text: {text}"], "different prompt ({text} -> Text: {text}); rerun"),
+        (["--task", "score", "--completion", "{text}"], "different completion (None -> {text}); rerun"),
+    ],
+    ids=["other-task", "other-prompt", "other-completion"],
 )
-def test_refuses_a_resume_with_another_task_or_prompt(scored_out, run_cli, refused, change):
+def test_refuses_a_resume_with_another_task_or_prompt_naming_the_change(scored_out, run_cli, refused, change, named):
     src, out = scored_out
     before = _read(out)
-    refused(run_cli("generate", src, out, *change), "different task", "--overwrite")
+    refused(run_cli("generate", src, out, *change), named, "--overwrite")
     assert _read(out).equals(before)
 
 
