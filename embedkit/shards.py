@@ -117,9 +117,9 @@ def _shown(value: Any) -> str:
     """A manifest value in a one-line message: lists comma-joined, long or multi-line text quoted and cut."""
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value)) if value else "none"
-    if isinstance(value, str) and (len(value) > 40 or not value.isprintable()):
+    if isinstance(value, str) and (len(value) > 120 or not value.isprintable()):
         text = repr(value)
-        return text if len(text) <= 48 else text[:45] + "..."
+        return text if len(text) <= 128 else text[:125] + "..."
     return str(value)
 
 
@@ -151,11 +151,29 @@ def _dig(d: dict, keys: tuple[str, ...]) -> Any:
     return d
 
 
+# Lock file descriptors this process holds. A forked child (a tokenizer worker) closes its copies
+# at once: a flock belongs to the open file, so a child outliving a killed parent would otherwise
+# keep OUT locked and refuse the rerun.
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 class OutputLock:
     """An exclusive lock on OUT for the length of a run.
 
     flock is released by the kernel when the holder dies, even by kill -9, so a stale lock from a
     killed run never blocks the rerun. The file records who holds it for the refusal message.
+    Forked children do not hold it (see _HELD); spawned ones never inherit the descriptor.
     """
 
     def __init__(self, out: Path):
@@ -175,12 +193,14 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._fd = fd
+        _HELD.add(fd)
         return self
 
     def __exit__(self, *exc: object) -> None:
         import fcntl
 
         if self._fd is not None:
+            _HELD.discard(self._fd)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import time
 import json
 
 import pytest
@@ -147,3 +149,33 @@ def test_output_lock_is_exclusive_and_released(tmp_path):
                 pass
     with OutputLock(tmp_path):  # released on exit: the next run gets it
         pass
+
+
+def test_a_forked_child_does_not_keep_the_output_locked(tmp_path):
+    """A tokenizer worker is forked while the run holds OUT's lock. When the run dies (here: its
+    descriptor closed, no unlock, as the kernel does for kill -9) and the child lives on, the
+    rerun gets the lock at once."""
+    import signal
+    import warnings
+
+    from embedkit import shards
+
+    lock = OutputLock(tmp_path).__enter__()
+    ready_r, ready_w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # forking a process with threads: the child only sleeps
+        child = os.fork()
+    if child == 0:
+        os.write(ready_w, b"x")  # fork() has returned here: the fork hooks have run
+        time.sleep(30)
+        os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        getattr(shards, "_HELD", set()).discard(lock._fd)
+        os.close(lock._fd)  # the run is gone; its forked child is not
+        lock._fd = None
+        with OutputLock(tmp_path):
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)

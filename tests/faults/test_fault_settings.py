@@ -59,7 +59,9 @@ def test_resume_with_other_settings_is_refused(tmp_path, uninterrupted, corpus_f
     """Every refusal names what differs and changes nothing. The runs go side by side (each
     loads the model), each on its own copy of the output: on one OUT the lock would refuse them."""
     cases = {
-        "model and dim": (["--model", projected_model_dir], ["model (sentence-transformers/all-MiniLM-L6-v2 -> ", "dimension (384 -> 128)"]),
+        # refused from the manifest before the model loads: by name and weights (its dimension,
+        # 128, is only known once loaded, and need not be)
+        "model": (["--model", projected_model_dir], [f"model (sentence-transformers/all-MiniLM-L6-v2 -> {projected_model_dir}", "model weights ("]),
         "dtype": (["--dtype", "float32"], ["dtype (float16 -> float32)"]),
         "normalize": (["--no-normalize"], ["normalize (True -> False)"]),
         "max length": (["--max-seq-length", str(MAX_SEQ // 2)], [f"max sequence length ({MAX_SEQ} -> {MAX_SEQ // 2})"]),
