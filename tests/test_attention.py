@@ -65,6 +65,7 @@ print(json.dumps([with_kernel.run(prompts, max_new=4, max_slots=2), dense.run(pr
 """
 
 
+@pytest.mark.slow
 def test_decoder_with_the_kernel_gives_the_dense_tokens():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, "-c", DECODE_CHILD], capture_output=True, text=True, env=env, timeout=900)

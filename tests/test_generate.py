@@ -306,6 +306,7 @@ def topic_runs(tmp_path_factory, topic_texts) -> dict[tuple[str, ...], tuple[Pat
     return runs
 
 
+@pytest.mark.slow
 def test_classify_scores_of_labelled_texts_equal_a_plain_forward(topic_runs, topic_texts, reference):
     lm, tok = reference
     _, got = topic_runs[TOPICS]
@@ -314,6 +315,7 @@ def test_classify_scores_of_labelled_texts_equal_a_plain_forward(topic_runs, top
     _assert_classify_equals_plain_forward(got, every_other, TOPICS, lm, tok)
 
 
+@pytest.mark.slow
 def test_classify_is_accurate_in_both_label_orders_and_the_same_in_each(topic_runs, topic_texts):
     """Labels the old scoring got wrong: it chose the first listed label for almost every text."""
     gold = dict(zip(topic_texts.column("id").to_pylist(), topic_texts.column("gold").to_pylist()))
@@ -387,6 +389,7 @@ def resume_docs(sample) -> pa.Table:
     return _pick(sample, [(800, 1200, RESUME_DOCS)])
 
 
+@pytest.mark.slow
 def test_score_resumes_after_kill(tmp_path, resume_docs, reference, run_cli):
     _, tok = reference
     src, out = tmp_path / "docs.parquet", tmp_path / "out"

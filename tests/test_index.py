@@ -485,7 +485,7 @@ def test_unnormalized_output_uses_inner_product(unnormalized_model_dir, sample, 
     "options,metric,factory",
     [
         ({}, "l2", "IVF32,PQ48"),
-        ({"nlist": 16, "pq_m": 8, "opq": True}, "l2", "OPQ8,IVF16,PQ8"),
+        pytest.param({"nlist": 16, "pq_m": 8, "opq": True}, "l2", "OPQ8,IVF16,PQ8", marks=pytest.mark.slow),  # OPQ training: ~10 s
         ({"nlist": 16}, "ip", "IVF16,PQ48"),
     ],
     ids=["ivfpq", "opq-ivfpq", "ivfpq-ip"],

@@ -229,6 +229,7 @@ def test_shards_go_out_longest_first_by_tokens(tmp_path):
 TIME_FACTOR = 3.0  # a CPU calibration of a few hundred rows predicts a full run's time within this factor
 
 
+@pytest.mark.slow
 def test_dry_run_estimate_matches_a_real_run(small_input, tmp_path):
     from embedkit.config import EncodeConfig
     from embedkit.planning import dry_run_encode
@@ -281,6 +282,7 @@ def _prompt_tokens(path: Path, sample: int):
     return count_prompt_tokens(open_corpus(path, Columns("text", None)), GenerateConfig(task="score"), DEFAULT_PROMPTS["score"], sample=sample)
 
 
+@pytest.mark.slow
 def test_prompt_tokens_are_counted_as_generate_counts_them(small_input, short_input, short_scored):
     """Exactly (sample 0: equal to a real run's prompt tokens), and within 5% and inside its own
     95% interval from a sample of 320 of 400 rows; the weights are never loaded for it."""
@@ -292,6 +294,7 @@ def test_prompt_tokens_are_counted_as_generate_counts_them(small_input, short_in
     assert abs(est.tokens - full.tokens) <= min(est.ci95, 0.05 * full.tokens)
 
 
+@pytest.mark.slow
 def test_generate_dry_run_predicts_a_real_run_and_writes_nothing(run_cli, short_input, short_scored, tmp_path):
     out = tmp_path / "out"
     r = run_cli("generate", short_input, out, "--task", "score", "--device", "cpu", "--dry-run", "--sample", "0",
@@ -314,6 +317,7 @@ def test_generate_dry_run_predicts_a_real_run_and_writes_nothing(run_cli, short_
     assert planned.returncode == 0 and "GPU" in planned.stdout, planned.stderr
 
 
+@pytest.mark.slow
 def test_encode_dry_run_plot_measures_cost_against_batch_size(run_cli, refused, small_input, tmp_path):
     from embedkit.planning import sweep_budgets
 

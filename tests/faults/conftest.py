@@ -45,3 +45,12 @@ def uninterrupted_copy(tmp_path, uninterrupted) -> Path:
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)
     return out
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The fault suite is end to end: real kills, real runs in subprocesses. It is marked slow, so
+    `-m "not slow"` is a quick check and the full suite still runs every fault."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.slow)
