@@ -75,8 +75,7 @@ def export(out: str | Path, path: str | Path | None = None, *, format: str = "js
 
 def _source(out: Path) -> tuple[Any, dict]:
     """OUT's store (embeddings, else generations) and manifest; one-line refusals otherwise."""
-    from .generation import GENERATIONS_DIR
-    from .store import VECTORS_DIR, VectorStore
+    from .store import GENERATIONS_DIR, VECTORS_DIR, VectorStore
 
     if not out.is_dir():
         raise EmbedkitError(f"no such output folder: {out}")
