@@ -100,7 +100,9 @@ def encode(input: str, out: str, quiet: bool, as_json: bool, dry_run: bool, samp
     INPUT is a parquet file or folder, a .jsonl or .csv file, a Lance dataset, or a folder of .txt files.
     """
     from .pipeline import encode as api_encode
+    from .runtime import cli_settings
 
+    cli_settings()  # one malloc arena: the tokenizer workers are processes, not threads
     options["keep_columns"] = _names(keep_columns)
     if dry_run:
         from .config import EncodeConfig
@@ -249,7 +251,9 @@ def generate(input: str, out: str, labels: str | None, quiet: bool, as_json: boo
              gpu_price: float | None, spot_discount: float, **options: Any) -> None:  # fmt: skip
     """Summarize, score or classify every row of INPUT into OUT/generations.lance (resumable)."""
     from .generation import generate as api_generate
+    from .runtime import cli_settings
 
+    cli_settings(single_arena=False)  # prompts are tokenized here by the tokenizer's own threads
     label_list = _names(labels)
     if dry_run:
         from .config import GenerateConfig

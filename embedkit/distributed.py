@@ -120,10 +120,10 @@ def encode_shard(input: str, out: str, cfg: EncodeConfig, index: int, copy: int 
     `arbiter` (a CommitArbiter), the shard is committed only if this copy gets the right to."""
     from .encoder import choose_device
     from .pipeline import SUMMED_FIELDS, WorkerHooks, _run_shards, attach_job, open_input
-    from .runtime import retain_freed_memory
+    from .runtime import inherited_settings
     from .store import VectorStore
 
-    retain_freed_memory()
+    inherited_settings()
     if index in VectorStore(Path(out)).committed_shards():
         # a retry of a task whose commit landed before its worker died: it adds nothing
         return {**dict.fromkeys(SUMMED_FIELDS, 0), "seconds": 0.0, "committed_before": True}

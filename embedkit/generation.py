@@ -35,7 +35,6 @@ from .config import DEFAULT_COMPLETIONS, DEFAULT_GENERATOR, DEFAULT_PROMPTS, DEF
 from .corpus import Columns, Corpus, find_first_duplicate, open_corpus
 from .encoder import DeviceChoice, choose_device
 from .errors import EmbedkitError
-from .runtime import retain_freed_memory
 from .digest import INPUT_CACHE
 from .outdir import check_out, clear_output, make_out, undo_if_unstarted
 from .shards import OutputLock, Shard, manifest_differences, plan_shards, read_manifest, write_manifest
@@ -551,7 +550,6 @@ def generate(
 
 def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> GenerateSummary:
     """generate() with a ready GenerateConfig."""
-    retain_freed_memory(single_arena=False)  # prompts are tokenized here, by the tokenizer's threads
     out = Path(out)
     template = cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPTS[cfg.task]
     check_task_templates(cfg, template)

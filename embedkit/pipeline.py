@@ -43,7 +43,6 @@ from .models import (
 )
 from .outdir import check_out, clear_output, make_out, undo_if_unstarted
 from .planning import default_shard_rows
-from .runtime import retain_freed_memory
 from .shards import MANIFEST, OutputLock, Shard, manifest_differences, read_manifest, shards_from_manifest, write_manifest
 from .store import VECTORS_DIR, VectorStore, vectors_schema, vectors_table
 from .tokenize import TextTokenizer, TokenizerPool, Tokenized, default_workers, tokenize_all
@@ -198,7 +197,6 @@ def _worker_count(gpus: int | str, device: str) -> int:
 
 def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeSummary:
     """encode() with a ready EncodeConfig."""
-    retain_freed_memory()
     out = Path(out)
     # Everything that can refuse the run is checked before OUT is touched or a model loads: a
     # typo must not leave an empty OUT, and a refusal must not wait for a model.
@@ -758,7 +756,6 @@ def encode_texts(
     >>> embedkit.encode_texts(["hello world"]).shape   # doctest: +SKIP
     (1, 384)
     """
-    retain_freed_memory()
     choice = choose_device(device, precision)
     encoder, tokenizer = _cached_model(model, choice, max_seq_length)
     encoder.normalize = normalize  # the cached encoder serves both settings

@@ -7,6 +7,11 @@ device, Arrow buffers) is page-faulted in again, from the kernel, page by page. 
 machines a page fault is expensive. Raising the thresholds and using one arena keeps freed
 memory in the process for the next window: a run over the bundled sample makes about 10x fewer
 page faults this way (measured with getrusage; docs/benchmarks.md).
+
+These are settings of the whole process, so the library never applies them on its own: the
+`embedkit` command does (`cli_settings`), and so do the worker processes of a run it started,
+which find EMBEDKIT_MALLOC_TUNING=1 in their environment (`inherited_settings`). A program that
+calls `embedkit.encode` keeps its allocator as it set it.
 """
 
 from __future__ import annotations
@@ -56,3 +61,20 @@ def retain_freed_memory(single_arena: bool = True) -> bool:
         return False
     _done = ok
     return ok
+
+
+TUNING_ENV = "EMBEDKIT_MALLOC_TUNING"
+
+
+def cli_settings(single_arena: bool = True) -> bool:
+    """The process-wide settings of an `embedkit` command; recorded in the environment, so the
+    worker processes it starts apply them too (EMBEDKIT_MALLOC_TUNING=0 turns them off)."""
+    os.environ.setdefault(TUNING_ENV, "1")
+    return retain_freed_memory(single_arena=single_arena)
+
+
+def inherited_settings(single_arena: bool = True) -> bool:
+    """In a worker process: the settings of the command that started it, if it was one."""
+    if os.environ.get(TUNING_ENV) != "1":
+        return False
+    return retain_freed_memory(single_arena=single_arena)

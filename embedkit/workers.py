@@ -205,9 +205,9 @@ def _worker(input: str, out: str, cfg: EncodeConfig, device: str, worker: int, s
     try:
         from .encoder import choose_device
         from .pipeline import WorkerHooks, _run_shards, attach_job, open_input
-        from .runtime import retain_freed_memory
+        from .runtime import inherited_settings
 
-        retain_freed_memory()
+        inherited_settings()
         corpus = open_input(input, cfg)
         job = attach_job(corpus, Path(out), cfg, choose_device(device, cfg.precision))
         by_index = {s.index: s for s in job.shards}

@@ -185,3 +185,63 @@ def test_many_windows_and_tiny_batches_keep_ids_with_their_vectors(
     summary = run_encode(equality_input, tmp_path, cfg)
     assert summary.docs == len(reference)
     assert min(cosine(vectors_of(read_output(tmp_path)), reference).values()) >= 0.99999
+
+
+# ---- the attention kernel ---------------------------------------------------------------------
+
+ATTENTION_CASES = [
+    # CUDA without padding: flash first (no mask); with padding the memory-efficient kernel takes
+    # the boolean mask; math last; never cuDNN, which plans each new shape
+    ("cuda", False, ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")),
+    ("cuda", True, ("EFFICIENT_ATTENTION", "MATH")),
+    # the CPU keeps torch's own choice
+    ("cpu", False, ()),
+    ("cpu", True, ()),
+]
+
+
+@pytest.mark.parametrize("device, padded, expected", ATTENTION_CASES)
+def test_attention_backends_table(device, padded, expected):
+    from embedkit.encoder import attention_backends
+
+    assert attention_backends(device, padded) == expected
+    assert all("CUDNN" not in name for name in attention_backends(device, padded))
+
+
+def test_attention_context_restricts_sdpa_and_keeps_its_result():
+    """Inside the CUDA context of a padded batch, SDPA may use the listed kernels only (on this
+    CPU: math), and computes what it computes outside it."""
+    import torch
+
+    from embedkit.encoder import attention_context
+
+    def flags() -> tuple:
+        b = torch.backends.cuda
+        return b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled()
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 16, generator=g) for _ in range(3))
+    mask = torch.arange(9)[None, None, None, :] < torch.tensor([9, 5])[:, None, None, None]
+    free = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    before = flags()
+    with attention_context("cuda", padded=True):
+        assert flags() == (False, False, True, True)  # cuDNN and flash off; memory-efficient and math on
+        inside = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert flags() == before  # restored on exit
+    torch.testing.assert_close(inside, free)
+
+
+@pytest.mark.gpu
+def test_a_cuda_encode_runs_no_cudnn_attention(equality_table):
+    """Profiled on a GPU: the forward's attention kernels are flash or memory-efficient ones."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    texts = equality_table.column("text").to_pylist()[:64]
+    embedkit.encode_texts(texts, device="cuda")  # load and warm
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        embedkit.encode_texts(texts, device="cuda")
+        torch.cuda.synchronize()
+    names = [e.name.lower() for e in prof.key_averages()]
+    assert not any("cudnn" in n and ("attn" in n or "attention" in n or "fmha" in n) for n in names), names
+    assert any("fmha" in n or "flash" in n or "efficient" in n for n in names), names
