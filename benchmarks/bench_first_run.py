@@ -149,7 +149,7 @@ def cli_encode(folder: str, corpus: Path, out: Path, prefix: tuple[str, ...] = (
     wall = time.perf_counter() - t
     if p.returncode != 0:
         raise SystemExit(f"encode failed: {p.stderr[-3000:]}")
-    return wall, json.loads(p.stdout.strip().splitlines()[-1])
+    return wall, json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])  # py-spy prints too
 
 
 def fresh_cli(name: str, folder: str, kind: str, corpus: Path, work: Path, peak: float) -> dict:

@@ -51,8 +51,9 @@ def choose_device(device: str, precision: str) -> DeviceChoice:
     return DeviceChoice(device=device, precision=precision)
 
 
-def default_batch_tokens(model: Any, choice: DeviceChoice) -> int:
-    """The padded-token budget for this model on this device when the user gives none.
+def default_batch_tokens(config: dict, choice: DeviceChoice) -> int:
+    """The padded-token budget for a model (its transformer's config, as a dict) on this device
+    when the user gives none.
 
     On CUDA: the largest power of two whose activations fit in a quarter of the free memory,
     capped at DEFAULT_BATCH_TOKENS["cuda"]. A token's peak activation is about three live copies
@@ -65,9 +66,8 @@ def default_batch_tokens(model: Any, choice: DeviceChoice) -> int:
         return cap
     import torch
 
-    config = getattr(getattr(model[0], "auto_model", None), "config", None)
-    hidden = int(getattr(config, "hidden_size", 1024) or 1024)
-    inter = int(getattr(config, "intermediate_size", 4 * hidden) or 4 * hidden)
+    hidden = int(config.get("hidden_size") or 1024)
+    inter = int(config.get("intermediate_size") or 4 * hidden)
     per_token = 3 * (inter + 2 * hidden) * 2  # bytes, 16-bit activations
     free, _ = torch.cuda.mem_get_info(torch.device(choice.device))
     fit = max(1, free // 4 // per_token)
@@ -116,16 +116,37 @@ def attention_context(device_type: str, padded: bool) -> Any:
         return sdpa_kernel(backends)
 
 
-# model -> its fp32 copy on the host, made once per loaded model: a Ray worker builds a new
-# Encoder for every task from a model that the first one already cast and moved
-_FP32_COPIES: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+def model_config(model: Any) -> dict:
+    """The transformer's config of a SentenceTransformer, as a dict ({} when it has none)."""
+    config = getattr(getattr(model[0], "auto_model", None), "config", None)
+    return config.to_dict() if hasattr(config, "to_dict") else {}
 
 
-def host_fp32_copy(model: Any) -> Any:
-    """An fp32 copy of `model` on the host, taken before the first cast to 16 bits."""
-    if model not in _FP32_COPIES:
-        _FP32_COPIES[model] = copy.deepcopy(model).float().cpu().eval()
-    return _FP32_COPIES[model]
+# model -> its weights in fp32 on the host, taken once per loaded model before the first cast to
+# 16 bits: a Ray worker builds a new Encoder for every task from a model the first one already
+# cast and moved
+_FP32_WEIGHTS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+class HostFp32:
+    """An fp32 copy of a model on the host, for the rare row that overflows in 16 bits.
+
+    Only the weights are copied up front (a tensor copy, tens of milliseconds); the module tree
+    is built from them when a row first needs it. Deep-copying the whole SentenceTransformer
+    at start-up took 2.3 s of every fresh process on the H200 machine.
+    """
+
+    def __init__(self, model: Any):
+        if model not in _FP32_WEIGHTS:
+            _FP32_WEIGHTS[model] = {k: v.detach().to("cpu", copy=True).float() for k, v in model.state_dict().items()}
+        self._source, self._model = model, None
+
+    def model(self) -> Any:
+        if self._model is None:
+            m = copy.deepcopy(self._source).float().cpu()
+            m.load_state_dict(_FP32_WEIGHTS[self._source])
+            self._model = m.eval()
+        return self._model
 
 
 class Encoder:
@@ -144,7 +165,7 @@ class Encoder:
         # Rows that come out NaN/Inf are retried in fp32 on the host, with the weights as loaded:
         # a 16-bit run keeps an fp32 copy there (the cast below is in place), an fp32 run
         # retries with its own model.
-        self._fp32 = host_fp32_copy(model) if compute != torch.float32 else None
+        self._fp32 = HostFp32(model) if compute != torch.float32 else None
         self.model = model.to(device=choice.device, dtype=compute).eval()
         self.device = torch.device(choice.device)
         input_names = getattr(getattr(model, "tokenizer", None), "model_input_names", []) or []
@@ -281,7 +302,7 @@ class Encoder:
     def _retry_fp32(self, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One row alone, through the model's modules in fp32, in the output dtype."""
         torch = self.torch
-        model = self._fp32 if self._fp32 is not None else self.model
+        model = self._fp32.model() if self._fp32 is not None else self.model
         device = torch.device("cpu") if self._fp32 is not None else self.device
         with torch.inference_mode():
             ids_t = torch.from_numpy(np.ascontiguousarray(ids)).long().to(device)

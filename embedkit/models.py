@@ -83,18 +83,66 @@ def _hub_unreachable(timeout: float = 3.0) -> str | None:
         return f"the hub ({host}) is unreachable: {e.strerror or type(e).__name__}"
 
 
-def declared_max_length(source: ModelSource) -> int | None:
-    """max_seq_length as the model's folder declares it (sentence_bert_config.json of its
-    Transformer module), read without loading the model; None when it is not declared."""
+def _transformer_folder(source: ModelSource) -> Path | None:
+    """The folder of a sentence-transformers model's Transformer module (its tokenizer and
+    config), read from modules.json without loading anything; None when not a local folder."""
     import json
 
     if source.path is None:
         return None
     try:
         modules = json.loads((source.path / "modules.json").read_text())
-        first = next((m.get("path", "") for m in modules if m.get("type", "").endswith(".Transformer")), "")
-        config = json.loads((source.path / first / "sentence_bert_config.json").read_text())
+        first = next((m.get("path", "") for m in modules if m.get("type", "").endswith(".Transformer")), None)
     except (OSError, ValueError, AttributeError):
+        return None
+    return None if first is None else source.path / first
+
+
+def declared_tokenizer(source: ModelSource) -> tuple[str, str, dict] | None:
+    """(tokenizer JSON, truncation side, model config) as the model's files declare them, read
+    without importing transformers: enough to start tokenizing while the model loads. None when
+    a file is missing; the loaded model's own tokenizer is compared afterwards (`same_tokenizer`)."""
+    import json
+
+    folder = _transformer_folder(source)
+    if folder is None:
+        return None
+    try:
+        tokenizer_json = (folder / "tokenizer.json").read_text()
+        config = json.loads((folder / "config.json").read_text())
+        options = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
+    except (OSError, ValueError):
+        return None
+    side = options.get("truncation_side", "right") if isinstance(options, dict) else "right"
+    return tokenizer_json, side if side in ("left", "right") else "right", config
+
+
+def same_tokenizer(a: str, b: str) -> bool:
+    """Whether two `tokenizers` definitions tokenize alike: equal once parsed, their padding and
+    truncation settings aside (embedkit turns both off)."""
+    import json
+
+    def core(text: str) -> dict:
+        doc = json.loads(text)
+        return {k: v for k, v in doc.items() if k not in ("padding", "truncation")}
+
+    try:
+        return core(a) == core(b)
+    except ValueError:
+        return False
+
+
+def declared_max_length(source: ModelSource) -> int | None:
+    """max_seq_length as the model's folder declares it (sentence_bert_config.json of its
+    Transformer module), read without loading the model; None when it is not declared."""
+    import json
+
+    folder = _transformer_folder(source)
+    if folder is None:
+        return None
+    try:
+        config = json.loads((folder / "sentence_bert_config.json").read_text())
+    except (OSError, ValueError):
         return None
     value = config.get("max_seq_length") if isinstance(config, dict) else None
     return int(value) if isinstance(value, int) and value > 0 else None

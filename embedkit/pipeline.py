@@ -26,18 +26,20 @@ from . import __version__
 from .batching import pack_batches, pad_rows
 from .config import DEFAULT_BATCH_TOKENS, DEFAULT_MODEL, EncodeConfig
 from .corpus import Columns, Corpus, find_first_duplicate, open_corpus
-from .encoder import DeviceChoice, Encoder, choose_device, default_batch_tokens
+from .encoder import DeviceChoice, Encoder, choose_device, default_batch_tokens, model_config
 from .errors import EmbedkitError
 from .digest import INPUT_CACHE
 from .index.state import INDEX_DIR
 from .models import (
     ModelSource,
     declared_max_length,
+    declared_tokenizer,
     embedding_dim,
     fast_tokenizer_json,
     load_sentence_transformer,
     pooling_mode,
     resolve_model,
+    same_tokenizer,
     truncation_side,
     weights_hash,
 )
@@ -219,24 +221,69 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
             _refuse_differences(out, old, manifest)
             if store.exists() and len(store.committed_shards()) == old["plan"]["shards"]:
                 return _nothing_to_do(out, choice, old["plan"]["shards"])
-        job = _prepare(corpus, out, cfg, choice, source, manifest, old)
-        done = job.store.committed_shards()
-        pending = [s for s in job.shards if s.index not in done]
-        if not pending:
-            return _summary(job, _Totals(), 0.0, skipped=len(done))
-        if cfg.ray is not None or cfg.workers > 1:
-            from .planning import longest_first
+        if store.exists():
+            store.remove_uncommitted()  # and drops damaged shards: what is left is done
+        early = _early_feed(corpus, cfg, choice, source, manifest, store) if cfg.ray is None and cfg.workers == 1 else None
+        try:
+            return _encode_prepared(input, corpus, out, cfg, choice, source, manifest, old, early)
+        finally:
+            if early is not None:
+                early.close()
 
-            pending = longest_first(corpus, job, pending)
-        if cfg.ray is not None:
-            from .distributed import run_ray
 
-            return run_ray(input, out, cfg, job, pending, skipped=len(done), address=cfg.ray)
-        if cfg.workers > 1:
-            from .workers import run_workers
+def _encode_prepared(input: str | Path, corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice, source: ModelSource,
+                     manifest: dict, old: dict | None, early: "_Feed | None") -> EncodeSummary:  # fmt: skip
+    """Load the model, finish the checks, and run the pending shards (locally, on workers or Ray)."""
+    job = _prepare(corpus, out, cfg, choice, source, manifest, old)
+    done = job.store.committed_shards()
+    pending = [s for s in job.shards if s.index not in done]
+    if not pending:
+        return _summary(job, _Totals(), 0.0, skipped=len(done))
+    if early is not None and not _same_feed(early, job, pending):
+        early.close()  # the loaded model tokenizes otherwise than its files said: start again
+        early = None
+    if cfg.ray is not None or cfg.workers > 1:
+        from .planning import longest_first
 
-            return run_workers(input, out, cfg, job, pending, skipped=len(done))
-        return _run_shards(corpus, job, pending, cfg, skipped=len(done))
+        pending = longest_first(corpus, job, pending)
+    if cfg.ray is not None:
+        from .distributed import run_ray
+
+        return run_ray(input, out, cfg, job, pending, skipped=len(done), address=cfg.ray)
+    if cfg.workers > 1:
+        from .workers import run_workers
+
+        return run_workers(input, out, cfg, job, pending, skipped=len(done))
+    return _run_shards(corpus, job, pending, cfg, skipped=len(done), feed=early)
+
+
+EARLY_PREFETCH = 32  # windows queued ahead while the model loads (a window: up to 65k documents)
+
+
+def _early_feed(corpus: Corpus, cfg: EncodeConfig, choice: DeviceChoice, source: ModelSource, manifest: dict, store: VectorStore) -> "_Feed | None":
+    """Start reading and tokenizing the pending shards before the model loads, from what the
+    model's files declare (its tokenizer, its config for the batch budget); None when they do
+    not say enough. The imports and the model load take most of a fresh process's first
+    seconds: the device then starts on a queue of ready batches instead of an empty one."""
+    declared = declared_tokenizer(source)
+    max_length = manifest["model"]["max_seq_length"]
+    if declared is None or max_length is None:
+        return None
+    tokenizer_json, side, config = declared
+    done = store.committed_shards() if store.exists() else {}
+    pending = [s for s in shards_from_manifest(manifest) if s.index not in done]
+    if not pending:
+        return None
+    workers = cfg.tokenize_workers if cfg.tokenize_workers is not None else default_workers(choice.type)
+    budget = lambda: cfg.batch_tokens or default_batch_tokens(config, choice)  # noqa: E731
+    return _Feed(corpus, pending, cfg, TokenizerSpec(tokenizer_json, max_length, side), budget, workers, EARLY_PREFETCH)
+
+
+def _same_feed(feed: "_Feed", job: "_Job", pending: list[Shard]) -> bool:
+    """Whether an early feed tokenizes as the loaded model does, the same shards."""
+    spec = _job_spec(job)
+    return (feed.pending == pending and (feed.spec.max_length, feed.spec.truncation_side) == (spec.max_length, spec.truncation_side)
+            and same_tokenizer(feed.spec.json, spec.json))  # fmt: skip
 
 
 def _nothing_to_do(out: Path, choice: DeviceChoice, shards: int) -> EncodeSummary:
@@ -303,9 +350,7 @@ def _prepare(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice,
         write_manifest(out, manifest)
     schema = _schema(corpus, cfg, dim)
     store = VectorStore(out)
-    if store.exists():
-        store.remove_uncommitted()
-    else:
+    if not store.exists():  # an existing one was cleaned before the model loaded
         store.create(schema)
     return _Job(
         out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest), store=store,
@@ -419,36 +464,71 @@ class WorkerHooks:
     take: Callable[[int], bool]
 
 
-def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConfig, skipped: int, hooks: WorkerHooks | None = None) -> EncodeSummary:
-    workers = cfg.tokenize_workers if cfg.tokenize_workers is not None else default_workers(job.choice.type)
-    budget = cfg.batch_tokens or default_batch_tokens(job.model, job.choice)
-    totals = _Totals()
-    # The pool forks before the model moves to the GPU: children of a CUDA process must not
-    # inherit its context. The clock starts once both are ready (one-time costs, not per token).
-    with TokenizerPool(job.tokenizer_json, job.max_length, workers, job.truncation_side) as pool:
-        items: queue.Queue = queue.Queue(maxsize=PREFETCH_WINDOWS + 2)
-        stop = threading.Event()
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What the tokenizer workers need: the model's `tokenizers` definition, the length cut and side."""
+
+    json: str
+    max_length: int
+    truncation_side: str
+
+
+class _Feed:
+    """The tokenizer pool and the producer thread: shards read, tokenized and packed into a queue.
+
+    It can start before the model has loaded (an early start, `prefetch` windows deep), so that
+    reading and tokenizing overlap the imports and the model load; or, in a worker, once the
+    model is ready. The pool forks before the model moves to the GPU either way: children of a
+    CUDA process must not inherit its context.
+    """
+
+    def __init__(self, corpus: Corpus, pending: Any, cfg: EncodeConfig, spec: TokenizerSpec, budget: Callable[[], int], workers: int,
+                 prefetch: int):  # fmt: skip
+        self.spec, self.pending = spec, pending
+        self.pool = TokenizerPool(spec.json, spec.max_length, workers, spec.truncation_side)
+        # after the fork: sizing the budget from free device memory creates the CUDA context
+        self.budget = budget()
+        self.items: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.stop = threading.Event()
         # A worker pulling shards from a shared queue holds at most two at a time (the one on
         # the device and the next being tokenized): read-ahead must not take shards that an
         # idle worker could run, or the last shards queue up behind one worker.
-        claims = None if isinstance(pending, list) else threading.Semaphore(SHARDS_IN_FLIGHT)
-        producer = threading.Thread(
-            target=_produce, args=(corpus, pending, pool, cfg, budget, items, stop, claims), daemon=True, name="embedkit-producer"
-        )
-        # Reading and tokenizing the first windows overlaps moving the model to the device.
-        producer.start()
-        try:
-            encoder = Encoder(job.model, job.choice, normalize=cfg.normalize, out_dtype=cfg.dtype, max_batch_tokens=budget)
-            start = time.perf_counter()
-            if hooks is not None:
-                hooks.events("ready", -1, {})  # this worker's clock starts: its part's seconds count from here
-            sized = isinstance(pending, list)  # workers pull shards from a queue: no totals
-            with _Progress(sum(s.rows for s in pending) if sized else 0, len(pending) if sized else 0, cfg.progress and sized) as bar:
-                _consume(items, encoder, job, totals, bar, claims, hooks)
-        finally:
-            stop.set()
-            _drain(items)
-            producer.join(timeout=30)
+        self.claims = None if isinstance(pending, list) else threading.Semaphore(SHARDS_IN_FLIGHT)
+        self.thread = threading.Thread(target=_produce, args=(corpus, pending, self.pool, cfg, self.budget, self.items, self.stop, self.claims),
+                                       daemon=True, name="embedkit-producer")  # fmt: skip
+        self.thread.start()
+
+    def close(self) -> None:
+        """Stop the producer and the workers (idempotent)."""
+        self.stop.set()
+        _drain(self.items)
+        self.thread.join(timeout=30)
+        self.pool.close()
+
+
+def _job_spec(job: "_Job") -> TokenizerSpec:
+    return TokenizerSpec(job.tokenizer_json, job.max_length, job.truncation_side)
+
+
+def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConfig, skipped: int, hooks: WorkerHooks | None = None,
+                feed: _Feed | None = None) -> EncodeSummary:  # fmt: skip
+    """Encode the pending shards on one device. `feed`: a producer already started (early)."""
+    totals = _Totals()
+    if feed is None:
+        workers = cfg.tokenize_workers if cfg.tokenize_workers is not None else default_workers(job.choice.type)
+        budget = lambda: cfg.batch_tokens or default_batch_tokens(model_config(job.model), job.choice)  # noqa: E731
+        feed = _Feed(corpus, pending, cfg, _job_spec(job), budget, workers, PREFETCH_WINDOWS + 2)
+    try:
+        encoder = Encoder(job.model, job.choice, normalize=cfg.normalize, out_dtype=cfg.dtype, max_batch_tokens=feed.budget)
+        # the clock starts once the model and the pool are ready (one-time costs, not per token)
+        start = time.perf_counter()
+        if hooks is not None:
+            hooks.events("ready", -1, {})  # this worker's clock starts: its part's seconds count from here
+        sized = isinstance(pending, list)  # workers pull shards from a queue: no totals
+        with _Progress(sum(s.rows for s in pending) if sized else 0, len(pending) if sized else 0, cfg.progress and sized) as bar:
+            _consume(feed.items, encoder, job, totals, bar, feed.claims, hooks)
+    finally:
+        feed.close()
     return _summary(job, totals, time.perf_counter() - start, skipped=skipped)
 
 

@@ -245,3 +245,59 @@ def test_a_cuda_encode_runs_no_cudnn_attention(equality_table):
     names = [e.name.lower() for e in prof.key_averages()]
     assert not any("cudnn" in n and ("attn" in n or "attention" in n or "fmha" in n) for n in names), names
     assert any("fmha" in n or "flash" in n or "efficient" in n for n in names), names
+
+
+# ---- tokenizing before the model loads ---------------------------------------------------------
+
+
+def test_the_model_files_declare_the_tokenizer_the_loaded_model_uses():
+    """The early start tokenizes from the model folder's own files; for the bundled model they
+    say what the loaded model does, and a changed normalizer is told apart."""
+    import json
+
+    from embedkit.models import declared_tokenizer, fast_tokenizer_json, load_sentence_transformer, resolve_model, same_tokenizer
+
+    source = resolve_model("all-MiniLM-L6-v2")
+    declared, side, config = declared_tokenizer(source)
+    loaded = fast_tokenizer_json(load_sentence_transformer(source, "cpu"))
+    assert same_tokenizer(declared, loaded) and side == "right" and config["hidden_size"] == 384
+    doc = json.loads(declared)
+    doc["truncation"] = {"max_length": 7, "strategy": "LongestFirst", "stride": 0, "direction": "Right"}
+    assert same_tokenizer(json.dumps(doc), loaded)  # padding and truncation are turned off anyway
+    doc["normalizer"]["lowercase"] = not doc["normalizer"]["lowercase"]
+    assert not same_tokenizer(json.dumps(doc), loaded)
+
+
+def test_an_early_feed_tokenizes_every_pending_shard_as_the_model_would(tmp_path, equality_table):
+    """Started before any model is loaded, the feed's windows hold the same ids as tokenizing
+    with the loaded model's tokenizer, for every row of every pending shard."""
+    import pyarrow.parquet as pq
+
+    from embedkit.config import EncodeConfig
+    from embedkit.encoder import choose_device
+    from embedkit.models import fast_tokenizer_json, load_sentence_transformer, resolve_model
+    from embedkit.pipeline import _early_feed, _manifest, _Window, open_input
+    from embedkit.store import VectorStore
+    from embedkit.tokenize import TextTokenizer
+
+    src = tmp_path / "docs.parquet"
+    pq.write_table(equality_table, src)
+    cfg = EncodeConfig(device="cpu", shard_rows=16, progress=False)
+    corpus, source = open_input(src, cfg), resolve_model(cfg.model)
+    manifest = _manifest(corpus, cfg, source, 16)
+    feed = _early_feed(corpus, cfg, choose_device("cpu", "auto"), source, manifest, VectorStore(tmp_path / "out"))
+    assert feed is not None and [s.index for s in feed.pending] == list(range(-(-equality_table.num_rows // 16)))
+    got = {}
+    try:
+        while len(got) < equality_table.num_rows:
+            item = feed.items.get(timeout=60)
+            if isinstance(item, _Window):
+                for (ids, lengths), start in zip(item.batches, np.cumsum([0] + [len(b[1]) for b in item.batches])):
+                    for j, n in enumerate(lengths):
+                        got[item.rows.column("id")[int(start) + j].as_py()] = ids[j, :n].tolist()
+    finally:
+        feed.close()
+    tok = TextTokenizer(fast_tokenizer_json(load_sentence_transformer(source, "cpu")), 256)
+    want = tok(equality_table.column("text").to_pylist())
+    for i, doc_id in enumerate(equality_table.column("id").to_pylist()):
+        assert got[doc_id] == want.flat[want.offsets[i] : want.offsets[i + 1]].tolist(), doc_id
