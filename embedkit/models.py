@@ -98,40 +98,6 @@ def _transformer_folder(source: ModelSource) -> Path | None:
     return None if first is None else source.path / first
 
 
-def declared_tokenizer(source: ModelSource) -> tuple[str, str, dict] | None:
-    """(tokenizer JSON, truncation side, model config) as the model's files declare them, read
-    without importing transformers: enough to start tokenizing while the model loads. None when
-    a file is missing; the loaded model's own tokenizer is compared afterwards (`same_tokenizer`)."""
-    import json
-
-    folder = _transformer_folder(source)
-    if folder is None:
-        return None
-    try:
-        tokenizer_json = (folder / "tokenizer.json").read_text()
-        config = json.loads((folder / "config.json").read_text())
-        options = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
-    except (OSError, ValueError):
-        return None
-    side = options.get("truncation_side", "right") if isinstance(options, dict) else "right"
-    return tokenizer_json, side if side in ("left", "right") else "right", config
-
-
-def same_tokenizer(a: str, b: str) -> bool:
-    """Whether two `tokenizers` definitions tokenize alike: equal once parsed, their padding and
-    truncation settings aside (embedkit turns both off)."""
-    import json
-
-    def core(text: str) -> dict:
-        doc = json.loads(text)
-        return {k: v for k, v in doc.items() if k not in ("padding", "truncation")}
-
-    try:
-        return core(a) == core(b)
-    except ValueError:
-        return False
-
-
 def declared_max_length(source: ModelSource) -> int | None:
     """max_seq_length as the model's folder declares it (sentence_bert_config.json of its
     Transformer module), read without loading the model; None when it is not declared."""

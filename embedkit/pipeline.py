@@ -33,13 +33,11 @@ from .index.state import INDEX_DIR
 from .models import (
     ModelSource,
     declared_max_length,
-    declared_tokenizer,
     embedding_dim,
     fast_tokenizer_json,
     load_sentence_transformer,
     pooling_mode,
     resolve_model,
-    same_tokenizer,
     truncation_side,
     weights_hash,
 )
@@ -223,25 +221,17 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
                 return _nothing_to_do(out, choice, old["plan"]["shards"])
         if store.exists():
             store.remove_uncommitted()  # and drops damaged shards: what is left is done
-        early = _early_feed(corpus, cfg, choice, source, manifest, store) if cfg.ray is None and cfg.workers == 1 else None
-        try:
-            return _encode_prepared(input, corpus, out, cfg, choice, source, manifest, old, early)
-        finally:
-            if early is not None:
-                early.close()
+        return _encode_prepared(input, corpus, out, cfg, choice, source, manifest, old)
 
 
 def _encode_prepared(input: str | Path, corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice, source: ModelSource,
-                     manifest: dict, old: dict | None, early: "_Feed | None") -> EncodeSummary:  # fmt: skip
+                     manifest: dict, old: dict | None) -> EncodeSummary:  # fmt: skip
     """Load the model, finish the checks, and run the pending shards (locally, on workers or Ray)."""
     job = _prepare(corpus, out, cfg, choice, source, manifest, old)
     done = job.store.committed_shards()
     pending = [s for s in job.shards if s.index not in done]
     if not pending:
         return _summary(job, _Totals(), 0.0, skipped=len(done))
-    if early is not None and not _same_feed(early, job, pending):
-        early.close()  # the loaded model tokenizes otherwise than its files said: start again
-        early = None
     if cfg.ray is not None or cfg.workers > 1:
         from .planning import longest_first
 
@@ -254,36 +244,7 @@ def _encode_prepared(input: str | Path, corpus: Corpus, out: Path, cfg: EncodeCo
         from .workers import run_workers
 
         return run_workers(input, out, cfg, job, pending, skipped=len(done))
-    return _run_shards(corpus, job, pending, cfg, skipped=len(done), feed=early)
-
-
-EARLY_PREFETCH = 32  # windows queued ahead while the model loads (a window: up to 65k documents)
-
-
-def _early_feed(corpus: Corpus, cfg: EncodeConfig, choice: DeviceChoice, source: ModelSource, manifest: dict, store: VectorStore) -> "_Feed | None":
-    """Start reading and tokenizing the pending shards before the model loads, from what the
-    model's files declare (its tokenizer, its config for the batch budget); None when they do
-    not say enough. The imports and the model load take most of a fresh process's first
-    seconds: the device then starts on a queue of ready batches instead of an empty one."""
-    declared = declared_tokenizer(source)
-    max_length = manifest["model"]["max_seq_length"]
-    if declared is None or max_length is None:
-        return None
-    tokenizer_json, side, config = declared
-    done = store.committed_shards() if store.exists() else {}
-    pending = [s for s in shards_from_manifest(manifest) if s.index not in done]
-    if not pending:
-        return None
-    workers = cfg.tokenize_workers if cfg.tokenize_workers is not None else default_workers(choice.type)
-    budget = lambda: cfg.batch_tokens or default_batch_tokens(config, choice)  # noqa: E731
-    return _Feed(corpus, pending, cfg, TokenizerSpec(tokenizer_json, max_length, side), budget, workers, EARLY_PREFETCH)
-
-
-def _same_feed(feed: "_Feed", job: "_Job", pending: list[Shard]) -> bool:
-    """Whether an early feed tokenizes as the loaded model does, the same shards."""
-    spec = _job_spec(job)
-    return (feed.pending == pending and (feed.spec.max_length, feed.spec.truncation_side) == (spec.max_length, spec.truncation_side)
-            and same_tokenizer(feed.spec.json, spec.json))  # fmt: skip
+    return _run_shards(corpus, job, pending, cfg, skipped=len(done))
 
 
 def _nothing_to_do(out: Path, choice: DeviceChoice, shards: int) -> EncodeSummary:
@@ -474,17 +435,12 @@ class TokenizerSpec:
 
 
 class _Feed:
-    """The tokenizer pool and the producer thread: shards read, tokenized and packed into a queue.
-
-    It can start before the model has loaded (an early start, `prefetch` windows deep), so that
-    reading and tokenizing overlap the imports and the model load; or, in a worker, once the
-    model is ready. The pool forks before the model moves to the GPU either way: children of a
-    CUDA process must not inherit its context.
-    """
+    """The tokenizer pool and the producer thread: shards read, tokenized and packed into a queue
+    `prefetch` items deep. The pool forks before the model moves to the GPU: children of a CUDA
+    process must not inherit its context."""
 
     def __init__(self, corpus: Corpus, pending: Any, cfg: EncodeConfig, spec: TokenizerSpec, budget: Callable[[], int], workers: int,
                  prefetch: int):  # fmt: skip
-        self.spec, self.pending = spec, pending
         self.pool = TokenizerPool(spec.json, spec.max_length, workers, spec.truncation_side)
         # after the fork: sizing the budget from free device memory creates the CUDA context
         self.budget = budget()
@@ -510,14 +466,12 @@ def _job_spec(job: "_Job") -> TokenizerSpec:
     return TokenizerSpec(job.tokenizer_json, job.max_length, job.truncation_side)
 
 
-def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConfig, skipped: int, hooks: WorkerHooks | None = None,
-                feed: _Feed | None = None) -> EncodeSummary:  # fmt: skip
-    """Encode the pending shards on one device. `feed`: a producer already started (early)."""
+def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConfig, skipped: int, hooks: WorkerHooks | None = None) -> EncodeSummary:
+    """Encode the pending shards on one device; reading and tokenizing overlap moving the model there."""
     totals = _Totals()
-    if feed is None:
-        workers = cfg.tokenize_workers if cfg.tokenize_workers is not None else default_workers(job.choice.type)
-        budget = lambda: cfg.batch_tokens or default_batch_tokens(model_config(job.model), job.choice)  # noqa: E731
-        feed = _Feed(corpus, pending, cfg, _job_spec(job), budget, workers, PREFETCH_WINDOWS + 2)
+    workers = cfg.tokenize_workers if cfg.tokenize_workers is not None else default_workers(job.choice.type)
+    budget = lambda: cfg.batch_tokens or default_batch_tokens(model_config(job.model), job.choice)  # noqa: E731
+    feed = _Feed(corpus, pending, cfg, _job_spec(job), budget, workers, PREFETCH_WINDOWS + 2)
     try:
         encoder = Encoder(job.model, job.choice, normalize=cfg.normalize, out_dtype=cfg.dtype, max_batch_tokens=feed.budget)
         # the clock starts once the model and the pool are ready (one-time costs, not per token)
