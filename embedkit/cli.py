@@ -84,6 +84,7 @@ def main() -> None:
 @click.option("--allow-duplicate-ids", is_flag=True, help="Accept an input whose ids repeat.")
 @click.option("--store-text", is_flag=True, help="Store each document's text in a `text` column beside its vector (search shows it).")
 @click.option("--keep-columns", default=None, metavar="A,B", help="Also store these input columns beside the vectors, with their types.")
+@click.option("--follow-symlinks", is_flag=True, help="A folder of .txt files: also read links that point outside it (refused otherwise).")
 @click.option("--overwrite", is_flag=True, help="Delete OUT's vectors, index and manifest and start fresh.")
 @click.option("--gpus", default="1", show_default=True, help="Worker processes: all (every GPU) or N (N GPUs; on a CPU, N processes).")
 @click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]", help="Run shards as Ray tasks: a local Ray, or the cluster at ADDRESS (pip install 'embedkit[ray]').")

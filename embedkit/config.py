@@ -28,6 +28,16 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def check_device(device: object, precision: object = "auto") -> None:
+    """Refuse a device or precision embedkit does not know, in one line (any API or CLI caller)."""
+    from .errors import EmbedkitError
+
+    if not isinstance(device, str) or (device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit())):
+        raise EmbedkitError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
+    if precision not in PRECISIONS:
+        raise EmbedkitError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+
+
 @dataclass(frozen=True)
 class EncodeConfig:
     """Options of the encode stage; `None` means "choose for the device"."""
@@ -53,6 +63,7 @@ class EncodeConfig:
     reissue: bool = True  # --gpus: re-issue a straggler's shard to an idle worker near the end
     store_text: bool = False  # --store-text: each document's text in a `text` column beside its vector
     keep_columns: tuple[str, ...] = ()  # --keep-columns: input columns stored beside the vectors, with their types
+    follow_symlinks: bool = False  # --follow-symlinks: a .txt folder's links to files outside it are read too
 
     def __post_init__(self) -> None:
         from .errors import EmbedkitError
@@ -63,10 +74,7 @@ class EncodeConfig:
             raise EmbedkitError(f"--gpus must be all or a positive number, not {self.workers}")
         if self.dtype not in OUTPUT_DTYPES:
             raise EmbedkitError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {self.dtype!r}")
-        if self.precision not in PRECISIONS:
-            raise EmbedkitError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if self.device not in DEVICES and not self.device.startswith("cuda:"):
-            raise EmbedkitError(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        check_device(self.device, self.precision)
         for name in ("batch_tokens", "shard_rows", "max_seq_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -122,8 +130,7 @@ class IndexConfig:
 
         if not 0.0 < self.target_recall <= 1.0:
             raise EmbedkitError(f"--target-recall must be in (0, 1], not {self.target_recall}")
-        if self.device not in DEVICES and not self.device.startswith("cuda:"):
-            raise EmbedkitError(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        check_device(self.device)
         for name in ("nlist", "pq_m", "memory_budget", "shard_rows", "queries", "k"):
             value = getattr(self, name)
             if value is not None and value < 1:

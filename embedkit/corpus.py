@@ -60,20 +60,26 @@ class Columns:
     keep: tuple[str, ...] = ()
 
 
-def open_corpus(path: str | os.PathLike, columns: Columns = Columns()) -> Corpus:
-    """Open INPUT by its form; raise EmbedkitError with a one-line reason when it cannot be read."""
+def open_corpus(path: str | os.PathLike, columns: Columns = Columns(), *, follow_symlinks: bool = False) -> Corpus:
+    """Open INPUT by its form; raise EmbedkitError with a one-line reason when it cannot be read.
+
+    `follow_symlinks`: a folder of .txt files may hold links to files outside it (refused otherwise)."""
     p = Path(path)
     if not p.exists():
         raise EmbedkitError(f"input not found: {p}")
     if p.is_dir():
         if (p / "_versions").is_dir() or p.suffix == ".lance":
             return LanceCorpus(p, columns)
-        if any(p.rglob("*.parquet")):
+        parquet, txt = next(p.rglob("*.parquet"), None), next(p.rglob("*.txt"), None)
+        if parquet is not None and txt is not None:
+            raise EmbedkitError(f"{p} holds both .parquet files ({parquet.relative_to(p)}) and .txt files ({txt.relative_to(p)}); "
+                                "point INPUT at a folder of one kind")  # fmt: skip
+        if parquet is not None:
             return ParquetCorpus(p, columns)
-        if any(p.rglob("*.txt")):
+        if txt is not None:
             if columns.keep:
                 raise EmbedkitError(f"{p} is a folder of .txt files, which has no columns to keep; drop --keep-columns")
-            return TextFolderCorpus(p)
+            return TextFolderCorpus(p, follow_symlinks=follow_symlinks)
         raise EmbedkitError(f"{p} is a folder with no .parquet or .txt files and is not a Lance dataset")
     suffix = p.suffix.lower()
     if suffix in (".parquet", ".pq"):
@@ -81,7 +87,7 @@ def open_corpus(path: str | os.PathLike, columns: Columns = Columns()) -> Corpus
     if suffix in (".jsonl", ".ndjson", ".json"):
         return TableCorpus(p, _read_jsonl(p, columns), columns, "jsonl")
     if suffix in (".csv", ".tsv"):
-        return TableCorpus(p, _read_csv(p, columns.text), columns, "csv")
+        return TableCorpus(p, _read_csv(p, columns.text, columns.id or "id"), columns, "csv")
     raise EmbedkitError(
         f"cannot tell the format of {p}: use .parquet, .jsonl, .csv, a Lance dataset or a folder of .txt files"
     )
@@ -126,6 +132,8 @@ def _id_type(schema: pa.Schema, id_col: str | None, source: Path) -> pa.DataType
     if id_col is None:
         return pa.int64()
     t = schema.field(id_col).type
+    if t == pa.uint64():  # kept as they are: ids at or past 2**63 do not fit int64
+        return pa.uint64()
     if pa.types.is_integer(t):
         return pa.int64()
     if t in TEXT_TYPES:
@@ -199,7 +207,7 @@ class ParquetCorpus:
                 self.id_type = _id_type(schema, self.id_col, f)
                 self.kept_fields = _kept_fields(schema, columns)
             else:
-                _check_columns(file_schema, columns, f)
+                _same_ids(self.id_col, self.id_type, _check_columns(file_schema, columns, f), file_schema, self.files[0], f)
                 _same_kept_types(self.kept_fields, file_schema, self.files[0], f)
         self.text_col = columns.text
         self.keep = columns.keep
@@ -337,10 +345,12 @@ class TextFolderCorpus:
     id_type = pa.string()
     kept_fields: tuple[pa.Field, ...] = ()  # one text per file: no other columns
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, follow_symlinks: bool = False):
         self.path = path
         self.files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         self.num_rows = len(self.files)
+        if not follow_symlinks:
+            _refuse_links_out(path, self.files)
 
     def read(self, start: int, stop: int) -> pa.Table:
         ids, texts = [], []
@@ -359,6 +369,16 @@ class TextFolderCorpus:
 
     def fingerprint(self, cache: Path | None = None) -> dict:
         return _files_fingerprint(self.kind, self.path, self.files, cache, rows=self.num_rows)
+
+
+def _refuse_links_out(folder: Path, files: list[Path]) -> None:
+    """A .txt file (or a folder on its way) that links outside INPUT would embed a file nobody
+    put in the corpus (in a shared folder, anyone's): refused unless asked for."""
+    root = folder.resolve()
+    for f in files:
+        target = f.resolve()
+        if not target.is_relative_to(root):
+            raise EmbedkitError(f"{f} links to {target}, outside {folder}; copy it in, or pass --follow-symlinks to read it")
 
 
 def _read_jsonl(path: Path, columns: Columns) -> pa.Table:
@@ -439,6 +459,22 @@ def _read_json_rows(path: Path, columns: Columns, rows: Iterator[tuple[str, obje
     return pa.table(arrays)
 
 
+def _same_ids(id_col: str | None, id_type: pa.DataType, other_col: str | None, schema: pa.Schema, first: Path, source: Path) -> None:
+    """Every file of a parquet folder has the same id column, of the same kind: otherwise some
+    rows would get their ids and others row numbers, or ids of two types."""
+    if other_col != id_col:
+        has, lacks = (first, source) if id_col else (source, first)
+        raise EmbedkitError(f"{has} has an id column {id_col or other_col!r} and {lacks} has none; give every file the same columns")
+    other_type = _id_type(schema, other_col, source)
+    if other_type != id_type:
+        raise EmbedkitError(f"id column {id_col!r} holds {_kind(id_type)} in {first} but {_kind(other_type)} in {source}; "
+                            "make the ids one type")  # fmt: skip
+
+
+def _kind(t: pa.DataType) -> str:
+    return "integers" if pa.types.is_integer(t) else "strings"
+
+
 def _same_kept_types(fields: tuple[pa.Field, ...], schema: pa.Schema, first: Path, source: Path) -> None:
     """A kept column has one type in every file of a parquet folder (it is stored with that type)."""
     for f in fields:
@@ -447,14 +483,15 @@ def _same_kept_types(fields: tuple[pa.Field, ...], schema: pa.Schema, first: Pat
             raise EmbedkitError(f"column {f.name!r} to keep holds {f.type} in {first} but {other} in {source}")
 
 
-def _read_csv(path: Path, text_column: str) -> pa.Table:
+def _read_csv(path: Path, text_column: str, id_column: str) -> pa.Table:
     import pyarrow.csv as pcsv
 
     if path.stat().st_size == 0:
         raise EmbedkitError(f"{path} is empty")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    # Texts stay strings even when a column looks numeric in its first block.
-    convert = pcsv.ConvertOptions(column_types={text_column: pa.string()})
+    # Texts and ids stay as written, even when they look numeric: an inferred integer id turns
+    # "007" into 7 (and two ids "7" and "07" into one).
+    convert = pcsv.ConvertOptions(column_types={text_column: pa.string(), id_column: pa.string()})
     try:
         return pcsv.read_csv(
             path, parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True), convert_options=convert

@@ -69,10 +69,10 @@ def _load(cache: Path | None) -> dict:
 def _save(cache: Path | None, entries: dict) -> None:
     if cache is None:
         return
-    tmp = cache.with_name(cache.name + ".tmp")
+    from .fsutil import atomic_write
+
     try:
-        tmp.write_text(json.dumps(entries))
-        os.replace(tmp, cache)
+        atomic_write(cache, json.dumps(entries).encode())
     except OSError:
         pass  # the cache only saves time; the digest itself is already computed
 

@@ -39,6 +39,9 @@ def choose_device(device: str, precision: str) -> DeviceChoice:
     """Resolve `auto` choices; a clear error when CUDA is asked for and absent."""
     import torch
 
+    from .config import check_device
+
+    check_device(device, precision)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):

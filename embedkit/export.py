@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -101,18 +100,14 @@ def _sink(path: str | Path | None) -> Iterator[IO[bytes]]:
     target = Path(path)
     if target.is_dir():
         raise EmbedkitError(f"cannot write {target}: it is a folder")
+    from .fsutil import atomic_file
+
     direct = target.exists() and not target.is_file()  # a device or a pipe: written in place
-    tmp = target if direct else target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with open(target, "wb") if direct else atomic_file(target) as f:
             yield f
-        if not direct:
-            os.replace(tmp, target)
     except OSError as e:
         raise EmbedkitError(f"cannot write {target}: {e.strerror or e}") from None
-    finally:
-        if not direct:
-            tmp.unlink(missing_ok=True)
 
 
 class _TextOut:

@@ -4,12 +4,14 @@ was found when a run fails before it wrote its manifest."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from pathlib import Path
 from typing import Iterator
 
 from .digest import INPUT_CACHE
 from .errors import EmbedkitError
+from .fsutil import is_temporary
 from .index.state import INDEX_DIR
 from .shards import LOCK, MANIFEST
 from .store import GENERATIONS_DIR, VECTORS_DIR
@@ -19,7 +21,7 @@ WRITE_TEST = ".embedkit.write-test"
 # What embedkit writes into OUT (and the temporary names of its atomic writes). A folder holding
 # anything else and no manifest is someone else's: writing into it would mix the two.
 OWN_NAMES = frozenset({
-    MANIFEST, MANIFEST + ".tmp", LOCK, VECTORS_DIR, GENERATIONS_DIR, INDEX_DIR, COMMIT_TOKENS, INPUT_CACHE, INPUT_CACHE + ".tmp", WRITE_TEST,
+    MANIFEST, LOCK, VECTORS_DIR, GENERATIONS_DIR, INDEX_DIR, COMMIT_TOKENS, INPUT_CACHE, WRITE_TEST,
 })  # fmt: skip
 
 
@@ -29,7 +31,7 @@ def check_out(out: Path) -> None:
         raise EmbedkitError(f"{out} is a file; OUT must be a folder (a new one, or an embedkit output)")
     if not out.is_dir() or (out / MANIFEST).exists():
         return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_NAMES)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in OWN_NAMES and not is_temporary(p.name))
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise EmbedkitError(f"{out} is a non-empty folder that is not an embedkit output (it holds {shown}); give a new or empty folder")
@@ -41,7 +43,8 @@ def make_out(out: Path) -> bool:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / WRITE_TEST
-        probe.write_bytes(b"")
+        # exclusive and without following a link: a planted link is never written through
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o644))
         probe.unlink()
     except OSError as e:
         raise EmbedkitError(f"cannot write to {out}: {e.strerror}") from None

@@ -8,6 +8,7 @@ writes them as Lance fragments while later windows compute, and commits each fin
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import sys
 import threading
@@ -150,12 +151,14 @@ def encode(
     reissue: bool = True,
     store_text: bool = False,
     keep_columns: Sequence[str] = (),
+    follow_symlinks: bool = False,
 ) -> EncodeSummary:
     """Embed every row of INPUT into OUT/vectors.lance; resumable, one commit per shard.
 
     `store_text`: each document's text in a `text` column beside its vector (search shows it,
     LanceDB sees it). `keep_columns`: input columns stored beside the vectors too, with their
     input types. Both are pinned in the manifest: a resume must give the same.
+    `follow_symlinks`: a folder of .txt files may hold links to files outside it (refused otherwise).
 
     `gpus`: worker processes, one per GPU ("all": every visible GPU); on a CPU, that many
     processes. Each takes shards from the shared plan and commits them itself. `ray`: run the
@@ -174,6 +177,7 @@ def encode(
         max_seq_length=max_seq_length, overwrite=overwrite, progress=progress, workers=_worker_count(gpus, device), ray=ray,
         reissue=reissue, store_text=store_text,
         keep_columns=keep_columns if isinstance(keep_columns, str) else tuple(keep_columns),  # a str is refused by name
+        follow_symlinks=follow_symlinks,
     )  # fmt: skip
     return run_encode(input, out, cfg)
 
@@ -264,7 +268,7 @@ def _refuse_differences(out: Path, old: dict, manifest: dict) -> None:
 
 def open_input(input: str | Path, cfg: EncodeConfig) -> Corpus:
     """INPUT as the encode reads it: the text and id columns, and the kept ones (nothing else)."""
-    return open_corpus(input, Columns(cfg.text_column, cfg.id_column, cfg.keep_columns))
+    return open_corpus(input, Columns(cfg.text_column, cfg.id_column, cfg.keep_columns), follow_symlinks=cfg.follow_symlinks)
 
 
 def _schema(corpus: Corpus, cfg: EncodeConfig, dim: int) -> pa.Schema:
@@ -623,8 +627,11 @@ def _produce(corpus: Corpus, pending: list[Shard], pool: TokenizerPool, cfg: Enc
         while inflight:
             _flush_one(inflight, budget, put)
         put(None)
+    except _Stopped:  # the consumer stopped first (an error, Ctrl-C): nothing to hand over
+        return
     except BaseException as e:  # handed to the main thread, which raises it
-        put(e)
+        with contextlib.suppress(_Stopped):
+            put(e)
 
 
 def _claimed(pending: Any, claims: threading.Semaphore | None, stop: threading.Event, before_wait: Callable[[], None]) -> Iterator[Shard]:
@@ -790,10 +797,11 @@ def encode_texts(
     >>> embedkit.encode_texts(["hello world"]).shape   # doctest: +SKIP
     (1, 384)
     """
+    texts = text_list(texts)  # before any model loads: a generator is read once, a str refused
     choice = choose_device(device, precision)
     encoder, tokenizer = _cached_model(model, choice, max_seq_length)
     encoder.normalize = normalize  # the cached encoder serves both settings
-    tok = tokenize_all(tokenizer, ["" if t is None else str(t) for t in texts])
+    tok = tokenize_all(tokenizer, ["" if t is None else t for t in texts])
     budget = batch_tokens or DEFAULT_BATCH_TOKENS[choice.type]
     batches = pack_batches(tok.lengths, budget)
     outputs = [
@@ -805,6 +813,24 @@ def encode_texts(
         # one transfer for the whole call instead of one synchronization per batch
         result[np.concatenate([b.rows for b in batches])] = encoder.torch.cat(outputs).float().cpu().numpy()
     return result
+
+
+def text_list(texts: Any, what: str = "texts") -> list:
+    """`texts` as a list of strings (None allowed: it embeds as ""), or a one-line refusal.
+
+    A str is refused rather than read as its characters (one vector per letter), and anything
+    else that is not a string, rather than embedding its repr.
+    """
+    if isinstance(texts, (str, bytes)):
+        raise EmbedkitError(f"{what} must be a list of strings, not one {type(texts).__name__}: wrap it as [{texts[:30]!r}]")
+    try:
+        values = list(texts)
+    except TypeError:
+        raise EmbedkitError(f"{what} must be a list of strings, not {type(texts).__name__}") from None
+    for i, value in enumerate(values):
+        if value is not None and not isinstance(value, str):
+            raise EmbedkitError(f"{what} must hold strings; item {i} is {type(value).__name__} {value!r:.40}")
+    return values
 
 
 def _cached_model(model: str, choice: DeviceChoice, max_seq_length: int | None) -> tuple[Encoder, TextTokenizer]:

@@ -56,21 +56,52 @@ def read_manifest(out: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise EmbedkitError(f"{path} is unreadable ({e}); start fresh with --overwrite") from None
+    problem = manifest_problem(doc)
+    if problem:
+        raise EmbedkitError(f"{path} is damaged ({problem}); start fresh with --overwrite")
+    return doc
+
+
+# What every manifest holds, by kind, and the types they must have (an edited or truncated
+# manifest is refused in one line instead of failing later on a missing key).
+_REQUIRED = {
+    "plan": {"rows": int, "shard_rows": int, "shards": int},
+    "model": {"name": str, "dim": int, "max_seq_length": int, "pooling": str},
+    "output": {"dtype": str, "normalize": bool},
+    "generator": {"name": str, "precision": str},
+    "task": {"task": str},
+}
+
+
+def manifest_problem(doc: Any) -> str | None:
+    """What is missing or of the wrong type in a manifest, or None when it is whole."""
+    if not isinstance(doc, dict):
+        return "not a JSON object"
+    sections = ["plan", *(["model", "output"] if "model" in doc or "generator" not in doc else ["generator", "task"])]
+    for section in sections:
+        part = doc.get(section)
+        if not isinstance(part, dict):
+            return f"no {section}"
+        for key, kind in _REQUIRED[section].items():
+            value = part.get(key)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                return f"{section}.{key} is {value!r}"
+    if doc["plan"]["shard_rows"] < 1:
+        return f"plan.shard_rows is {doc['plan']['shard_rows']}"
+    return None
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
     """Write atomically: a crash leaves the old manifest or the new one, never half of one."""
+    from .fsutil import atomic_write
+
     path = Path(out) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
     try:
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     except OSError as e:  # a full disk or a read-only folder: one line, not a traceback
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise EmbedkitError(f"cannot write {path}: {e.strerror or e}; free space (or fix the path) and rerun") from None
 
 
@@ -183,7 +214,12 @@ class OutputLock:
     def __enter__(self) -> "OutputLock":
         import fcntl
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        from .fsutil import open_nofollow
+
+        try:
+            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a read-only OUT, say
+            raise EmbedkitError(f"cannot lock {self.path.parent}: {e.strerror}; embedkit needs to write in OUT") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -276,6 +276,11 @@ class VectorStore:
         stats = self.dataset().cleanup_old_versions(retain_versions=1 << 30, delete_unverified=True)
         return int(getattr(stats, "bytes_removed", 0))
 
+    def damaged_files(self, ds: Any = None) -> list[str]:
+        """Data files of the latest version (or of `ds`) that are missing or not the size their
+        commit recorded (a stat per file, no data read)."""
+        return sorted(self._damaged_files(ds if ds is not None else self.dataset()))
+
     def intact_fragments(self, ds: Any) -> list:
         """The fragments of `ds` whose data files are all present at their recorded size."""
         bad = set(self._damaged_files(ds).values())

@@ -120,6 +120,11 @@ _worker_tokenizer: TextTokenizer | None = None
 
 def _init_worker(tokenizer_json: str, max_length: int, truncation_side: str) -> None:
     global _worker_tokenizer
+    import signal
+
+    # Ctrl-C reaches the whole process group: the parent stops the pool, and a worker printing
+    # its own KeyboardInterrupt traceback would only bury the parent's one-line message.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Each worker is one core's worth of tokenizing; Rust threads inside it would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # Workers run ahead of the device in bursts; at a lower priority they never take the core

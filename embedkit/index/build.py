@@ -34,6 +34,7 @@ import numpy as np
 from .. import __version__
 from ..config import IndexConfig
 from ..errors import EmbedkitError
+from ..fsutil import atomic_file
 from ..shards import OutputLock, read_manifest
 from ..store import VECTORS_DIR, VectorStore
 from .params import BUILD_SHARD_ROWS, KMEANS_ITERATIONS, IndexParams, choose_params, estimate_build_seconds
@@ -139,7 +140,22 @@ def run_build(out: str | Path, cfg: IndexConfig, log: Callable[[str], None]) -> 
         done = _finished(b)
         if done is not None:
             return done
-        return _build(b)
+        try:
+            return _build(b)
+        except (OSError, RuntimeError) as e:  # a full disk, a read-only folder (faiss raises RuntimeError)
+            raise EmbedkitError(f"cannot write {b.dir}: {_write_reason(e)}; what was finished is kept: free space (or fix "
+                                "the folder) and rerun build-index to resume") from None  # fmt: skip
+
+
+def _write_reason(e: BaseException) -> str:
+    """The operating system's words for a failed write, from an OSError or faiss's RuntimeError."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e)
+    for words in ("No space left on device", "File too large", "Permission denied", "Read-only file system"):
+        if words.lower() in text.lower():
+            return words
+    return (text.strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def dry_run_build(out: str | Path, cfg: IndexConfig) -> dict:
@@ -193,6 +209,10 @@ def _plan(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, log: 
 
     ds = store.dataset()
     n, dim = ds.count_rows(), int(manifest["model"]["dim"])
+    stored = ds.schema.field("vector").type.list_size
+    if stored != dim:
+        raise EmbedkitError(f"{out}/embedkit.json says dim {dim} but {VECTORS_DIR} holds {stored}-dimensional vectors; "
+                            "the manifest was edited: restore it or encode again with --overwrite")  # fmt: skip
     metric = "l2" if manifest["output"]["normalize"] else "ip"  # on unit vectors L2 ranks as cosine
     budget = cfg.memory_budget or _default_budget()
     params = choose_params(n, dim, memory_budget=budget, nlist=cfg.nlist, pq_m=cfg.pq_m, opq=cfg.opq, factory=cfg.factory, metric=metric)
@@ -446,9 +466,8 @@ def _shard_truth(spec: ShardSpec, x: np.ndarray, start: int, queries: np.ndarray
     scores[torch.as_tensor(rows, device=dev), torch.as_tensor(queries[inside] - start, device=dev)] = -float("inf")
     k = min(spec.k, len(x))
     top, idx = scores.topk(k, dim=1)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, scores=top.cpu().numpy(), positions=idx.cpu().numpy().astype(np.int64) + start)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        np.savez(f, scores=top.cpu().numpy(), positions=idx.cpu().numpy().astype(np.int64) + start)
 
 
 class TorchCodec:
@@ -599,7 +618,8 @@ def load_index(folder: Path) -> Any:
     import faiss
 
     with quiet_stdout():  # faiss announces the lists file's folder on stdout
-        return faiss.read_index(str(folder / MERGED), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        # read-only: searching must work on storage it may not write to (faiss opens the lists r+ otherwise)
+        return faiss.read_index(str(folder / MERGED), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
 
 
 # ---- ground truth, commit ------------------------------------------------------------------
@@ -637,9 +657,9 @@ def _sizes(folder: Path) -> dict:
 def _write_index(index: Any, path: Path) -> None:
     import faiss
 
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    # serialized here and written by us: faiss would open the path itself, following a link
+    with atomic_file(path) as f:
+        f.write(faiss.serialize_index(index).tobytes())
 
 
 def _bar(total: int, enabled: bool) -> Any:

@@ -18,7 +18,7 @@ from ..errors import EmbedkitError
 from ..shards import read_manifest
 from ..store import VECTORS_DIR, stored_columns
 from .build import NPROBE_GRID, RERANK_FACTORS, load_index
-from .state import INDEX_DIR, PARAMS, index_damage, read_json, staleness
+from .state import INDEX_DIR, PARAMS, index_damage, params_problem, read_json, staleness
 
 
 @dataclass(frozen=True)
@@ -169,16 +169,38 @@ class Retriever:
     """
 
     def __init__(self, out: str | Path, *, nprobe: int | None = None, rerank: int | None = None, verify: str = "quick"):
-        import lance
-
         self.out = Path(out)
         folder = self.out / INDEX_DIR
         if not self.out.is_dir():
             raise EmbedkitError(f"output not found: {self.out}")
+        for name, value in (("nprobe", nprobe), ("rerank", rerank)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise EmbedkitError(f"--{name} must be a positive number, not {value!r}")
         self.params = read_json(folder / PARAMS)
         if self.params is None:
             raise EmbedkitError(f"{self.out} has no finished index; run `embedkit build-index {self.out}`")
+        problem = params_problem(self.params)
+        if problem:
+            raise EmbedkitError(f"{folder / PARAMS} is damaged ({problem}); rebuild with `embedkit build-index {self.out} --overwrite`")
         self.manifest = read_manifest(self.out) or {}
+        try:
+            self.ds = self._vectors()
+            _verify(folder, self.params, verify)
+            self.index = load_index(folder)
+            self.nprobe = nprobe or int(self.params["nprobe"])
+            self.rerank = rerank or int(self.params["rerank"])
+            self.cache = VectorCache(self.ds, int(self.params["key"]["dim"]))
+        except (KeyError, TypeError, ValueError) as e:  # a params.json edited by hand, or from elsewhere
+            raise EmbedkitError(f"{folder / PARAMS} is damaged ({type(e).__name__}: {e}); rebuild with "
+                                f"`embedkit build-index {self.out} --overwrite`") from None  # fmt: skip
+        self._model_checked = False
+
+    def _vectors(self) -> Any:
+        """The vectors the index was built on: the latest version, unchanged since, its data files whole."""
+        import lance
+
+        from ..store import VectorStore
+
         uri = str(self.out / VECTORS_DIR)
         try:
             latest = lance.dataset(uri)
@@ -187,20 +209,36 @@ class Retriever:
         stale = staleness(self.params, latest)
         if stale is not None:
             raise EmbedkitError(f"the index was {stale}; run `embedkit build-index {self.out}` again")
-        self.ds = latest
-        _verify(folder, self.params, verify)
-        self.index = load_index(folder)
-        self.nprobe = nprobe or int(self.params["nprobe"])
-        self.rerank = rerank or int(self.params["rerank"])
-        self.cache = VectorCache(self.ds, int(self.params["key"]["dim"]))
+        damaged = VectorStore(self.out).damaged_files(latest)
+        if damaged:
+            raise EmbedkitError(f"{uri} has a damaged data file ({damaged[0]}); rerun the encode command to redo its shard, "
+                                f"then `embedkit build-index {self.out}`")  # fmt: skip
+        return latest
+
+    def _check_model(self, name: str) -> None:
+        """The model that encodes the queries is the one the documents were encoded with (a local
+        folder whose weights changed since would put queries in another space, silently)."""
+        from ..models import resolve_model, weights_hash
+
+        if self._model_checked:
+            return
+        source = resolve_model(name)
+        pinned = self.manifest.get("model", {}).get("weights_sha256")
+        now = weights_hash(source) if source.path is not None else None
+        if pinned and now and now != pinned:
+            raise EmbedkitError(f"the weights of model {name} changed since {self.out} was encoded; queries would be encoded by "
+                                "another model: restore the model, or encode again with --overwrite")  # fmt: skip
+        self._model_checked = True
 
     def search(self, texts: Sequence[str], k: int = 10) -> SearchResults:
         """Encode the texts with the output's model, then search_vectors."""
-        from ..pipeline import encode_texts
+        from ..pipeline import encode_texts, text_list
 
+        texts = text_list(texts, "queries")
         model = self.manifest.get("model", {}).get("name")
         if model is None:
             raise EmbedkitError(f"{self.out}/embedkit.json names no model; search with vectors instead")
+        self._check_model(model)
         normalize = bool(self.manifest.get("output", {}).get("normalize", True))
         max_len = self.manifest.get("model", {}).get("max_seq_length")  # queries cut as the documents were
         return self.search_vectors(encode_texts(list(texts), model=model, normalize=normalize, max_seq_length=max_len), k)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,9 @@ def read_json(path: Path) -> dict | None:
 
 def write_json(path: Path, doc: dict) -> None:
     """Write atomically: a reader sees the old document or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
+    from ..fsutil import atomic_write
+
+    atomic_write(path, (json.dumps(doc, indent=2, default=_jsonable) + "\n").encode())
 
 
 def _jsonable(value: Any) -> Any:
@@ -63,6 +62,19 @@ def index_damage(folder: Path, params: dict, full: bool = False) -> str | None:
             return f"{path} is " + ("missing" if size < 0 else f"{size:,} bytes, expected {expected:,}")
         if (name == MERGED or full) and file_sha256(path) != check["sha256"]:
             return f"{path} does not match its checksum"
+    return None
+
+
+def params_problem(params: Any) -> str | None:
+    """What is missing from a params.json (an edited or foreign one), or None when it is whole."""
+    if not isinstance(params, dict) or not isinstance(params.get("key"), dict):
+        return "no key"
+    for key in ("vectors_version", "n", "dim", "factory"):
+        if key not in params["key"]:
+            return f"no key.{key}"
+    for key in ("nprobe", "rerank", "k", "files"):
+        if key not in params:
+            return f"no {key}"
     return None
 
 
@@ -107,6 +119,8 @@ class IndexStatus:
             return f"index: none ({rebuild} to build one)"
         if self.state == "unfinished":
             return f"index: unfinished build ({rebuild} to resume it)"
+        if self.params is None:  # damaged beyond reading
+            return f"index: {self.state}: {self.reason}; {rebuild} --overwrite"
         p, report = self.params or {}, (self.params or {}).get("report", {})
         what = f"{p['key']['factory']} over {p['key']['n']:,} vectors"
         if self.state != "current":
@@ -122,6 +136,9 @@ def index_status(out: Path, latest: Any | None) -> IndexStatus:
     params = read_json(folder / PARAMS)
     if params is None:
         return IndexStatus(out, "unfinished" if (folder / STATE).exists() else "none")
+    problem = params_problem(params)
+    if problem:
+        return IndexStatus(out, "damaged", f"{folder / PARAMS} is damaged ({problem})")
     damage = index_damage(folder, params)
     if damage is not None:
         return IndexStatus(out, "damaged", damage, params)

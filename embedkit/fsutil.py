@@ -1,0 +1,59 @@
+"""Writing files inside OUT safely: atomically, and never through a link someone planted.
+
+OUT may be a shared folder. A symbolic link placed at a name embedkit writes (the lock, the
+manifest's temporary file, an index file) would make a plain `open(path, "w")` truncate or
+overwrite whatever the link points to, outside OUT. So fixed names are opened with O_NOFOLLOW,
+and whole files are written under a fresh random name created exclusively in the same folder,
+then renamed over the final name (a rename replaces a link itself, never its target). A reader
+sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from .errors import EmbedkitError
+
+TMP_SUFFIX = ".tmp"
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to write `path` through: created exclusively under a random name beside it,
+    renamed over `path` when the block ends without error, removed otherwise."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (see atomic_file)."""
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def open_nofollow(path: str | Path, flags: int, mode: int = 0o644) -> int:
+    """os.open that refuses a symbolic link at `path` (one line, naming it) instead of following it."""
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise EmbedkitError(f"{path} is a symbolic link; embedkit does not write through links in OUT: remove it") from None
+        raise
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a name in OUT is one of atomic_file's temporary files (left by a killed process)."""
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
