@@ -58,9 +58,9 @@ class EncodeConfig:
     max_seq_length: int | None = None
     overwrite: bool = False
     progress: bool = True
-    workers: int = 1  # device worker processes (--gpus): one per GPU, or N processes on a CPU
+    workers: int = 1  # --gpus: one per GPU, or N at once on a CPU; more than one runs shard tasks on a local Ray
     ray: str | None = None  # --ray: "" for a local Ray (or RAY_ADDRESS), else a cluster address
-    reissue: bool = True  # --gpus: re-issue a straggler's shard to an idle worker near the end
+    reissue: bool = True  # --gpus N or --ray: near the end, a straggler's shard also runs on an idle worker
     store_text: bool = False  # --store-text: each document's text in a `text` column beside its vector
     keep_columns: tuple[str, ...] = ()  # --keep-columns: input columns stored beside the vectors, with their types
     follow_symlinks: bool = False  # --follow-symlinks: a .txt folder's links to files outside it are read too

@@ -15,13 +15,12 @@ from .fsutil import is_temporary
 from .index.state import INDEX_DIR
 from .shards import LOCK, MANIFEST
 from .store import GENERATIONS_DIR, VECTORS_DIR
-from .workers import COMMIT_TOKENS
 
 WRITE_TEST = ".embedkit.write-test"
 # What embedkit writes into OUT (and the temporary names of its atomic writes). A folder holding
 # anything else and no manifest is someone else's: writing into it would mix the two.
 OWN_NAMES = frozenset({
-    MANIFEST, LOCK, VECTORS_DIR, GENERATIONS_DIR, INDEX_DIR, COMMIT_TOKENS, INPUT_CACHE, WRITE_TEST,
+    MANIFEST, LOCK, VECTORS_DIR, GENERATIONS_DIR, INDEX_DIR, INPUT_CACHE, WRITE_TEST,
 })  # fmt: skip
 
 

@@ -49,7 +49,6 @@ from .store import VECTORS_DIR, VectorStore, vectors_schema, vectors_table
 from .tokenize import TextTokenizer, TokenizerPool, Tokenized, default_workers, tokenize_all
 
 PREFETCH_WINDOWS = 2  # tokenized windows kept ready ahead of the model
-SHARDS_IN_FLIGHT = 2  # shards a worker of a multi-worker run holds: one on the device, one being read
 FIRST_WINDOW = 4096  # documents in the run's first window (later windows double up to window_docs)
 
 
@@ -72,11 +71,12 @@ class EncodeSummary:
     shards_skipped: int
     shards_total: int
     input_wait_seconds: float = 0.0  # time the model sat waiting for tokenized input
-    # several workers (or Ray tasks): each one's tokens and seconds of encoding once its model
-    # was ready; `seconds` above is the whole run's wall time, start-up included
+    # --gpus N or --ray: one part per worker process, its committed tokens and the seconds its
+    # shard tasks spent encoding them once the model was loaded (sum over parts of tokens /
+    # seconds: the steady rate); `seconds` above is the whole run's wall time, start-up included
     parts: tuple = ()
-    reissued: int = 0  # --gpus: shards queued again for an idle worker (first commit wins)
-    tail_seconds: float = 0.0  # --gpus: time from 95% of shards committed to 100%
+    reissued: int = 0  # --gpus N or --ray: shards run a second time on an idle worker (first commit wins)
+    tail_seconds: float = 0.0  # --gpus N or --ray: time from 95% of shards committed to 100%
     retried: int = 0  # rows whose vectors were not finite, run again alone in fp32
     quarantined: int = 0  # rows still not finite: left out, their ids recorded in their shard's commit
     quarantined_ids: tuple = ()  # this process's quarantined ids (all of them: `embedkit status OUT --json`)
@@ -91,12 +91,18 @@ class EncodeSummary:
 
     @classmethod
     def merged(cls, parts: list[dict], *, out: str, device: str, seconds: float, skipped: int, total: int) -> "EncodeSummary":
-        """One summary from several workers' `to_dict()`s (their counts add up)."""
-        # a part that committed nothing (a retried Ray task whose shard had already landed, or a
-        # re-issued copy that lost the race) is left out: its work is counted by the winner
+        """One summary from shard tasks' `to_dict()`s (their counts add up); `parts` holds one
+        entry per worker process (a task's `worker`, host:pid)."""
+        # a part that committed nothing (a re-issued copy that lost the race) is left out: its
+        # work is counted by the winner; one that found its shard committed by an attempt that
+        # died before reporting counts that shard's rows (its tokens are not known)
         parts = [p for p in parts if p.get("shards_done")]
         counts = {f: sum(p[f] for p in parts) for f in SUMMED_FIELDS}
-        each = tuple({"tokens": p["tokens"], "seconds": round(p["seconds"], 2)} for p in parts)
+        workers: dict = {}
+        for i, p in enumerate(p for p in parts if not p.get("committed_before")):  # no encoding seconds
+            tokens, secs = workers.get(p.get("worker", i), (0, 0.0))
+            workers[p.get("worker", i)] = (tokens + p["tokens"], secs + p["seconds"])
+        each = tuple({"tokens": t, "seconds": round(secs, 2)} for t, secs in workers.values())
         return cls(out=out, device=device, seconds=seconds, shards_skipped=skipped, shards_total=total, parts=each, **counts)
 
     def to_dict(self) -> dict:
@@ -160,11 +166,13 @@ def encode(
     input types. Both are pinned in the manifest: a resume must give the same.
     `follow_symlinks`: a folder of .txt files may hold links to files outside it (refused otherwise).
 
-    `gpus`: worker processes, one per GPU ("all": every visible GPU); on a CPU, that many
-    processes. Each takes shards from the shared plan and commits them itself. `ray`: run the
-    shards as Ray tasks ("" for a local Ray or $RAY_ADDRESS, else a cluster address).
-    `reissue` (with `gpus`): near the end, a shard still running on one worker is queued again
-    for an idle one; the first commit wins.
+    `gpus`: workers, one per GPU ("all": every visible GPU); on a CPU, that many at once. More
+    than one runs the shards as tasks on a Ray of this machine, started for the run and shut
+    down with it (`pip install 'embedkit[ray]'`; a program already connected to Ray runs them
+    there). `ray`: run the shards as Ray tasks on a cluster ("" for a local Ray or
+    $RAY_ADDRESS, else a cluster address). Each task commits its shard itself. `reissue`:
+    near the end, a shard still running on one worker also runs on an idle one; the first
+    commit wins.
 
     >>> s = embedkit.encode("docs.parquet", "out/")          # doctest: +SKIP
     >>> s.docs, s.tokens_per_second                           # doctest: +SKIP
@@ -208,6 +216,10 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
     if corpus.num_rows == 0:
         raise EmbedkitError("the input has no rows")
     choice = choose_device(cfg.device, cfg.precision)
+    if cfg.workers > 1 and cfg.ray is None:
+        from .distributed import check_local_workers
+
+        check_local_workers(cfg.workers, choice.type)
     source = resolve_model(cfg.model)  # a hub id resolves to its local copy, or fails in one line
     check_out(out)
     created = make_out(out)
@@ -230,24 +242,17 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
 
 def _encode_prepared(input: str | Path, corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice, source: ModelSource,
                      manifest: dict, old: dict | None) -> EncodeSummary:  # fmt: skip
-    """Load the model, finish the checks, and run the pending shards (locally, on workers or Ray)."""
+    """Load the model, finish the checks, and run the pending shards (here, or as Ray tasks)."""
     job = _prepare(corpus, out, cfg, choice, source, manifest, old)
     done = job.store.committed_shards()
     pending = [s for s in job.shards if s.index not in done]
     if not pending:
         return _summary(job, _Totals(), 0.0, skipped=len(done))
     if cfg.ray is not None or cfg.workers > 1:
+        from .distributed import run_tasks
         from .planning import longest_first
 
-        pending = longest_first(corpus, job, pending)
-    if cfg.ray is not None:
-        from .distributed import run_ray
-
-        return run_ray(input, out, cfg, job, pending, skipped=len(done), address=cfg.ray)
-    if cfg.workers > 1:
-        from .workers import run_workers
-
-        return run_workers(input, out, cfg, job, pending, skipped=len(done))
+        return run_tasks(input, out, cfg, job, longest_first(corpus, job, pending), skipped=len(done))
     return _run_shards(corpus, job, pending, cfg, skipped=len(done))
 
 
@@ -416,20 +421,6 @@ class _Totals:
 
 
 @dataclass(frozen=True)
-class WorkerHooks:
-    """What a worker of a multi-worker run adds to the pipeline (embedkit/workers.py).
-
-    `events(kind, shard, counts)` reports "ready" (the model is loaded), "commit" (with the
-    shard's counts) and "lost" to the parent. `take(shard)` claims the right to commit a shard and is true for its first caller
-    only (a commit token file on one machine, an actor on Ray), so a shard re-issued to a second
-    worker is committed once.
-    """
-
-    events: Callable[[str, int, dict], None]
-    take: Callable[[int], bool]
-
-
-@dataclass(frozen=True)
 class TokenizerSpec:
     """What the tokenizer workers need: the model's `tokenizers` definition, the length cut and side."""
 
@@ -443,18 +434,14 @@ class _Feed:
     `prefetch` items deep. The pool forks before the model moves to the GPU: children of a CUDA
     process must not inherit its context."""
 
-    def __init__(self, corpus: Corpus, pending: Any, cfg: EncodeConfig, spec: TokenizerSpec, budget: Callable[[], int], workers: int,
+    def __init__(self, corpus: Corpus, pending: list[Shard], cfg: EncodeConfig, spec: TokenizerSpec, budget: Callable[[], int], workers: int,
                  prefetch: int):  # fmt: skip
         self.pool = TokenizerPool(spec.json, spec.max_length, workers, spec.truncation_side)
         # after the fork: sizing the budget from free device memory creates the CUDA context
         self.budget = budget()
         self.items: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
-        # A worker pulling shards from a shared queue holds at most two at a time (the one on
-        # the device and the next being tokenized): read-ahead must not take shards that an
-        # idle worker could run, or the last shards queue up behind one worker.
-        self.claims = None if isinstance(pending, list) else threading.Semaphore(SHARDS_IN_FLIGHT)
-        self.thread = threading.Thread(target=_produce, args=(corpus, pending, self.pool, cfg, self.budget, self.items, self.stop, self.claims),
+        self.thread = threading.Thread(target=_produce, args=(corpus, pending, self.pool, cfg, self.budget, self.items, self.stop),
                                        daemon=True, name="embedkit-producer")  # fmt: skip
         self.thread.start()
 
@@ -470,8 +457,13 @@ def _job_spec(job: "_Job") -> TokenizerSpec:
     return TokenizerSpec(job.tokenizer_json, job.max_length, job.truncation_side)
 
 
-def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConfig, skipped: int, hooks: WorkerHooks | None = None) -> EncodeSummary:
-    """Encode the pending shards on one device; reading and tokenizing overlap moving the model there."""
+def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConfig, skipped: int,
+                may_commit: Callable[[int], bool] | None = None) -> EncodeSummary:  # fmt: skip
+    """Encode the pending shards on one device; reading and tokenizing overlap moving the model there.
+
+    `may_commit(shard)`, asked before each commit (a shard task of a multi-worker run): False
+    leaves the shard's fragments uncommitted, because another copy of it has the commit.
+    """
     totals = _Totals()
     workers = cfg.tokenize_workers if cfg.tokenize_workers is not None else default_workers(job.choice.type)
     budget = lambda: cfg.batch_tokens or default_batch_tokens(model_config(job.model), job.choice)  # noqa: E731
@@ -480,11 +472,8 @@ def _run_shards(corpus: Corpus, job: _Job, pending: list[Shard], cfg: EncodeConf
         encoder = Encoder(job.model, job.choice, normalize=cfg.normalize, out_dtype=cfg.dtype, max_batch_tokens=feed.budget)
         # the clock starts once the model and the pool are ready (one-time costs, not per token)
         start = time.perf_counter()
-        if hooks is not None:
-            hooks.events("ready", -1, {})  # this worker's clock starts: its part's seconds count from here
-        sized = isinstance(pending, list)  # workers pull shards from a queue: no totals
-        with _Progress(sum(s.rows for s in pending) if sized else 0, len(pending) if sized else 0, cfg.progress and sized) as bar:
-            _consume(feed.items, encoder, job, totals, bar, feed.claims, hooks)
+        with _Progress(sum(s.rows for s in pending), len(pending), cfg.progress) as bar:
+            _consume(feed.items, encoder, job, totals, bar, may_commit)
     finally:
         feed.close()
     return _summary(job, totals, time.perf_counter() - start, skipped=skipped)
@@ -503,8 +492,8 @@ class _Written:
     quarantined: tuple = ()  # ids left out: their vectors stayed NaN/Inf in fp32 too
 
 
-def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, bar: "_Progress", claims: threading.Semaphore | None = None,
-             hooks: WorkerHooks | None = None) -> None:  # fmt: skip
+def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, bar: "_Progress",
+             may_commit: Callable[[int], bool] | None = None) -> None:  # fmt: skip
     """Feed batches to the device; the writer thread writes each window, then commits each shard.
 
     Windows are written as fragments while later windows compute, so a shard's end costs only
@@ -514,7 +503,6 @@ def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, b
     last_commit: Future | None = None
     written: list[Future] = []
     started = time.time()
-    shard_skipped = 0
     try:
         while True:
             t0 = time.perf_counter()
@@ -527,10 +515,8 @@ def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, b
             if isinstance(item, _ShardStart):
                 written = []
                 started = time.time()  # the device starts this shard: its timeline's start
-                shard_skipped = 0
             elif isinstance(item, _Window):
                 totals.skipped_empty += item.skipped_empty
-                shard_skipped += item.skipped_empty
                 if item.batches:
                     outputs = [encoder.forward(ids, lengths) for ids, lengths in item.batches]
                     written.append(writer.submit(_write_window, encoder, job, item, outputs))
@@ -538,10 +524,8 @@ def _consume(items: queue.Queue, encoder: Encoder, job: _Job, totals: _Totals, b
             elif isinstance(item, _ShardEnd):
                 if last_commit is not None:
                     last_commit.result()  # surface a failed commit before going on
-                last_commit = writer.submit(_commit_shard, job, item.shard, written, totals, bar, started, shard_skipped, hooks)
+                last_commit = writer.submit(_commit_shard, job, item.shard, written, totals, bar, started, may_commit)
                 written = []
-                if claims is not None:
-                    claims.release()  # the producer may take the next shard from the shared queue
         if last_commit is not None:
             last_commit.result()
     finally:
@@ -570,49 +554,37 @@ def _write_window(encoder: Encoder, job: _Job, window: _Window, outputs: list[An
 
 
 def _commit_shard(job: _Job, shard: Shard, written: list[Future], totals: _Totals, bar: "_Progress", started: float | None = None,
-                  skipped_empty: int = 0, hooks: WorkerHooks | None = None) -> None:  # fmt: skip
+                  may_commit: Callable[[int], bool] | None = None) -> None:  # fmt: skip
     """Commit all of a shard's fragments as one Lance transaction: the shard is in, or it is not."""
     parts: list[_Written] = [f.result() for f in written]
     fragments = [frag for part in parts for frag in part.fragments]
-    if hooks is not None and not hooks.take(shard.index):
-        # re-issued and committed by another worker first: these fragments stay unreferenced
+    if may_commit is not None and not may_commit(shard.index):
+        # re-issued, and the other copy has the commit: these fragments stay unreferenced
         # (invisible; the next run's cleanup deletes them)
-        hooks.events("lost", shard.index, {})
         return
     if not fragments:  # a shard of only empty texts still commits, so the ledger shows it done
         fragments = job.store.write_fragments(job.schema.empty_table())
     quarantined = [i for p in parts for i in p.quarantined]
     job.store.commit_fragments(shard.index, fragments, started, quarantined)
-    counts = {
-        "docs": sum(p.docs for p in parts), "tokens": sum(p.tokens for p in parts), "padded_tokens": sum(p.padded_tokens for p in parts),
-        "truncated": sum(p.truncated for p in parts), "skipped_empty": skipped_empty, "shards_done": 1,
-        "retried": sum(p.retried for p in parts), "quarantined": len(quarantined),
-    }  # fmt: skip
-    totals.retried += counts["retried"]
+    totals.retried += sum(p.retried for p in parts)
     totals.quarantined_ids += quarantined
-    totals.docs += counts["docs"]
-    totals.tokens += counts["tokens"]
-    totals.padded_tokens += counts["padded_tokens"]
-    totals.truncated += counts["truncated"]
+    totals.docs += sum(p.docs for p in parts)
+    totals.tokens += sum(p.tokens for p in parts)
+    totals.padded_tokens += sum(p.padded_tokens for p in parts)
+    totals.truncated += sum(p.truncated for p in parts)
     totals.shards_done += 1
     bar.shard_done()
-    if hooks is not None:
-        hooks.events("commit", shard.index, counts)
 
 
 def _produce(corpus: Corpus, pending: list[Shard], pool: TokenizerPool, cfg: EncodeConfig, budget: int, items: queue.Queue,
-             stop: threading.Event, claims: threading.Semaphore | None = None) -> None:  # fmt: skip
+             stop: threading.Event) -> None:  # fmt: skip
     """Producer thread: read shards, tokenize windows in the pool, pack them, queue them."""
     put = lambda item: _put(items, item, stop)  # noqa: E731
     try:
         inflight: deque = deque()
         submitted = 0
         carried = _carried(cfg)
-        def flush_all() -> None:  # before waiting for a claim: hand over everything read so far
-            while inflight:
-                _flush_one(inflight, budget, put)
-
-        for shard in _claimed(pending, claims, stop, flush_all):
+        for shard in pending:
             inflight.append(_ShardStart(shard))
             # Read window by window: a shard's texts are never all in memory, and the device
             # starts as soon as the first window is tokenized.
@@ -632,27 +604,6 @@ def _produce(corpus: Corpus, pending: list[Shard], pool: TokenizerPool, cfg: Enc
     except BaseException as e:  # handed to the main thread, which raises it
         with contextlib.suppress(_Stopped):
             put(e)
-
-
-def _claimed(pending: Any, claims: threading.Semaphore | None, stop: threading.Event, before_wait: Callable[[], None]) -> Iterator[Shard]:
-    """The shards in order; with `claims`, the next is taken only when a claim is free.
-
-    A claim frees up when the consumer finishes a shard, so what the producer holds is handed
-    over (`before_wait`) before it may wait: otherwise neither side could move.
-    """
-    it = iter(pending)
-    while True:
-        if claims is not None:
-            # hand over first: both the permit and the shared queue may make us wait (the queue
-            # waits for the parent, which waits for this worker's commits)
-            before_wait()
-            while not claims.acquire(timeout=0.5):
-                if stop.is_set():
-                    return
-        shard = next(it, None)
-        if shard is None:
-            return
-        yield shard
 
 
 def _windows(rows: int, window: int, first: bool) -> Iterator[tuple[int, int]]:

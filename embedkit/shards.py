@@ -199,12 +199,41 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_held_in_child)
 
 
+def lock_record() -> str:
+    """What OUT's lock file says while this process holds the lock."""
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+def held_by(out: Path, record: str) -> bool:
+    """Whether OUT's lock is held now, by the run whose `lock_record()` is `record`.
+
+    A shard task asks before it commits: a task whose driver died (or has finished and let go
+    of OUT) must write nothing, since a rerun may already be cleaning OUT and redoing its shard.
+    The record alone would not do: it stays in the file after its holder is gone.
+    """
+    import fcntl
+
+    try:
+        fd = os.open(Path(out) / LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held exclusively: by which run?
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() == record
+        return False  # held by nobody (the probe's shared lock goes with the close below)
+    finally:
+        os.close(fd)
+
+
 class OutputLock:
     """An exclusive lock on OUT for the length of a run.
 
     flock is released by the kernel when the holder dies, even by kill -9, so a stale lock from a
     killed run never blocks the rerun. The file records who holds it for the refusal message.
-    Forked children do not hold it (see _HELD); spawned ones never inherit the descriptor.
+    Only the process that took it holds it: forked children close their copy (see _HELD), and
+    other processes (Ray workers) never inherit it; a shard task checks `held_by` instead.
     """
 
     def __init__(self, out: Path):
@@ -227,7 +256,7 @@ class OutputLock:
             os.close(fd)
             raise EmbedkitError(f"{self.path.parent} is in use by another embedkit run ({holder}); wait for it or stop it") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        os.pwrite(fd, lock_record().encode(), 0)
         self._fd = fd
         _HELD.add(fd)
         return self

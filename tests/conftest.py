@@ -301,6 +301,30 @@ def refused() -> Callable[..., str]:
     return assert_refused
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A real local Ray cluster of two CPUs for a test module (it starts in seconds: once per
+    module); the tests' encodes run their shard tasks on it. Skipped without Ray."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def task_pids() -> list[int]:
+    """Ray worker processes that are running an encode_shard task (Ray titles them so)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if f.read().startswith(b"ray::encode_shard"):
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Skip `gpu` tests without CUDA."""
     try:

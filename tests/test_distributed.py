@@ -11,7 +11,7 @@ from pathlib import Path
 import lance
 import pyarrow.parquet as pq
 import pytest
-from conftest import SAMPLE
+from conftest import SAMPLE, task_pids
 
 import embedkit
 from embedkit.errors import EmbedkitError
@@ -25,13 +25,6 @@ ROWS = 120
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ray") / "docs.parquet"
     pq.write_table(pq.read_table(SAMPLE).slice(0, ROWS), path)
@@ -42,20 +35,6 @@ def ids_in(out: Path) -> list:
     return lance.dataset(str(out / "vectors.lance")).to_table(columns=["id"]).column("id").to_pylist()
 
 
-def task_pids() -> list[int]:
-    """Ray worker processes that are running an encode_shard task (Ray titles them so)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::encode_shard"):
-                        pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
-
-
 def test_ray_tasks_encode_every_shard(local_ray, corpus, tmp_path):
     s = embedkit.encode(corpus, tmp_path / "out", device="cpu", shard_rows=20, max_seq_length=64, progress=False, ray="")
     assert (s.docs, s.shards_done, s.shards_total) == (ROWS, 6, 6)
@@ -64,20 +43,43 @@ def test_ray_tasks_encode_every_shard(local_ray, corpus, tmp_path):
     assert embedkit.status(tmp_path / "out").complete
 
 
-def test_a_retried_task_whose_shard_landed_adds_nothing_to_the_summary(local_ray, corpus, tmp_path):
-    """A task retried after its commit landed (its worker died just after) returns an empty part;
-    merging it with real parts must neither fail nor count anything twice."""
+def test_a_retried_task_whose_shard_landed_reports_its_rows_from_the_ledger(local_ray, corpus, tmp_path):
+    """A task retried after its commit landed (its worker died before reporting) commits
+    nothing again; it reports the shard as done with the rows the ledger holds (its tokens are
+    not known), and no encoding seconds of a worker."""
     from embedkit.config import EncodeConfig
     from embedkit.distributed import encode_shard
     from embedkit.pipeline import EncodeSummary
 
     out = tmp_path / "out"
-    s = embedkit.encode(corpus, out, device="cpu", shard_rows=60, max_seq_length=64, progress=False, ray="")
+    embedkit.encode(corpus, out, device="cpu", shard_rows=60, max_seq_length=64, progress=False, ray="")
+    versions = len(lance.dataset(str(out / "vectors.lance")).versions())
     cfg = EncodeConfig(device="cpu", shard_rows=60, max_seq_length=64, workers=1, progress=False)
     retried = encode_shard(str(corpus), str(out), cfg, 0)
-    merged = EncodeSummary.merged([s.to_dict(), retried], out=str(out), device="cpu", seconds=1.0, skipped=0, total=2)
-    assert (merged.docs, merged.shards_done, len(merged.parts)) == (ROWS, 2, 1)
+    assert (retried["docs"], retried["shards_done"], retried["tokens"], retried["committed_before"]) == (60, 1, 0, True)
+    merged = EncodeSummary.merged([retried], out=str(out), device="cpu", seconds=1.0, skipped=1, total=2)
+    assert (merged.docs, merged.shards_done, merged.parts) == (60, 1, ())
+    assert len(lance.dataset(str(out / "vectors.lance")).versions()) == versions
     assert len(ids_in(out)) == ROWS
+
+
+def test_a_copy_that_finds_its_shard_committed_waits_for_the_committer(local_ray):
+    """Shard 0's re-issued copy starts after the first copy committed, finds the shard done and
+    returns at once, before the first copy reports. The run must wait for the first copy's
+    counts instead of counting the shard with 0 tokens (and cancelling the copy that has them)."""
+    from embedkit.distributed import _follow_tasks
+
+    @ray.remote(num_cpus=0)
+    def part(shard: int, copy: int) -> dict:
+        if copy == 1:
+            return {"docs": 20, "shards_done": 1, "tokens": 0, "committed_before": True}
+        if shard == 0:
+            time.sleep(3)  # the straggler: its commit has landed, its report is late
+        return {"docs": 20, "shards_done": 1, "tokens": 100 + shard}
+
+    run = _follow_tasks(ray, lambda i, copy: part.remote(i, copy), [0, 1], 2, reissue=True, cancel_at_exit=True)
+    assert run.reissued == {0}
+    assert sorted(p["tokens"] for p in run.parts) == [100, 101]
 
 
 def test_a_killed_worker_is_retried_and_nothing_is_lost_or_doubled(local_ray, corpus, tmp_path):

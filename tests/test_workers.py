@@ -1,11 +1,17 @@
-"""Several worker processes on one output (`--gpus N`), run on the CPU with two processes."""
+"""Several workers on one output (`--gpus N`): shard tasks on a local Ray, run on the CPU with two.
+
+Most tests share one Ray started for this module (`local_ray`), as a program that called
+`ray.init()` would; the tests of what happens when the driver dies run the `embedkit` command,
+which starts (and must stop) a Ray of its own.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,13 +20,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import SAMPLE, cli_command
+from conftest import SAMPLE, task_pids
+from faults.faultkit import HANG_GUARD_S, assert_exactly_once, kill_session, run, session_processes, start, versions, wait_for
 
 import embedkit
 from embedkit.errors import EmbedkitError
 from embedkit.store import VectorStore
 
 ROWS, SHARD_ROWS = 120, 15  # 8 shards: each of two workers takes several
+WORKERS_GONE_S = 20.0  # after the driver died: how long its workers may take to stop
+# Ray's node agents write nothing to OUT; after a SIGKILL of the driver they notice that the
+# raylet is gone and exit on their own, within about a minute (docs/reliability.md).
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
 @pytest.fixture(scope="module")
@@ -39,29 +50,31 @@ def stored(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def one_and_two(corpus, tmp_path_factory) -> tuple:
+def one_and_two(corpus, tmp_path_factory, local_ray) -> tuple:
     """The corpus (with an int16 column) encoded by one process and by two workers, storing the
-    text and that column: (one's summary, two's summary, two's OUT). Each worker loads torch and
-    the model itself, so the suite runs one two-worker encode and checks it from several sides."""
+    text and that column, each with a tokenizer process: (one's summary, two's summary, two's
+    OUT, the rows). Each worker loads torch and the model itself, so the suite runs one
+    two-worker encode and checks it from several sides."""
     root = tmp_path_factory.mktemp("one-and-two")
     rows = pq.read_table(corpus)
     rows = rows.append_column("n", pa.array(range(ROWS), pa.int16()))
     src = root / "docs.parquet"
     pq.write_table(rows, src)
-    options = dict(device="cpu", shard_rows=SHARD_ROWS, max_seq_length=64, store_text=True, keep_columns=("n",), progress=False)
+    options = dict(device="cpu", shard_rows=SHARD_ROWS, max_seq_length=64, store_text=True, keep_columns=("n",),
+                   tokenize_workers=1, progress=False)  # fmt: skip
     one = embedkit.encode(src, root / "one", **options)
     two = embedkit.encode(src, root / "two", gpus=2, **options)
     return one, two, root / "two", rows
 
 
-@pytest.mark.slow  # two spawned workers, each loading torch and the model
+@pytest.mark.slow  # two Ray workers, each loading torch and the model
 def test_two_workers_write_what_one_writes(one_and_two):
     one, two, out, _ = one_and_two
     assert (two.docs, two.tokens, two.shards_done) == (one.docs, one.tokens, ROWS // SHARD_ROWS)
     assert two.device == "2 x cpu"
-    # each worker's part counts the shards it committed, also for a worker stopped while busy
-    # with a re-issued duplicate (it never sends a final report)
-    assert sum(p["tokens"] for p in two.parts) == two.tokens and all(p["seconds"] > 0 for p in two.parts)
+    # one part per worker process: the tokens of the shards it committed and its seconds
+    # encoding them; a copy that lost a re-issued shard adds nothing
+    assert len(two.parts) == 2 and sum(p["tokens"] for p in two.parts) == two.tokens and all(p["seconds"] > 0 for p in two.parts)
     a, b = stored(Path(one.out)), stored(out)
     assert set(a) == set(b) and len(b) == ROWS
     cos = [float(a[k] @ b[k] / np.linalg.norm(a[k]) / np.linalg.norm(b[k])) for k in a]
@@ -83,9 +96,9 @@ def test_workers_store_the_text_and_kept_columns(one_and_two):
 
 @pytest.mark.slow
 def test_workers_share_the_shards_and_the_timeline_shows_them(one_and_two, tmp_path, run_cli):
-    """A worker holds at most two shards at a time, so both workers get shards, each with a
-    tokenizer pool of its own (a worker is not a daemon); `status --plot` draws one bar per
-    committed shard on one row per worker."""
+    """Both workers get shards, each running them with a tokenizer process of its own (a Ray
+    worker may start children); `status --plot` draws one bar per committed shard on one row
+    per worker."""
     from embedkit.plots import plot_timeline
     from embedkit.status import commit_log
 
@@ -94,7 +107,6 @@ def test_workers_share_the_shards_and_the_timeline_shows_them(one_and_two, tmp_p
     assert sorted(e["shard"] for e in log) == list(range(ROWS // SHARD_ROWS))
     per_worker = {w: sum(1 for e in log if e["worker"] == w) for w in {e["worker"] for e in log}}
     assert len(per_worker) == 2 and min(per_worker.values()) >= 2, per_worker
-    assert len(two.parts) == 2
     assert all(e["committed"] >= e["started"] for e in log)
     drawn = plot_timeline(log, tmp_path / "t.png")
     assert len(drawn["bars"]) == ROWS // SHARD_ROWS and sorted(drawn["workers"]) == sorted(per_worker)
@@ -104,30 +116,76 @@ def test_workers_share_the_shards_and_the_timeline_shows_them(one_and_two, tmp_p
     assert f"{ROWS // SHARD_ROWS} shards on 2 workers" in r.stdout
 
 
+def could_commit(sid: int) -> dict[int, str]:
+    """The processes of a run's session that are not Ray's node agents."""
+    return {pid: cmd for pid, cmd in session_processes(sid).items() if not cmd.startswith(RAY_AGENTS)}
+
+
 @pytest.mark.slow
-def test_killed_multi_worker_run_resumes_exactly_once(corpus, tmp_path):
+def test_workers_die_with_their_driver_and_the_rerun_writes_every_id_once(corpus, tmp_path):
+    """`embedkit encode --gpus 2` in its own session: its main process gets SIGTERM after 3
+    commits; the rerun gets SIGKILL after 3 more (the main process only, as the OOM killer
+    would). After each, no worker may outlive the driver by more than WORKERS_GONE_S (on
+    SIGTERM nothing of the run may: Ray is shut down). The last rerun finishes: every id
+    exactly once, and `status` complete."""
+    pytest.importorskip("ray")
     out = tmp_path / "out"
-    args = [*cli_command(), "encode", str(corpus), str(out), "--device", "cpu", "--gpus", "2", "--shard-rows", "10",
-            "--max-seq-length", "64", "--quiet"]  # fmt: skip
-    proc = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
+    args = ["encode", corpus, out, "--device", "cpu", "--gpus", "2", "--shard-rows", "10", "--max-seq-length", "64", "-q"]
+    commits = lambda: max(0, versions(out / "vectors.lance") - 1)  # noqa: E731  (version 1 is the empty dataset)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        log = tmp_path / f"{sig.name}.log"
+        proc = start(args, log)
         try:
-            if len(VectorStore(out).committed_shards()) >= 2:
-                break
-        except Exception:  # the dataset may not exist yet
-            pass
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the parent and both workers
-    proc.wait()
-    done_before = len(VectorStore(out).committed_shards())
-    assert 2 <= done_before < ROWS // 10, "the kill must land mid-run"
-    rerun = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr
-    summary = json.loads(rerun.stdout)
-    assert summary["shards_skipped"] == done_before
-    assert summary["shards_done"] + summary["shards_skipped"] == ROWS // 10
+            target = commits() + 3
+            wait_for(proc, lambda: commits() >= target, log, f"{target} commits", poll=0.01)
+            proc.send_signal(sig)
+            proc.wait(timeout=60)
+            alive = could_commit if sig == signal.SIGKILL else session_processes
+            deadline = time.monotonic() + WORKERS_GONE_S
+            while alive(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            left = alive(proc.pid)
+            assert not left, f"{len(left)} processes outlived the driver's {sig.name} by {WORKERS_GONE_S} s: {left}"
+        finally:
+            kill_session(proc)
+        assert commits() < ROWS // 10, "the kill must land mid-run"
+    rerun = run(*args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_exactly_once(out, pq.read_table(corpus).column("id").to_pylist())
+    assert embedkit.status(out).complete
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_shard_without_reissue_is_retried(local_ray, corpus, tmp_path):
+    """One Ray worker dies mid-shard (SIGKILL, as on a preempted or OOM-killed process) in a
+    `--gpus 2 --no-reissue` run: its task is retried, the run ends (it used to wait for ever),
+    and every id is written once."""
+    out = tmp_path / "out"
+    result: dict = {}
+
+    def drive() -> None:
+        try:
+            result["summary"] = embedkit.encode(corpus, out, device="cpu", shard_rows=10, max_seq_length=128, gpus=2, reissue=False,
+                                                progress=False)  # fmt: skip
+        except BaseException as e:  # surfaced by the assertions below
+            result["error"] = e
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    killed = None
+    deadline = time.time() + HANG_GUARD_S
+    while killed is None and driver.is_alive() and time.time() < deadline:
+        pids = task_pids()
+        if pids and len(VectorStore(out).committed_shards() if (out / "vectors.lance").exists() else {}) >= 1:
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    driver.join(timeout=HANG_GUARD_S)
+    assert not driver.is_alive(), "the run hangs after a worker died"
+    assert killed is not None, "no running task was found to kill"
+    assert "error" not in result, result.get("error")
     assert len(stored(out)) == ROWS
+    assert sorted(VectorStore(out).committed_shards()) == list(range(ROWS // 10))
 
 
 @pytest.mark.parametrize("gpus", ["0", "x", "all"])
@@ -136,33 +194,31 @@ def test_bad_gpus_values_are_refused(corpus, tmp_path, gpus):
         embedkit.encode(corpus, tmp_path / "o", device="cpu", gpus=gpus, progress=False)
 
 
-def test_a_worker_takes_a_third_shard_only_after_finishing_one():
-    """The read-ahead of a worker claims shards from the shared queue through two permits;
-    before it waits for a permit it hands over what it has read (else nothing could finish)."""
-    import threading
-
-    from embedkit.pipeline import _claimed
-
-    taken: list[int] = []
-
-    def shared_queue():
-        for i in range(5):
-            taken.append(i)
-            yield i
-
-    claims, stop, handed = threading.Semaphore(2), threading.Event(), []
-    shards = _claimed(shared_queue(), claims, stop, lambda: handed.append(list(taken)))
-    got = [next(shards), next(shards)]
-    waiter = threading.Thread(target=lambda: got.append(next(shards)))
-    waiter.start()
-    waiter.join(0.5)
-    assert waiter.is_alive() and taken == [0, 1] and handed == [[], [0], [0, 1]]
-    claims.release()  # the consumer finished a shard
-    waiter.join(5)
-    assert got == [0, 1, 2] and taken == [0, 1, 2]
-    stop.set()
-    assert list(shards) == []  # stopped while waiting for a permit: no more shards taken
-    assert taken == [0, 1, 2]
+@pytest.mark.slow  # a fresh interpreter that loads the model
+def test_one_worker_never_imports_ray_and_several_need_it(corpus, tmp_path):
+    """With a `ray` that cannot be imported (it records the attempt): a single-worker encode
+    runs without trying, and `gpus=2` is refused in one line naming the extra, before OUT is
+    made."""
+    shim = tmp_path / "shim" / "ray"
+    shim.mkdir(parents=True)
+    tried = tmp_path / "ray-import-tried"
+    (shim / "__init__.py").write_text(f"open({str(tried)!r}, 'w').close()\nraise ImportError(\"No module named 'ray'\")\n")
+    code = (
+        "import os, embedkit\n"
+        f"s = embedkit.encode({str(corpus)!r}, {str(tmp_path / 'one')!r}, device='cpu', shard_rows=60, max_seq_length=16, progress=False)\n"
+        f"print(s.docs, os.path.exists({str(tried)!r}))\n"
+        "try:\n"
+        f"    embedkit.encode({str(corpus)!r}, {str(tmp_path / 'two')!r}, device='cpu', gpus=2, progress=False)\n"
+        "except embedkit.EmbedkitError as e:\n"
+        "    print(e)\n"
+    )  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim.parent), os.environ.get("PYTHONPATH", "")]), PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.strip().splitlines()
+    assert lines[0] == f"{ROWS} False"  # encoded, and `import ray` never tried
+    assert len(lines) == 2 and "pip install 'embedkit[ray]'" in lines[1] and "--gpus" in lines[1], lines
+    assert not (tmp_path / "two").exists()
 
 
 # With re-issue the run must end well before the stall would: a long stall. Without, it must
@@ -172,11 +228,13 @@ STALL_S = {True: 30.0, False: 10.0}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("reissue", [True, False])
-def test_a_stalled_worker_is_overtaken(corpus, tmp_path, monkeypatch, reissue):
-    """Worker 1 stalls STALL_S[reissue] seconds on its first shard (fault injection). With re-issue the
-    other worker also runs that shard, commits it first, and the run ends well before the stall
-    is over; without, the run waits for it. Either way every id is written exactly once."""
-    monkeypatch.setenv("EMBEDKIT_TEST_STALL", f"1:{STALL_S[reissue]}")
+def test_a_stalled_worker_is_overtaken(local_ray, corpus, tmp_path, monkeypatch, reissue):
+    """The first copy of shard 0 stalls STALL_S[reissue] seconds (fault injection). With re-issue
+    the idle worker also runs that shard, commits it first, and the run ends well before the
+    stall is over; without, the run waits for it. Either way every id is written exactly once."""
+    from embedkit.distributed import STALL_ENV
+
+    monkeypatch.setenv(STALL_ENV, f"0:{STALL_S[reissue]}")
     t = time.perf_counter()
     s = embedkit.encode(corpus, tmp_path / "out", device="cpu", shard_rows=20, max_seq_length=64, gpus=2, reissue=reissue, progress=False)
     wall = time.perf_counter() - t
@@ -188,4 +246,3 @@ def test_a_stalled_worker_is_overtaken(corpus, tmp_path, monkeypatch, reissue):
     else:
         assert s.reissued == 0
         assert wall > STALL_S[False], wall
-    assert not (tmp_path / "out" / ".embedkit-commits").exists()

@@ -229,3 +229,31 @@ def assert_exactly_once(out: Path, ids: list) -> pa.Table:
     assert len(got) == len(set(got)), "an id is stored more than once"
     assert sorted(got) == sorted(ids)
     return table
+
+
+def session_processes(sid: int) -> dict[int, str]:
+    """pid -> command line of every live process in session `sid` (a command started by `start`
+    leads its own session: its workers, and Ray's processes, stay in it)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        if fields[0] != "Z" and int(fields[3]) == sid:  # state, ppid, pgrp, session
+            found[int(entry)] = cmd
+    return found
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """End every process left in the session of a command started by `start`, one by one."""
+    for pid in session_processes(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
