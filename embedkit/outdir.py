@@ -14,13 +14,13 @@ from .errors import EmbedkitError
 from .fsutil import is_temporary
 from .index.state import INDEX_DIR
 from .shards import LOCK, MANIFEST
-from .store import GENERATIONS_DIR, VECTORS_DIR
+from .store import GENERATIONS_DIR, VECTORS_DIR, ledger_name
 
 WRITE_TEST = ".embedkit.write-test"
 # What embedkit writes into OUT (and the temporary names of its atomic writes). A folder holding
 # anything else and no manifest is someone else's: writing into it would mix the two.
 OWN_NAMES = frozenset({
-    MANIFEST, LOCK, VECTORS_DIR, GENERATIONS_DIR, INDEX_DIR, INPUT_CACHE, WRITE_TEST,
+    MANIFEST, LOCK, VECTORS_DIR, GENERATIONS_DIR, ledger_name(VECTORS_DIR), ledger_name(GENERATIONS_DIR), INDEX_DIR, INPUT_CACHE, WRITE_TEST,
 })  # fmt: skip
 
 

@@ -45,7 +45,7 @@ from .models import (
 from .outdir import check_out, clear_output, make_out, undo_if_unstarted
 from .planning import default_shard_rows
 from .shards import MANIFEST, OutputLock, Shard, manifest_differences, read_manifest, shards_from_manifest, write_manifest
-from .store import VECTORS_DIR, VectorStore, vectors_schema, vectors_table
+from .store import VECTORS_DIR, VectorStore, ledger_name, vectors_schema, vectors_table
 from .tokenize import TextTokenizer, TokenizerPool, Tokenized, default_workers, tokenize_all
 
 PREFETCH_WINDOWS = 2  # tokenized windows kept ready ahead of the model
@@ -225,7 +225,7 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
     created = make_out(out)
     with undo_if_unstarted(out, created), OutputLock(out):
         if cfg.overwrite:
-            clear_output(out, (VECTORS_DIR, INDEX_DIR))
+            clear_output(out, (VECTORS_DIR, ledger_name(VECTORS_DIR), INDEX_DIR))
         old, store = read_manifest(out), VectorStore(out)
         if old is None and store.exists():
             raise EmbedkitError(f"{out} holds {VECTORS_DIR} but no {MANIFEST}; start fresh with --overwrite")
@@ -233,8 +233,10 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
         manifest = _manifest(corpus, cfg, source, shard_rows, cache=out / INPUT_CACHE)
         if old is not None:
             _refuse_differences(out, old, manifest)
-            if store.exists() and len(store.committed_shards()) == old["plan"]["shards"]:
-                return _nothing_to_do(out, choice, old["plan"]["shards"])
+            if store.exists():
+                store.reconcile()  # an older output's ledger migrated, a killed run's last commit settled
+                if len(store.committed_shards()) == old["plan"]["shards"]:
+                    return _nothing_to_do(out, choice, old["plan"]["shards"])
         if store.exists():
             store.remove_uncommitted()  # and drops damaged shards: what is left is done
         return _encode_prepared(input, corpus, out, cfg, choice, source, manifest, old)

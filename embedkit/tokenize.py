@@ -7,13 +7,15 @@ pre-tokenizer, special tokens and truncation) and return flat int32 arrays, whic
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
 from itertools import chain
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -120,11 +122,11 @@ _worker_tokenizer: TextTokenizer | None = None
 
 def _init_worker(tokenizer_json: str, max_length: int, truncation_side: str) -> None:
     global _worker_tokenizer
-    import signal
-
     # Ctrl-C reaches the whole process group: the parent stops the pool, and a worker printing
     # its own KeyboardInterrupt traceback would only bury the parent's one-line message.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked by the parent around the fork (see _no_sigint)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     # Each worker is one core's worth of tokenizing; Rust threads inside it would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # Workers run ahead of the device in bursts; at a lower priority they never take the core
@@ -149,6 +151,22 @@ def default_workers(device_type: str) -> int:
     return 1
 
 
+@contextlib.contextmanager
+def _no_sigint() -> Iterator[None]:
+    """SIGINT held back while the pool forks: a Ctrl-C landing in a child between the fork and
+    `_init_worker` would print a traceback from the child's at-fork handlers. The children (and
+    the pool's threads, started here) inherit the blocked signal; each worker ignores SIGINT
+    before it unblocks it, and the parent gets a pending Ctrl-C once the pool is up."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class TokenizerPool:
     """Tokenizes chunks of texts in worker processes (or in-process when workers == 0).
 
@@ -169,7 +187,8 @@ class TokenizerPool:
             with warnings.catch_warnings():
                 # lance warns on any fork once imported; these children never call lance
                 warnings.filterwarnings("ignore", message=".*fork-safe.*")
-                self._pool = mp.get_context(method).Pool(workers, _init_worker, (tokenizer_json, max_length, truncation_side))
+                with _no_sigint():
+                    self._pool = mp.get_context(method).Pool(workers, _init_worker, (tokenizer_json, max_length, truncation_side))
 
     def submit(self, texts: "pa.Array | list[str]") -> "_Pending":
         """Start tokenizing; `texts` is an Arrow string array or a list (None counts as "")."""

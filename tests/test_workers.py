@@ -1,17 +1,14 @@
 """Several workers on one output (`--gpus N`): shard tasks on a local Ray, run on the CPU with two.
 
-Most tests share one Ray started for this module (`local_ray`), as a program that called
-`ray.init()` would; the tests of what happens when the driver dies run the `embedkit` command,
-which starts (and must stop) a Ray of its own.
+The tests share one Ray started for this module (`local_ray`), as a program that called
+`ray.init()` would. What happens when the driver or a worker dies: tests/faults/test_fault_workers.py.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -20,18 +17,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import SAMPLE, task_pids
-from faults.faultkit import HANG_GUARD_S, assert_exactly_once, kill_session, run, session_processes, start, versions, wait_for
+from conftest import SAMPLE
+from faults.faultkit import HANG_GUARD_S
 
 import embedkit
 from embedkit.errors import EmbedkitError
 from embedkit.store import VectorStore
 
 ROWS, SHARD_ROWS = 120, 15  # 8 shards: each of two workers takes several
-WORKERS_GONE_S = 20.0  # after the driver died: how long its workers may take to stop
-# Ray's node agents write nothing to OUT; after a SIGKILL of the driver they notice that the
-# raylet is gone and exit on their own, within about a minute (docs/reliability.md).
-RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
 @pytest.fixture(scope="module")
@@ -114,78 +107,6 @@ def test_workers_share_the_shards_and_the_timeline_shows_them(one_and_two, tmp_p
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "cli.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"{ROWS // SHARD_ROWS} shards on 2 workers" in r.stdout
-
-
-def could_commit(sid: int) -> dict[int, str]:
-    """The processes of a run's session that are not Ray's node agents."""
-    return {pid: cmd for pid, cmd in session_processes(sid).items() if not cmd.startswith(RAY_AGENTS)}
-
-
-@pytest.mark.slow
-def test_workers_die_with_their_driver_and_the_rerun_writes_every_id_once(corpus, tmp_path):
-    """`embedkit encode --gpus 2` in its own session: its main process gets SIGTERM after 3
-    commits; the rerun gets SIGKILL after 3 more (the main process only, as the OOM killer
-    would). After each, no worker may outlive the driver by more than WORKERS_GONE_S (on
-    SIGTERM nothing of the run may: Ray is shut down). The last rerun finishes: every id
-    exactly once, and `status` complete."""
-    pytest.importorskip("ray")
-    out = tmp_path / "out"
-    args = ["encode", corpus, out, "--device", "cpu", "--gpus", "2", "--shard-rows", "10", "--max-seq-length", "64", "-q"]
-    commits = lambda: max(0, versions(out / "vectors.lance") - 1)  # noqa: E731  (version 1 is the empty dataset)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        log = tmp_path / f"{sig.name}.log"
-        proc = start(args, log)
-        try:
-            target = commits() + 3
-            wait_for(proc, lambda: commits() >= target, log, f"{target} commits", poll=0.01)
-            proc.send_signal(sig)
-            proc.wait(timeout=60)
-            alive = could_commit if sig == signal.SIGKILL else session_processes
-            deadline = time.monotonic() + WORKERS_GONE_S
-            while alive(proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            left = alive(proc.pid)
-            assert not left, f"{len(left)} processes outlived the driver's {sig.name} by {WORKERS_GONE_S} s: {left}"
-        finally:
-            kill_session(proc)
-        assert commits() < ROWS // 10, "the kill must land mid-run"
-    rerun = run(*args)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert_exactly_once(out, pq.read_table(corpus).column("id").to_pylist())
-    assert embedkit.status(out).complete
-
-
-@pytest.mark.slow
-def test_a_worker_killed_mid_shard_without_reissue_is_retried(local_ray, corpus, tmp_path):
-    """One Ray worker dies mid-shard (SIGKILL, as on a preempted or OOM-killed process) in a
-    `--gpus 2 --no-reissue` run: its task is retried, the run ends (it used to wait for ever),
-    and every id is written once."""
-    out = tmp_path / "out"
-    result: dict = {}
-
-    def drive() -> None:
-        try:
-            result["summary"] = embedkit.encode(corpus, out, device="cpu", shard_rows=10, max_seq_length=128, gpus=2, reissue=False,
-                                                progress=False)  # fmt: skip
-        except BaseException as e:  # surfaced by the assertions below
-            result["error"] = e
-
-    driver = threading.Thread(target=drive)
-    driver.start()
-    killed = None
-    deadline = time.time() + HANG_GUARD_S
-    while killed is None and driver.is_alive() and time.time() < deadline:
-        pids = task_pids()
-        if pids and len(VectorStore(out).committed_shards() if (out / "vectors.lance").exists() else {}) >= 1:
-            killed = pids[0]
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.05)
-    driver.join(timeout=HANG_GUARD_S)
-    assert not driver.is_alive(), "the run hangs after a worker died"
-    assert killed is not None, "no running task was found to kill"
-    assert "error" not in result, result.get("error")
-    assert len(stored(out)) == ROWS
-    assert sorted(VectorStore(out).committed_shards()) == list(range(ROWS // 10))
 
 
 @pytest.mark.parametrize("gpus", ["0", "x", "all"])

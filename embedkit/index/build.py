@@ -197,8 +197,10 @@ def dry_run_build(out: str | Path, cfg: IndexConfig) -> dict:
 
 
 def _require_finished_encode(out: Path, store: VectorStore, manifest: dict) -> None:
-    """An index over a half-encoded output would be stale as soon as the encode resumes."""
+    """An index over a half-encoded output would be stale as soon as the encode resumes.
+    Called under the output lock, so a killed encode's last commit is settled first."""
     planned = int(manifest.get("plan", {}).get("shards", 0))
+    store.reconcile()
     done = len(store.committed_shards())
     if done < planned:
         raise EmbedkitError(f"{out} is not fully encoded ({done} of {planned} shards); rerun the encode command first")

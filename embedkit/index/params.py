@@ -162,6 +162,7 @@ def _pq_m(n: int, dim: int, nlist: int, budget: int, forced: int | None) -> int:
 
 
 def _custom(n: int, dim: int, factory: str, metric: str) -> IndexParams:
+    _check_factory(dim, factory, metric)
     ivf = re.search(r"IVF(\d+)", factory)
     pq = re.search(r"(?<!O)PQ(\d+)", factory)  # not the OPQ16 of "OPQ16_64"
     lists = int(ivf.group(1)) if ivf else 0
@@ -169,6 +170,19 @@ def _custom(n: int, dim: int, factory: str, metric: str) -> IndexParams:
         raise EmbedkitError(f"{n:,} vectors are too few for {factory!r}: it has {lists} lists")
     train = min(n, max(TRAIN_POINTS_PER_LIST * lists, PQ_TRAIN_POINTS)) if lists or pq else n
     return IndexParams(n, dim, factory, metric, lists, int(pq.group(1)) if pq else 0, "OPQ" in factory, "HNSW" in factory, train, custom=True)
+
+
+def _check_factory(dim: int, factory: str, metric: str) -> None:
+    """Refuse a factory string faiss cannot build for `dim` before anything is read or removed
+    (constructing the empty index is cheap; a failure later would read as a write error)."""
+    import faiss
+
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2)
+    except RuntimeError as e:
+        found = re.search(r"\.(?:cpp|h):\d+: (.*)", str(e))
+        reason = (found.group(1) if found else str(e)).strip().splitlines()[0]
+        raise EmbedkitError(f"--factory {factory!r} is not a faiss index for {dim}-d vectors: {reason}") from None
 
 
 def estimate_build_seconds(p: IndexParams, *, gpu: bool, cores: int) -> float:

@@ -215,6 +215,15 @@ class Retriever:
                                 f"then `embedkit build-index {self.out}`")  # fmt: skip
         return latest
 
+    def _output_changed(self) -> bool:
+        """Whether the vectors are no longer the version this Retriever opened."""
+        import lance
+
+        try:
+            return staleness(self.params, lance.dataset(str(self.out / VECTORS_DIR))) is not None
+        except Exception:  # gone, or half rewritten
+            return True
+
     def _check_model(self, name: str) -> None:
         """The model that encodes the queries is the one the documents were encoded with (a local
         folder whose weights changed since would put queries in another space, silently)."""
@@ -252,8 +261,16 @@ class Retriever:
             raise EmbedkitError(f"k must be positive, not {k}")
         nprobe = self.nprobe if self.params["key"].get("factory", "").find("IVF") >= 0 else 0
         cand = candidates(self.index, q, nprobe, max(self.rerank, k))
-        positions, scores = rerank(q, cand, self.cache, k)
-        found = self._rows(positions)
+        try:
+            positions, scores = rerank(q, cand, self.cache, k)
+            found = self._rows(positions)
+        except Exception:
+            # the vectors version this Retriever reads may have been deleted under it (an
+            # `encode --overwrite`, a version cleanup): say so rather than show Lance's error
+            if self._output_changed():
+                raise EmbedkitError(f"{self.out} changed while searching (its vectors were rewritten); search again, "
+                                    f"after `embedkit build-index {self.out}` if it asks for it") from None  # fmt: skip
+            raise
         return SearchResults(
             ids=found.pop("id"), scores=[s[p >= 0].tolist() for p, s in zip(positions, scores)], texts=found.pop("text", None),
             columns=found,

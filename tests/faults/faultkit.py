@@ -42,16 +42,17 @@ class Result:
     stderr: str
 
 
-def _env() -> dict:
-    return dict(os.environ, PYTHONWARNINGS="ignore")
+def _env(extra: dict | None = None) -> dict:
+    return dict(os.environ, PYTHONWARNINGS="ignore", **(extra or {}))
 
 
-def run(*args: object, preexec: Callable[[], None] | None = None) -> Result:
-    """Run `embedkit ARGS` to completion; `preexec` runs in the child before it starts."""
+def run(*args: object, preexec: Callable[[], None] | None = None, env: dict | None = None) -> Result:
+    """Run `embedkit ARGS` to completion; `preexec` runs in the child before it starts, `env`
+    adds to its environment."""
     with warnings.catch_warnings():
         # a preexec_fn makes subprocess fork this process, which has imported lance (it warns)
         warnings.filterwarnings("ignore", message=".*fork-safe.*")
-        p = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=_env(), timeout=HANG_GUARD_S,
+        p = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, env=_env(env), timeout=HANG_GUARD_S,
                            preexec_fn=preexec)  # fmt: skip
     return Result(p.returncode, p.stdout, p.stderr)
 
@@ -71,11 +72,22 @@ def run_all(commands: Sequence[Sequence[object]]) -> list[Result]:
     return results
 
 
-def start(args: Sequence[object], log: Path) -> subprocess.Popen:
+def start(args: Sequence[object], log: Path, env: dict | None = None) -> subprocess.Popen:
     """Start `embedkit ARGS` in its own session, output to a file (an unread pipe could stall it)."""
     with open(log, "w") as sink:
-        return subprocess.Popen([*CLI, *map(str, args)], stdout=sink, stderr=subprocess.STDOUT, env=_env(),
+        return subprocess.Popen([*CLI, *map(str, args)], stdout=sink, stderr=subprocess.STDOUT, env=_env(env),
                                 start_new_session=True)  # fmt: skip
+
+
+def run_to_kill(args: Sequence[object], log: Path, kill_at: str) -> None:
+    """Run `embedkit ARGS` with the fault hook EMBEDKIT_TEST_KILL_AT=`kill_at` (PHASE:SHARD):
+    the command sends itself SIGKILL at that point. Fails unless it died that way."""
+    proc = start(args, log, env={"EMBEDKIT_TEST_KILL_AT": kill_at})
+    try:
+        proc.wait(timeout=HANG_GUARD_S)
+    finally:
+        kill_group(proc)  # what it started (tokenizer workers) goes with it
+    assert proc.returncode == -signal.SIGKILL, (f"not killed at {kill_at}", proc.returncode, log.read_text()[-3000:])
 
 
 def wait_for(proc: subprocess.Popen, ready: Callable[[], bool], log: Path, what: str, poll: float = 0.0002) -> None:

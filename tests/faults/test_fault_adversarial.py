@@ -22,6 +22,7 @@ from .faultkit import (
     ENCODE_OPTIONS,
     assert_exactly_once,
     assert_one_line_error,
+    file_size_limit,
     has_children,
     kill_group,
     make_read_only,
@@ -211,6 +212,35 @@ def test_search_works_and_build_index_is_refused_on_read_only_storage(indexed_co
     assert searched.returncode == 0, searched.stderr
     assert len(json.loads(searched.stdout)["hits"]) == 10
     assert_one_line_error(built, "Permission denied")
+
+
+def test_a_search_racing_encode_overwrite_gets_one_line(indexed_copy, corpus_file):
+    """A Retriever opened on an output, then `encode --overwrite` rewrites the vectors under it,
+    then a search: one line saying the output changed, not Lance's error about a missing file."""
+    r = embedkit.Retriever(indexed_copy)
+    assert len(r.search(["open a file"], k=3).ids[0]) == 3
+    embedkit.encode(corpus_file, indexed_copy, device="cpu", shard_rows=10, max_seq_length=64, overwrite=True, progress=False)
+    with pytest.raises(EmbedkitError, match="changed while searching") as e:
+        r.search(["open a file"], k=3)
+    assert "\n" not in str(e.value)
+
+
+def test_a_garbage_factory_gets_one_line(indexed_copy):
+    assert_one_line_error(run("build-index", indexed_copy, "--factory", "garbage,,", "--overwrite", "-q"), "--factory", "garbage,,")
+    assert embedkit.Retriever(indexed_copy).search(["open a file"], k=3).ids  # the old index still serves
+
+
+def test_disk_full_during_build_index_gets_one_line_and_leaves_no_temporary(indexed_copy):
+    """build-index whose files may not grow past 8 KB (the index is larger): one line, the index
+    folder holds no half-written file, and a rerun with room builds it."""
+    shutil.rmtree(indexed_copy / "index")
+    full = run("build-index", indexed_copy, "--factory", "Flat", "-q", preexec=file_size_limit(8 * 1024))
+    assert_one_line_error(full, "File too large")
+    left = sorted(p.name for p in (indexed_copy / "index").iterdir()) if (indexed_copy / "index").exists() else []
+    assert not [n for n in left if ".tmp" in n or n.startswith(".")], left
+    again = run("build-index", indexed_copy, "--factory", "Flat", "-q")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert embedkit.status(indexed_copy).index["state"] == "current"
 
 
 # ---- links planted in OUT ------------------------------------------------------------------------
