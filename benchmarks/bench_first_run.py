@@ -48,6 +48,9 @@ def main() -> None:
     ap.add_argument("--sweep", default="32,128,512,1024,2048,4096", help="SentenceTransformer batch sizes")
     ap.add_argument("--sweep-docs", type=int, default=20_000)
     ap.add_argument("--parts", default="cli,compare", help="cli (fresh runs), compare (same docs vs ST), profile")
+    ap.add_argument("--loaders", default="native", help="native (embedkit.bert where it applies) and/or st (EMBEDKIT_NATIVE=0): "
+                    "fresh CLI runs with each, alternating")
+    ap.add_argument("--repeats", type=int, default=1, help="fresh CLI runs per loader")
     ap.add_argument("--work", required=True)
     ap.add_argument("--out", default=None, help="folder for the JSON results and profiles")
     args = ap.parse_args()
@@ -65,7 +68,9 @@ def main() -> None:
         folder, precision = _model_folder(name, args.minilm, work)
         for kind, path in corpora.items():
             if "cli" in parts:
-                rows.append(fresh_cli(name, folder, kind, path, work, peak))
+                for _ in range(args.repeats):
+                    for loader in args.loaders.split(","):
+                        rows.append(fresh_cli(name, folder, kind, path, work, peak, loader))
             if "profile" in parts:
                 profiled(name, folder, kind, path, work, out)
             if "compare" in parts:
@@ -138,23 +143,25 @@ def head(path: Path, n: int, work: Path) -> Path:
 # ---- runs ---------------------------------------------------------------------------------------
 
 
-def cli_encode(folder: str, corpus: Path, out: Path, prefix: tuple[str, ...] = ()) -> tuple[float, dict]:
-    """One `embedkit encode` in a new process: (process wall seconds, its JSON summary)."""
+def cli_encode(folder: str, corpus: Path, out: Path, prefix: tuple[str, ...] = (), loader: str = "native") -> tuple[float, dict]:
+    """One `embedkit encode` in a new process: (process wall seconds, its JSON summary).
+    `loader` "st" loads every model through sentence-transformers (EMBEDKIT_NATIVE=0)."""
+    import os
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
     cmd = [*prefix, sys.executable, "-m", "embedkit.cli", "encode", str(corpus), str(out), "--model", folder, "--json", "-q"]
     t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "EMBEDKIT_NATIVE": "0" if loader == "st" else "1"})
     wall = time.perf_counter() - t
     if p.returncode != 0:
         raise SystemExit(f"encode failed: {p.stderr[-3000:]}")
     return wall, json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])  # py-spy prints too
 
 
-def fresh_cli(name: str, folder: str, kind: str, corpus: Path, work: Path, peak: float) -> dict:
-    wall, s = cli_encode(folder, corpus, work / f"out-{name}-{kind}")
-    row = {"row": "fresh CLI", "model": name, "corpus": kind, "docs": s["docs"], "tokens": s["tokens"],
+def fresh_cli(name: str, folder: str, kind: str, corpus: Path, work: Path, peak: float, loader: str = "native") -> dict:
+    wall, s = cli_encode(folder, corpus, work / f"out-{name}-{kind}", loader=loader)
+    row = {"row": "fresh CLI", "model": name, "loader": loader, "corpus": kind, "docs": s["docs"], "tokens": s["tokens"],
            "tokens_per_doc": s["tokens"] / max(1, s["docs"]), "encode_s": s["seconds"], "wall_s": wall,
            "encode_tok_s": s["tokens"] / s["seconds"], "wall_tok_s": s["tokens"] / wall, "docs_per_s": s["docs"] / s["seconds"],
            "input_wait_s": s["input_wait_seconds"], "padding": s["padding_overhead"]}  # fmt: skip
@@ -192,16 +199,16 @@ def compare(name: str, folder: str, precision: str, kind: str, corpus: Path, arg
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| model | corpus | docs | tokens/doc | encode s | process wall s | encode tok/s | wall tok/s | docs/s | input wait s | MFU |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | loader | corpus | docs | tokens/doc | encode s | process wall s | encode tok/s | wall tok/s | docs/s | input wait s | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in (r for r in rows if r["row"] == "fresh CLI"):
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-        print(f"| {r['model']} | {r['corpus']} | {r['docs']:,} | {r['tokens_per_doc']:.1f} | {r['encode_s']:.1f} | {r['wall_s']:.1f} "
+        print(f"| {r['model']} | {r.get('loader', 'native')} | {r['corpus']} | {r['docs']:,} | {r['tokens_per_doc']:.1f} | {r['encode_s']:.1f} | {r['wall_s']:.1f} "
               f"| {r['encode_tok_s']:,.0f} | {r['wall_tok_s']:,.0f} | {r['docs_per_s']:,.0f} | {r['input_wait_s']:.1f} | {mfu} |")  # fmt: skip
     print("\n| model | corpus | same docs | embedkit encode tok/s (fresh CLI) | ST best batch | ST tok/s | ratio |")
     print("|---|---|---|---|---|---|---|")
     for r in (r for r in rows if r["row"] == "same docs"):
-        print(f"| {r['model']} | {r['corpus']} | {r['docs']:,} | {r['embedkit_encode_tok_s']:,.0f} | {r['st_best_batch']} "
+        print(f"| {r['model']} | {r.get('loader', 'native')} | {r['corpus']} | {r['docs']:,} | {r['embedkit_encode_tok_s']:,.0f} | {r['st_best_batch']} "
               f"| {r['st_tok_s']:,.0f} | {r['ratio']:.1f}x |")  # fmt: skip
     sys.stdout.flush()
 

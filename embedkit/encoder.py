@@ -240,6 +240,8 @@ class Encoder:
         ahead. A 4-D mask is used as it is; whether the batch has padding is known on the host.
         """
         mask = self._mask(ids, lens)
+        if getattr(self.model, "native", False):
+            return self.model.embed(ids, mask, padded)
         b, seq = ids.shape
         attn = mask[:, None, None, :].expand(b, 1, seq, seq) if padded else None
         hidden = self._transformer(input_ids=ids, attention_mask=attn, return_dict=True).last_hidden_state
@@ -251,6 +253,8 @@ class Encoder:
     def _choose_direct(self) -> bool:
         """Use the direct path only for a plain text transformer, and only if it agrees with the modules."""
         torch = self.torch
+        if getattr(self.model, "native", False):  # embedkit.bert: its own padded-batch path
+            return True
         first = self.model[0]
         hf = getattr(first, "auto_model", None)
         config = getattr(first, "modality_config", None) or {}

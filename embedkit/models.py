@@ -115,9 +115,23 @@ def declared_max_length(source: ModelSource) -> int | None:
 
 
 def load_sentence_transformer(source: ModelSource, device: str) -> Any:
-    """Load a SentenceTransformer on `device`; a clear error when it cannot be loaded."""
+    """Load a SentenceTransformer on `device`; a clear error when it cannot be loaded.
+
+    A local folder of BERT + Pooling (+ Normalize) is built by embedkit.bert without importing
+    sentence-transformers or transformers (the same vectors, seconds less start-up); every other
+    model is a SentenceTransformer.
+    """
     import warnings
 
+    if source.path is not None:
+        from .bert import load_native, native_spec
+
+        spec = native_spec(source.path)
+        if spec is not None:
+            try:
+                return load_native(spec).to(device)
+            except (OSError, KeyError, RuntimeError, ValueError):  # weights not as config.json says: the general loader decides
+                pass
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
 
