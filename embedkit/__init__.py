@@ -14,7 +14,7 @@ Public API (heavy libraries load on first use, so importing embedkit is instant)
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "encode", "encode_texts", "status", "build_index", "Retriever", "EncodeSummary", "OutputStatus", "IndexReport",

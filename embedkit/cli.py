@@ -107,7 +107,7 @@ def encode(input: str, out: str, quiet: bool, as_json: bool, dry_run: bool, samp
     options["keep_columns"] = _names(keep_columns)
     if dry_run:
         from .config import EncodeConfig
-        from .planning import dry_run_encode, sweep_budgets
+        from .dryrun import dry_run_encode, sweep_budgets
 
         cfg = {k: v for k, v in options.items() if k not in ("gpus", "ray", "reissue")}
         sweep = _run(lambda: sweep_budgets(cfg["device"])) if plot_path else ()
@@ -258,7 +258,7 @@ def generate(input: str, out: str, labels: str | None, quiet: bool, as_json: boo
     label_list = _names(labels)
     if dry_run:
         from .config import GenerateConfig
-        from .planning import dry_run_generate
+        from .dryrun import dry_run_generate
 
         cfg = {k: v for k, v in options.items() if k != "ray"}
         d = _run(lambda: dry_run_generate(input, GenerateConfig(**cfg, labels=label_list, progress=False), sample=sample,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator, Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .errors import EmbedkitError
 
@@ -521,3 +522,16 @@ def find_first_duplicate(ids: pa.ChunkedArray) -> tuple[object, list[int]] | Non
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
+
+
+def drop_empty(table: pa.Table, keep_empty: bool) -> tuple[pa.Table, int]:
+    """(rows, how many were dropped): null or whitespace-only texts are dropped and counted, or
+    with `keep_empty` kept as "" (both stages read rows through this)."""
+    text = table.column("text")
+    empty = pc.or_kleene(pc.is_null(text), pc.equal(pc.utf8_trim_whitespace(text), "")).fill_null(True)
+    n_empty = int(pc.sum(empty).as_py() or 0)
+    if n_empty == 0:
+        return table, 0
+    if keep_empty:
+        return table.set_column(table.schema.get_field_index("text"), "text", pc.fill_null(text, "")), 0
+    return table.filter(pc.invert(empty)), n_empty

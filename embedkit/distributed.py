@@ -28,17 +28,16 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .config import EncodeConfig
 from .errors import EmbedkitError
 from .status import straggler_tail
 
 TASK_RETRIES = 3
 STALL_ENV = "EMBEDKIT_TEST_STALL_SHARD"
-_JOB_CACHE: dict = {}  # per Ray worker process: the loaded model, reused by its later tasks
+TASK_CACHE: dict = {}  # per Ray worker process: what a stage's tasks load once (its model), reused by later tasks
 
 
 def check_local_workers(workers: int, device_type: str) -> None:
@@ -52,30 +51,42 @@ def check_local_workers(workers: int, device_type: str) -> None:
             raise EmbedkitError(f"--gpus {workers} asked for more GPUs than the {visible} visible")
 
 
-def run_tasks(input: str | Path, out: Path, cfg: EncodeConfig, job: Any, pending: list, skipped: int) -> Any:
-    """Encode `pending` shards (in the given order: the most tokens first) as Ray tasks, on a Ray
-    of this machine (`cfg.workers`, --gpus N) or on the cluster at `cfg.ray`; returns the merged
-    EncodeSummary. Its device is "N x cuda" / "N x cpu" for --gpus N, "ray (GPU tasks)" for --ray."""
-    from .pipeline import EncodeSummary
+@dataclass
+class TaskRun:
+    """What a run of shard tasks returns: the tasks' parts (one per committed shard), the shards
+    re-issued, the tail (from 95% of shards committed to 100%) and the wall seconds."""
+
+    parts: list = field(default_factory=list)
+    reissued: set = field(default_factory=set)
+    tail_seconds: float = 0.0
+    seconds: float = 0.0
+
+
+def run_shard_tasks(task: Callable[..., dict], args: tuple, order: list[int], *, gpu: bool, workers: int, address: str | None,
+                    reissue: bool) -> TaskRun:  # fmt: skip
+    """Run `task(*args, shard, copy, arbiter, driver)` as a Ray task per shard of `order` (the
+    most tokens first), on a Ray of this machine with `workers` slots (--gpus N) or on the
+    cluster at `address` (--ray), and wait until every shard is committed.
+
+    A stage gives its own shard function (module-level, so Ray pickles it by reference); it
+    commits its shard only when `commit_allowed(arbiter, shard, copy, out, driver)` says so.
+    `parts` are the dicts the committing copies returned.
+    """
     from .shards import lock_record
 
-    gpu = job.choice.type == "cuda"
-    task_cfg = _task_config(cfg, gpu)
-    with _cluster(cfg, gpu) as (ray, ours):
-        task = ray.remote(**_task_options(gpu))(encode_shard)
+    with _cluster(address, workers, gpu) as (ray, ours):
+        remote = ray.remote(**_task_options(gpu))(task)
         arbiter = ray.remote(num_cpus=0)(CommitArbiter).remote()
         slots = int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1))
         # this process holds OUT's lock: on this machine, tasks commit only while it does. A
         # cluster's nodes may not share OUT's filesystem (or its locks): there the arbiter, an
         # actor of this driver's job that dies with it, is what stops an orphaned task
-        driver = lock_record() if cfg.ray is None else None
+        driver = lock_record() if address is None else None
         start = time.perf_counter()
-        submit = lambda i, copy: task.remote(str(input), str(out), task_cfg, i, copy, arbiter, driver)  # noqa: E731
-        run = _follow_tasks(ray, submit, [s.index for s in pending], slots, reissue=cfg.reissue, cancel_at_exit=not ours)
-        seconds = time.perf_counter() - start
-    device = f"ray ({'GPU' if gpu else 'CPU'} tasks)" if cfg.ray is not None else f"{cfg.workers} x {job.choice.type}"
-    summary = EncodeSummary.merged(run.parts, out=str(out), device=device, seconds=seconds, skipped=skipped, total=len(job.shards))
-    return replace(summary, reissued=len(run.reissued), tail_seconds=run.tail_seconds)
+        submit = lambda i, copy: remote.remote(*args, i, copy, arbiter, driver)  # noqa: E731
+        run = _follow_tasks(ray, submit, order, slots, reissue=reissue, cancel_at_exit=not ours)
+        run.seconds = time.perf_counter() - start
+    return run
 
 
 def _task_options(gpu: bool) -> dict:
@@ -86,32 +97,19 @@ def _task_options(gpu: bool) -> dict:
     return options
 
 
-def _task_config(cfg: EncodeConfig, gpu: bool) -> EncodeConfig:
-    """The single-device config a task runs. Tokenizer processes: none on CPUs (the model needs
-    the cores); on GPUs, this machine's cores shared among its N workers, or a cluster node's
-    default."""
-    workers = cfg.tokenize_workers
-    if workers is None and not gpu:
-        workers = 0
-    elif workers is None and cfg.ray is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = max(1, (cores - 1) // cfg.workers)
-    return replace(cfg, workers=1, progress=False, overwrite=False, ray=None, device="cuda" if gpu else "cpu", tokenize_workers=workers)
-
-
 @contextlib.contextmanager
-def _cluster(cfg: EncodeConfig, gpu: bool) -> Iterator[tuple[Any, bool]]:
+def _cluster(address: str | None, workers: int, gpu: bool) -> Iterator[tuple[Any, bool]]:
     """(ray, ours): the Ray that runs the tasks, and whether it was started for this run. The
-    cluster at `cfg.ray`; for --gpus N, the Ray this program is already connected to if any
+    cluster at `address`; for --gpus N, the Ray this program is already connected to if any
     (left as it is), else one started here and shut down when the run ends."""
-    if cfg.ray is not None:
-        yield _ray(cfg.ray), False
+    if address is not None:
+        yield _ray(address), False
         return
-    ray = _import_ray(f"--gpus {cfg.workers}")
+    ray = _import_ray(f"--gpus {workers}")
     if ray.is_initialized():
         yield ray, False
         return
-    with _local_ray(ray, cfg.workers, gpu):
+    with _local_ray(ray, workers, gpu):
         yield ray, True
 
 
@@ -154,15 +152,8 @@ class CommitArbiter:
         return self.holders.setdefault(shard, copy) == copy
 
 
-@dataclass
-class _TaskRun:
-    parts: list = field(default_factory=list)
-    reissued: set = field(default_factory=set)
-    tail_seconds: float = 0.0  # from 95% of shards committed to 100%
-
-
 def _follow_tasks(ray: Any, submit: Callable[[int, int], Any], order: list[int], slots: int, *, reissue: bool,
-                  cancel_at_exit: bool) -> _TaskRun:  # fmt: skip
+                  cancel_at_exit: bool) -> TaskRun:  # fmt: skip
     """Submit one task per shard and wait for every shard to be committed.
 
     Once no task waits for a slot and a slot is idle, the oldest shard still running gets a
@@ -171,7 +162,7 @@ def _follow_tasks(ray: Any, submit: Callable[[int, int], Any], order: list[int],
     `cancel_at_exit`: cancel the tasks still running when this returns or fails (a Ray that is
     not shut down with the run would keep them running).
     """
-    run = _TaskRun()
+    run = TaskRun()
     refs = {submit(i, 0): (i, 0) for i in order}
     try:
         _wait_for_commits(ray, submit, order, slots, reissue, refs, run)
@@ -182,7 +173,7 @@ def _follow_tasks(ray: Any, submit: Callable[[int, int], Any], order: list[int],
     return run
 
 
-def _wait_for_commits(ray: Any, submit: Callable[[int, int], Any], order: list[int], slots: int, reissue: bool, refs: dict, run: _TaskRun) -> None:
+def _wait_for_commits(ray: Any, submit: Callable[[int, int], Any], order: list[int], slots: int, reissue: bool, refs: dict, run: TaskRun) -> None:
     outstanding = set(order)
     commit_times: list[float] = []
     # A copy that found its shard already committed (a Ray retry after its worker died, or a
@@ -219,39 +210,12 @@ def _wait_for_commits(ray: Any, submit: Callable[[int, int], Any], order: list[i
     run.tail_seconds = straggler_tail(commit_times)
 
 
-def encode_shard(input: str, out: str, cfg: EncodeConfig, index: int, copy: int = 0, arbiter: Any = None, driver: str | None = None) -> dict:
-    """One shard, in a Ray worker: skipped if a previous attempt already committed it. With an
-    `arbiter` (a CommitArbiter), the shard is committed only if this copy gets the right to, and
-    with `driver` (the run's lock record) only while that run still holds OUT's lock. Returns
-    the shard's summary as a dict, with the `worker` (host:pid) that ran it."""
-    from .encoder import choose_device
-    from .pipeline import SUMMED_FIELDS, _run_shards, attach_job, open_input
-    from .runtime import inherited_settings
-    from .store import VectorStore
-
-    inherited_settings()
-    rows = VectorStore(Path(out)).committed_shards().get(index)
-    if rows is not None:
-        # a retry of a task whose commit landed before its worker died, or a re-issued copy
-        # that started after the other copy committed: its rows come from the ledger, its
-        # tokens are not known (0)
-        return {**dict.fromkeys(SUMMED_FIELDS, 0), "docs": rows, "shards_done": 1, "seconds": 0.0, "committed_before": True,
-                "worker": f"{socket.gethostname()}:{os.getpid()}"}  # fmt: skip
-    # the stored columns are in the key: a cached corpus reads only the columns its run stored
-    key = (input, out, cfg.model, cfg.device, cfg.precision, cfg.max_seq_length, cfg.store_text, cfg.keep_columns)
-    if key not in _JOB_CACHE:
-        corpus = open_input(input, cfg)
-        _JOB_CACHE[key] = (corpus, attach_job(corpus, Path(out), cfg, choose_device(cfg.device, cfg.precision)))
-    corpus, job = _JOB_CACHE[key]
-    shard = next(s for s in job.shards if s.index == index)
-    if copy == 0:
-        _injected_stall(index)
-    may_commit = None if arbiter is None else (lambda i: _may_commit(arbiter, i, copy, Path(out), driver))
-    summary = _run_shards(corpus, job, [shard], cfg, skipped=0, may_commit=may_commit)
-    return {**summary.to_dict(), "worker": f"{socket.gethostname()}:{os.getpid()}"}
+def worker_name() -> str:
+    """host:pid of this process: who ran a shard task."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _may_commit(arbiter: Any, shard: int, copy: int, out: Path, driver: str | None) -> bool:
+def commit_allowed(arbiter: Any, shard: int, copy: int, out: Path, driver: str | None) -> bool:
     """Whether this copy commits its shard: false when the arbiter gave the commit to the other
     copy. A task that has outlived its run raises instead, and so writes nothing: the arbiter
     is gone with the driver's job (Ray raises), or OUT's lock is no longer the driver's."""
@@ -266,7 +230,7 @@ def _may_commit(arbiter: Any, shard: int, copy: int, out: Path, driver: str | No
     return True
 
 
-def _injected_stall(shard: int) -> None:
+def injected_stall(shard: int) -> None:
     """EMBEDKIT_TEST_STALL_SHARD="N:SECONDS": the first copy of shard N sleeps SECONDS before it
     starts. A fault-injection hook for the straggler tests; unset in normal runs."""
     spec = os.environ.get(STALL_ENV, "")
@@ -275,43 +239,19 @@ def _injected_stall(shard: int) -> None:
         time.sleep(float(seconds))
 
 
-def run_generate_ray(input: str | Path, out: Path, cfg: Any, template: str, choice: Any, pending: list, skipped: int, total: int) -> Any:
-    """`embedkit generate --ray`: one Ray task per pending shard; the merged GenerateSummary."""
-    from .generation import summarize_parts
-
-    ray = _ray(cfg.ray)
-    gpu = choice.type == "cuda"
-    task = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1, max_retries=TASK_RETRIES)(generate_shard_task)
-    task_cfg = replace(cfg, ray=None, progress=False, overwrite=False, device="cuda" if gpu else "cpu")
+def run_tasks(task: Callable[..., Any], argsets: list[tuple], *, gpu: bool, address: str | None) -> tuple[list, float]:
+    """`task(*args)` for each of `argsets` as Ray tasks on the cluster at `address`, `num_gpus=1`
+    each when `gpu`; (their results in order, wall seconds). A task that fails after Ray's
+    retries fails the run in one line."""
+    ray = _ray(address)
+    remote = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1, max_retries=TASK_RETRIES)(task)
     start = time.perf_counter()
-    refs = [task.remote(str(input), str(out), task_cfg, template, choice.precision, s.index) for s in pending]
-    parts = _get(ray, refs)
-    return summarize_parts(out, cfg, f"ray ({'GPU' if gpu else 'CPU'} tasks)", parts, time.perf_counter() - start, skipped, total)
+    refs = [remote.remote(*args) for args in argsets]
+    return _get(ray, refs), time.perf_counter() - start
 
 
-def generate_shard_task(input: str, out: str, cfg: Any, template: str, precision: str, index: int) -> dict:
-    """One generate shard, in a Ray worker; skipped if a previous attempt committed it."""
-    from .corpus import Columns, open_corpus
-    from .encoder import DeviceChoice, choose_device
-    from .generation import GENERATIONS_DIR, _schema, generate_shard, load_generator
-    from .shards import plan_shards, read_manifest
-    from .store import VectorStore
-
-    store = VectorStore(Path(out), GENERATIONS_DIR)
-    if index in store.committed_shards():
-        return {"docs": 0, "prompt": 0, "new": 0, "truncated": 0, "empty": 0, "shards": 0}
-    choice = DeviceChoice(choose_device(cfg.device, "fp32").device, precision)
-    key = ("generate", input, cfg.model, choice.device, precision)
-    if key not in _JOB_CACHE:
-        lm, tok, _ = load_generator(cfg.model, choice)
-        _JOB_CACHE[key] = (open_corpus(input, Columns(cfg.text_column, cfg.id_column)), lm, tok)
-    corpus, lm, tok = _JOB_CACHE[key]
-    plan = read_manifest(Path(out))["plan"]
-    shard = plan_shards(plan["rows"], plan["shard_rows"])[index]
-    return generate_shard(corpus, cfg, template, lm, tok, choice, store, _schema(cfg.task, corpus.id_type), shard)
-
-
-def add_index_shards_ray(out: str, version: int, todo: list, spec: Any, queries: Any, qvec: Any, address: str, on_done: Any = None) -> None:
+def add_index_shards_ray(task: Callable[..., int], out: str, version: int, todo: list, spec: Any, queries: Any, qvec: Any, address: str,
+                         on_done: Any = None) -> None:  # fmt: skip
     """`embedkit build-index --ray`: the add phase's shards as Ray tasks (`num_gpus=1` when the
     build runs on CUDA). Each task reads its Lance fragments at the pinned version, encodes them
     with the trained quantizer that the driver wrote, and writes its shard file; a retried task
@@ -320,10 +260,10 @@ def add_index_shards_ray(out: str, version: int, todo: list, spec: Any, queries:
 
     ray = _ray(address)
     gpu = spec.device.startswith("cuda")
-    task = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1, max_retries=TASK_RETRIES)(index_shard_task)
+    remote = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1, max_retries=TASK_RETRIES)(task)
     task_spec = dc_replace(spec, device="cuda:0" if gpu else "cpu")  # a GPU task sees its one GPU as cuda:0
     q_ref, v_ref = ray.put(queries), ray.put(qvec)
-    refs = [task.remote(out, version, [f.fragment_id for f in frags], i, start, task_spec, q_ref, v_ref) for i, start, frags in todo]
+    refs = [remote.remote(out, version, [f.fragment_id for f in frags], i, start, task_spec, q_ref, v_ref) for i, start, frags in todo]
     pending = list(refs)
     try:
         while pending:
@@ -334,27 +274,6 @@ def add_index_shards_ray(out: str, version: int, todo: list, spec: Any, queries:
     except Exception as e:  # a task that failed after its retries
         first = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise EmbedkitError(f"a Ray task failed ({first}); finished shards are kept: rerun the same command to resume") from None
-
-
-def index_shard_task(out: str, version: int, fragment_ids: list[int], i: int, start: int, spec: Any, queries: Any, qvec: Any) -> int:
-    """One add shard, in a Ray worker; returns its rows (0 when a previous attempt wrote it)."""
-    import faiss
-    import lance
-
-    from .index.build import TRAINED, _read_shard, device_codec, write_shard
-    from .store import VECTORS_DIR
-
-    if spec.done(i):
-        return 0
-    key = ("index", spec.folder, version)
-    if key not in _JOB_CACHE:  # the trained quantizer and its device codec, once per worker
-        trained = faiss.read_index(str(Path(spec.folder).parent / TRAINED))
-        _JOB_CACHE[key] = (trained, device_codec(trained, spec, qvec, lambda msg: None))
-    trained, codec = _JOB_CACHE[key]
-    ds = lance.dataset(str(Path(out) / VECTORS_DIR), version=version)
-    x = _read_shard([ds.get_fragment(f) for f in fragment_ids])
-    write_shard(spec, trained, codec, i, start, x, queries, qvec)
-    return len(x)
 
 
 def _import_ray(option: str) -> Any:

@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import __version__
+from .version import __version__
 from .batching import pack_batches
 from .config import DEFAULT_COMPLETIONS, DEFAULT_GENERATOR, DEFAULT_PROMPTS, DEFAULT_SHARD_ROWS, GenerateConfig
-from .corpus import Columns, Corpus, find_first_duplicate, open_corpus
+from .corpus import Columns, Corpus, drop_empty, find_first_duplicate, open_corpus
 from .encoder import DeviceChoice, choose_device
 from .errors import EmbedkitError
 from .digest import INPUT_CACHE
@@ -581,12 +581,41 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
         if len(done) == len(shards):  # nothing to do: answered without loading the model
             return summarize_parts(out, cfg, choice.device, [], 0.0, len(done), len(shards))
         if cfg.ray is not None:
-            from .distributed import run_generate_ray
-
-            pending = [s for s in shards if s.index not in done]
-            return run_generate_ray(input, out, cfg, template, choice, pending, len(done), len(shards))
+            return _run_as_tasks(input, out, cfg, template, choice, [s for s in shards if s.index not in done], len(done), len(shards))
         lm, tok, _ = load_generator(cfg.model, choice)
         return _run(corpus, out, cfg, template, lm, tok, choice, store, shards, done)
+
+
+def _run_as_tasks(input: str | Path, out: Path, cfg: GenerateConfig, template: str, choice: DeviceChoice, pending: list[Shard],
+                  skipped: int, total: int) -> "GenerateSummary":  # fmt: skip
+    """`embedkit generate --ray`: one Ray task per pending shard; the merged summary."""
+    from dataclasses import replace
+
+    from .distributed import run_tasks
+
+    gpu = choice.type == "cuda"
+    task_cfg = replace(cfg, ray=None, progress=False, overwrite=False, device="cuda" if gpu else "cpu")
+    argsets = [(str(input), str(out), task_cfg, template, choice.precision, s.index) for s in pending]
+    parts, seconds = run_tasks(generate_shard_task, argsets, gpu=gpu, address=cfg.ray)
+    return summarize_parts(out, cfg, f"ray ({'GPU' if gpu else 'CPU'} tasks)", parts, seconds, skipped, total)
+
+
+def generate_shard_task(input: str, out: str, cfg: GenerateConfig, template: str, precision: str, index: int) -> dict:
+    """One generate shard, as a Ray task; skipped if a previous attempt committed it."""
+    from .distributed import TASK_CACHE
+
+    store = VectorStore(Path(out), GENERATIONS_DIR)
+    if index in store.committed_shards():
+        return {"docs": 0, "prompt": 0, "new": 0, "truncated": 0, "empty": 0, "shards": 0}
+    choice = DeviceChoice(choose_device(cfg.device, "fp32").device, precision)
+    key = ("generate", input, cfg.model, choice.device, precision)
+    if key not in TASK_CACHE:
+        lm, tok, _ = load_generator(cfg.model, choice)
+        TASK_CACHE[key] = (open_corpus(input, Columns(cfg.text_column, cfg.id_column)), lm, tok)
+    corpus, lm, tok = TASK_CACHE[key]
+    plan = read_manifest(Path(out))["plan"]
+    shard = plan_shards(plan["rows"], plan["shard_rows"])[index]
+    return generate_shard(corpus, cfg, template, lm, tok, choice, store, _schema(cfg.task, corpus.id_type), shard)
 
 
 def _manifest(out: Path, corpus: Corpus, cfg: GenerateConfig, template: str, choice: DeviceChoice) -> tuple[int, dict]:
@@ -657,12 +686,11 @@ def _run(corpus, out, cfg, template, lm, tok, choice, store, shards: list[Shard]
 
 def generate_shard(corpus, cfg, template, lm, tok, choice, store, schema, shard: Shard) -> dict:
     """One shard: the task's columns for its rows, committed as one Lance commit."""
-    from .pipeline import _drop_empty
 
     started = time.time()
     phases: dict[str, float] = {}
     with _timed(phases, "read"):
-        table, empty = _drop_empty(corpus.read(shard.start, shard.stop), keep_empty=False)
+        table, empty = drop_empty(corpus.read(shard.start, shard.stop), keep_empty=False)
     columns, prompt_tokens, new_tokens = _task_columns(table, cfg, template, lm, tok, choice, shard.index, phases)
     with _timed(phases, "commit"):
         rows = pa.table({"id": table.column("id"), **columns}).cast(schema) if table.num_rows else schema.empty_table()

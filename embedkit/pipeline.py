@@ -9,24 +9,24 @@ writes them as Lance fragments while later windows compute, and commits each fin
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import sys
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from . import __version__
+from .version import __version__
 from .batching import pack_batches, pad_rows
 from .config import DEFAULT_BATCH_TOKENS, DEFAULT_MODEL, EncodeConfig
-from .corpus import Columns, Corpus, find_first_duplicate, open_corpus
+from .corpus import Columns, Corpus, drop_empty, find_first_duplicate, open_corpus
 from .encoder import DeviceChoice, Encoder, choose_device, default_batch_tokens, model_config
 from .errors import EmbedkitError
 from .digest import INPUT_CACHE
@@ -43,7 +43,7 @@ from .models import (
     weights_hash,
 )
 from .outdir import check_out, clear_output, make_out, undo_if_unstarted
-from .planning import default_shard_rows
+from .planning import default_shard_rows, longest_first
 from .shards import MANIFEST, OutputLock, Shard, manifest_differences, read_manifest, shards_from_manifest, write_manifest
 from .store import VECTORS_DIR, VectorStore, ledger_name, vectors_schema, vectors_table
 from .tokenize import TextTokenizer, TokenizerPool, Tokenized, default_workers, tokenize_all
@@ -251,11 +251,65 @@ def _encode_prepared(input: str | Path, corpus: Corpus, out: Path, cfg: EncodeCo
     if not pending:
         return _summary(job, _Totals(), 0.0, skipped=len(done))
     if cfg.ray is not None or cfg.workers > 1:
-        from .distributed import run_tasks
-        from .planning import longest_first
-
-        return run_tasks(input, out, cfg, job, longest_first(corpus, job, pending), skipped=len(done))
+        return _run_as_tasks(input, out, cfg, job, longest_first(corpus, job, pending), skipped=len(done))
     return _run_shards(corpus, job, pending, cfg, skipped=len(done))
+
+
+def _run_as_tasks(input: str | Path, out: Path, cfg: EncodeConfig, job: "_Job", pending: list[Shard], skipped: int) -> EncodeSummary:
+    """The pending shards (in the given order: the most tokens first) as shard tasks on a Ray of
+    this machine (--gpus N) or the cluster at --ray; the merged summary. Its device is
+    "N x cuda" / "N x cpu" for --gpus N, "ray (GPU tasks)" for --ray."""
+    from .distributed import run_shard_tasks
+
+    gpu = job.choice.type == "cuda"
+    run = run_shard_tasks(encode_shard, (str(input), str(out), _task_config(cfg, gpu)), [s.index for s in pending], gpu=gpu,
+                          workers=cfg.workers, address=cfg.ray, reissue=cfg.reissue)  # fmt: skip
+    device = f"ray ({'GPU' if gpu else 'CPU'} tasks)" if cfg.ray is not None else f"{cfg.workers} x {job.choice.type}"
+    summary = EncodeSummary.merged(run.parts, out=str(out), device=device, seconds=run.seconds, skipped=skipped, total=len(job.shards))
+    return replace(summary, reissued=len(run.reissued), tail_seconds=run.tail_seconds)
+
+
+def _task_config(cfg: EncodeConfig, gpu: bool) -> EncodeConfig:
+    """The single-device config a shard task runs. Tokenizer processes: none on CPUs (the model
+    needs the cores); on GPUs, this machine's cores shared among its N workers, or a cluster
+    node's default."""
+    workers = cfg.tokenize_workers
+    if workers is None and not gpu:
+        workers = 0
+    elif workers is None and cfg.ray is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = max(1, (cores - 1) // cfg.workers)
+    return replace(cfg, workers=1, progress=False, overwrite=False, ray=None, device="cuda" if gpu else "cpu", tokenize_workers=workers)
+
+
+def encode_shard(input: str, out: str, cfg: EncodeConfig, index: int, copy: int = 0, arbiter: Any = None, driver: str | None = None) -> dict:
+    """One shard, as a Ray task: skipped if a previous attempt already committed it. With an
+    `arbiter` (a CommitArbiter), the shard is committed only if this copy gets the right to, and
+    with `driver` (the run's lock record) only while that run still holds OUT's lock. Returns
+    the shard's summary as a dict, with the `worker` (host:pid) that ran it."""
+    from .distributed import TASK_CACHE, commit_allowed, injected_stall, worker_name
+    from .runtime import inherited_settings
+
+    inherited_settings()
+    rows = VectorStore(Path(out)).committed_shards().get(index)
+    if rows is not None:
+        # a retry of a task whose commit landed before its worker died, or a re-issued copy
+        # that started after the other copy committed: its rows come from the ledger, its
+        # tokens are not known (0)
+        return {**dict.fromkeys(SUMMED_FIELDS, 0), "docs": rows, "shards_done": 1, "seconds": 0.0, "committed_before": True,
+                "worker": worker_name()}  # fmt: skip
+    # the stored columns are in the key: a cached corpus reads only the columns its run stored
+    key = ("encode", input, out, cfg.model, cfg.device, cfg.precision, cfg.max_seq_length, cfg.store_text, cfg.keep_columns)
+    if key not in TASK_CACHE:
+        corpus = open_input(input, cfg)
+        TASK_CACHE[key] = (corpus, attach_job(corpus, Path(out), cfg, choose_device(cfg.device, cfg.precision)))
+    corpus, job = TASK_CACHE[key]
+    shard = next(s for s in job.shards if s.index == index)
+    if copy == 0:
+        injected_stall(index)
+    may_commit = None if arbiter is None else (lambda i: commit_allowed(arbiter, i, copy, Path(out), driver))
+    summary = _run_shards(corpus, job, [shard], cfg, skipped=0, may_commit=may_commit)
+    return {**summary.to_dict(), "worker": worker_name()}
 
 
 def _nothing_to_do(out: Path, choice: DeviceChoice, shards: int) -> EncodeSummary:
@@ -591,7 +645,7 @@ def _produce(corpus: Corpus, pending: list[Shard], pool: TokenizerPool, cfg: Enc
             # Read window by window: a shard's texts are never all in memory, and the device
             # starts as soon as the first window is tokenized.
             for w, size in _windows(shard.rows, cfg.window_docs, first=submitted == 0):
-                table, empty = _drop_empty(corpus.read(shard.start + w, shard.start + w + size), cfg.keep_empty)
+                table, empty = drop_empty(corpus.read(shard.start + w, shard.start + w + size), cfg.keep_empty)
                 texts = table.column("text").combine_chunks()
                 inflight.append((shard, table.select(carried), pool.submit(texts), empty))
                 submitted += 1
@@ -644,18 +698,6 @@ def _drain(items: queue.Queue) -> None:
             items.get_nowait()
     except queue.Empty:
         pass
-
-
-def _drop_empty(table: pa.Table, keep_empty: bool) -> tuple[pa.Table, int]:
-    """Null or whitespace-only texts: skipped and counted, or embedded as "" with keep_empty."""
-    text = table.column("text")
-    empty = pc.or_kleene(pc.is_null(text), pc.equal(pc.utf8_trim_whitespace(text), "")).fill_null(True)
-    n_empty = int(pc.sum(empty).as_py() or 0)
-    if n_empty == 0:
-        return table, 0
-    if keep_empty:
-        return table.set_column(table.schema.get_field_index("text"), "text", pc.fill_null(text, "")), 0
-    return table.filter(pc.invert(empty)), n_empty
 
 
 def _pack(shard: Shard, rows: pa.Table, pending: Any, skipped_empty: int, budget: int) -> _Window:

@@ -13,7 +13,6 @@ of an input, exactly or from a random sample with a confidence interval.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -119,15 +118,15 @@ def plan_fleet(p: PlanInput) -> Plan:
     if window <= shard:
         raise EmbedkitError(f"a {p.window_hours:g} h window is shorter than one shard ({shard / 3600:.2f} h); use a longer window")
     gpus = max(1, math.ceil(work / (window - shard)))
-    fleet = _fleet(p, gpus, work, shard, price)
+    fleet = fleet_at(p, gpus, work, shard, price)
     return Plan(
         inputs=p, price_per_gpu_hour=price, ideal_dollars_per_million_tokens=dollars_per_million(price, p.tokens_per_second),
         effective_tokens_per_second=effective, shard_seconds=shard, shard_tokens=shard * effective, tail_hours=shard / 3600,
-        fleet=fleet, smaller=_fleet(p, gpus - 1, work, shard, price) if gpus > 1 else None, larger=_fleet(p, gpus + 1, work, shard, price),
+        fleet=fleet, smaller=fleet_at(p, gpus - 1, work, shard, price) if gpus > 1 else None, larger=fleet_at(p, gpus + 1, work, shard, price),
     )  # fmt: skip
 
 
-def _fleet(p: PlanInput, gpus: int, work: float, shard: float, price: float) -> Fleet:
+def fleet_at(p: PlanInput, gpus: int, work: float, shard: float, price: float) -> Fleet:
     seconds = work / gpus + shard  # even spread, then at worst one shard started at the end
     gpu_hours = gpus * seconds / 3600
     total = gpu_hours * price
@@ -295,10 +294,10 @@ def count_tokens(input: str | Path, model: str, *, sample: int = 10_000, seed: i
         got = tok(texts)
         return got.lengths, got.truncated
 
-    return _count(corpus, measure, sample, seed)
+    return count_sampled(corpus, measure, sample, seed)
 
 
-def _count(corpus, measure: Callable[[list[str], list], tuple], sample: int, seed: int) -> TokenCount:
+def count_sampled(corpus, measure: Callable[[list[str], list], tuple], sample: int, seed: int) -> TokenCount:
     """Every row's tokens (`sample` 0 or at least the rows), else a cluster sample of random
     blocks of consecutive rows (a read per block, not per row) and its ratio estimate."""
     n = corpus.num_rows
@@ -396,249 +395,3 @@ def shard_tokens(corpus, measure: Callable[[list[str], list], tuple], shard, row
     spans = [(shard.start + a, shard.start + b) for a, b in random_blocks(shard.rows, rows, seed=shard.index)]
     lengths, _ = _lengths(corpus, measure, spans)
     return float(lengths.mean()) * shard.rows if len(lengths) else 0.0
-
-
-# ---- dry run -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DryRun:
-    """What `encode --dry-run` measured and expects; nothing was written to OUT."""
-
-    count: TokenCount
-    device: str
-    calibration_rows: int
-    calibration_tokens: int
-    tokens_per_second: float  # encoding rate once the model is loaded, measured on this device
-    startup_seconds: float  # process work before the first batch (model load, tokenizer pool), measured
-    padding_overhead: float
-    expected_seconds: float
-    vectors_bytes: int  # measured bytes per row of the calibration output, times the rows
-    index_bytes: int  # the IVF-PQ index `build-index` would choose
-    dollars: float | None
-    dollars_per_million_tokens: float | None
-    plan: str | None  # with a price: the `embedkit plan` command for a fleet and a window
-    # --plot: the same calibration at other batch budgets: batch_tokens, tokens_per_second,
-    # padding_overhead and (with a price) dollars_per_million_tokens for each
-    sweep: tuple = ()
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def lines(self) -> str:
-        out = [
-            self.count.describe(),
-            f"calibration on {self.device}: {self.calibration_rows:,} rows, {self.calibration_tokens:,} tokens at "
-            f"{self.tokens_per_second:,.0f} tokens/s; start-up {self.startup_seconds:.1f} s; padding {100 * self.padding_overhead:.1f}%",
-            f"expected: {self.expected_seconds / 3600:.2f} h on one device ({self.expected_seconds:,.0f} s); vectors "
-            f"{_bytes(self.vectors_bytes)}, index {_bytes(self.index_bytes)}",
-        ]
-        if self.dollars is not None:
-            out.append(f"cost: ${self.dollars:,.2f} (${self.dollars_per_million_tokens:.4g} per 1M tokens); for a fleet and a window: {self.plan}")
-        for p in self.sweep:
-            cost = f", ${p['dollars_per_million_tokens']:.4g} per 1M tokens" if p.get("dollars_per_million_tokens") is not None else ""
-            out.append(f"  batch {p['batch_tokens']:>8,} tokens: {p['tokens_per_second']:>12,.0f} tokens/s, padding "
-                       f"{100 * p['padding_overhead']:.1f}%{cost}")  # fmt: skip
-        out.append("nothing was written")
-        return "\n".join(out)
-
-
-def dry_run_encode(input: str | Path, cfg, *, sample: int = 10_000, calibrate_rows: int | None = None,
-                   gpu_price: float | None = None, spot_discount: float = 0.0, sweep: tuple[int, ...] = ()) -> DryRun:  # fmt: skip
-    """Count INPUT's tokens, encode a random sample of it with the real pipeline (into a
-    temporary folder) to measure this device, and extrapolate time, bytes and cost. `sweep`:
-    batch budgets (padded tokens) at which the calibration is run again, for the cost curve."""
-    import shutil
-    import tempfile
-    import time
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from .corpus import Columns, open_corpus
-    from .encoder import choose_device
-    from .index.params import choose_params
-
-    count = count_tokens(input, cfg.model, sample=sample, text_column=cfg.text_column, max_seq_length=cfg.max_seq_length)
-    choice = choose_device(cfg.device, cfg.precision)
-    rows = calibrate_rows or CALIBRATION_ROWS[choice.type]
-    corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column, cfg.keep_columns))
-    n = corpus.num_rows
-    # the kept columns come along: stored beside the vectors, they are part of the bytes measured
-    blocks = pa.concat_tables([corpus.read(a, b).drop_columns(["id"]) for a, b in random_blocks(n, rows, seed=1)])
-    texts = blocks.column("text")
-    work = Path(tempfile.mkdtemp(prefix="embedkit-dry-run-"))
-    try:
-        pq.write_table(blocks, work / "sample.parquet")
-        t = time.perf_counter()
-        s = _calibrate(work / "sample.parquet", work / "out", cfg, cfg.batch_tokens)
-        wall = time.perf_counter() - t
-        per_row = _folder_bytes(work / "out" / "vectors.lance") / max(1, s.docs)
-        dim = json.loads((work / "out" / "embedkit.json").read_text())["model"]["dim"]
-        swept = [(b, _calibrate(work / "sample.parquet", work / f"sweep-{b}", cfg, b)) for b in sweep]
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    tps = s.tokens / s.seconds if s.seconds > 0 else float("inf")
-    startup = max(0.0, wall - s.seconds)
-    expected = startup + count.tokens / tps
-    kept = count.rows * (1 - (s.skipped_empty / max(1, len(texts))))
-    index = choose_params(max(1, int(kept)), dim, memory_budget=1 << 60).index_bytes
-    dollars, per_million = run_cost(expected, count.tokens, gpu_price, spot_discount)
-    points = tuple(
-        {"batch_tokens": b, "tokens_per_second": r.tokens_per_second, "padding_overhead": r.padding_overhead,
-         "dollars_per_million_tokens": None if gpu_price is None else dollars_per_million(gpu_price * (1 - spot_discount), r.tokens_per_second)}
-        for b, r in swept
-    )  # fmt: skip
-    command = plan_command(count.tokens, tps, gpu_price, spot_discount) if gpu_price is not None else None
-    return DryRun(count, choice.device, s.docs, s.tokens, tps, startup, s.padding_overhead, expected, int(per_row * kept), int(index),
-                  dollars, per_million, command, points)  # fmt: skip
-
-
-SWEEP_FRACTIONS = (1 / 64, 1 / 16, 1 / 4, 1)  # of the device's largest default budget: the cost curve's points
-
-
-def sweep_budgets(device: str) -> tuple[int, ...]:
-    """Batch budgets for the cost curve of `encode --dry-run --plot` on this kind of device."""
-    from .config import DEFAULT_BATCH_TOKENS
-    from .encoder import choose_device
-
-    cap = DEFAULT_BATCH_TOKENS[choose_device(device, "auto").type]
-    return tuple(max(256, int(cap * f)) for f in SWEEP_FRACTIONS)
-
-
-def _calibrate(sample: Path, out: Path, cfg, batch_tokens: int | None):
-    """One real encode of the calibration sample with cfg's options at `batch_tokens`."""
-    from .pipeline import encode
-
-    return encode(sample, out, model=cfg.model, device=cfg.device, dtype=cfg.dtype, precision=cfg.precision, normalize=cfg.normalize,
-                  batch_tokens=batch_tokens, tokenize_workers=cfg.tokenize_workers, keep_empty=cfg.keep_empty,
-                  max_seq_length=cfg.max_seq_length, store_text=cfg.store_text, keep_columns=cfg.keep_columns, progress=False)  # fmt: skip
-
-
-CALIBRATION_ROWS = {"cuda": 100_000, "cpu": 1_000}  # seconds of encoding on an H200; tens of seconds on 2 CPU cores
-
-
-def _folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if n < 1024 or unit == "PB":
-            return f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n:,.1f} PB"
-
-
-# ---- generate dry run ---------------------------------------------------------------------------
-
-GENERATE_CALIBRATION_ROWS = {"cuda": 8_192, "cpu": 16}  # two full slot batches on a GPU; seconds on a CPU
-
-
-@dataclass(frozen=True)
-class GenerateDryRun:
-    """What `generate --dry-run` measured and expects; nothing was written to OUT."""
-
-    task: str
-    count: TokenCount  # prompt tokens (for score: context and target) the model will read
-    device: str
-    calibration_rows: int
-    calibration_seconds: float  # generating, once the model was loaded
-    startup_seconds: float  # model load and everything before the first shard, measured
-    new_tokens_per_row: float  # measured in the calibration (0 for score and classify)
-    tokens_per_second: float  # prompt + new tokens per second in the calibration
-    expected_new_tokens: float
-    expected_seconds: float
-    output_bytes: int  # measured bytes per row of the calibration's generations, times the rows
-    dollars: float | None
-    dollars_per_million_tokens: float | None  # per 1M prompt + new tokens
-    plan: str | None = None  # with a price: the `embedkit plan` command for a fleet and a window
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def lines(self) -> str:
-        out = [
-            self.count.describe("prompt tokens"),
-            f"calibration on {self.device}: {self.task} of {self.calibration_rows:,} rows in {self.calibration_seconds:.1f} s, "
-            f"{self.tokens_per_second:,.0f} tokens/s (prompt + new); {self.new_tokens_per_row:.1f} new tokens per row; "
-            f"start-up {self.startup_seconds:.1f} s",
-            f"expected: {self.expected_new_tokens:,.0f} new tokens, {self.expected_seconds / 3600:.2f} h on one device "
-            f"({self.expected_seconds:,.0f} s); generations {_bytes(self.output_bytes)}",
-        ]
-        if self.dollars is not None:
-            out.append(f"cost: ${self.dollars:,.2f} (${self.dollars_per_million_tokens:.4g} per 1M prompt + new tokens); "
-                       f"for a fleet and a window: {self.plan}")  # fmt: skip
-        out.append("nothing was written")
-        return "\n".join(out)
-
-
-def dry_run_generate(input: str | Path, cfg, *, sample: int = 10_000, calibrate_rows: int | None = None,
-                     gpu_price: float | None = None, spot_discount: float = 0.0) -> GenerateDryRun:  # fmt: skip
-    """Count the prompt tokens of INPUT (with the generator's tokenizer, template and truncation),
-    run the real generate on a random sample of rows (into a temporary folder) to measure this
-    device, and extrapolate time, new tokens, bytes and cost."""
-    import shutil
-    import tempfile
-    import time
-    from dataclasses import replace
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from .corpus import Columns, open_corpus
-    from .encoder import choose_device
-    from .generation import DEFAULT_PROMPTS, GENERATIONS_DIR, check_task_templates, run_generate
-
-    template = cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPTS[cfg.task]
-    check_task_templates(cfg, template)
-    corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
-    n = corpus.num_rows
-    if n == 0:
-        raise EmbedkitError("the input has no rows")
-    count = count_prompt_tokens(corpus, cfg, template, sample=sample)
-    choice = choose_device(cfg.device, cfg.precision)
-    rows = calibrate_rows or GENERATE_CALIBRATION_ROWS[choice.type]
-    spans = random_blocks(n, rows, seed=1)
-    table = pa.concat_tables([corpus.read(a, b).select(["id", "text"]) for a, b in spans])
-    work = Path(tempfile.mkdtemp(prefix="embedkit-dry-run-"))
-    try:
-        pq.write_table(table, work / "sample.parquet")
-        t = time.perf_counter()
-        s = run_generate(work / "sample.parquet", work / "out", replace(cfg, prompt=template, text_column="text", id_column="id",
-                                                                        shard_rows=None, overwrite=False, progress=False, ray=None))  # fmt: skip
-        wall = time.perf_counter() - t
-        per_row = _folder_bytes(work / "out" / GENERATIONS_DIR) / max(1, s.docs)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    kept = n * s.docs / max(1, table.num_rows)  # empty texts are skipped, as in the calibration
-    new_per_row = s.new_tokens / max(1, s.docs)
-    tps = (s.prompt_tokens + s.new_tokens) / s.seconds if s.seconds > 0 else float("inf")
-    startup = max(0.0, wall - s.seconds)
-    expected = startup + kept * s.seconds / max(1, s.docs)
-    total = count.tokens + new_per_row * kept
-    dollars, per_million = run_cost(expected, total, gpu_price, spot_discount)
-    command = plan_command(total, tps, gpu_price, spot_discount) if gpu_price is not None else None
-    return GenerateDryRun(cfg.task, count, choice.device, s.docs, s.seconds, startup, new_per_row, tps, new_per_row * kept, expected,
-                          int(per_row * kept), dollars, per_million, command)  # fmt: skip
-
-
-def count_prompt_tokens(corpus, cfg, template: str, *, sample: int = 10_000, seed: int = 0) -> TokenCount:
-    """Prompt tokens of every row (or of `sample` random rows, with a 95% CI), as generate counts
-    them: the template, the chat wrapping and the truncation; the weights are not loaded."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from .generation import input_tokens, resolve_generator, task_inputs
-
-    target = resolve_generator(cfg.model)
-    try:
-        tok, config = AutoTokenizer.from_pretrained(target), AutoConfig.from_pretrained(target)
-    except Exception as e:  # library-specific failures: one line
-        first = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise EmbedkitError(f"cannot load generator {cfg.model}: {first}") from None
-
-    def measure(texts: list[str], ids: list) -> tuple[list[int], list[bool]]:
-        inputs, flags = task_inputs(texts, ids, cfg, template, tok, config)
-        return [input_tokens(x) for x in inputs], flags
-
-    return _count(corpus, measure, sample, seed)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EmbedkitError
-from .planning import PlanInput, _fleet, gpus_text, plan_fleet
+from .planning import PlanInput, fleet_at, gpus_text, plan_fleet
 from .status import straggler_tail
 
 
@@ -35,7 +35,7 @@ def plot_plan(p: PlanInput, path: str | Path) -> dict:
     plan = plan_fleet(p)
     work = p.tokens / plan.effective_tokens_per_second
     top = max(plan.fleet.gpus * 2, plan.fleet.gpus + 4)
-    fleets = [_fleet(p, g, work, plan.shard_seconds, plan.price_per_gpu_hour) for g in range(1, top + 1)]
+    fleets = [fleet_at(p, g, work, plan.shard_seconds, plan.price_per_gpu_hour) for g in range(1, top + 1)]
     discounts = [d / 100 for d in range(0, 91, 5)]
     per_million = [plan_fleet(replace(p, spot_discount=d)).fleet.dollars_per_million_tokens for d in discounts]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))

@@ -48,7 +48,7 @@ def test_a_retried_task_whose_shard_landed_reports_its_rows_from_the_ledger(loca
     nothing again; it reports the shard as done with the rows the ledger holds (its tokens are
     not known), and no encoding seconds of a worker."""
     from embedkit.config import EncodeConfig
-    from embedkit.distributed import encode_shard
+    from embedkit.pipeline import encode_shard
     from embedkit.pipeline import EncodeSummary
 
     out = tmp_path / "out"

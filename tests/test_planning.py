@@ -232,7 +232,7 @@ TIME_FACTOR = 3.0  # a CPU calibration of a few hundred rows predicts a full run
 @pytest.mark.slow
 def test_dry_run_estimate_matches_a_real_run(small_input, tmp_path):
     from embedkit.config import EncodeConfig
-    from embedkit.planning import dry_run_encode
+    from embedkit.dryrun import dry_run_encode
 
     d = dry_run_encode(small_input, EncodeConfig(device="cpu", progress=False), sample=320, calibrate_rows=192, gpu_price=1.0)
     assert not (tmp_path / "real").exists()
@@ -277,7 +277,7 @@ def _prompt_tokens(path: Path, sample: int):
     from embedkit.config import GenerateConfig
     from embedkit.corpus import Columns, open_corpus
     from embedkit.generation import DEFAULT_PROMPTS
-    from embedkit.planning import count_prompt_tokens
+    from embedkit.dryrun import count_prompt_tokens
 
     return count_prompt_tokens(open_corpus(path, Columns("text", None)), GenerateConfig(task="score"), DEFAULT_PROMPTS["score"], sample=sample)
 
@@ -319,7 +319,7 @@ def test_generate_dry_run_predicts_a_real_run_and_writes_nothing(run_cli, short_
 
 @pytest.mark.slow
 def test_encode_dry_run_plot_measures_cost_against_batch_size(run_cli, refused, small_input, tmp_path):
-    from embedkit.planning import sweep_budgets
+    from embedkit.dryrun import sweep_budgets
 
     r = run_cli("encode", small_input, tmp_path / "out", "--device", "cpu", "--dry-run", "--sample", "0", "--calibrate-rows", "64",
                 "--gpu-price", "2", "--spot-discount", "0.5", "--plot", tmp_path / "sweep.png", "--json")  # fmt: skip

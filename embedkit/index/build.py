@@ -19,7 +19,6 @@ Faiss ids are row positions in the pinned version of vectors.lance (fragments in
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import sys
@@ -27,25 +26,24 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
-from .. import __version__
+from ..version import __version__
 from ..config import IndexConfig
 from ..errors import EmbedkitError
 from ..fsutil import atomic_file
 from ..shards import OutputLock, read_manifest
 from ..store import VECTORS_DIR, VectorStore
 from .params import BUILD_SHARD_ROWS, KMEANS_ITERATIONS, IndexParams, choose_params, estimate_build_seconds
+from .io import load_index, quiet_stdout, read_rows, vectors_of
 from .state import INDEX_DIR, IVFDATA, MERGED, PARAMS, STATE, file_sha256, index_damage, read_json, vectors_identity, write_json
 from .train import assign, nearest, train_custom, train_ivfpq
 
 TRAINED = "trained.index"
 DRY_RUN_SAMPLE = 65_536  # vectors read and assigned to measure this device
 SHARDS = "shards"
-NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
-RERANK_FACTORS = (1, 2, 5, 10)  # rerank depth = factor * k
 ENCODE_BLOCK = 1 << 16  # vectors encoded on the device at a time (PQ distances: M x block x 256 floats)
 
 
@@ -293,26 +291,6 @@ def _build(b: _Build) -> IndexReport:
 # ---- reading vectors -----------------------------------------------------------------------
 
 
-def vectors_of(table: Any) -> np.ndarray:
-    """The `vector` column of an Arrow table as a (rows, dim) numpy array (float16 or float32)."""
-    col = table.column("vector")
-    if hasattr(col, "combine_chunks"):  # a Table's column is chunked, a RecordBatch's is not
-        col = col.combine_chunks()
-    dim = col.type.list_size
-    return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
-
-
-def read_rows(ds: Any, positions: np.ndarray) -> np.ndarray:
-    """float32 vectors of the given row positions, in the order given."""
-    if len(positions) == 0:
-        return np.zeros((0, 0), np.float32)
-    order = np.argsort(positions, kind="stable")
-    got = vectors_of(ds.take(np.asarray(positions)[order], columns=["vector"])).astype(np.float32)
-    result = np.empty_like(got)
-    result[order] = got
-    return result
-
-
 def fragment_shards(ds: Any, shard_rows: int) -> list[tuple[int, list[Any]]]:
     """Consecutive whole fragments grouped to about shard_rows rows: [(first position, fragments)]."""
     shards: list[tuple[int, list[Any]]] = []
@@ -411,7 +389,8 @@ def _add(b: _Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.nd
     if b.cfg.ray is not None:
         from ..distributed import add_index_shards_ray
 
-        add_index_shards_ray(str(b.out), b.key["vectors_version"], todo, spec, queries, qvec, b.cfg.ray, on_done=lambda: bar.update(1))
+        add_index_shards_ray(index_shard_task, str(b.out), b.key["vectors_version"], todo, spec, queries, qvec, b.cfg.ray,
+                             on_done=lambda: bar.update(1))  # fmt: skip
         bar.close()
         return len(shards) - len(todo)
     codec = device_codec(trained, spec, qvec, b.log)
@@ -559,20 +538,6 @@ def _merge(b: _Build, n_shards: int) -> Any:
     return load_index(b.dir)
 
 
-@contextlib.contextmanager
-def quiet_stdout() -> Iterator[None]:
-    """Silence what faiss's C++ code prints on file descriptor 1 (it ignores sys.stdout)."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 1)
-            yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 def _mergeable(index: Any) -> bool:
     import faiss
 
@@ -613,15 +578,6 @@ def check_ids(index: Any, n: int) -> None:
     if total != n or not (seen == 1).all():
         dup, missing = int((seen > 1).sum()), int((seen == 0).sum())
         raise EmbedkitError(f"the merged index has {dup} duplicate and {missing} missing ids; rerun build-index with --overwrite")
-
-
-def load_index(folder: Path) -> Any:
-    """Open merged.index; its on-disk inverted lists are memory-mapped from the same folder."""
-    import faiss
-
-    with quiet_stdout():  # faiss announces the lists file's folder on stdout
-        # read-only: searching must work on storage it may not write to (faiss opens the lists r+ otherwise)
-        return faiss.read_index(str(folder / MERGED), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
 
 
 # ---- ground truth, commit ------------------------------------------------------------------
@@ -668,3 +624,23 @@ def _bar(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, unit="shard", desc="add", file=sys.stderr, disable=not (enabled and sys.stderr.isatty()))
+
+
+def index_shard_task(out: str, version: int, fragment_ids: list[int], i: int, start: int, spec: Any, queries: Any, qvec: Any) -> int:
+    """One add shard, as a Ray task; returns its rows (0 when a previous attempt wrote it)."""
+    import faiss
+    import lance
+
+    from ..distributed import TASK_CACHE
+
+    if spec.done(i):
+        return 0
+    key = ("index", spec.folder, version)
+    if key not in TASK_CACHE:  # the trained quantizer and its device codec, once per worker
+        trained = faiss.read_index(str(Path(spec.folder).parent / TRAINED))
+        TASK_CACHE[key] = (trained, device_codec(trained, spec, qvec, lambda msg: None))
+    trained, codec = TASK_CACHE[key]
+    ds = lance.dataset(str(Path(out) / VECTORS_DIR), version=version)
+    x = _read_shard([ds.get_fragment(f) for f in fragment_ids])
+    write_shard(spec, trained, codec, i, start, x, queries, qvec)
+    return len(x)

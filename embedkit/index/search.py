@@ -17,8 +17,11 @@ import numpy as np
 from ..errors import EmbedkitError
 from ..shards import read_manifest
 from ..store import VECTORS_DIR, stored_columns
-from .build import NPROBE_GRID, RERANK_FACTORS, load_index
+from .io import load_index, read_rows
 from .state import INDEX_DIR, PARAMS, index_damage, params_problem, read_json, staleness
+
+NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
+RERANK_FACTORS = (1, 2, 5, 10)  # rerank depth = factor * k
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,6 @@ class VectorCache:
         self.vec = np.zeros((0, dim), np.float32)
 
     def get(self, positions: np.ndarray) -> np.ndarray:
-        from .build import read_rows
 
         want = np.unique(positions)
         new = np.setdiff1d(want, self.pos, assume_unique=True)

@@ -1,0 +1,59 @@
+"""What the index build and search both read: vectors by row position, and the merged index.
+
+A module of its own so that search (which build uses to tune) needs nothing from build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .state import MERGED
+
+
+def vectors_of(table: Any) -> np.ndarray:
+    """The `vector` column of an Arrow table as a (rows, dim) numpy array (float16 or float32)."""
+    col = table.column("vector")
+    if hasattr(col, "combine_chunks"):  # a Table's column is chunked, a RecordBatch's is not
+        col = col.combine_chunks()
+    dim = col.type.list_size
+    return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def read_rows(ds: Any, positions: np.ndarray) -> np.ndarray:
+    """float32 vectors of the given row positions, in the order given."""
+    if len(positions) == 0:
+        return np.zeros((0, 0), np.float32)
+    order = np.argsort(positions, kind="stable")
+    got = vectors_of(ds.take(np.asarray(positions)[order], columns=["vector"])).astype(np.float32)
+    result = np.empty_like(got)
+    result[order] = got
+    return result
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Silence what faiss's C++ code prints on file descriptor 1 (it ignores sys.stdout)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def load_index(folder: Path) -> Any:
+    """Open merged.index; its on-disk inverted lists are memory-mapped from the same folder."""
+    import faiss
+
+    with quiet_stdout():  # faiss announces the lists file's folder on stdout
+        # read-only: searching must work on storage it may not write to (faiss opens the lists r+ otherwise)
+        return faiss.read_index(str(folder / MERGED), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
