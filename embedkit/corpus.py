@@ -26,7 +26,7 @@ from typing import Iterator, Protocol
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import EmbedkitError
+from .errors import EmbedkitError, first_line
 
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.string_view())
 BINARY_TYPES = (pa.binary(), pa.large_binary(), pa.binary_view())  # decoded as UTF-8, row by row
@@ -199,7 +199,7 @@ class ParquetCorpus:
             try:
                 pf = pq.ParquetFile(f)
             except Exception as e:  # pyarrow raises several types for a damaged file
-                raise EmbedkitError(f"cannot read parquet file {f}: {_first_line(e)}") from None
+                raise EmbedkitError(f"cannot read parquet file {f}: {first_line(e)}") from None
             self._meta.append(pf.metadata)
             file_schema = pf.schema_arrow
             if schema is None:
@@ -255,7 +255,7 @@ class ParquetCorpus:
         try:
             t = pq.ParquetFile(self.files[fi]).read_row_group(gi, columns=self._columns())
         except Exception as e:
-            raise EmbedkitError(f"cannot read {self.files[fi]} row group {gi}: {_first_line(e)}") from None
+            raise EmbedkitError(f"cannot read {self.files[fi]} row group {gi}: {first_line(e)}") from None
         self._cached = ((fi, gi), t)
         return t
 
@@ -283,7 +283,7 @@ class LanceCorpus:
         try:
             self.ds = lance.dataset(str(path))
         except Exception as e:
-            raise EmbedkitError(f"cannot open Lance dataset {path}: {_first_line(e)}") from None
+            raise EmbedkitError(f"cannot open Lance dataset {path}: {first_line(e)}") from None
         schema = self.ds.schema
         self.id_col = _check_columns(schema, columns, path)
         self.id_type = _id_type(schema, self.id_col, path)
@@ -394,7 +394,7 @@ def _read_jsonl(path: Path, columns: Columns) -> pa.Table:
     except Exception as e:
         if "changed from" in str(e):  # a field whose type differs between rows: read them one by one
             return _read_json_rows(path, columns, _json_lines(path))
-        raise EmbedkitError(f"cannot parse {path} as JSON lines: {_first_line(e)}") from None
+        raise EmbedkitError(f"cannot parse {path} as JSON lines: {first_line(e)}") from None
 
 
 def _starts_with(path: Path, prefix: bytes) -> bool:
@@ -456,7 +456,7 @@ def _read_json_rows(path: Path, columns: Columns, rows: Iterator[tuple[str, obje
         try:
             arrays[name] = pa.array(values[name], pa.string() if name == columns.text else None)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-            raise EmbedkitError(f"{path}: field {name!r} mixes types ({_first_line(e)})") from None
+            raise EmbedkitError(f"{path}: field {name!r} mixes types ({first_line(e)})") from None
     return pa.table(arrays)
 
 
@@ -498,7 +498,7 @@ def _read_csv(path: Path, text_column: str, id_column: str) -> pa.Table:
             path, parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True), convert_options=convert
         )
     except Exception as e:
-        raise EmbedkitError(f"cannot parse {path} as CSV: {_first_line(e)}") from None
+        raise EmbedkitError(f"cannot parse {path} as CSV: {first_line(e)}") from None
 
 
 def find_first_duplicate(ids: pa.ChunkedArray) -> tuple[object, list[int]] | None:
@@ -517,11 +517,6 @@ def find_first_duplicate(ids: pa.ChunkedArray) -> tuple[object, list[int]] | Non
     value = ids[first_row].as_py()
     rows = pc.indices_nonzero(pc.equal(ids, pa.scalar(value, ids.type))).to_pylist()
     return value, rows[:5]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
 
 
 def drop_empty(table: pa.Table, keep_empty: bool) -> tuple[pa.Table, int]:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import EmbedkitError
+from .errors import EmbedkitError, first_line
 from .status import straggler_tail
 
 TASK_RETRIES = 3
@@ -272,7 +272,7 @@ def add_index_shards_ray(task: Callable[..., int], out: str, version: int, todo:
             if on_done is not None:
                 on_done()
     except Exception as e:  # a task that failed after its retries
-        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        first = first_line(e)
         raise EmbedkitError(f"a Ray task failed ({first}); finished shards are kept: rerun the same command to resume") from None
 
 
@@ -297,5 +297,5 @@ def _get(ray: Any, refs: list) -> list:
     try:
         return ray.get(refs)
     except Exception as e:  # a task that failed after its retries
-        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        first = first_line(e)
         raise EmbedkitError(f"a Ray task failed ({first}); committed shards are kept: rerun the same command to resume") from None

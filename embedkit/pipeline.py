@@ -44,7 +44,9 @@ from .models import (
 )
 from .outdir import check_out, clear_output, make_out, undo_if_unstarted
 from .planning import default_shard_rows, longest_first
-from .shards import MANIFEST, OutputLock, Shard, manifest_differences, read_manifest, shards_from_manifest, write_manifest
+from .shards import (
+    MANIFEST, OutputLock, Shard, manifest_differences, read_manifest, shards_counts, shards_from_manifest, shards_line, write_manifest,
+)
 from .store import VECTORS_DIR, VectorStore, ledger_name, vectors_schema, vectors_table
 from .tokenize import TextTokenizer, TokenizerPool, Tokenized, default_workers, tokenize_all
 
@@ -112,14 +114,14 @@ class EncodeSummary:
         return d
 
     def line(self) -> str:
-        if self.shards_done == 0 and self.shards_skipped == self.shards_total:
-            return f"nothing to do: all {self.shards_total} shards of {self.out} are already committed"
+        nothing = shards_line(self.out, self.shards_done, self.shards_skipped, self.shards_total)
+        if nothing is not None:
+            return nothing
         return (
             f"{self.docs} docs, {self.tokens} tokens in {self.seconds:.1f} s "
             f"({self.tokens_per_second:,.0f} tokens/s) on {self.device}; "
             f"{self.truncated} truncated, {self.skipped_empty} empty skipped, "
-            f"padding {100 * self.padding_overhead:.1f}%, shards {self.shards_done} new + "
-            f"{self.shards_skipped} already done of {self.shards_total}"
+            f"padding {100 * self.padding_overhead:.1f}%, " + shards_counts(self.shards_done, self.shards_skipped, self.shards_total)
             + (f"; tail {self.tail_seconds:.1f} s, {self.reissued} shards re-issued" if self.parts else "")
             + (f"; non-finite vectors: {self.retried} rows retried in fp32, {self.quarantined} quarantined{_ids(self.quarantined_ids)}"
                if self.retried else "")

@@ -269,3 +269,14 @@ class OutputLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def shards_line(out: str, done: int, skipped: int, total: int) -> str | None:
+    """The shard part of a run's summary line, or the whole line when nothing was left to do."""
+    if done == 0 and skipped == total:
+        return f"nothing to do: all {total} shards of {out} are already committed"
+    return None
+
+
+def shards_counts(done: int, skipped: int, total: int) -> str:
+    return f"shards {done} new + {skipped} already done of {total}"

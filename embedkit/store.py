@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .errors import EmbedkitError
+from .errors import EmbedkitError, first_line
 from .ledger import DropRecord, Ledger, LedgerState, ShardRecord
 
 VECTORS_DIR = "vectors.lance"
@@ -126,7 +126,7 @@ class VectorStore:
         try:
             return lance.dataset(self.uri)
         except Exception as e:
-            first = (str(e).strip() or type(e).__name__).splitlines()[0]
+            first = first_line(e)
             raise EmbedkitError(f"cannot open {self.uri}: {first}; start fresh with --overwrite") from None
 
     def create(self, schema: pa.Schema) -> None:
@@ -579,7 +579,7 @@ def storage_reason(e: OSError) -> str:
     """
     if e.strerror:
         return e.strerror
-    text = (str(e).strip() or type(e).__name__).splitlines()[0]
+    text = first_line(e)
     if text.startswith("LanceError(") and "): " in text:
         text = text.split("): ", 1)[1]
     return text.split(", /", 1)[0]

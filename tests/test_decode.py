@@ -12,7 +12,7 @@ import pytest
 from embedkit.config import DEFAULT_GENERATOR, DEFAULT_PROMPTS
 from embedkit.decode import Group, SlotDecoder, plan_groups, supported
 from embedkit.errors import EmbedkitError
-from embedkit.generation import RefillDecoder, fit_prompts, resolve_generator, summarize
+from embedkit.generation import bucketed_generate, fit_prompts, resolve_generator, summarize
 
 MAX_NEW = 16
 
@@ -126,7 +126,8 @@ def test_sampling_follows_the_seed(model, prompts):
 
 
 def test_other_architectures_use_the_generic_decoder(prompts):
-    """A GPT-2 model (not Llama's layer) is refused by SlotDecoder and decoded by RefillDecoder, equal to generate."""
+    """A GPT-2 model (not Llama's layer) is refused by SlotDecoder and decoded by transformers' generate on
+    length-bucketed batches: equal to generate one prompt at a time; sampling follows the seed."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -151,4 +152,8 @@ def test_other_architectures_use_the_generic_decoder(prompts):
         new = seq[0, len(p) :].tolist()
         want.append(new[: new.index(0)] if 0 in new else new)
     assert got == want
-    assert got == RefillDecoder(lm, pad_id=0, eos_ids={0}).run(prompts[:3], max_new=6, batch_size=3)
+    assert got == bucketed_generate(lm, prompts[:3], pad_id=0, eos_ids={0}, max_new=6, batch_size=3)
+    state = torch.random.get_rng_state()
+    a, b, c = (bucketed_generate(lm, prompts[:3], pad_id=0, eos_ids={0}, max_new=6, batch_size=2, temperature=1.0, seed=s) for s in (5, 5, 6))
+    assert a == b and a != c
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is left alone

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import EmbedkitError
+from ..units import human_bytes
 
 MIN_POINTS_PER_LIST = 39
 TRAIN_POINTS_PER_LIST = 64
@@ -83,7 +84,7 @@ class IndexParams:
     def describe(self) -> str:
         return (
             f"{self.factory} over {self.n:,} x {self.dim} vectors ({self.metric}); "
-            f"train on {self.train_size:,}; index {_human(self.index_bytes)}, build memory ~{_human(self.build_memory_bytes)}"
+            f"train on {self.train_size:,}; index {human_bytes(self.index_bytes)}, build memory ~{human_bytes(self.build_memory_bytes)}"
         )
 
 
@@ -157,7 +158,7 @@ def _pq_m(n: int, dim: int, nlist: int, budget: int, forced: int | None) -> int:
     fits = [d for d in divisors if d <= max(1, dim // 8) and n * (d + ID_BYTES) + fixed <= budget]
     if not fits:
         need = n * (1 + ID_BYTES) + fixed
-        raise EmbedkitError(f"--memory-budget {_human(budget)} is too small for {n:,} vectors (at least {_human(need)})")
+        raise EmbedkitError(f"--memory-budget {human_bytes(budget)} is too small for {n:,} vectors (at least {human_bytes(need)})")
     return fits[-1]
 
 
@@ -208,9 +209,3 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def _human(b: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if b < 1024 or unit == "TB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
-        b /= 1024
-    return f"{b:.1f} TB"
