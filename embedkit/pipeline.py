@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -45,7 +45,7 @@ from .models import (
 from .outdir import check_out, clear_output, make_out, undo_if_unstarted
 from .planning import default_shard_rows, longest_first
 from .shards import (
-    MANIFEST, OutputLock, Shard, manifest_differences, read_manifest, shards_counts, shards_from_manifest, shards_line, write_manifest,
+    MANIFEST, OutputLock, Shard, manifest_differences, read_manifest, RunSummary, shards_from_manifest, write_manifest,
 )
 from .store import VECTORS_DIR, VectorStore, ledger_name, vectors_schema, vectors_table
 from .tokenize import TextTokenizer, TokenizerPool, Tokenized, default_workers, tokenize_all
@@ -58,7 +58,7 @@ SUMMED_FIELDS = ("docs", "tokens", "padded_tokens", "truncated", "skipped_empty"
 
 
 @dataclass(frozen=True)
-class EncodeSummary:
+class EncodeSummary(RunSummary):
     """What a run did. `tokens` counts what the model read (after truncation)."""
 
     out: str
@@ -107,21 +107,15 @@ class EncodeSummary:
         each = tuple({"tokens": t, "seconds": round(secs, 2)} for t, secs in workers.values())
         return cls(out=out, device=device, seconds=seconds, shards_skipped=skipped, shards_total=total, parts=each, **counts)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["tokens_per_second"] = round(self.tokens_per_second, 1)
-        d["padding_overhead"] = round(self.padding_overhead, 4)
-        return d
+    def rates(self) -> dict:
+        return {"tokens_per_second": round(self.tokens_per_second, 1), "padding_overhead": round(self.padding_overhead, 4)}
 
-    def line(self) -> str:
-        nothing = shards_line(self.out, self.shards_done, self.shards_skipped, self.shards_total)
-        if nothing is not None:
-            return nothing
+    def work_line(self, shards: str) -> str:
         return (
             f"{self.docs} docs, {self.tokens} tokens in {self.seconds:.1f} s "
             f"({self.tokens_per_second:,.0f} tokens/s) on {self.device}; "
             f"{self.truncated} truncated, {self.skipped_empty} empty skipped, "
-            f"padding {100 * self.padding_overhead:.1f}%, " + shards_counts(self.shards_done, self.shards_skipped, self.shards_total)
+            f"padding {100 * self.padding_overhead:.1f}%, {shards}"
             + (f"; tail {self.tail_seconds:.1f} s, {self.reissued} shards re-issued" if self.parts else "")
             + (f"; non-finite vectors: {self.retried} rows retried in fp32, {self.quarantined} quarantined{_ids(self.quarantined_ids)}"
                if self.retried else "")

@@ -271,12 +271,24 @@ class OutputLock:
             self._fd = None
 
 
-def shards_line(out: str, done: int, skipped: int, total: int) -> str | None:
-    """The shard part of a run's summary line, or the whole line when nothing was left to do."""
-    if done == 0 and skipped == total:
-        return f"nothing to do: all {total} shards of {out} are already committed"
-    return None
+class RunSummary:
+    """What the stages' run summaries share (a mixin of frozen dataclasses that have `out`,
+    `shards_done`, `shards_skipped` and `shards_total`): the summary line, which names the
+    shards or says there was nothing to do, and `to_dict()` with the summary's `rates()`."""
 
+    def line(self) -> str:
+        s: Any = self
+        if s.shards_done == 0 and s.shards_skipped == s.shards_total:
+            return f"nothing to do: all {s.shards_total} shards of {s.out} are already committed"
+        return self.work_line(f"shards {s.shards_done} new + {s.shards_skipped} already done of {s.shards_total}")
 
-def shards_counts(done: int, skipped: int, total: int) -> str:
-    return f"shards {done} new + {skipped} already done of {total}"
+    def work_line(self, shards: str) -> str:
+        raise NotImplementedError
+
+    def rates(self) -> dict:
+        return {}
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {**asdict(self), **self.rates()}  # type: ignore[call-overload]
