@@ -2,9 +2,10 @@
 
 One scheduler for every multi-worker run. The driver validates the input, writes the manifest
 and cleans the store under the output lock (so a second driver on the same OUT is refused),
-then submits one task per pending shard, the most tokens first: `num_gpus=1` when encoding on
-CUDA, `num_gpus=0` on CPUs. A task runs the ordinary single-device pipeline on its shard and
-commits it. Ray retries a task whose worker died or was preempted; a retried task first checks
+then submits one task per pending shard, the most tokens first: `num_gpus=1` on CUDA,
+`num_gpus=0` on CPUs. A stage hands `run_shard_tasks` its own shard function (encode's
+`pipeline.encode_shard`, generate's `generation.generate_shard_task`), which runs the ordinary
+single-device code on its shard and commits it; this module imports no stage. Ray retries a task whose worker died or was preempted; a retried task first checks
 whether its shard is already committed, so a shard is never written twice. Near the end an
 idle slot runs a second copy of the oldest shard still running; a `CommitArbiter` actor gives
 the shard's commit to the first copy that asks.
@@ -13,9 +14,9 @@ the shard's commit to the first copy that asks.
 ends, also on SIGTERM and Ctrl-C; on a SIGKILL of the driver, Ray's own processes die with it
 (kernel fate-sharing), and a task still running commits nothing: the arbiter, an actor of the
 driver's job, is gone, and the task checks that its driver still holds OUT's lock before it
-commits. A killed driver is resumed by rerunning the same command. `embedkit generate --ray`
-does the same with the generative pass, and `embedkit build-index --ray` with the index's add
-phase (training and the merge stay on the driver). Ray is imported only here
+commits. A killed driver is resumed by rerunning the same command. `embedkit build-index
+--ray` runs the index's add phase as plain tasks (`add_index_shards_ray`: a shard file is
+written whole or redone, so it needs no arbiter; training and the merge stay on the driver). Ray is imported only here
 (`pip install 'embedkit[ray]'`): single-worker runs never import it.
 """
 
@@ -237,17 +238,6 @@ def injected_stall(shard: int) -> None:
     n, _, seconds = spec.partition(":")
     if spec and n.strip() == str(shard):
         time.sleep(float(seconds))
-
-
-def run_tasks(task: Callable[..., Any], argsets: list[tuple], *, gpu: bool, address: str | None) -> tuple[list, float]:
-    """`task(*args)` for each of `argsets` as Ray tasks on the cluster at `address`, `num_gpus=1`
-    each when `gpu`; (their results in order, wall seconds). A task that fails after Ray's
-    retries fails the run in one line."""
-    ray = _ray(address)
-    remote = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1, max_retries=TASK_RETRIES)(task)
-    start = time.perf_counter()
-    refs = [remote.remote(*args) for args in argsets]
-    return _get(ray, refs), time.perf_counter() - start
 
 
 def add_index_shards_ray(task: Callable[..., int], out: str, version: int, todo: list, spec: Any, queries: Any, qvec: Any, address: str,

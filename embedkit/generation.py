@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -491,25 +491,30 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
 
 def _run_as_tasks(input: str | Path, out: Path, cfg: GenerateConfig, template: str, choice: DeviceChoice, pending: list[Shard],
                   skipped: int, total: int) -> "GenerateSummary":  # fmt: skip
-    """`embedkit generate --ray`: one Ray task per pending shard; the merged summary."""
+    """`embedkit generate --ray`: the pending shards as shard tasks, through the same runner as
+    encode's (re-issue near the end, the commit arbiter, Ray's retries); the merged summary."""
     from dataclasses import replace
 
-    from .distributed import run_tasks
+    from .distributed import run_shard_tasks
 
     gpu = choice.type == "cuda"
     task_cfg = replace(cfg, ray=None, progress=False, overwrite=False, device="cuda" if gpu else "cpu")
-    argsets = [(str(input), str(out), task_cfg, template, choice.precision, s.index) for s in pending]
-    parts, seconds = run_tasks(generate_shard_task, argsets, gpu=gpu, address=cfg.ray)
-    return summarize_parts(out, cfg, f"ray ({'GPU' if gpu else 'CPU'} tasks)", parts, seconds, skipped, total)
+    run = run_shard_tasks(generate_shard_task, (str(input), str(out), task_cfg, template, choice.precision), [s.index for s in pending],
+                          gpu=gpu, workers=1, address=cfg.ray, reissue=True)  # fmt: skip
+    return summarize_parts(out, cfg, f"ray ({'GPU' if gpu else 'CPU'} tasks)", run.parts, run.seconds, skipped, total)
 
 
-def generate_shard_task(input: str, out: str, cfg: GenerateConfig, template: str, precision: str, index: int) -> dict:
-    """One generate shard, as a Ray task; skipped if a previous attempt committed it."""
-    from .distributed import TASK_CACHE
+def generate_shard_task(input: str, out: str, cfg: GenerateConfig, template: str, precision: str, index: int, copy: int = 0,
+                        arbiter: Any = None, driver: str | None = None) -> dict:  # fmt: skip
+    """One generate shard, as a Ray task. A shard already committed (by a retried attempt, or
+    by the other copy of a re-issued one) is reported with its rows from the ledger; with an
+    `arbiter`, the shard is committed only if this copy gets the right to."""
+    from .distributed import TASK_CACHE, commit_allowed, injected_stall
 
     store = VectorStore(Path(out), GENERATIONS_DIR)
-    if index in store.committed_shards():
-        return {"docs": 0, "prompt": 0, "new": 0, "truncated": 0, "empty": 0, "shards": 0}
+    rows = store.committed_shards().get(index)
+    if rows is not None:  # its tokens are not known (0)
+        return {"docs": rows, "prompt": 0, "new": 0, "truncated": 0, "empty": 0, "shards": 1, "shards_done": 1, "committed_before": True}
     choice = DeviceChoice(choose_device(cfg.device, "fp32").device, precision)
     key = ("generate", input, cfg.model, choice.device, precision)
     if key not in TASK_CACHE:
@@ -518,7 +523,10 @@ def generate_shard_task(input: str, out: str, cfg: GenerateConfig, template: str
     corpus, lm, tok = TASK_CACHE[key]
     plan = read_manifest(Path(out))["plan"]
     shard = plan_shards(plan["rows"], plan["shard_rows"])[index]
-    return generate_shard(corpus, cfg, template, lm, tok, choice, store, _schema(cfg.task, corpus.id_type), shard)
+    if copy == 0:
+        injected_stall(index)
+    may_commit = None if arbiter is None else (lambda i: commit_allowed(arbiter, i, copy, Path(out), driver))
+    return generate_shard(corpus, cfg, template, lm, tok, choice, store, _schema(cfg.task, corpus.id_type), shard, may_commit)
 
 
 def _manifest(out: Path, corpus: Corpus, cfg: GenerateConfig, template: str, choice: DeviceChoice) -> tuple[int, dict]:
@@ -587,8 +595,10 @@ def _run(corpus, out, cfg, template, lm, tok, choice, store, shards: list[Shard]
     return summarize_parts(out, cfg, choice.device, parts, time.perf_counter() - start, len(done), len(shards))
 
 
-def generate_shard(corpus, cfg, template, lm, tok, choice, store, schema, shard: Shard) -> dict:
-    """One shard: the task's columns for its rows, committed as one Lance commit."""
+def generate_shard(corpus, cfg, template, lm, tok, choice, store, schema, shard: Shard, may_commit: Callable[[int], bool] | None = None) -> dict:
+    """One shard: the task's columns for its rows, committed as one Lance commit. `may_commit`
+    (a shard task of a re-issued shard): asked before the write; False leaves nothing written
+    and reports no shard, because the other copy has the commit."""
 
     started = time.time()
     phases: dict[str, float] = {}
@@ -597,12 +607,14 @@ def generate_shard(corpus, cfg, template, lm, tok, choice, store, schema, shard:
     columns, prompt_tokens, new_tokens = _task_columns(table, cfg, template, lm, tok, choice, shard.index, phases)
     with _timed(phases, "commit"):
         rows = pa.table({"id": table.column("id"), **columns}).cast(schema) if table.num_rows else schema.empty_table()
+        if may_commit is not None and not may_commit(shard.index):
+            return {"docs": 0, "prompt": 0, "new": 0, "truncated": 0, "empty": 0, "shards": 0, "shards_done": 0}
         store.commit_shard(shard.index, rows, started)
     truncated = int(np.sum(columns["truncated"])) if table.num_rows else 0
     decoder = _DECODERS.get(lm) if cfg.task == "summarize" else None
     decode = dict(decoder.stats) if decoder is not None else {}
     return {"docs": rows.num_rows, "prompt": prompt_tokens, "new": new_tokens, "truncated": truncated, "empty": empty, "shards": 1,
-            "decode": decode, "phases": phases}  # fmt: skip
+            "shards_done": 1, "decode": decode, "phases": phases}  # fmt: skip
 
 
 @contextlib.contextmanager

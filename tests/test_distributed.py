@@ -163,6 +163,23 @@ def test_generate_as_ray_tasks_equals_a_local_run(local_ray, corpus, tmp_path):
     assert max(abs(a[k] - b[k]) for k in a) < 1e-4
 
 
+def test_a_stalled_generate_task_is_overtaken(local_ray, corpus, tmp_path, monkeypatch):
+    """generate --ray runs through encode's shard runner: the first copy of shard 0 stalls (fault
+    injection), an idle slot runs a second copy that commits first, the run ends well before
+    the stall is over, and every id is scored exactly once."""
+    from embedkit.distributed import STALL_ENV
+
+    small = tmp_path / "small.parquet"
+    pq.write_table(pq.read_table(corpus).slice(0, 8), small)
+    monkeypatch.setenv(STALL_ENV, f"0:{STALL_S[True]}")
+    t = time.perf_counter()
+    s = embedkit.generate(small, tmp_path / "out", task="score", device="cpu", shard_rows=4, progress=False, ray="")
+    wall = time.perf_counter() - t
+    ids = lance.dataset(str(tmp_path / "out" / "generations.lance")).to_table(columns=["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 8 and (s.docs, s.shards_done) == (8, 2)
+    assert wall < STALL_S[True], wall  # shard 0 was committed by its second copy
+
+
 def test_index_add_shards_as_ray_tasks_equal_a_local_build(local_ray, tmp_path):
     """build-index --ray: the add shards run as Ray tasks; the index equals a local build's."""
     import shutil
