@@ -25,6 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
 NATIVE_ENV = "EMBEDKIT_NATIVE"  # "0": load every model through sentence-transformers
 _POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_max_tokens": "max"}
 _OTHER_POOLING = ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
@@ -138,13 +142,10 @@ def _tokenizer_agrees(path: Path, tok_config: dict) -> bool:
     if not isinstance(tok, dict):
         return False
     normalizer = tok.get("normalizer") or {}
-    if "do_lower_case" in tok_config and normalizer.get("type") == "BertNormalizer":
-        if bool(normalizer.get("lowercase")) != bool(tok_config["do_lower_case"]):
-            return False
-    if "strip_accents" in tok_config and normalizer.get("type") == "BertNormalizer":
-        if normalizer.get("strip_accents") != tok_config["strip_accents"]:
-            return False
-    return True
+    if normalizer.get("type") != "BertNormalizer":
+        return True
+    same = {"do_lower_case": lambda v: bool(normalizer.get("lowercase")) == bool(v), "strip_accents": lambda v: normalizer.get("strip_accents") == v}
+    return all(agrees(tok_config[k]) for k, agrees in same.items() if k in tok_config)
 
 
 class _Config:
@@ -175,163 +176,143 @@ class _Tokenizer:
         return Tokenizer.from_str(self._json)
 
 
-def load_native(spec: BertSpec) -> Any:
+def load_native(spec: BertSpec) -> "NativeSentenceModel":
     """A NativeSentenceModel on the CPU, weights in the dtype they are stored in (as
     sentence-transformers loads them)."""
     from safetensors.torch import load_file
 
     model = NativeSentenceModel(spec)
-    weights = load_file(str(spec.folder / "model.safetensors"))
-    model[0].auto_model.load_hf_weights(weights)
+    model[0].auto_model.load_hf_weights(load_file(str(spec.folder / "model.safetensors")))
     return model.eval()
 
 
-def _modules() -> tuple[Any, ...]:
-    """The torch classes, built on first use so that importing this module does not import torch."""
-    global _CLASSES
-    if _CLASSES is None:
-        _CLASSES = _build_classes()
-    return _CLASSES
+def key_mask(mask: torch.Tensor, padded: bool) -> torch.Tensor | None:
+    """SDPA's boolean (rows, 1, seq, seq) mask of the keys to attend, a view of the (rows, seq)
+    `mask`; None without padding (the kernels that take no mask then apply)."""
+    b, seq = mask.shape
+    return mask[:, None, None, :].expand(b, 1, seq, seq) if padded else None
 
 
-_CLASSES: tuple[Any, ...] | None = None
+class BertLayer(nn.Module):
+    def __init__(self, h: int, heads: int, inter: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(h, 3 * h)  # query, key and value in one matrix product
+        self.out = nn.Linear(h, h)
+        self.ln1 = nn.LayerNorm(h, eps=eps)
+        self.up = nn.Linear(h, inter)
+        self.down = nn.Linear(inter, h)
+        self.ln2 = nn.LayerNorm(h, eps=eps)
 
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, s, h = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = self.ln1(x + self.out(a.transpose(1, 2).reshape(b, s, h)))
+        return self.ln2(x + self.down(F.gelu(self.up(x))))
 
-def NativeSentenceModel(spec: BertSpec) -> Any:  # noqa: N802 (a factory named as the class it builds)
-    return _modules()[0](spec)
+class BertEncoder(nn.Module):
+    """BertModel's encoder (no pooler): embeddings, then the layers; returns the hidden states."""
 
+    def __init__(self, config: dict):
+        super().__init__()
+        h, eps = config["hidden_size"], float(config.get("layer_norm_eps", 1e-12))
+        self.config = _Config(config)
+        self.word = nn.Embedding(config["vocab_size"], h)
+        self.position = nn.Embedding(config["max_position_embeddings"], h)
+        self.token_type = nn.Embedding(int(config.get("type_vocab_size", 2)), h)
+        self.ln = nn.LayerNorm(h, eps=eps)
+        self.layers = nn.ModuleList(
+            BertLayer(h, config["num_attention_heads"], config["intermediate_size"], eps) for _ in range(config["num_hidden_layers"])
+        )
 
-def _build_classes() -> tuple[Any, ...]:
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """`mask`: None (no padding) or a boolean (rows, 1, seq, seq) mask of the keys to attend."""
+        seq = ids.shape[1]
+        # token type 0 for every token, as transformers uses when none are given
+        x = self.word(ids) + self.position.weight[:seq] + self.token_type.weight[0]
+        x = self.ln(x)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
 
-    class BertLayer(nn.Module):
-        def __init__(self, h: int, heads: int, inter: int, eps: float):
-            super().__init__()
-            self.heads = heads
-            self.qkv = nn.Linear(h, 3 * h)  # query, key and value in one matrix product
-            self.out = nn.Linear(h, h)
-            self.ln1 = nn.LayerNorm(h, eps=eps)
-            self.up = nn.Linear(h, inter)
-            self.down = nn.Linear(inter, h)
-            self.ln2 = nn.LayerNorm(h, eps=eps)
+    def load_hf_weights(self, weights: dict) -> None:
+        """Copy a transformers BertModel state dict in (with or without its "bert." prefix)."""
+        w = {k.removeprefix("bert."): v for k, v in weights.items()}
+        mine = {
+            "word.weight": w["embeddings.word_embeddings.weight"],
+            "position.weight": w["embeddings.position_embeddings.weight"],
+            "token_type.weight": w["embeddings.token_type_embeddings.weight"],
+            "ln.weight": w["embeddings.LayerNorm.weight"], "ln.bias": w["embeddings.LayerNorm.bias"],
+        }  # fmt: skip
+        for i in range(len(self.layers)):
+            p = f"encoder.layer.{i}."
+            att = p + "attention.self."
+            for part in ("weight", "bias"):
+                mine[f"layers.{i}.qkv.{part}"] = torch.cat([w[att + n + "." + part] for n in ("query", "key", "value")])
+                mine[f"layers.{i}.out.{part}"] = w[p + "attention.output.dense." + part]
+                mine[f"layers.{i}.ln1.{part}"] = w[p + "attention.output.LayerNorm." + part]
+                mine[f"layers.{i}.up.{part}"] = w[p + "intermediate.dense." + part]
+                mine[f"layers.{i}.down.{part}"] = w[p + "output.dense." + part]
+                mine[f"layers.{i}.ln2.{part}"] = w[p + "output.LayerNorm." + part]
+        dtype = mine["word.weight"].dtype
+        self.to(dtype)
+        self.load_state_dict(mine, strict=True)
 
-        def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-            b, s, h = x.shape
-            q, k, v = self.qkv(x).view(b, s, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            x = self.ln1(x + self.out(a.transpose(1, 2).reshape(b, s, h)))
-            return self.ln2(x + self.down(F.gelu(self.up(x))))
+class Transformer(nn.Module):
+    """The sentence-transformers Transformer module's part: features in, token embeddings out."""
 
-    class BertEncoder(nn.Module):
-        """BertModel's encoder (no pooler): embeddings, then the layers; returns the hidden states."""
+    def __init__(self, config: dict):
+        super().__init__()
+        self.auto_model = BertEncoder(config)
 
-        def __init__(self, config: dict):
-            super().__init__()
-            h, eps = config["hidden_size"], float(config.get("layer_norm_eps", 1e-12))
-            self.config = _Config(config)
-            self.word = nn.Embedding(config["vocab_size"], h)
-            self.position = nn.Embedding(config["max_position_embeddings"], h)
-            self.token_type = nn.Embedding(int(config.get("type_vocab_size", 2)), h)
-            self.ln = nn.LayerNorm(h, eps=eps)
-            self.layers = nn.ModuleList(
-                BertLayer(h, config["num_attention_heads"], config["intermediate_size"], eps) for _ in range(config["num_hidden_layers"])
-            )
+    def forward(self, features: dict) -> dict:
+        mask = features["attention_mask"].bool()
+        return {**features, "token_embeddings": self.auto_model(features["input_ids"], key_mask(mask, not bool(mask.all())))}
 
-        def forward(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-            """`mask`: None (no padding) or a boolean (rows, 1, seq, seq) mask of the keys to attend."""
-            seq = ids.shape[1]
-            # token type 0 for every token, as transformers uses when none are given
-            x = self.word(ids) + self.position.weight[:seq] + self.token_type.weight[0]
-            x = self.ln(x)
-            for layer in self.layers:
-                x = layer(x, mask)
-            return x
+class Pooling(nn.Module):
+    """sentence-transformers' Pooling for one mode, computed the same way."""
 
-        def load_hf_weights(self, weights: dict) -> None:
-            """Copy a transformers BertModel state dict in (with or without its "bert." prefix)."""
-            w = {k.removeprefix("bert."): v for k, v in weights.items()}
-            mine = {
-                "word.weight": w["embeddings.word_embeddings.weight"],
-                "position.weight": w["embeddings.position_embeddings.weight"],
-                "token_type.weight": w["embeddings.token_type_embeddings.weight"],
-                "ln.weight": w["embeddings.LayerNorm.weight"], "ln.bias": w["embeddings.LayerNorm.bias"],
-            }  # fmt: skip
-            for i in range(len(self.layers)):
-                p = f"encoder.layer.{i}."
-                att = p + "attention.self."
-                for part in ("weight", "bias"):
-                    mine[f"layers.{i}.qkv.{part}"] = torch.cat([w[att + n + "." + part] for n in ("query", "key", "value")])
-                    mine[f"layers.{i}.out.{part}"] = w[p + "attention.output.dense." + part]
-                    mine[f"layers.{i}.ln1.{part}"] = w[p + "attention.output.LayerNorm." + part]
-                    mine[f"layers.{i}.up.{part}"] = w[p + "intermediate.dense." + part]
-                    mine[f"layers.{i}.down.{part}"] = w[p + "output.dense." + part]
-                    mine[f"layers.{i}.ln2.{part}"] = w[p + "output.LayerNorm." + part]
-            dtype = mine["word.weight"].dtype
-            self.to(dtype)
-            self.load_state_dict(mine, strict=True)
+    def __init__(self, mode: str):
+        super().__init__()
+        self.pooling_mode = mode
 
-    class Transformer(nn.Module):
-        """The sentence-transformers Transformer module's part: features in, token embeddings out."""
+    def forward(self, features: dict) -> dict:
+        tokens, mask = features["token_embeddings"], features["attention_mask"]
+        if self.pooling_mode == "cls":
+            out = tokens[:, 0]
+        elif self.pooling_mode == "max":
+            out = tokens.masked_fill(~mask.bool()[..., None], -1e9).max(dim=1).values
+        else:
+            expanded = mask.unsqueeze(-1).expand(tokens.size()).to(tokens.dtype)
+            out = (tokens * expanded).sum(1) / torch.clamp(expanded.sum(1), min=1e-9)
+        return {**features, "sentence_embedding": out}
 
-        def __init__(self, config: dict):
-            super().__init__()
-            self.auto_model = BertEncoder(config)
+class Normalize(nn.Module):
+    def forward(self, features: dict) -> dict:
+        return {**features, "sentence_embedding": F.normalize(features["sentence_embedding"], p=2, dim=1)}
 
-        def forward(self, features: dict) -> dict:
-            mask = features["attention_mask"].bool()
-            b, seq = mask.shape
-            attn = None if bool(mask.all()) else mask[:, None, None, :].expand(b, 1, seq, seq)
-            return {**features, "token_embeddings": self.auto_model(features["input_ids"], attn)}
+class NativeSentenceModel(nn.Sequential):
+    """BERT + Pooling (+ Normalize), shaped as a SentenceTransformer is where embedkit reads it:
+    iterable modules, `tokenizer`, `max_seq_length`, the embedding dimension, and a forward
+    from a features dict to `sentence_embedding`."""
 
-    class Pooling(nn.Module):
-        """sentence-transformers' Pooling for one mode, computed the same way."""
+    native = True
 
-        def __init__(self, mode: str):
-            super().__init__()
-            self.pooling_mode = mode
+    def __init__(self, spec: BertSpec):
+        modules = [Transformer(spec.config), Pooling(spec.pooling)] + ([Normalize()] if spec.normalize else [])
+        super().__init__(*modules)
+        self.max_seq_length = spec.max_seq_length
+        self.tokenizer = _Tokenizer((spec.folder / "tokenizer.json").read_text(), spec.truncation_side)
+        self._dim = int(spec.config["hidden_size"])
 
-        def forward(self, features: dict) -> dict:
-            tokens, mask = features["token_embeddings"], features["attention_mask"]
-            if self.pooling_mode == "cls":
-                out = tokens[:, 0]
-            elif self.pooling_mode == "max":
-                out = tokens.masked_fill(~mask.bool()[..., None], -1e9).max(dim=1).values
-            else:
-                expanded = mask.unsqueeze(-1).expand(tokens.size()).to(tokens.dtype)
-                out = (tokens * expanded).sum(1) / torch.clamp(expanded.sum(1), min=1e-9)
-            return {**features, "sentence_embedding": out}
+    def get_sentence_embedding_dimension(self) -> int:
+        return self._dim
 
-    class Normalize(nn.Module):
-        def forward(self, features: dict) -> dict:
-            return {**features, "sentence_embedding": F.normalize(features["sentence_embedding"], p=2, dim=1)}
-
-    class Model(nn.Sequential):
-        """BERT + Pooling (+ Normalize), shaped as a SentenceTransformer is where embedkit reads it:
-        iterable modules, `tokenizer`, `max_seq_length`, the embedding dimension, and a forward
-        from a features dict to `sentence_embedding`."""
-
-        native = True
-
-        def __init__(self, spec: BertSpec):
-            modules = [Transformer(spec.config), Pooling(spec.pooling)] + ([Normalize()] if spec.normalize else [])
-            super().__init__(*modules)
-            self.max_seq_length = spec.max_seq_length
-            self.tokenizer = _Tokenizer((spec.folder / "tokenizer.json").read_text(), spec.truncation_side)
-            self._dim = int(spec.config["hidden_size"])
-
-        def get_sentence_embedding_dimension(self) -> int:
-            return self._dim
-
-        def embed(self, ids: torch.Tensor, mask: torch.Tensor, padded: bool) -> torch.Tensor:
-            """Sentence vectors of a padded batch; `padded` (known on the host) says whether the
-            boolean (rows, seq) `mask` has any False, so no device sync is needed to decide."""
-            b, seq = mask.shape
-            attn = mask[:, None, None, :].expand(b, 1, seq, seq) if padded else None
-            features = {"input_ids": ids, "attention_mask": mask.long(), "token_embeddings": self[0].auto_model(ids, attn)}
-            for module in list(self)[1:]:
-                features = module(features)
-            return features["sentence_embedding"]
-
-    return (Model,)
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor, padded: bool) -> torch.Tensor:
+        """Sentence vectors of a padded batch; `padded` (known on the host) says whether the
+        boolean (rows, seq) `mask` has any False, so no device sync is needed to decide."""
+        features = {"input_ids": ids, "attention_mask": mask.long(), "token_embeddings": self[0].auto_model(ids, key_mask(mask, padded))}
+        for module in list(self)[1:]:
+            features = module(features)
+        return features["sentence_embedding"]

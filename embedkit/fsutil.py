@@ -23,25 +23,39 @@ TMP_SUFFIX = ".tmp"
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+def atomic_file(path: str | Path, *, durable: bool = False) -> Iterator[BinaryIO]:
     """A binary file to write `path` through: created exclusively under a random name beside it,
-    renamed over `path` when the block ends without error, removed otherwise."""
+    renamed over `path` when the block ends without error, removed otherwise. `durable`: the
+    file and then its folder are flushed to disk, so the rename survives a power cut too."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        if durable:
+            _fsync_folder(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
+def atomic_write(path: str | Path, data: bytes, *, durable: bool = False) -> None:
     """Write `data` to `path` atomically (see atomic_file)."""
-    with atomic_file(path) as f:
+    with atomic_file(path, durable=durable) as f:
         f.write(data)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def open_nofollow(path: str | Path, flags: int, mode: int = 0o644) -> int:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import EmbedkitError
+from .fsutil import atomic_write, is_temporary
 
 LEDGER_FORMAT = 1
 MARKER = "ledger.json"
@@ -134,7 +135,7 @@ class Ledger:
     def remove_temporaries(self) -> None:
         """Half-written files of killed writers (call under the output lock only)."""
         for name in _listing(self.folder):
-            if name.endswith(".tmp"):
+            if is_temporary(name):
                 with contextlib.suppress(FileNotFoundError):
                     (self.folder / name).unlink()
 
@@ -148,21 +149,13 @@ class Ledger:
             raise EmbedkitError(f"{path} is unreadable ({e}); start fresh with --overwrite") from None
 
     def _write(self, name: str, payload: dict) -> None:
-        """Atomically: a temporary file in the same folder, flushed, then renamed over `name`;
-        the folder is flushed too, so the rename survives a power cut as well as a kill."""
+        """Atomically and durably (fsutil.atomic_write: a fresh temporary name in the folder,
+        never through a planted link, file and folder flushed before and after the rename)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / name
-        tmp = self.folder / f".{name}.{os.getpid()}.tmp"
         try:
-            with open(tmp, "w") as f:
-                f.write(json.dumps(payload, sort_keys=True))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_folder(self.folder)
+            atomic_write(path, json.dumps(payload, sort_keys=True).encode(), durable=True)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise EmbedkitError(f"cannot write {path}: {e.strerror or e}; committed shards are kept: free space "
                                 "(or fix the path) and rerun the same command to resume") from None  # fmt: skip
 
@@ -180,11 +173,3 @@ def _listing(folder: Path) -> list[str]:
         return os.listdir(folder)
     except FileNotFoundError:
         return []
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
