@@ -6,10 +6,15 @@ Two questions, on the same machine in one script:
    model, builds the encoder on the device and encodes --first-docs documents
    (`embedkit.encode_texts`), the loaders alternating, --repeats times each. Reported: process
    wall (start to exit) and the phases measured inside.
-2. **Forward rate**: in one process per loader, the same documents tokenized once, packed by
+2. **Forward rate**: for each of --variants, the same documents tokenized once, packed by
    embedkit's batcher at the model's default budget, then `Encoder.forward` over every batch (a
    first pass over the same shapes as warm-up, then timed). Tokens are the real ones, padding
-   excluded; MFU counts the useful FLOPs of a BERT forward at each document's length.
+   excluded; MFU counts the useful FLOPs of a BERT forward at each document's length. Variants:
+   `native` (embedkit.bert as an encode runs it: packed batches on CUDA), `native-padded`
+   (EMBEDKIT_PACKED=0: padded batches and SDPA), `native-compile` (packed, each layer through
+   torch.compile with dynamic shapes; the warm-up pass, compile included, is reported), `st`
+   (sentence-transformers' modules). Each row gives the lowest cosine of its vectors to the
+   first variant's on the same documents.
 
     python benchmarks/bench_loader.py --corpus pydocs.parquet --minilm <all-MiniLM-L6-v2 folder> --work /tmp/bl --out results/
 """
@@ -58,7 +63,8 @@ def main() -> None:
     ap.add_argument("--models", default="minilm,bert-base")
     ap.add_argument("--first-docs", type=int, default=1000)
     ap.add_argument("--forward-docs", type=int, default=200_000)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="fresh processes per loader (0: none)")
+    ap.add_argument("--variants", default="native,st", help="forward-rate variants: native, native-padded, native-compile, st")
     ap.add_argument("--work", required=True)
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to try the script (fp32)")
@@ -82,8 +88,18 @@ def main() -> None:
         for _ in range(args.repeats):
             for loader in ("native", "st"):
                 rows.append(fresh(name, folder, precision, loader, first, args.device))
-        for loader in ("native", "st"):
-            rows.append(forward_rate(name, folder, precision, loader, texts, peak, args.device))
+        reference = None
+        for variant in args.variants.split(","):
+            try:
+                row, vectors = forward_rate(name, folder, precision, variant, texts, peak, args.device)
+            except Exception as exc:  # an experimental variant (compile) may fail: record it, go on
+                rows.append({"row": "forward", "model": name, "variant": variant, "error": f"{type(exc).__name__}: {str(exc)[:400]}"})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            reference = vectors if reference is None else reference
+            row["cos_min_vs_first"] = float(torch.nn.functional.cosine_similarity(vectors, reference, dim=-1).min())
+            print(json.dumps(row), flush=True)
+            rows.append(row)
         (out / "loader.json").write_text(json.dumps({"peak_tflops": peak, "rows": rows}, indent=2))
 
 
@@ -99,8 +115,10 @@ def fresh(name: str, folder: str, precision: str, loader: str, first: Path, devi
     return row
 
 
-def forward_rate(name: str, folder: str, precision: str, loader: str, texts: list[str], peak: float, device: str) -> dict:
-    os.environ["EMBEDKIT_NATIVE"] = "0" if loader == "st" else "1"
+def forward_rate(name: str, folder: str, precision: str, variant: str, texts: list[str], peak: float, device: str) -> tuple[dict, object]:
+    """One variant's timed passes; returns its row and the vectors of the first batches (fp32, host)."""
+    os.environ["EMBEDKIT_NATIVE"] = "0" if variant == "st" else "1"
+    os.environ["EMBEDKIT_PACKED"] = "0" if variant == "native-padded" else "1"
     import torch
 
     from embedkit.batching import pack_batches, pad_rows
@@ -116,6 +134,9 @@ def forward_rate(name: str, folder: str, precision: str, loader: str, texts: lis
     lengths = tok.lengths
     batches = [(pad_rows(tok.flat, tok.offsets, b.rows, b.seq_len), lengths[b.rows].astype(np.int32)) for b in pack_batches(lengths, budget)]
     enc = Encoder(model, choice, normalize=True, out_dtype="float16", max_batch_tokens=budget)
+    if variant == "native-compile":
+        for layer in model[0].auto_model.layers:
+            layer.forward_packed = torch.compile(layer.forward_packed, dynamic=True)
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -127,19 +148,22 @@ def forward_rate(name: str, folder: str, precision: str, loader: str, texts: lis
         sync()
         return time.perf_counter() - t
 
-    run()  # warm-up over the same shapes
+    warmup = run()  # warm-up over the same shapes
     seconds = min(run(), run())
+    with torch.inference_mode():
+        vectors = torch.cat([enc.forward(ids, lens).float().cpu() for ids, lens in batches[:8]])
     tokens = int(lengths.sum())
-    row = {"row": "forward", "model": name, "loader": loader, "native": bool(getattr(model, "native", False)), "docs": len(texts),
-           "tokens": tokens, "batches": len(batches), "budget": budget, "seconds": seconds, "tok_s": tokens / seconds}  # fmt: skip
+    row = {"row": "forward", "model": name, "variant": variant, "native": bool(getattr(model, "native", False)), "docs": len(texts),
+           "packed": bool(getattr(enc, "_packed", False)), "tokens": tokens, "batches": len(batches), "budget": budget,
+           "warmup_s": warmup, "seconds": seconds, "tok_s": tokens / seconds}  # fmt: skip
     cfg = model_config(model)
     d, layers, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
     flops = float(np.sum(2 * layers * (4 * d * d + 2 * d * inter) * lengths.astype(np.float64) + 4 * layers * d * lengths.astype(np.float64) ** 2))
     row["mfu"] = flops / seconds / (peak * 1e12)
-    print(json.dumps(row), flush=True)
     enc = model = None  # free the device memory before the next loader
-    torch.cuda.empty_cache()
-    return row
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row, vectors
 
 
 if __name__ == "__main__":

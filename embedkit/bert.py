@@ -11,6 +11,12 @@ safetensors and tokenizers only. The query, key and value projections are one fu
 product, and padded batches pass a ready boolean mask (no check on the device of whether a
 batch has padding).
 
+On CUDA, batches also run *packed* (`embed_packed`): the rows' tokens laid end to end, no padding
+at all, every matrix product over real tokens only and attention by flash attention's
+variable-length kernel (`torch.nn.attention.varlen`), which takes the rows' boundaries instead
+of a mask. The padded path is kept for the CPU (no varlen kernel there) and as the reference
+the packed one is checked against.
+
 `native_spec` accepts a folder only when every part is one this module reproduces exactly;
 anything else (another architecture, Dense layers, other pooling, tokenizer or config options
 that change behaviour) is loaded by sentence-transformers as before. The tests compare the
@@ -211,6 +217,74 @@ class BertLayer(nn.Module):
         x = self.ln1(x + self.out(a.transpose(1, 2).reshape(b, s, h)))
         return self.ln2(x + self.down(F.gelu(self.up(x))))
 
+    def forward_packed(self, x: torch.Tensor, rows: "PackedRows") -> torch.Tensor:
+        """The same layer over packed (tokens, hidden) states."""
+        t, h = x.shape
+        q, k, v = self.qkv(x).view(t, 3, self.heads, h // self.heads).unbind(1)
+        a = rows.attention(q, k, v)
+        x = self.ln1(x + self.out(a.reshape(t, h)))
+        return self.ln2(x + self.down(F.gelu(self.up(x))))
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Where each row of a packed batch lies: rows' tokens end to end, no padding.
+
+    `cu` (rows + 1, int32) are the cumulative lengths flash attention takes, `segment` (tokens,)
+    each token's row, `position` (tokens,) each token's position within its row; `max_len` is
+    known on the host (the kernel needs it, and reading it from the device would wait)."""
+
+    cu: torch.Tensor
+    segment: torch.Tensor
+    position: torch.Tensor
+    lengths: torch.Tensor
+    max_len: int
+
+    @staticmethod
+    def of(lengths: torch.Tensor, tokens: int, max_len: int) -> "PackedRows":
+        """From the rows' lengths (int32, on the device) and their total and maximum, known on
+        the host: nothing here waits for the device."""
+        b = lengths.shape[0]
+        cu = torch.zeros(b + 1, dtype=torch.int32, device=lengths.device)
+        torch.cumsum(lengths, 0, out=cu[1:])
+        segment = torch.repeat_interleave(torch.arange(b, device=lengths.device), lengths.long(), output_size=tokens)
+        position = torch.arange(tokens, device=lengths.device) - cu[:-1].long()[segment]
+        return PackedRows(cu, segment, position, lengths, max_len)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(tokens, heads, head_dim) attention of every token over its own row's tokens."""
+        if q.is_cuda:
+            from torch.nn.attention.varlen import varlen_attn
+
+            return varlen_attn(q, k, v, self.cu, self.cu, self.max_len, self.max_len)
+        return self._padded_attention(q, k, v)
+
+    def _padded_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The reference on devices without a varlen kernel: scatter into a padded batch, SDPA
+        with a key mask, gather back."""
+        b, (_, heads, d) = self.lengths.shape[0], q.shape
+        mask = torch.arange(self.max_len, device=q.device)[None, :] < self.lengths[:, None].long()
+        padded = [torch.zeros(b, self.max_len, heads, d, dtype=q.dtype, device=q.device) for _ in range(3)]
+        for dst, src in zip(padded, (q, k, v)):
+            dst[mask] = src
+        pq_, pk, pv = (p.transpose(1, 2) for p in padded)
+        out = F.scaled_dot_product_attention(pq_, pk, pv, attn_mask=key_mask(mask, True))
+        return out.transpose(1, 2)[mask]
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-row mean of packed (tokens, width) states, summed in fp32."""
+        sums = torch.zeros(self.lengths.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        sums.index_add_(0, self.segment, x.float())
+        return (sums / self.lengths.clamp(min=1)[:, None].float()).to(x.dtype)
+
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.full((self.lengths.shape[0], x.shape[1]), -1e9, dtype=x.dtype, device=x.device)
+        return out.scatter_reduce(0, self.segment[:, None].expand_as(x), x, "amax", include_self=True)
+
+    def first(self, x: torch.Tensor) -> torch.Tensor:
+        return x[self.cu[:-1].long()]
+
+
 class BertEncoder(nn.Module):
     """BertModel's encoder (no pooler): embeddings, then the layers; returns the hidden states."""
 
@@ -234,6 +308,14 @@ class BertEncoder(nn.Module):
         x = self.ln(x)
         for layer in self.layers:
             x = layer(x, mask)
+        return x
+
+    def forward_packed(self, ids: torch.Tensor, rows: PackedRows) -> torch.Tensor:
+        """Packed (tokens,) ids in, packed (tokens, hidden) states out."""
+        x = self.word(ids) + self.position(rows.position) + self.token_type.weight[0]
+        x = self.ln(x)
+        for layer in self.layers:
+            x = layer.forward_packed(x, rows)
         return x
 
     def load_hf_weights(self, weights: dict) -> None:
@@ -288,6 +370,12 @@ class Pooling(nn.Module):
             out = (tokens * expanded).sum(1) / torch.clamp(expanded.sum(1), min=1e-9)
         return {**features, "sentence_embedding": out}
 
+    def pool_packed(self, tokens: torch.Tensor, rows: PackedRows) -> torch.Tensor:
+        """The same pooling over packed (tokens, width) states."""
+        if self.pooling_mode == "cls":
+            return rows.first(tokens)
+        return rows.max(tokens) if self.pooling_mode == "max" else rows.mean(tokens)
+
 class Normalize(nn.Module):
     def forward(self, features: dict) -> dict:
         return {**features, "sentence_embedding": F.normalize(features["sentence_embedding"], p=2, dim=1)}
@@ -316,3 +404,8 @@ class NativeSentenceModel(nn.Sequential):
         for module in list(self)[1:]:
             features = module(features)
         return features["sentence_embedding"]
+
+    def embed_packed(self, ids: torch.Tensor, rows: PackedRows) -> torch.Tensor:
+        """Sentence vectors of a packed batch: (tokens,) ids, rows as PackedRows."""
+        pooled = self[1].pool_packed(self[0].auto_model.forward_packed(ids, rows), rows)
+        return F.normalize(pooled, p=2, dim=1) if len(self) > 2 else pooled

@@ -14,6 +14,7 @@ still not finite is reported to the caller, which quarantines it.
 from __future__ import annotations
 
 import copy
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,9 @@ from typing import Any
 import numpy as np
 
 from .errors import EmbedkitError
+
+
+PACKED_ENV = "EMBEDKIT_PACKED"  # "0": embedkit.bert runs padded batches on CUDA too
 
 
 @dataclass(frozen=True)
@@ -184,38 +188,47 @@ class Encoder:
             n = max_batch_tokens + 65_536 + 1
             self._staging = [torch.empty(n, dtype=torch.int32, pin_memory=True) for _ in range(self.STAGING)]
             self._events = [None] * self.STAGING
+        self._packed = self._choose_packed()
 
-    def _to_device(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[Any, Any]:
+    def _to_device(self, ids: np.ndarray, lengths: np.ndarray, packed: bool = False) -> tuple[Any, Any]:
+        """(ids, lengths) on the device: ids as the padded (rows, seq) matrix, or packed (tokens,)
+        with the rows' real tokens end to end."""
         torch = self.torch
         b, seq = ids.shape
+        if packed:
+            ids = ids[np.arange(seq)[None, :] < lengths[:, None]]
         if self.device.type != "cuda":
-            return torch.from_numpy(ids), torch.from_numpy(lengths.astype(np.int32))
+            return torch.from_numpy(np.ascontiguousarray(ids)), torch.from_numpy(lengths.astype(np.int32))
+        n = ids.size
         slot = self._next
         self._next = (self._next + 1) % self.STAGING
         if self._events[slot] is not None:
             self._events[slot].synchronize()  # the copy that last used this buffer is done
         buf = self._staging[slot]
-        if b + b * seq > buf.numel():
-            buf = torch.empty(b + b * seq, dtype=torch.int32, pin_memory=True)
+        if b + n > buf.numel():
+            buf = torch.empty(b + n, dtype=torch.int32, pin_memory=True)
             self._staging[slot] = buf
         host = buf.numpy()
         host[:b] = lengths
-        host[b : b + b * seq] = ids.reshape(-1)
-        dev = buf[: b + b * seq].to(self.device, non_blocking=True)
+        host[b : b + n] = ids.reshape(-1)
+        dev = buf[: b + n].to(self.device, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         self._events[slot] = event
-        return dev[b:].view(b, seq), dev[:b]
+        return (dev[b:] if packed else dev[b:].view(b, seq)), dev[:b]
 
     def forward(self, ids: np.ndarray, lengths: np.ndarray) -> Any:
         """Vectors for one padded batch, as a (rows, dim) tensor on the device in the output dtype."""
         torch = self.torch
         with torch.inference_mode():
-            ids_t, lens_t = self._to_device(ids, lengths)
-            padded = bool(lengths.min() < ids.shape[1])  # known on the host: no device sync
-            run = self._forward_direct if self._direct else self._forward_modules
-            with attention_context(self.device.type, padded):
-                out = run(ids_t.long(), lens_t, padded)
+            if self._packed:
+                out = self._forward_packed(ids, lengths)
+            else:
+                ids_t, lens_t = self._to_device(ids, lengths)
+                padded = bool(lengths.min() < ids.shape[1])  # known on the host: no device sync
+                run = self._forward_direct if self._direct else self._forward_modules
+                with attention_context(self.device.type, padded):
+                    out = run(ids_t.long(), lens_t, padded)
             if self.normalize:
                 # normalize in fp32: fp16 sums of squares lose digits; a zero vector stays zero
                 out = torch.nn.functional.normalize(out.float(), dim=-1)
@@ -249,6 +262,36 @@ class Encoder:
         for module in self._rest:
             features = module(features)
         return features["sentence_embedding"]
+
+    def _forward_packed(self, ids: np.ndarray, lengths: np.ndarray) -> Any:
+        """embedkit.bert's packed path: no padding reaches the device."""
+        from .bert import PackedRows
+
+        flat, lens_t = self._to_device(ids, lengths, packed=True)
+        rows = PackedRows.of(lens_t, int(lengths.sum()), int(lengths.max()))
+        return self.model.embed_packed(flat.long(), rows)
+
+    def _choose_packed(self) -> bool:
+        """Packed batches for embedkit.bert on CUDA where torch has the varlen kernel, and only
+        if they agree with the padded path on a probe batch."""
+        torch = self.torch
+        if not getattr(self.model, "native", False) or self.device.type != "cuda" or os.environ.get(PACKED_ENV, "1") == "0":
+            return False
+        try:
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401  torch >= 2.9
+        except ImportError:
+            return False
+        gen = torch.Generator().manual_seed(0)
+        lengths = np.array([7, 3, 5, 1], np.int32)
+        ids = torch.randint(low=1000, high=int(self.model[0].auto_model.config.vocab_size), size=(4, 7), generator=gen).numpy().astype(np.int32)
+        try:
+            with torch.inference_mode(), attention_context(self.device.type, True):
+                ids_t = torch.from_numpy(ids).to(self.device).long()
+                a = self._forward_direct(ids_t, torch.from_numpy(lengths).to(self.device), True).float()
+                b = self._forward_packed(ids, lengths).float()
+        except (RuntimeError, NotImplementedError):  # a head size or dtype the kernel lacks
+            return False
+        return bool((torch.nn.functional.cosine_similarity(a, b, dim=-1) > 0.9999).all())
 
     def _choose_direct(self) -> bool:
         """Use the direct path only for a plain text transformer, and only if it agrees with the modules."""
