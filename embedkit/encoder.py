@@ -277,9 +277,9 @@ class Encoder:
         torch = self.torch
         if not getattr(self.model, "native", False) or self.device.type != "cuda" or os.environ.get(PACKED_ENV, "1") == "0":
             return False
-        try:
-            from torch.nn.attention.varlen import varlen_attn  # noqa: F401  torch >= 2.9
-        except ImportError:
+        from .bert import has_flash_varlen
+
+        if not has_flash_varlen():
             return False
         gen = torch.Generator().manual_seed(0)
         lengths = np.array([7, 3, 5, 1], np.int32)
