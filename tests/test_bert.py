@@ -125,14 +125,40 @@ def test_the_environment_switch_turns_it_off(saved_bert, monkeypatch):
 
 
 @pytest.mark.slow  # a fresh interpreter that loads the model
-def test_an_encode_imports_neither_sentence_transformers_nor_transformers(tmp_path):
+def test_an_encode_imports_neither_sentence_transformers_nor_transformers_nor_the_compiler(tmp_path):
     src = tmp_path / "docs.parquet"
     pq.write_table(pq.read_table(SAMPLE).slice(0, 20), src)
     code = (
         "import sys, embedkit\n"
         f"s = embedkit.encode({str(src)!r}, {str(tmp_path / 'out')!r}, device='cpu', progress=False)\n"
-        "print(s.docs, [m for m in ('sentence_transformers', 'transformers', 'scipy', 'sklearn') if m in sys.modules])\n"
+        "print(s.docs, [m for m in ('sentence_transformers', 'transformers', 'scipy', 'sklearn', 'torch._dynamo') if m in sys.modules])\n"
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.strip().splitlines()[-1] == "20 []"
+
+
+@pytest.mark.parametrize("mode", ["mean", "cls", "max"])
+def test_packed_batches_give_the_padded_batches_vectors(default_folder, texts, mode):
+    """The packed path (rows end to end, as CUDA runs them) against the padded one: positions,
+    row boundaries and per-row pooling. On the CPU its attention is the padded reference; on
+    CUDA the same boundaries go to flash attention's varlen kernel."""
+    import torch
+
+    from embedkit.bert import PackedRows
+
+    model = load_sentence_transformer(resolve_model(str(default_folder)), "cpu")
+    model[1].pooling_mode = mode
+    tok = model.tokenizer.backend_tokenizer
+    tok.no_padding()
+    rows = [e.ids[:256] for e in tok.encode_batch(texts[40:])]  # short, empty, long and non-ASCII texts
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+    seq = int(lengths.max())
+    ids = torch.tensor([r + [0] * (seq - len(r)) for r in rows])
+    mask = torch.arange(seq)[None, :] < lengths[:, None]
+    assert not bool(mask.all())  # the batch has padding, so the padded path masks keys
+    with torch.inference_mode():
+        padded = model.embed(ids, mask, True)
+        packed = model.embed_packed(ids[mask], PackedRows.of(lengths, int(lengths.sum()), seq))
+    assert packed.shape == padded.shape
+    assert float(torch.nn.functional.cosine_similarity(packed, padded).min()) > 0.99999
