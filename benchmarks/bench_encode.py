@@ -107,18 +107,17 @@ def _device_name(torch, device: str) -> str:
 def _model_folder(name: str, minilm: str, work: Path) -> tuple[str, str]:
     """A sentence-transformers folder for the shape; BERT shapes get random weights."""
     if name == "minilm":
-        from embedkit.models import resolve_model
+        from embedkit.engine.models import resolve_model
 
         src = resolve_model(minilm)
         return str(src.path or src.name), "fp16"
     hidden, layers, heads, inter, precision = SHAPES[name]
     folder = work / f"{name}-random"
     if not (folder / "modules.json").exists():
+        from embedkit.engine.models import resolve_model
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.models import Pooling, Transformer
         from transformers import BertConfig, BertModel
-
-        from embedkit.models import resolve_model
 
         tok_src = resolve_model(minilm).path  # the shapes share MiniLM's (BERT) vocabulary
         hf = work / f"{name}-hf"
@@ -134,8 +133,8 @@ def _model_folder(name: str, minilm: str, work: Path) -> tuple[str, str]:
 
 
 def _tokenize(folder: str, texts: list[str]):
-    from embedkit.models import fast_tokenizer_json, load_sentence_transformer, resolve_model
-    from embedkit.tokenize import TextTokenizer, tokenize_all
+    from embedkit.engine.models import fast_tokenizer_json, load_sentence_transformer, resolve_model
+    from embedkit.engine.tokenize import TextTokenizer, tokenize_all
 
     st = load_sentence_transformer(resolve_model(folder), "cpu")
     tok = TextTokenizer(fast_tokenizer_json(st), int(st.max_seq_length))
@@ -150,11 +149,11 @@ def _forward_only(folder: str, precision: str, tok, args, *, compiled: bool = Fa
     `round_seq` pads every batch's length up to a multiple of it.
     """
     import torch
+    from embedkit.engine.batching import pack_batches, pad_rows
+    from embedkit.engine.encoder import Encoder, choose_device
+    from embedkit.engine.models import load_sentence_transformer, resolve_model
 
-    from embedkit.batching import pack_batches, pad_rows
     from embedkit.config import DEFAULT_BATCH_TOKENS
-    from embedkit.encoder import Encoder, choose_device
-    from embedkit.models import load_sentence_transformer, resolve_model
 
     budget = args.batch_tokens or DEFAULT_BATCH_TOKENS["cuda"]  # set per row by _bench_model
     st = load_sentence_transformer(resolve_model(folder), "cpu")

@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--sweep", default="32,128,512,1024,2048,4096", help="SentenceTransformer batch sizes")
     ap.add_argument("--sweep-docs", type=int, default=20_000)
     ap.add_argument("--parts", default="cli,compare", help="cli (fresh runs), compare (same docs vs ST), profile")
-    ap.add_argument("--loaders", default="native", help="native (embedkit.bert where it applies) and/or st (EMBEDKIT_NATIVE=0): "
+    ap.add_argument("--loaders", default="native", help="native (embedkit.engine.bert where it applies) and/or st (EMBEDKIT_NATIVE=0): "
                     "fresh CLI runs with each, alternating")
     ap.add_argument("--repeats", type=int, default=1, help="fresh CLI runs per loader")
     ap.add_argument("--work", required=True)

@@ -216,8 +216,9 @@ def bounded_train(out: Path, factory: str, train_size: int, args, deadline: floa
 
 
 def report_train_size(n: int, factory: str) -> int:
-    from embedkit.index.params import PQ_TRAIN_POINTS, TRAIN_POINTS_PER_LIST
     import re
+
+    from embedkit.index.params import PQ_TRAIN_POINTS, TRAIN_POINTS_PER_LIST
 
     nlist = int(re.search(r"IVF(\d+)", factory).group(1))
     return min(n, max(TRAIN_POINTS_PER_LIST * nlist, PQ_TRAIN_POINTS))
@@ -261,9 +262,8 @@ class Mixture:
 def make_output(out: Path, n: int, dim: int, clusters: int, device: str) -> Mixture:
     """An embedkit output of n synthetic float16 vectors with int64 ids 0..n-1; returns the mixture."""
     import pyarrow as pa
-
-    from embedkit.shards import write_manifest
-    from embedkit.store import VectorStore, vectors_schema, vectors_table
+    from embedkit.io.shards import write_manifest
+    from embedkit.io.store import VectorStore, vectors_schema, vectors_table
 
     mix = Mixture(dim, clusters)
     if (out / "vectors.lance").exists() and VectorStore(out).dataset().count_rows() == n:

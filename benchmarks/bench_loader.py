@@ -1,4 +1,4 @@
-"""The model loader A/B: embedkit.bert (native) against sentence-transformers (EMBEDKIT_NATIVE=0).
+"""The model loader A/B: embedkit.engine.bert (native) against sentence-transformers (EMBEDKIT_NATIVE=0).
 
 Two questions, on the same machine in one script:
 
@@ -10,7 +10,7 @@ Two questions, on the same machine in one script:
    embedkit's batcher at the model's default budget, then `Encoder.forward` over every batch (a
    first pass over the same shapes as warm-up, then timed). Tokens are the real ones, padding
    excluded; MFU counts the useful FLOPs of a BERT forward at each document's length. Variants:
-   `native` (embedkit.bert as an encode runs it: packed batches on CUDA), `native-padded`
+   `native` (embedkit.engine.bert as an encode runs it: packed batches on CUDA), `native-padded`
    (EMBEDKIT_PACKED=0: padded batches and SDPA), `native-compile` (packed, each layer through
    torch.compile with dynamic shapes; the warm-up pass, compile included, is reported), `st`
    (sentence-transformers' modules). Each row gives the lowest cosine of its vectors to the
@@ -40,8 +40,8 @@ t0 = time.perf_counter()
 import torch
 t_torch = time.perf_counter()
 import embedkit
-from embedkit.models import load_sentence_transformer, resolve_model
-from embedkit.encoder import Encoder, choose_device
+from embedkit.engine.models import load_sentence_transformer, resolve_model
+from embedkit.engine.encoder import Encoder, choose_device
 t_import = time.perf_counter()
 model = load_sentence_transformer(resolve_model(sys.argv[1]), "cpu")
 t_load = time.perf_counter()
@@ -69,9 +69,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default="cuda", help="cuda; cpu only to try the script (fp32)")
     args = ap.parse_args()
-    from bench_encode import _model_folder, _peak_tflops
-
     import torch
+    from bench_encode import _model_folder, _peak_tflops
 
     work, out = Path(args.work), Path(args.out or args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -120,11 +119,10 @@ def forward_rate(name: str, folder: str, precision: str, variant: str, texts: li
     os.environ["EMBEDKIT_NATIVE"] = "0" if variant == "st" else "1"
     os.environ["EMBEDKIT_PACKED"] = "0" if variant == "native-padded" else "1"
     import torch
-
-    from embedkit.batching import pack_batches, pad_rows
-    from embedkit.encoder import Encoder, choose_device, default_batch_tokens, model_config
-    from embedkit.models import fast_tokenizer_json, load_sentence_transformer, resolve_model
-    from embedkit.tokenize import TokenizerPool
+    from embedkit.engine.batching import pack_batches, pad_rows
+    from embedkit.engine.encoder import Encoder, choose_device, default_batch_tokens, model_config
+    from embedkit.engine.models import fast_tokenizer_json, load_sentence_transformer, resolve_model
+    from embedkit.engine.tokenize import TokenizerPool
 
     model = load_sentence_transformer(resolve_model(folder), "cpu")
     choice = choose_device(device, precision)

@@ -31,10 +31,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import lance
+    from embedkit.engine.models import resolve_model
     from sentence_transformers import SentenceTransformer
 
     import embedkit
-    from embedkit.models import resolve_model
 
     table = pq.read_table(args.corpus, columns=["text"]).slice(0, args.docs)
     texts = table.column("text").to_pylist()
@@ -45,8 +45,8 @@ def main() -> None:
     c = cosines(ref, ours)
     print(f"encode_texts cuda fp16 vs ST fp32: min cosine {c.min():.6f}, mean {c.mean():.6f} over {len(c)} texts")
     assert c.min() >= 0.999, "encode_texts disagrees with SentenceTransformer"
-    from embedkit.encoder import choose_device
-    from embedkit.pipeline import _cached_model
+    from embedkit.engine.encoder import choose_device
+    from embedkit.encoding.pipeline import _cached_model
 
     print("direct transformer path:", _cached_model(args.model, choose_device(args.device, "auto"))[0]._direct)
 

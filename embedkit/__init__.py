@@ -24,29 +24,33 @@ __all__ = [
 from .errors import EmbedkitError
 
 # Not lazy like the rest: importing the `embedkit.status` submodule (by anyone, at any time)
-# binds `embedkit.status` to that module, unless the function is bound here first; the same for
-# `embedkit.export`. Both modules are light.
-from .export import ExportSummary, export
+# binds `embedkit.status` to that module, unless the function is bound here first. Both modules
+# are light.
+from .io.export import ExportSummary, export
 from .status import OutputStatus, status
 
 
 def __getattr__(name: str):
     # Lazy: `embedkit --help` and `import embedkit` must not pay for torch or lance.
-    if name in ("encode", "encode_texts", "EncodeSummary"):
-        from . import pipeline
+    if name in ("encode", "EncodeSummary"):
+        from .encoding import pipeline
 
         return getattr(pipeline, name)
+    if name == "encode_texts":
+        from .engine.texts import encode_texts
+
+        return encode_texts
     if name in ("build_index", "IndexReport"):
         from .index import build
 
         return getattr(build, name)
     if name in ("generate", "GenerateSummary"):
-        # the module is `generation`: a submodule named `generate` would shadow this function
-        from . import generation
+        # the package is `generation`: a submodule named `generate` would shadow this function
+        from .generation import pipeline as generation
 
         return getattr(generation, name)
     if name == "plan":
-        from . import planning
+        from .plan import planning
 
         return planning.plan
     if name in ("Retriever", "SearchResults"):

@@ -100,8 +100,8 @@ def encode(input: str, out: str, quiet: bool, as_json: bool, dry_run: bool, samp
 
     INPUT is a parquet file or folder, a .jsonl or .csv file, a Lance dataset, or a folder of .txt files.
     """
-    from .pipeline import encode as api_encode
-    from .runtime import cli_settings
+    from .encoding.pipeline import encode as api_encode
+    from .engine.runtime import cli_settings
 
     cli_settings()  # one malloc arena: the tokenizer workers are processes, not threads
     options["keep_columns"] = _names(keep_columns)
@@ -114,7 +114,7 @@ def encode(input: str, out: str, quiet: bool, as_json: bool, dry_run: bool, samp
         d = _run(lambda: dry_run_encode(input, EncodeConfig(**cfg, progress=False), sample=sample, calibrate_rows=calibrate_rows,
                                         gpu_price=gpu_price, spot_discount=spot_discount, sweep=sweep))  # fmt: skip
         if plot_path:
-            from .plots import plot_batch_sweep
+            from .plan.plots import plot_batch_sweep
 
             _run(lambda: plot_batch_sweep(d.sweep, plot_path, title=f"{input} on {d.device}"))
         click.echo(json.dumps(d.to_dict()) if as_json else d.lines())
@@ -136,7 +136,7 @@ def status(out: str, as_json: bool, plot_path: str | None) -> None:
 
     st = _run(lambda: api_status(out))
     if plot_path:
-        from .plots import plot_timeline
+        from .plan.plots import plot_timeline
         from .status import commit_log
 
         drawn = _run(lambda: plot_timeline(commit_log(out), plot_path, title=f"{out}: {st.shards_done}/{st.shards_total} shards"))
@@ -215,7 +215,7 @@ def search(out: str, texts: tuple[str, ...], k: int, nprobe: int | None, rerank:
 @click.option("--partial", is_flag=True, help="Export an unfinished output's committed shards instead of refusing it.")
 def export(out: str, fmt: str, path: str | None, partial: bool) -> None:
     """Write OUT's rows (vectors with their text and kept columns, or generations) for other tools."""
-    from .export import export as api_export
+    from .io.export import export as api_export
 
     try:
         summary = _run(lambda: api_export(out, path, format=fmt, partial=partial))
@@ -251,8 +251,8 @@ def export(out: str, fmt: str, path: str | None, partial: bool) -> None:
 def generate(input: str, out: str, labels: str | None, quiet: bool, as_json: bool, dry_run: bool, sample: int, calibrate_rows: int | None,
              gpu_price: float | None, spot_discount: float, **options: Any) -> None:  # fmt: skip
     """Summarize, score or classify every row of INPUT into OUT/generations.lance (resumable)."""
-    from .generation import generate as api_generate
-    from .runtime import cli_settings
+    from .engine.runtime import cli_settings
+    from .generation.pipeline import generate as api_generate
 
     cli_settings(single_arena=False)  # prompts are tokenized here by the tokenizer's own threads
     label_list = _names(labels)
@@ -289,12 +289,12 @@ def generate(input: str, out: str, labels: str | None, quiet: bool, as_json: boo
 @click.option("--plot", "plot_path", type=click.Path(path_type=str), default=None, help="Also draw finish time and cost against fleet size and spot discount to this PNG.")
 def plan(as_json: bool, plot_path: str | None, **options: Any) -> None:
     """How many GPUs, for how long, for how much: the smallest fleet that finishes in the window."""
-    from .planning import describe
-    from .planning import plan as api_plan
+    from .plan.planning import describe
+    from .plan.planning import plan as api_plan
 
     result, count = _run(lambda: api_plan(**options))
     if plot_path:
-        from .plots import plot_plan
+        from .plan.plots import plot_plan
 
         _run(lambda: plot_plan(result.inputs, plot_path))
     if as_json:

@@ -13,9 +13,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import EmbedkitError, first_line
+from .plan.planning import (
+    TokenCount,
+    count_sampled,
+    count_tokens,
+    dollars_per_million,
+    plan_command,
+    random_blocks,
+    run_cost,
+)
 from .units import human_bytes
-from .planning import TokenCount, count_sampled, count_tokens, dollars_per_million, plan_command, random_blocks, run_cost
-
 
 # ---- dry run -----------------------------------------------------------------------------------
 
@@ -74,9 +81,9 @@ def dry_run_encode(input: str | Path, cfg, *, sample: int = 10_000, calibrate_ro
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .corpus import Columns, open_corpus
-    from .encoder import choose_device
+    from .engine.encoder import choose_device
     from .index.params import choose_params
+    from .io.corpus import Columns, open_corpus
 
     count = count_tokens(input, cfg.model, sample=sample, text_column=cfg.text_column, max_seq_length=cfg.max_seq_length)
     choice = choose_device(cfg.device, cfg.precision)
@@ -119,7 +126,7 @@ SWEEP_FRACTIONS = (1 / 64, 1 / 16, 1 / 4, 1)  # of the device's largest default 
 def sweep_budgets(device: str) -> tuple[int, ...]:
     """Batch budgets for the cost curve of `encode --dry-run --plot` on this kind of device."""
     from .config import DEFAULT_BATCH_TOKENS
-    from .encoder import choose_device
+    from .engine.encoder import choose_device
 
     cap = DEFAULT_BATCH_TOKENS[choose_device(device, "auto").type]
     return tuple(max(256, int(cap * f)) for f in SWEEP_FRACTIONS)
@@ -127,7 +134,7 @@ def sweep_budgets(device: str) -> tuple[int, ...]:
 
 def _calibrate(sample: Path, out: Path, cfg, batch_tokens: int | None):
     """One real encode of the calibration sample with cfg's options at `batch_tokens`."""
-    from .pipeline import encode
+    from .encoding.pipeline import encode
 
     return encode(sample, out, model=cfg.model, device=cfg.device, dtype=cfg.dtype, precision=cfg.precision, normalize=cfg.normalize,
                   batch_tokens=batch_tokens, tokenize_workers=cfg.tokenize_workers, keep_empty=cfg.keep_empty,
@@ -199,9 +206,9 @@ def dry_run_generate(input: str | Path, cfg, *, sample: int = 10_000, calibrate_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .corpus import Columns, open_corpus
-    from .encoder import choose_device
-    from .generation import DEFAULT_PROMPTS, GENERATIONS_DIR, check_task_templates, run_generate
+    from .engine.encoder import choose_device
+    from .generation.pipeline import DEFAULT_PROMPTS, GENERATIONS_DIR, check_task_templates, run_generate
+    from .io.corpus import Columns, open_corpus
 
     template = cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPTS[cfg.task]
     check_task_templates(cfg, template)
@@ -241,7 +248,7 @@ def count_prompt_tokens(corpus, cfg, template: str, *, sample: int = 10_000, see
     them: the template, the chat wrapping and the truncation; the weights are not loaded."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .generation import input_tokens, resolve_generator, task_inputs
+    from .generation.pipeline import input_tokens, resolve_generator, task_inputs
 
     target = resolve_generator(cfg.model)
     try:

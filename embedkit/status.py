@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EmbedkitError
-from .shards import MANIFEST, read_manifest
+from .io.shards import MANIFEST, read_manifest
 
 # Token columns summed per kind of output: (input tokens, new tokens); None where not recorded.
 _TOKEN_COLUMNS = {
@@ -16,14 +16,6 @@ _TOKEN_COLUMNS = {
     "score": ("n_tokens", None),
     "classify": (None, None),
 }
-
-
-def straggler_tail(commit_times: list[float]) -> float:
-    """Seconds from 95% of shards committed to 100% (commit times in any order; 0 for fewer than 2)."""
-    if len(commit_times) < 2:
-        return 0.0
-    ends = sorted(commit_times)
-    return ends[-1] - ends[max(0, int(0.95 * len(ends)) - 1)]
 
 
 @dataclass(frozen=True)
@@ -106,7 +98,7 @@ def status(out: str | Path) -> OutputStatus:
     >>> embedkit.status("out/").shards_done    # doctest: +SKIP
     """
     # numpy and pyarrow load here, not on import: embedkit/__init__.py imports this module
-    from .store import GENERATIONS_DIR, VECTORS_DIR, VectorStore
+    from .io.store import GENERATIONS_DIR, VECTORS_DIR, VectorStore
 
     out = Path(out)
     if not out.exists():
@@ -138,7 +130,7 @@ def _index(out: Path, store) -> dict:
 
 def commit_log(out: str | Path) -> list[dict]:
     """Per committed shard of OUT (embeddings or generations): worker, start and commit times."""
-    from .store import GENERATIONS_DIR, VECTORS_DIR, VectorStore
+    from .io.store import GENERATIONS_DIR, VECTORS_DIR, VectorStore
 
     out = Path(out)
     name = VECTORS_DIR if (out / VECTORS_DIR).exists() else GENERATIONS_DIR

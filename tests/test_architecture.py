@@ -1,8 +1,9 @@
 """The package's import graph, read from the source: layers import downwards only.
 
-No import cycles; no module imports another module's underscore names; the executor
-(`distributed.py`) imports no stage, the stages give it their shard functions; planning
-imports no stage either (the dry runs that call the stages live in `dryrun.py`, above them).
+No import cycles; no module imports another module's underscore names; every module belongs to
+one layer and imports only its own layer and those below (docs/design.md, "Layers"): the
+executors (`run/`) and planning (`plan/`) import no stage, the stages give the executors their
+shard functions, and no stage imports another.
 """
 
 from __future__ import annotations
@@ -13,7 +14,29 @@ from pathlib import Path
 import embedkit
 
 PACKAGE = Path(embedkit.__file__).parent
-STAGES = {"embedkit.pipeline", "embedkit.generation", "embedkit.index.build", "embedkit.index.search", "embedkit.dryrun"}
+# lowest first; a module may import its own layer and the layers before it
+LAYERS = [
+    ("base", ("embedkit.errors", "embedkit.units", "embedkit.version", "embedkit.config", "embedkit.fsutil", "embedkit.digest")),
+    ("engine", ("embedkit.engine",)),
+    ("io", ("embedkit.io",)),
+    ("run", ("embedkit.run",)),
+    ("plan", ("embedkit.plan",)),
+    ("stages", ("embedkit.encoding", "embedkit.generation", "embedkit.index")),
+    ("shells", ("embedkit", "embedkit.cli", "embedkit.status", "embedkit.dryrun")),
+]
+STAGE_PACKAGES = ("embedkit.encoding", "embedkit.generation", "embedkit.index")
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of the longest prefix that names `module`'s layer."""
+    best = max(((len(p), i) for i, (_, prefixes) in enumerate(LAYERS) for p in prefixes if module == p or (p != "embedkit" and module.startswith(p + "."))),
+               default=None)  # fmt: skip
+    assert best is not None, f"{module} is in no layer: add it to LAYERS (and to docs/design.md)"
+    return best[1]
+
+
+def stage_of(module: str) -> str | None:
+    return next((p for p in STAGE_PACKAGES if module == p or module.startswith(p + ".")), None)
 
 
 def modules() -> dict[str, Path]:
@@ -70,15 +93,29 @@ def test_no_module_imports_another_modules_private_names():
     assert private == []
 
 
-def test_the_executor_and_planning_import_no_stage():
+def test_every_module_imports_only_its_layer_and_those_below():
     edges = graph()
-    for module in ("embedkit.distributed", "embedkit.planning"):
-        assert not edges[module] & STAGES, (module, sorted(edges[module] & STAGES))
+    upward = [(m, t, LAYERS[layer_of(t)][0]) for m, targets in edges.items() for t in targets if layer_of(t) > layer_of(m)]
+    assert upward == []
+
+
+def test_no_stage_imports_another_stage():
+    edges = graph()
+    crossing = [(m, t) for m, targets in edges.items() for t in targets if stage_of(m) and stage_of(t) and stage_of(m) != stage_of(t)]
+    assert crossing == []
+
+
+def test_the_layer_check_catches_an_upward_import():
+    """The layer tests would pass if layer_of put everything in one layer."""
+    assert layer_of("embedkit.run.distributed") < layer_of("embedkit.encoding.pipeline") < layer_of("embedkit.cli")
+    assert layer_of("embedkit.engine.encoder") < layer_of("embedkit.run.outdir")
+    assert layer_of("embedkit.index.build") > layer_of("embedkit.plan.planning")
 
 
 def test_the_graph_reader_sees_real_edges():
     """The checks above would pass on an empty graph: the reader must find the known edges."""
     edges = graph()
-    assert "embedkit.distributed" in edges["embedkit.pipeline"]
+    assert "embedkit.run.distributed" in edges["embedkit.encoding.pipeline"]
     assert "embedkit.index.io" in edges["embedkit.index.search"]
-    assert "embedkit.planning" in edges["embedkit.dryrun"] and "embedkit.pipeline" in edges["embedkit.dryrun"]
+    assert "embedkit.plan.planning" in edges["embedkit.dryrun"] and "embedkit.encoding.pipeline" in edges["embedkit.dryrun"]
+    assert "embedkit.engine.texts" in edges["embedkit.index.search"]

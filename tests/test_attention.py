@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 CHILD = r"""
 import json, sys, torch
-from embedkit.attention import slot_attention, reference_attention, BLOCK_N
+from embedkit.engine.attention import slot_attention, reference_attention, BLOCK_N
 torch.manual_seed(0)
 worst = {}
 for dtype in (torch.float32, torch.float16):
@@ -53,8 +53,8 @@ DECODE_CHILD = r"""
 import json, torch
 from transformers import AutoModelForCausalLM
 from embedkit.config import DEFAULT_GENERATOR
-from embedkit.decode import SlotDecoder
-from embedkit.generation import resolve_generator
+from embedkit.engine.decode import SlotDecoder
+from embedkit.generation.pipeline import resolve_generator
 lm = AutoModelForCausalLM.from_pretrained(resolve_generator(DEFAULT_GENERATOR), dtype=torch.float32).eval()
 prompts = [[1, 9690, 198, 2683, 314, 260, 2576], [1, 4093, 28, 905], list(range(300, 380))]
 with_kernel = SlotDecoder(lm, eos_ids={2})

@@ -1,4 +1,4 @@
-"""embedkit.bert: BERT + Pooling (+ Normalize) folders run without sentence-transformers, with its vectors."""
+"""embedkit.engine.bert: BERT + Pooling (+ Normalize) folders run without sentence-transformers, with its vectors."""
 
 from __future__ import annotations
 
@@ -12,11 +12,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE
+from embedkit.engine.bert import NATIVE_ENV, native_spec
+from embedkit.engine.models import (
+    embedding_dim,
+    fast_tokenizer_json,
+    load_sentence_transformer,
+    pooling_mode,
+    resolve_model,
+    truncation_side,
+)
 
 import embedkit
-from embedkit.bert import NATIVE_ENV, native_spec
 from embedkit.config import DEFAULT_MODEL
-from embedkit.models import embedding_dim, fast_tokenizer_json, load_sentence_transformer, pooling_mode, resolve_model, truncation_side
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +151,7 @@ def test_packed_batches_give_the_padded_batches_vectors(default_folder, texts, m
     row boundaries and per-row pooling. On the CPU its attention is the padded reference; on
     CUDA the same boundaries go to flash attention's varlen kernel."""
     import torch
-
-    from embedkit.bert import PackedRows
+    from embedkit.engine.bert import PackedRows
 
     model = load_sentence_transformer(resolve_model(str(default_folder)), "cpu")
     model[1].pooling_mode = mode

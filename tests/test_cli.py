@@ -243,9 +243,9 @@ def test_status_function_whatever_is_imported_first(first, output):
     assert _python(code) == "True OutputStatus"
 
 
-@pytest.mark.parametrize("first", ["import embedkit", "import embedkit.export", "from embedkit.export import ExportSummary"])
+@pytest.mark.parametrize("first", ["import embedkit", "import embedkit.io.export", "from embedkit.io.export import ExportSummary"])
 def test_export_function_whatever_is_imported_first(first, output, tmp_path):
-    """`embedkit.export(...)` is the function even when the `embedkit.export` module was imported first."""
+    """`embedkit.export(...)` is the function even when the `embedkit.io.export` module was imported first."""
     path = tmp_path / "rows.jsonl"
     code = f"{first}\nimport embedkit\nprint(embedkit.export({str(output)!r}, {str(path)!r}).rows, embedkit.ExportSummary.__name__)"
     assert _python(code) == "20 ExportSummary"

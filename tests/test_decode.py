@@ -8,11 +8,11 @@ on a GPU.
 from __future__ import annotations
 
 import pytest
+from embedkit.engine.decode import Group, SlotDecoder, plan_groups, supported
 
 from embedkit.config import DEFAULT_GENERATOR, DEFAULT_PROMPTS
-from embedkit.decode import Group, SlotDecoder, plan_groups, supported
 from embedkit.errors import EmbedkitError
-from embedkit.generation import bucketed_generate, fit_prompts, resolve_generator, summarize
+from embedkit.generation.pipeline import bucketed_generate, fit_prompts, resolve_generator, summarize
 
 MAX_NEW = 16
 

@@ -12,11 +12,11 @@ import lance
 import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE, task_pids
+from embedkit.io.shards import OutputLock
+from embedkit.io.store import VectorStore
 
 import embedkit
 from embedkit.errors import EmbedkitError
-from embedkit.shards import OutputLock
-from embedkit.store import VectorStore
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # a local Ray cluster and its worker processes: tens of seconds per test on 2 cores
@@ -47,9 +47,9 @@ def test_a_retried_task_whose_shard_landed_reports_its_rows_from_the_ledger(loca
     """A task retried after its commit landed (its worker died before reporting) commits
     nothing again; it reports the shard as done with the rows the ledger holds (its tokens are
     not known), and no encoding seconds of a worker."""
+    from embedkit.encoding.pipeline import EncodeSummary, encode_shard
+
     from embedkit.config import EncodeConfig
-    from embedkit.pipeline import encode_shard
-    from embedkit.pipeline import EncodeSummary
 
     out = tmp_path / "out"
     embedkit.encode(corpus, out, device="cpu", shard_rows=60, max_seq_length=64, progress=False, ray="")
@@ -67,7 +67,7 @@ def test_a_copy_that_finds_its_shard_committed_waits_for_the_committer(local_ray
     """Shard 0's re-issued copy starts after the first copy committed, finds the shard done and
     returns at once, before the first copy reports. The run must wait for the first copy's
     counts instead of counting the shard with 0 tokens (and cancelling the copy that has them)."""
-    from embedkit.distributed import _follow_tasks
+    from embedkit.run.distributed import _follow_tasks
 
     @ray.remote(num_cpus=0)
     def part(shard: int, copy: int) -> dict:
@@ -120,7 +120,7 @@ def test_a_stalled_task_is_overtaken(local_ray, corpus, tmp_path, monkeypatch, r
     """The first copy of shard 0 stalls STALL_S[reissue] seconds (fault injection). With re-issue an idle
     slot runs a second copy, which commits first, and the run ends well before the stall is
     over; without, the run waits for it. Either way every id is written exactly once."""
-    from embedkit.distributed import STALL_ENV
+    from embedkit.run.distributed import STALL_ENV
 
     monkeypatch.setenv(STALL_ENV, f"0:{STALL_S[reissue]}")
     t = time.perf_counter()
@@ -167,7 +167,7 @@ def test_a_stalled_generate_task_is_overtaken(local_ray, corpus, tmp_path, monke
     """generate --ray runs through encode's shard runner: the first copy of shard 0 stalls (fault
     injection), an idle slot runs a second copy that commits first, the run ends well before
     the stall is over, and every id is scored exactly once."""
-    from embedkit.distributed import STALL_ENV
+    from embedkit.run.distributed import STALL_ENV
 
     small = tmp_path / "small.parquet"
     pq.write_table(pq.read_table(corpus).slice(0, 8), small)

@@ -23,14 +23,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from embedkit.io.store import VectorStore
+from faults.faultkit import kill_group
 
 import embedkit
-import embedkit.generation
+import embedkit.generation.pipeline
 from embedkit.config import DEFAULT_COMPLETIONS, DEFAULT_GENERATOR, DEFAULT_PROMPTS
 from embedkit.errors import EmbedkitError
-from embedkit.generation import GENERATIONS_DIR, resolve_generator
-from embedkit.store import VectorStore
-from faults.faultkit import kill_group
+from embedkit.generation.pipeline import GENERATIONS_DIR, resolve_generator
 
 MAX_NEW = 16
 # A sum of many fp32 log-probabilities depends on the batch shape and summation order: compare
@@ -127,8 +127,8 @@ def _continuation_logprobs(lm, context: list[int], target: list[int]) -> np.ndar
 
 
 def test_embedkit_generate_stays_the_function_after_the_module_is_imported():
-    # this file imports embedkit.generation first: the package attribute must still be the function
-    assert embedkit.generate is embedkit.generation.generate
+    # this file imports embedkit.generation.pipeline first: the package attribute must still be the function
+    assert embedkit.generate is embedkit.generation.pipeline.generate
     assert callable(embedkit.generate)
 
 

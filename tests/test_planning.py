@@ -11,10 +11,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE
+from embedkit.plan.planning import (
+    PlanInput,
+    count_tokens,
+    dollars_per_million,
+    parse_duration,
+    plan_fleet,
+    shard_seconds_for,
+)
 
 import embedkit
 from embedkit.errors import EmbedkitError
-from embedkit.planning import PlanInput, count_tokens, dollars_per_million, parse_duration, plan_fleet, shard_seconds_for
 
 T, S = 1e12, 4.1e6  # a trillion tokens; MiniLM's warm H200 rate (docs/benchmarks.md)
 
@@ -200,7 +207,7 @@ def test_plan_command_refusals(run_cli, refused, args, words):
     ],
 )
 def test_default_shard_rows_give_each_worker_several_shards(rows, device, workers, expected):
-    from embedkit.planning import default_shard_rows
+    from embedkit.plan.planning import default_shard_rows
 
     assert default_shard_rows(rows, device, workers) == expected
 
@@ -209,10 +216,10 @@ def test_shards_go_out_longest_first_by_tokens(tmp_path):
     """Shards of equal rows but different document lengths: the one with the most tokens first."""
     from types import SimpleNamespace
 
-    from embedkit.corpus import Columns, open_corpus
-    from embedkit.models import fast_tokenizer_json, load_sentence_transformer, resolve_model, truncation_side
-    from embedkit.planning import longest_first
-    from embedkit.shards import plan_shards
+    from embedkit.io.corpus import Columns, open_corpus
+    from embedkit.engine.models import fast_tokenizer_json, load_sentence_transformer, resolve_model, truncation_side
+    from embedkit.plan.planning import longest_first
+    from embedkit.io.shards import plan_shards
 
     words = {0: 3, 1: 60, 2: 20, 3: 1}  # words per document in each 64-row shard
     texts = [" ".join(["token"] * words[i // 64]) for i in range(64 * len(words))]
@@ -274,10 +281,11 @@ def short_scored(short_input, tmp_path_factory):
 
 
 def _prompt_tokens(path: Path, sample: int):
+    from embedkit.io.corpus import Columns, open_corpus
+
     from embedkit.config import GenerateConfig
-    from embedkit.corpus import Columns, open_corpus
-    from embedkit.generation import DEFAULT_PROMPTS
     from embedkit.dryrun import count_prompt_tokens
+    from embedkit.generation.pipeline import DEFAULT_PROMPTS
 
     return count_prompt_tokens(open_corpus(path, Columns("text", None)), GenerateConfig(task="score"), DEFAULT_PROMPTS["score"], sample=sample)
 
@@ -336,7 +344,7 @@ def test_encode_dry_run_plot_measures_cost_against_batch_size(run_cli, refused, 
 
 
 def test_plan_plot_draws_the_plan(tmp_path, run_cli):
-    from embedkit.plots import plot_plan
+    from embedkit.plan.plots import plot_plan
 
     p = PlanInput(tokens=76.9e9, tokens_per_second=2.52e6, window_hours=1, gpu_price=3.0, spot_discount=0.6, preemptions_per_hour=0.1)
     drawn = plot_plan(p, tmp_path / "cost.png")

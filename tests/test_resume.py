@@ -21,12 +21,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from embedkit.io.shards import OutputLock
+from embedkit.io.store import vectors_table
+from faults.faultkit import kill_group
 
 import embedkit
 from embedkit.errors import EmbedkitError
-from embedkit.shards import OutputLock
-from embedkit.store import vectors_table
-from faults.faultkit import kill_group
 
 RESUME_DOCS = 300
 SHARD_ROWS = 50
@@ -260,7 +260,7 @@ def test_a_lock_held_by_a_killed_process_does_not_block(finished, run_cli):
     src, out = finished
     holder_code = (
         "import sys, time\n"
-        "from embedkit.shards import OutputLock\n"
+        "from embedkit.io.shards import OutputLock\n"
         "lock = OutputLock(sys.argv[1]).__enter__()\n"
         "print('locked', flush=True)\n"
         "time.sleep(3600)\n"

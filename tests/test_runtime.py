@@ -2,22 +2,21 @@ import subprocess
 import sys
 
 import pytest
-
-from embedkit.runtime import retain_freed_memory
+from embedkit.engine.runtime import retain_freed_memory
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 def test_malloc_tuning_applies_once_and_can_be_disabled():
     assert retain_freed_memory() is True
     assert retain_freed_memory() is True  # idempotent
-    code = "from embedkit.runtime import retain_freed_memory as r; print(r())"
+    code = "from embedkit.engine.runtime import retain_freed_memory as r; print(r())"
     off = subprocess.run([sys.executable, "-c", code], env={"EMBEDKIT_MALLOC_TUNING": "0"}, capture_output=True, text=True)
     assert off.stdout.strip() == "False", off.stderr
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
 def test_malloc_tuning_can_keep_the_default_arenas():
-    code = "from embedkit.runtime import retain_freed_memory as r; print(r(single_arena=False), r())"
+    code = "from embedkit.engine.runtime import retain_freed_memory as r; print(r(single_arena=False), r())"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.stdout.split() == ["True", "True"], run.stderr  # applied, then the first call's settings stay
 
@@ -32,13 +31,13 @@ def test_the_library_leaves_the_allocator_alone_and_the_command_tunes_it(tmp_pat
     src.write_text('{"id": "a", "text": "one short text"}\n')
     env = {k: v for k, v in os.environ.items() if k != "EMBEDKIT_MALLOC_TUNING"}
     library = (
-        "import os, embedkit, embedkit.runtime as rt\n"
+        "import os, embedkit, embedkit.engine.runtime as rt\n"
         f"embedkit.encode({str(src)!r}, {str(tmp_path / 'lib')!r}, device='cpu', progress=False)\n"
         "embedkit.encode_texts(['a query'], device='cpu')\n"
         "print(rt._done, os.environ.get('EMBEDKIT_MALLOC_TUNING'))\n"
     )
     command = (
-        "import os, embedkit.runtime as rt\nfrom click.testing import CliRunner\nfrom embedkit.cli import main\n"
+        "import os, embedkit.engine.runtime as rt\nfrom click.testing import CliRunner\nfrom embedkit.cli import main\n"
         f"r = CliRunner().invoke(main, ['encode', {str(src)!r}, {str(tmp_path / 'cli')!r}, '-q'])\n"
         "print(r.exit_code, rt._done, os.environ.get('EMBEDKIT_MALLOC_TUNING'))\n"
     )

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
-import json
 
 import pytest
-
-from embedkit.errors import EmbedkitError
-from embedkit.shards import (
+from embedkit.io.shards import (
     MANIFEST,
     OutputLock,
     Shard,
@@ -20,6 +18,8 @@ from embedkit.shards import (
     shards_from_manifest,
     write_manifest,
 )
+
+from embedkit.errors import EmbedkitError
 
 PLAN_CASES = [
     pytest.param(5, 2, [(0, 0, 2), (1, 2, 4), (2, 4, 5)], id="docstring"),
@@ -158,7 +158,7 @@ def test_a_forked_child_does_not_keep_the_output_locked(tmp_path):
     import signal
     import warnings
 
-    from embedkit import shards
+    from embedkit.io import shards
 
     lock = OutputLock(tmp_path).__enter__()
     ready_r, ready_w = os.pipe()

@@ -14,13 +14,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from embedkit.encoding.pipeline import run_encode
+from embedkit.io.store import SHARD_KEY, VectorStore, vectors_schema, vectors_table
 from lance.dataset import Transaction
 from lance.fragment import write_fragments
 
 from embedkit.config import EncodeConfig
 from embedkit.errors import EmbedkitError
-from embedkit.pipeline import run_encode
-from embedkit.store import SHARD_KEY, VectorStore, vectors_schema, vectors_table
 
 
 def _table(schema: pa.Schema, ids: list[str]) -> pa.Table:
@@ -76,7 +76,7 @@ def test_a_shard_of_many_windows_is_one_commit(tmp_path, small_table):
 CHILD = """
 import sys
 import numpy as np, pyarrow as pa
-from embedkit.store import VectorStore, vectors_schema, vectors_table
+from embedkit.io.store import VectorStore, vectors_schema, vectors_table
 out, shard, ids = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
 schema = vectors_schema(pa.string(), 4, "float16")
 n = len(ids)

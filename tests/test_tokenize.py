@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import MAX_SEQ, UNICODE_TEXTS
-from embedkit.models import fast_tokenizer_json
-from embedkit.tokenize import TextTokenizer, TokenizerPool, concat, special_wrapping
+from embedkit.engine.models import fast_tokenizer_json
+from embedkit.engine.tokenize import TextTokenizer, TokenizerPool, concat, special_wrapping
 
 
 @pytest.fixture(scope="module")

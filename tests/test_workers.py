@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE
+from embedkit.io.store import VectorStore
 from faults.faultkit import HANG_GUARD_S
 
 import embedkit
 from embedkit.errors import EmbedkitError
-from embedkit.store import VectorStore
 
 ROWS, SHARD_ROWS = 120, 15  # 8 shards: each of two workers takes several
 
@@ -92,7 +92,8 @@ def test_workers_share_the_shards_and_the_timeline_shows_them(one_and_two, tmp_p
     """Both workers get shards, each running them with a tokenizer process of its own (a Ray
     worker may start children); `status --plot` draws one bar per committed shard on one row
     per worker."""
-    from embedkit.plots import plot_timeline
+    from embedkit.plan.plots import plot_timeline
+
     from embedkit.status import commit_log
 
     _, two, out, _ = one_and_two
@@ -153,7 +154,7 @@ def test_a_stalled_worker_is_overtaken(local_ray, corpus, tmp_path, monkeypatch,
     """The first copy of shard 0 stalls STALL_S[reissue] seconds (fault injection). With re-issue
     the idle worker also runs that shard, commits it first, and the run ends well before the
     stall is over; without, the run waits for it. Either way every id is written exactly once."""
-    from embedkit.distributed import STALL_ENV
+    from embedkit.run.distributed import STALL_ENV
 
     monkeypatch.setenv(STALL_ENV, f"0:{STALL_S[reissue]}")
     t = time.perf_counter()

@@ -30,15 +30,26 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..version import __version__
 from ..config import IndexConfig
 from ..errors import EmbedkitError
 from ..fsutil import atomic_file
-from ..shards import OutputLock, read_manifest
-from ..store import VECTORS_DIR, VectorStore
-from .params import BUILD_SHARD_ROWS, KMEANS_ITERATIONS, IndexParams, choose_params, estimate_build_seconds
+from ..io.shards import OutputLock, read_manifest
+from ..io.store import VECTORS_DIR, VectorStore
+from ..version import __version__
 from .io import load_index, quiet_stdout, read_rows, vectors_of
-from .state import INDEX_DIR, IVFDATA, MERGED, PARAMS, STATE, file_sha256, index_damage, read_json, vectors_identity, write_json
+from .params import BUILD_SHARD_ROWS, KMEANS_ITERATIONS, IndexParams, choose_params, estimate_build_seconds
+from .state import (
+    INDEX_DIR,
+    IVFDATA,
+    MERGED,
+    PARAMS,
+    STATE,
+    file_sha256,
+    index_damage,
+    read_json,
+    vectors_identity,
+    write_json,
+)
 from .train import assign, nearest, train_custom, train_ivfpq
 
 TRAINED = "trained.index"
@@ -205,7 +216,7 @@ def _require_finished_encode(out: Path, store: VectorStore, manifest: dict) -> N
 
 
 def _plan(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, log: Callable[[str], None]) -> _Build:
-    from ..encoder import choose_device
+    from ..engine.encoder import choose_device
 
     ds = store.dataset()
     n, dim = ds.count_rows(), int(manifest["model"]["dim"])
@@ -387,7 +398,7 @@ def _add(b: _Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.nd
     bar = _bar(len(shards), b.cfg.progress)
     bar.update(len(shards) - len(todo))
     if b.cfg.ray is not None:
-        from ..distributed import add_index_shards_ray
+        from ..run.distributed import add_index_shards_ray
 
         add_index_shards_ray(index_shard_task, str(b.out), b.key["vectors_version"], todo, spec, queries, qvec, b.cfg.ray,
                              on_done=lambda: bar.update(1))  # fmt: skip
@@ -631,7 +642,7 @@ def index_shard_task(out: str, version: int, fragment_ids: list[int], i: int, st
     import faiss
     import lance
 
-    from ..distributed import TASK_CACHE
+    from ..run.distributed import TASK_CACHE
 
     if spec.done(i):
         return 0

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import EmbedkitError
-from ..shards import read_manifest
-from ..store import VECTORS_DIR, stored_columns
+from ..io.shards import read_manifest
+from ..io.store import VECTORS_DIR, stored_columns
 from .io import load_index, read_rows
 from .state import INDEX_DIR, PARAMS, index_damage, params_problem, read_json, staleness
 
@@ -201,7 +201,7 @@ class Retriever:
         """The vectors the index was built on: the latest version, unchanged since, its data files whole."""
         import lance
 
-        from ..store import VectorStore
+        from ..io.store import VectorStore
 
         uri = str(self.out / VECTORS_DIR)
         try:
@@ -229,7 +229,7 @@ class Retriever:
     def _check_model(self, name: str) -> None:
         """The model that encodes the queries is the one the documents were encoded with (a local
         folder whose weights changed since would put queries in another space, silently)."""
-        from ..models import resolve_model, weights_hash
+        from ..engine.models import resolve_model, weights_hash
 
         if self._model_checked:
             return
@@ -243,7 +243,7 @@ class Retriever:
 
     def search(self, texts: Sequence[str], k: int = 10) -> SearchResults:
         """Encode the texts with the output's model, then search_vectors."""
-        from ..pipeline import encode_texts, text_list
+        from ..engine.texts import encode_texts, text_list
 
         texts = text_list(texts, "queries")
         model = self.manifest.get("model", {}).get("name")

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..digest import lance_files_digest as vectors_identity
+from ..io.store import INDEX_DIR
 
-INDEX_DIR = "index"
 PARAMS = "params.json"
 STATE = "build.json"
 MERGED = "merged.index"

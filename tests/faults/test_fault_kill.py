@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import shutil
 
+import embedkit.io.store
 import lance
 import pyarrow.parquet as pq
 
 import embedkit
-import embedkit.store
 
 from .faultkit import (
     ENCODE_OPTIONS,
@@ -82,7 +82,7 @@ def test_encode_killed_three_times_then_finished(tmp_path, corpus_file, corpus_t
 def test_generate_killed_twice_then_finished(tmp_path, sample):
     """`generate --task score` (the default generator, on CPU): killed between writing a shard's
     rows and committing them, then right after a commit; the rerun finishes every row once."""
-    from embedkit.generation import GENERATIONS_DIR
+    from embedkit.generation.pipeline import GENERATIONS_DIR
 
     docs = sample.slice(0, 6)
     src, out = tmp_path / "docs.parquet", tmp_path / "out"
@@ -94,7 +94,7 @@ def test_generate_killed_twice_then_finished(tmp_path, sample):
     def after_kill() -> int:
         ds = lance.dataset(str(store))
         ds.validate()
-        committed = embedkit.store.VectorStore(out, GENERATIONS_DIR).committed_shards()
+        committed = embedkit.io.store.VectorStore(out, GENERATIONS_DIR).committed_shards()
         assert ds.count_rows() == 2 * len(committed), committed  # whole shards only
         done.append(len(committed))
         return len(data_files(store) - referenced_files(store))

@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import EmbedkitError
 from .attention import reference_attention, slot_attention, triton_usable
-from .errors import EmbedkitError
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 PLAIN_ROPE = (None, "default", "linear", "llama3")  # rotary variants that depend on the position only
@@ -123,7 +123,7 @@ class SlotDecoder:
         self.eos_set = set(eos_ids)
         self.eos = torch.tensor(sorted(eos_ids), device=self.device, dtype=torch.long)
         self.graphs_on = (self.device.type == "cuda") if graphs is None else graphs
-        # per-slot attention kernel: each row reads only its own positions (embedkit/attention.py);
+        # per-slot attention kernel: each row reads only its own positions (embedkit/engine/attention.py);
         # then one captured step serves every length. fp32 stays on the reference path (tf32 dots).
         probe = torch.empty(0, device=self.device, dtype=self.dtype)
         self.kernel = triton_usable(probe) and (self.dtype != torch.float32 or os.environ.get("TRITON_INTERPRET") == "1")

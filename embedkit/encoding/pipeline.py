@@ -23,32 +23,39 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from .version import __version__
-from .batching import pack_batches, pad_rows
-from .config import DEFAULT_BATCH_TOKENS, DEFAULT_MODEL, EncodeConfig
-from .corpus import Columns, Corpus, drop_empty, find_first_duplicate, open_corpus
-from .encoder import DeviceChoice, Encoder, choose_device, default_batch_tokens, model_config
-from .errors import EmbedkitError
-from .digest import INPUT_CACHE
-from .index.state import INDEX_DIR
-from .models import (
+from ..config import DEFAULT_MODEL, EncodeConfig
+from ..digest import INPUT_CACHE
+from ..engine.batching import pack_batches, pad_rows
+from ..engine.encoder import DeviceChoice, Encoder, choose_device, default_batch_tokens, model_config
+from ..engine.models import (
     ModelSource,
     declared_max_length,
     embedding_dim,
     fast_tokenizer_json,
     load_sentence_transformer,
+    model_max_length,
     pooling_mode,
     resolve_model,
     truncation_side,
     weights_hash,
 )
-from .outdir import check_out, clear_output, make_out, undo_if_unstarted
-from .planning import default_shard_rows, longest_first
-from .shards import (
-    MANIFEST, OutputLock, Shard, manifest_differences, read_manifest, RunSummary, shards_from_manifest, write_manifest,
+from ..engine.tokenize import Tokenized, TokenizerPool, default_workers
+from ..errors import EmbedkitError
+from ..io.corpus import Columns, Corpus, drop_empty, find_first_duplicate, open_corpus
+from ..io.shards import (
+    MANIFEST,
+    OutputLock,
+    RunSummary,
+    Shard,
+    manifest_differences,
+    read_manifest,
+    shards_from_manifest,
+    write_manifest,
 )
-from .store import VECTORS_DIR, VectorStore, ledger_name, vectors_schema, vectors_table
-from .tokenize import TextTokenizer, TokenizerPool, Tokenized, default_workers, tokenize_all
+from ..io.store import INDEX_DIR, VECTORS_DIR, VectorStore, ledger_name, vectors_schema, vectors_table
+from ..plan.planning import default_shard_rows, longest_first
+from ..run.outdir import check_out, clear_output, make_out, undo_if_unstarted
+from ..version import __version__
 
 PREFETCH_WINDOWS = 2  # tokenized windows kept ready ahead of the model
 FIRST_WINDOW = 4096  # documents in the run's first window (later windows double up to window_docs)
@@ -213,7 +220,7 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
         raise EmbedkitError("the input has no rows")
     choice = choose_device(cfg.device, cfg.precision)
     if cfg.workers > 1 and cfg.ray is None:
-        from .distributed import check_local_workers
+        from ..run.distributed import check_local_workers
 
         check_local_workers(cfg.workers, choice.type)
     source = resolve_model(cfg.model)  # a hub id resolves to its local copy, or fails in one line
@@ -255,7 +262,7 @@ def _run_as_tasks(input: str | Path, out: Path, cfg: EncodeConfig, job: "_Job", 
     """The pending shards (in the given order: the most tokens first) as shard tasks on a Ray of
     this machine (--gpus N) or the cluster at --ray; the merged summary. Its device is
     "N x cuda" / "N x cpu" for --gpus N, "ray (GPU tasks)" for --ray."""
-    from .distributed import run_shard_tasks
+    from ..run.distributed import run_shard_tasks
 
     gpu = job.choice.type == "cuda"
     run = run_shard_tasks(encode_shard, (str(input), str(out), _task_config(cfg, gpu)), [s.index for s in pending], gpu=gpu,
@@ -283,8 +290,8 @@ def encode_shard(input: str, out: str, cfg: EncodeConfig, index: int, copy: int 
     `arbiter` (a CommitArbiter), the shard is committed only if this copy gets the right to, and
     with `driver` (the run's lock record) only while that run still holds OUT's lock. Returns
     the shard's summary as a dict, with the `worker` (host:pid) that ran it."""
-    from .distributed import TASK_CACHE, commit_allowed, injected_stall, worker_name
-    from .runtime import inherited_settings
+    from ..engine.runtime import inherited_settings
+    from ..run.distributed import TASK_CACHE, commit_allowed, injected_stall, worker_name
 
     inherited_settings()
     rows = VectorStore(Path(out)).committed_shards().get(index)
@@ -359,7 +366,7 @@ def _prepare(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice,
     """Load the model, complete and check the manifest, create or clean the store."""
     # Load on the CPU: the tokenizer workers fork before the model moves to a GPU.
     st = load_sentence_transformer(source, "cpu")
-    max_length = _max_length(st, cfg.max_seq_length)
+    max_length = model_max_length(st, cfg.max_seq_length)
     dim = embedding_dim(st)
     manifest["model"].update(dim=dim, max_seq_length=max_length, pooling=pooling_mode(st))
     if manifest["model"]["weights_sha256"] is None:  # a hub model loaded from the hub: hashed from its parameters
@@ -389,19 +396,9 @@ def attach_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoic
     dim = embedding_dim(st)
     return _Job(
         out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest), store=VectorStore(out),
-        schema=_schema(corpus, cfg, dim), max_length=_max_length(st, cfg.max_seq_length),
+        schema=_schema(corpus, cfg, dim), max_length=model_max_length(st, cfg.max_seq_length),
         tokenizer_json=fast_tokenizer_json(st), truncation_side=truncation_side(st),
     )  # fmt: skip
-
-
-def _max_length(st: Any, override: int | None) -> int:
-    model_max = int(st.max_seq_length or 512)
-    if override is None:
-        return model_max
-    limit = getattr(getattr(getattr(st[0], "auto_model", None), "config", None), "max_position_embeddings", None)
-    if limit and override > limit:
-        raise EmbedkitError(f"--max-seq-length {override} exceeds the model's {limit} positions")
-    return override
 
 
 def _manifest(corpus: Corpus, cfg: EncodeConfig, source: ModelSource, shard_rows: int, cache: Path | None = None) -> dict:
@@ -767,68 +764,3 @@ class _Progress:
 
 
 # ---- in-memory use --------------------------------------------------------------------------
-
-_MODEL_CACHE: dict[tuple[str, str, str, int | None], tuple[Encoder, TextTokenizer]] = {}
-
-
-def encode_texts(
-    texts: list[str],
-    *,
-    model: str = DEFAULT_MODEL,
-    device: str = "auto",
-    precision: str = "auto",
-    normalize: bool = True,
-    batch_tokens: int | None = None,
-    max_seq_length: int | None = None,
-) -> np.ndarray:
-    """Embed a list of strings in memory; float32 array of shape (len(texts), dim), input order.
-
-    The model stays loaded between calls with the same model, device, precision and length.
-
-    >>> embedkit.encode_texts(["hello world"]).shape   # doctest: +SKIP
-    (1, 384)
-    """
-    texts = text_list(texts)  # before any model loads: a generator is read once, a str refused
-    choice = choose_device(device, precision)
-    encoder, tokenizer = _cached_model(model, choice, max_seq_length)
-    encoder.normalize = normalize  # the cached encoder serves both settings
-    tok = tokenize_all(tokenizer, ["" if t is None else t for t in texts])
-    budget = batch_tokens or DEFAULT_BATCH_TOKENS[choice.type]
-    batches = pack_batches(tok.lengths, budget)
-    outputs = [
-        encoder.forward(pad_rows(tok.flat, tok.offsets, b.rows, b.seq_len), tok.lengths[b.rows].astype(np.int32))
-        for b in batches
-    ]
-    result = np.zeros((len(texts), embedding_dim(encoder.model)), np.float32)
-    if batches:
-        # one transfer for the whole call instead of one synchronization per batch
-        result[np.concatenate([b.rows for b in batches])] = encoder.torch.cat(outputs).float().cpu().numpy()
-    return result
-
-
-def text_list(texts: Any, what: str = "texts") -> list:
-    """`texts` as a list of strings (None allowed: it embeds as ""), or a one-line refusal.
-
-    A str is refused rather than read as its characters (one vector per letter), and anything
-    else that is not a string, rather than embedding its repr.
-    """
-    if isinstance(texts, (str, bytes)):
-        raise EmbedkitError(f"{what} must be a list of strings, not one {type(texts).__name__}: wrap it as [{texts[:30]!r}]")
-    try:
-        values = list(texts)
-    except TypeError:
-        raise EmbedkitError(f"{what} must be a list of strings, not {type(texts).__name__}") from None
-    for i, value in enumerate(values):
-        if value is not None and not isinstance(value, str):
-            raise EmbedkitError(f"{what} must hold strings; item {i} is {type(value).__name__} {value!r:.40}")
-    return values
-
-
-def _cached_model(model: str, choice: DeviceChoice, max_seq_length: int | None) -> tuple[Encoder, TextTokenizer]:
-    key = (model, choice.device, choice.precision, max_seq_length)
-    if key not in _MODEL_CACHE:
-        st = load_sentence_transformer(resolve_model(model), "cpu")
-        tokenizer = TextTokenizer(fast_tokenizer_json(st), _max_length(st, max_seq_length), truncation_side(st))
-        encoder = Encoder(st, choice, normalize=False, out_dtype="float32", max_batch_tokens=DEFAULT_BATCH_TOKENS[choice.type])
-        _MODEL_CACHE[key] = (encoder, tokenizer)
-    return _MODEL_CACHE[key]

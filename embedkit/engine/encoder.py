@@ -21,10 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import EmbedkitError
+from ..errors import EmbedkitError
 
-
-PACKED_ENV = "EMBEDKIT_PACKED"  # "0": embedkit.bert runs padded batches on CUDA too
+PACKED_ENV = "EMBEDKIT_PACKED"  # "0": embedkit.engine.bert runs padded batches on CUDA too
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ def choose_device(device: str, precision: str) -> DeviceChoice:
     """Resolve `auto` choices; a clear error when CUDA is asked for and absent."""
     import torch
 
-    from .config import check_device
+    from ..config import check_device
 
     check_device(device, precision)
     if device == "auto":
@@ -66,7 +65,7 @@ def default_batch_tokens(config: dict, choice: DeviceChoice) -> int:
     capped at DEFAULT_BATCH_TOKENS["cuda"]. A token's peak activation is about three live copies
     of the widest layer output (the feed-forward's intermediate plus the residual stream).
     """
-    from .config import DEFAULT_BATCH_TOKENS
+    from ..config import DEFAULT_BATCH_TOKENS
 
     cap = DEFAULT_BATCH_TOKENS[choice.type]
     if choice.type != "cuda":
@@ -264,7 +263,7 @@ class Encoder:
         return features["sentence_embedding"]
 
     def _forward_packed(self, ids: np.ndarray, lengths: np.ndarray) -> Any:
-        """embedkit.bert's packed path: no padding reaches the device."""
+        """embedkit.engine.bert's packed path: no padding reaches the device."""
         from .bert import PackedRows
 
         flat, lens_t = self._to_device(ids, lengths, packed=True)
@@ -272,7 +271,7 @@ class Encoder:
         return self.model.embed_packed(flat.long(), rows)
 
     def _choose_packed(self) -> bool:
-        """Packed batches for embedkit.bert on CUDA where torch has the varlen kernel, and only
+        """Packed batches for embedkit.engine.bert on CUDA where torch has the varlen kernel, and only
         if they agree with the padded path on a probe batch."""
         torch = self.torch
         if not getattr(self.model, "native", False) or self.device.type != "cuda" or os.environ.get(PACKED_ENV, "1") == "0":
@@ -296,7 +295,7 @@ class Encoder:
     def _choose_direct(self) -> bool:
         """Use the direct path only for a plain text transformer, and only if it agrees with the modules."""
         torch = self.torch
-        if getattr(self.model, "native", False):  # embedkit.bert: its own padded-batch path
+        if getattr(self.model, "native", False):  # embedkit.engine.bert: its own padded-batch path
             return True
         first = self.model[0]
         hf = getattr(first, "auto_model", None)

@@ -9,12 +9,11 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from .digest import INPUT_CACHE
-from .errors import EmbedkitError
-from .fsutil import is_temporary
-from .index.state import INDEX_DIR
-from .shards import LOCK, MANIFEST
-from .store import GENERATIONS_DIR, VECTORS_DIR, ledger_name
+from ..digest import INPUT_CACHE
+from ..errors import EmbedkitError
+from ..fsutil import is_temporary
+from ..io.shards import LOCK, MANIFEST
+from ..io.store import GENERATIONS_DIR, INDEX_DIR, VECTORS_DIR, ledger_name
 
 WRITE_TEST = ".embedkit.write-test"
 # What embedkit writes into OUT (and the temporary names of its atomic writes). A folder holding

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .config import EXPORT_FORMATS
-from .errors import EmbedkitError
+from ..config import EXPORT_FORMATS
+from ..errors import EmbedkitError
 from .shards import MANIFEST, read_manifest
 
 BATCH_ROWS = 8192  # rows per record batch read and written
@@ -51,8 +51,8 @@ def export(out: str | Path, path: str | Path | None = None, *, format: str = "js
     In csv, list columns (the vector) are one column each holding a JSON list. `partial`:
     export an unfinished output's committed shards instead of refusing it.
 
-    >>> embedkit.export("out/", "vectors.parquet", format="parquet")    # doctest: +SKIP
-    >>> embedkit.export("out/", format="jsonl")                          # doctest: +SKIP
+    >>> embedkit.io.export("out/", "vectors.parquet", format="parquet")    # doctest: +SKIP
+    >>> embedkit.io.export("out/", format="jsonl")                          # doctest: +SKIP
     """
     if format not in EXPORT_FORMATS:
         raise EmbedkitError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
@@ -100,7 +100,7 @@ def _sink(path: str | Path | None) -> Iterator[IO[bytes]]:
     target = Path(path)
     if target.is_dir():
         raise EmbedkitError(f"cannot write {target}: it is a folder")
-    from .fsutil import atomic_file
+    from ..fsutil import atomic_file
 
     direct = target.exists() and not target.is_file()  # a device or a pipe: written in place
     try:

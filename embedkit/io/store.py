@@ -33,11 +33,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .errors import EmbedkitError, first_line
+from ..errors import EmbedkitError, first_line
 from .ledger import DropRecord, Ledger, LedgerState, ShardRecord
 
 VECTORS_DIR = "vectors.lance"
 GENERATIONS_DIR = "generations.lance"  # what `embedkit generate` writes instead
+INDEX_DIR = "index"  # what `embedkit build-index` writes (its files: embedkit.index.state)
 SHARD_KEY = "embedkit.shard"
 WORKER_KEY = "embedkit.worker"  # host:pid of the process that committed
 STARTED_KEY = "embedkit.started"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import EmbedkitError
+from ..errors import EmbedkitError
 
 MANIFEST = "embedkit.json"
 LOCK = ".embedkit.lock"
@@ -96,7 +96,7 @@ def manifest_problem(doc: Any) -> str | None:
 
 def write_manifest(out: Path, manifest: dict) -> None:
     """Write atomically: a crash leaves the old manifest or the new one, never half of one."""
-    from .fsutil import atomic_write
+    from ..fsutil import atomic_write
 
     path = Path(out) / MANIFEST
     try:
@@ -243,7 +243,7 @@ class OutputLock:
     def __enter__(self) -> "OutputLock":
         import fcntl
 
-        from .fsutil import open_nofollow
+        from ..fsutil import open_nofollow
 
         try:
             fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -26,7 +26,7 @@ from typing import Iterator, Protocol
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import EmbedkitError, first_line
+from ..errors import EmbedkitError, first_line
 
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.string_view())
 BINARY_TYPES = (pa.binary(), pa.large_binary(), pa.binary_view())  # decoded as UTF-8, row by row
@@ -98,7 +98,7 @@ def _files_fingerprint(kind: str, root: Path, files: list[Path], cache: Path | N
     """Identity of a file-based input: its content digest (see digest.py), row count and columns.
     `path` is recorded to show where the input was, and is not compared: the same content
     staged elsewhere is the same input."""
-    from .digest import content_digest
+    from ..digest import content_digest
 
     return {"kind": kind, "path": str(root.resolve()), "files": len(files), "sha256": content_digest(files, root, cache), **columns}
 
@@ -305,7 +305,7 @@ class LanceCorpus:
         return self.ds.to_table(columns=[self.id_col]).column(0).cast(self.id_type)
 
     def fingerprint(self, cache: Path | None = None) -> dict:
-        from .digest import lance_files_digest
+        from ..digest import lance_files_digest
 
         # the data files' names are unique, so they name the rows of this version; a dataset
         # written anew at the same version number has other files

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import EmbedkitError
+from ..errors import EmbedkitError
 
 Z95 = 1.96  # two-sided 95% normal quantile
 SAMPLE_BLOCK = 64  # rows per sampled block
@@ -172,7 +172,7 @@ def plan(
     >>> p, _ = embedkit.plan(tokens=1e12, tokens_per_second=4.1e6, window="12h", gpu_price=3.0)  # doctest: +SKIP
     >>> p.fleet.gpus, p.fleet.total_dollars                                                    # doctest: +SKIP
     """
-    from .config import DEFAULT_MODEL
+    from ..config import DEFAULT_MODEL
 
     if (docs is None) != (avg_tokens is None):
         raise EmbedkitError("--docs and --avg-tokens go together: the job is docs x average tokens per doc")
@@ -278,9 +278,9 @@ def count_tokens(input: str | Path, model: str, *, sample: int = 10_000, seed: i
                  max_seq_length: int | None = None) -> TokenCount:  # fmt: skip
     """Token count of INPUT with the model's tokenizer and truncation, from `sample` random rows
     (every row when there are no more; `sample=0` counts every row)."""
-    from .corpus import Columns, open_corpus
-    from .models import fast_tokenizer_json, load_sentence_transformer, resolve_model, truncation_side
-    from .tokenize import TextTokenizer
+    from ..engine.models import fast_tokenizer_json, load_sentence_transformer, resolve_model, truncation_side
+    from ..engine.tokenize import TextTokenizer
+    from ..io.corpus import Columns, open_corpus
 
     corpus = open_corpus(input, Columns(text_column, None))
     n = corpus.num_rows
@@ -369,7 +369,7 @@ def default_shard_rows(rows: int, device_type: str, workers: int = 1) -> int:
     >>> default_shard_rows(10_000_000, "cuda", 1), default_shard_rows(10_000_000, "cuda", 8)
     (1000000, 312500)
     """
-    from .config import DEFAULT_SHARD_ROWS
+    from ..config import DEFAULT_SHARD_ROWS
 
     base = DEFAULT_SHARD_ROWS[device_type]
     if workers <= 1:
@@ -383,7 +383,7 @@ def longest_first(corpus, job, pending: list) -> list:
     long ones first leaves short ones for the end, so the workers finish together."""
     if len(pending) < 2:
         return list(pending)
-    from .tokenize import TextTokenizer
+    from ..engine.tokenize import TextTokenizer
 
     tok = TextTokenizer(job.tokenizer_json, job.max_length, job.truncation_side)
     tokens = {s.index: shard_tokens(corpus, lambda texts, ids: (tok(texts).lengths, 0), s) for s in pending}

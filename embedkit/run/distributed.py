@@ -33,12 +33,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import EmbedkitError, first_line
-from .status import straggler_tail
+from ..errors import EmbedkitError, first_line
 
 TASK_RETRIES = 3
 STALL_ENV = "EMBEDKIT_TEST_STALL_SHARD"
 TASK_CACHE: dict = {}  # per Ray worker process: what a stage's tasks load once (its model), reused by later tasks
+
+
+def straggler_tail(commit_times: list[float]) -> float:
+    """Seconds from 95% of shards committed to 100% (commit times in any order; 0 for fewer than 2)."""
+    if len(commit_times) < 2:
+        return 0.0
+    ends = sorted(commit_times)
+    return ends[-1] - ends[max(0, int(0.95 * len(ends)) - 1)]
 
 
 def check_local_workers(workers: int, device_type: str) -> None:
@@ -73,7 +80,7 @@ def run_shard_tasks(task: Callable[..., dict], args: tuple, order: list[int], *,
     commits its shard only when `commit_allowed(arbiter, shard, copy, out, driver)` says so.
     `parts` are the dicts the committing copies returned.
     """
-    from .shards import lock_record
+    from ..io.shards import lock_record
 
     with _cluster(address, workers, gpu) as (ray, ours):
         remote = ray.remote(**_task_options(gpu))(task)
@@ -222,7 +229,7 @@ def commit_allowed(arbiter: Any, shard: int, copy: int, out: Path, driver: str |
     is gone with the driver's job (Ray raises), or OUT's lock is no longer the driver's."""
     import ray
 
-    from .shards import held_by
+    from ..io.shards import held_by
 
     if not ray.get(arbiter.take.remote(shard, copy)):
         return False

@@ -26,8 +26,8 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import EmbedkitError
-from .fsutil import atomic_write, is_temporary
+from ..errors import EmbedkitError
+from ..fsutil import atomic_write, is_temporary
 
 LEDGER_FORMAT = 1
 MARKER = "ledger.json"

@@ -10,9 +10,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .errors import EmbedkitError
+from ..errors import EmbedkitError
+from ..run.distributed import straggler_tail
 from .planning import PlanInput, fleet_at, gpus_text, plan_fleet
-from .status import straggler_tail
 
 
 def _pyplot() -> Any:
