@@ -46,9 +46,9 @@ def main() -> None:
     print(f"encode_texts cuda fp16 vs ST fp32: min cosine {c.min():.6f}, mean {c.mean():.6f} over {len(c)} texts")
     assert c.min() >= 0.999, "encode_texts disagrees with SentenceTransformer"
     from embedkit.engine.encoder import choose_device
-    from embedkit.encoding.pipeline import _cached_model
+    from embedkit.engine.texts import cached_model
 
-    print("direct transformer path:", _cached_model(args.model, choose_device(args.device, "auto"))[0]._direct)
+    print("direct transformer path:", cached_model(args.model, choose_device(args.device, "auto"))[0]._direct)
 
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "in.parquet"

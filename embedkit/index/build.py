@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -35,6 +34,7 @@ from ..errors import EmbedkitError
 from ..fsutil import atomic_file
 from ..io.shards import OutputLock, read_manifest
 from ..io.store import VECTORS_DIR, VectorStore
+from ..run.progress import Progress
 from ..version import __version__
 from .io import load_index, quiet_stdout, read_rows, vectors_of
 from .params import BUILD_SHARD_ROWS, KMEANS_ITERATIONS, IndexParams, choose_params, estimate_build_seconds
@@ -395,7 +395,7 @@ def _add(b: _Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.nd
     folder.mkdir(exist_ok=True)
     spec = ShardSpec(str(folder), b.device, b.params.metric, b.params.ivfpq, b.cfg.k)
     todo = [(i, start, frags) for i, (start, frags) in enumerate(shards) if not spec.done(i)]
-    bar = _bar(len(shards), b.cfg.progress)
+    bar = Progress(len(shards), b.cfg.progress, unit="shard", desc="add")
     bar.update(len(shards) - len(todo))
     if b.cfg.ray is not None:
         from ..run.distributed import add_index_shards_ray
@@ -629,12 +629,6 @@ def _write_index(index: Any, path: Path) -> None:
     # serialized here and written by us: faiss would open the path itself, following a link
     with atomic_file(path) as f:
         f.write(faiss.serialize_index(index).tobytes())
-
-
-def _bar(total: int, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="shard", desc="add", file=sys.stderr, disable=not (enabled and sys.stderr.isatty()))
 
 
 def index_shard_task(out: str, version: int, fragment_ids: list[int], i: int, start: int, spec: Any, queries: Any, qvec: Any) -> int:

@@ -1,0 +1,145 @@
+"""An encode job's preparation: the manifest, the refusals that compare it with OUT's, the
+duplicate-id check, the model and the store; and a shard task's view of a prepared output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from ..config import EncodeConfig
+from ..engine.encoder import DeviceChoice
+from ..engine.models import (
+    ModelSource,
+    declared_max_length,
+    embedding_dim,
+    fast_tokenizer_json,
+    load_sentence_transformer,
+    model_max_length,
+    pooling_mode,
+    resolve_model,
+    truncation_side,
+    weights_hash,
+)
+from ..errors import EmbedkitError
+from ..io.corpus import Columns, Corpus, find_first_duplicate, open_corpus
+from ..io.shards import MANIFEST, Shard, manifest_differences, read_manifest, shards_from_manifest, write_manifest
+from ..io.store import VectorStore, vectors_schema
+from ..version import __version__
+from .summary import EncodeSummary
+
+
+def nothing_to_do(out: Path, choice: DeviceChoice, shards: int) -> EncodeSummary:
+    return EncodeSummary(out=str(out), device=choice.device, docs=0, tokens=0, padded_tokens=0, seconds=0.0, truncated=0,
+                         skipped_empty=0, shards_done=0, shards_skipped=shards, shards_total=shards)  # fmt: skip
+
+
+def refuse_differences(out: Path, old: dict, manifest: dict) -> None:
+    """Refuse a run whose settings differ from those OUT was made with (keys still unknown,
+    None until the model is loaded, are left for the second call)."""
+    diffs = manifest_differences(old, manifest)
+    if old.get("plan") != manifest["plan"]:
+        diffs.append(f"shard plan ({old.get('plan')} -> {manifest['plan']})")
+    if diffs:
+        raise EmbedkitError(f"{out} was written with a different {'; '.join(diffs)}; rerun with --overwrite to start fresh")
+
+
+def open_input(input: str | Path, cfg: EncodeConfig) -> Corpus:
+    """INPUT as the encode reads it: the text and id columns, and the kept ones (nothing else)."""
+    return open_corpus(input, Columns(cfg.text_column, cfg.id_column, cfg.keep_columns), follow_symlinks=cfg.follow_symlinks)
+
+
+def output_schema(corpus: Corpus, cfg: EncodeConfig, dim: int) -> pa.Schema:
+    return vectors_schema(corpus.id_type, dim, cfg.dtype, text=cfg.store_text, kept=corpus.kept_fields)
+
+
+def carried_columns(cfg: EncodeConfig) -> list[str]:
+    """The columns a window carries from the reader to the store: the id, and what is stored
+    beside the vectors (nothing more unless --store-text or --keep-columns)."""
+    return ["id", *(["text"] if cfg.store_text else []), *cfg.keep_columns]
+
+
+@dataclass
+class Job:
+    """Everything a run needs once the output is validated."""
+
+    out: Path
+    choice: DeviceChoice
+    model: Any
+    manifest: dict
+    shards: list[Shard]
+    store: VectorStore
+    schema: pa.Schema
+    max_length: int
+    tokenizer_json: str
+    truncation_side: str
+
+
+def prepare_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice, source: ModelSource, manifest: dict,
+             old: dict | None) -> Job:  # fmt: skip
+    """Load the model, complete and check the manifest, create or clean the store."""
+    # Load on the CPU: the tokenizer workers fork before the model moves to a GPU.
+    st = load_sentence_transformer(source, "cpu")
+    max_length = model_max_length(st, cfg.max_seq_length)
+    dim = embedding_dim(st)
+    manifest["model"].update(dim=dim, max_seq_length=max_length, pooling=pooling_mode(st))
+    if manifest["model"]["weights_sha256"] is None:  # a hub model loaded from the hub: hashed from its parameters
+        manifest["model"]["weights_sha256"] = weights_hash(source, st)
+    if old is not None:
+        refuse_differences(out, old, manifest)
+    else:
+        if not _ids_are_row_numbers(corpus):
+            _check_duplicates(corpus, cfg.allow_duplicate_ids)
+        write_manifest(out, manifest)
+    schema = output_schema(corpus, cfg, dim)
+    store = VectorStore(out)
+    if not store.exists():  # an existing one was cleaned before the model loaded
+        store.create(schema)
+    return Job(
+        out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest), store=store,
+        schema=schema, max_length=max_length, tokenizer_json=fast_tokenizer_json(st), truncation_side=truncation_side(st),
+    )  # fmt: skip
+
+
+def attach_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice) -> Job:
+    """A worker's view of an output that the parent has already prepared (manifest, store)."""
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise EmbedkitError(f"{out} has no {MANIFEST}")
+    st = load_sentence_transformer(resolve_model(cfg.model), "cpu")
+    dim = embedding_dim(st)
+    return Job(
+        out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest), store=VectorStore(out),
+        schema=output_schema(corpus, cfg, dim), max_length=model_max_length(st, cfg.max_seq_length),
+        tokenizer_json=fast_tokenizer_json(st), truncation_side=truncation_side(st),
+    )  # fmt: skip
+
+
+def build_manifest(corpus: Corpus, cfg: EncodeConfig, source: ModelSource, shard_rows: int, cache: Path | None = None) -> dict:
+    """The manifest as far as it is known without loading the model: `dim` and `pooling` are
+    None, and `max_seq_length` too unless given or declared in the model's folder."""
+    max_length = cfg.max_seq_length or declared_max_length(source)
+    return {
+        "embedkit_version": __version__,
+        "model": {"name": source.name, "weights_sha256": weights_hash(source), "dim": None, "max_seq_length": max_length, "pooling": None},
+        "output": {"dtype": cfg.dtype, "normalize": cfg.normalize, "keep_empty": cfg.keep_empty, "store_text": cfg.store_text,
+                   "keep_columns": list(cfg.keep_columns)},
+        "input": corpus.fingerprint(cache=cache),
+        "plan": {"rows": corpus.num_rows, "shard_rows": shard_rows, "shards": -(-corpus.num_rows // shard_rows)},
+    }
+
+
+def _ids_are_row_numbers(corpus: Corpus) -> bool:
+    """Row numbers cannot repeat: no need to read and check them."""
+    return corpus.id_type == pa.int64() and getattr(corpus, "id_col", "") is None
+
+
+def _check_duplicates(corpus: Corpus, allow: bool) -> None:
+    dup = find_first_duplicate(corpus.read_ids())
+    if dup is not None and not allow:
+        value, rows = dup
+        raise EmbedkitError(
+            f"duplicate id {value!r} (rows {', '.join(map(str, rows))}); fix the input or pass --allow-duplicate-ids"
+        )

@@ -1,0 +1,63 @@
+"""One progress bar for every stage: a tqdm bar on a terminal, silent otherwise.
+
+It counts the stage's unit (documents, shards), and shows tokens/s and shards done when the
+stage reports them. Thread-safe: the encode stage updates it from its writer thread.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import Any
+
+
+class Progress:
+    """`update(n, tokens)` as work lands, `shard_done()` per committed shard; a context manager
+    (or `close()`) ends the bar."""
+
+    def __init__(self, total: int, enabled: bool, *, unit: str = "doc", desc: str | None = None, shards: int | None = None):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.total_shards = shards
+        self.shards = 0
+        self.tokens = 0
+        self.t0 = time.perf_counter()
+        self._lock = threading.Lock()
+        self.bar: Any = None
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit=unit, desc=desc, unit_scale=True, dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, n: int, tokens: int = 0) -> None:
+        with self._lock:
+            self.tokens += tokens
+            if self.bar is not None:
+                self.bar.update(n)
+                self._postfix()
+
+    def shard_done(self) -> None:
+        with self._lock:
+            self.shards += 1
+            if self.bar is not None:
+                self._postfix()
+
+    def _postfix(self) -> None:
+        parts = []
+        if self.tokens:
+            parts.append(f"{self.tokens / max(time.perf_counter() - self.t0, 1e-9):,.0f} tok/s")
+        if self.total_shards is not None:
+            parts.append(f"shards {self.shards}/{self.total_shards}")
+        if parts:
+            self.bar.set_postfix_str(", ".join(parts), refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
