@@ -88,7 +88,7 @@ def choose(got: dict, labels: tuple[str, ...], label_tokens: np.ndarray, rule: s
 
 def measure(name: str, set_name: str, rows: list[dict], work: Path, device: str, tok) -> list[dict]:
     """One result per rule of variant `name` on one set: accuracy per order and agreement over orders."""
-    from embedkit.generation.pipeline import answer_tokens
+    from embedkit.generation.prompts import answer_tokens
 
     prompt, answer, rules = VARIANTS[name]
     gold = {r["id"]: r["label"] for r in rows}
@@ -129,7 +129,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from embedkit.config import DEFAULT_GENERATOR
-    from embedkit.generation.pipeline import resolve_generator
+    from embedkit.generation.model import resolve_generator
 
     tok = AutoTokenizer.from_pretrained(resolve_generator(DEFAULT_GENERATOR))
     data = [json.loads(line) for line in DATA.read_text().splitlines()]

@@ -114,10 +114,11 @@ def _model_folder(name: str, minilm: str, work: Path) -> tuple[str, str]:
     hidden, layers, heads, inter, precision = SHAPES[name]
     folder = work / f"{name}-random"
     if not (folder / "modules.json").exists():
-        from embedkit.engine.models import resolve_model
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.models import Pooling, Transformer
         from transformers import BertConfig, BertModel
+
+        from embedkit.engine.models import resolve_model
 
         tok_src = resolve_model(minilm).path  # the shapes share MiniLM's (BERT) vocabulary
         hf = work / f"{name}-hf"
@@ -149,11 +150,11 @@ def _forward_only(folder: str, precision: str, tok, args, *, compiled: bool = Fa
     `round_seq` pads every batch's length up to a multiple of it.
     """
     import torch
+
+    from embedkit.config import DEFAULT_BATCH_TOKENS
     from embedkit.engine.batching import pack_batches, pad_rows
     from embedkit.engine.encoder import Encoder, choose_device
     from embedkit.engine.models import load_sentence_transformer, resolve_model
-
-    from embedkit.config import DEFAULT_BATCH_TOKENS
 
     budget = args.batch_tokens or DEFAULT_BATCH_TOKENS["cuda"]  # set per row by _bench_model
     st = load_sentence_transformer(resolve_model(folder), "cpu")

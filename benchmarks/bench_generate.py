@@ -129,7 +129,7 @@ def random_model(work: Path, tokenizer: str | None) -> Path:
     if (folder / "config.json").exists():
         return folder
     if tokenizer is None:
-        from embedkit.generation.pipeline import resolve_generator
+        from embedkit.generation.model import resolve_generator
 
         tokenizer = resolve_generator("SmolLM2-135M-Instruct")
     cfg = LlamaConfig(
@@ -147,7 +147,7 @@ def prompts(folder: Path, texts: list[str]) -> list[list[int]]:
     """Token ids of the default summarize prompt, exactly as embedkit builds them."""
     from transformers import AutoTokenizer
 
-    from embedkit.generation.pipeline import fit_prompts
+    from embedkit.generation.prompts import fit_prompts
 
     tok = AutoTokenizer.from_pretrained(folder)
     return [p for p, _ in fit_prompts(tok, PROMPT, [{"text": t, "id": i} for i, t in enumerate(texts)], 8192 - 64, chat=True)]
@@ -166,6 +166,7 @@ def load(folder: Path, device: str):
 def check(folder: Path, ids: list[list[int]], args) -> dict:
     """embedkit's decoder: CUDA-graph steps against eager steps (must be equal), and against transformers."""
     import torch
+
     from embedkit.engine.attention import reference_attention, slot_attention
     from embedkit.engine.decode import SlotDecoder
 
@@ -197,9 +198,10 @@ def check(folder: Path, ids: list[list[int]], args) -> dict:
 
 def profile(folder: Path, ids: list[list[int]], args) -> str:
     """Where the decoder's GPU time goes: a warm run, then a profiled run, top kernels by GPU time."""
-    from embedkit.engine.decode import SlotDecoder
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
+
+    from embedkit.engine.decode import SlotDecoder
 
     model, tok = load(folder, args.device)
     decoder = SlotDecoder(model, eos_ids={tok.eos_token_id})
@@ -214,7 +216,7 @@ def bench_transformers(folder: Path, ids: list[list[int]], batch: int, args, sta
     """transformers' generate over the prompts, grouped by length, greedy, bf16."""
     import torch
 
-    from embedkit.generation.pipeline import left_pad
+    from embedkit.generation.tasks import left_pad
 
     model, tok = load(folder, args.device)
     order = np.argsort([len(p) for p in ids], kind="stable")

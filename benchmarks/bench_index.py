@@ -262,6 +262,7 @@ class Mixture:
 def make_output(out: Path, n: int, dim: int, clusters: int, device: str) -> Mixture:
     """An embedkit output of n synthetic float16 vectors with int64 ids 0..n-1; returns the mixture."""
     import pyarrow as pa
+
     from embedkit.io.shards import write_manifest
     from embedkit.io.store import VectorStore, vectors_schema, vectors_table
 

@@ -119,6 +119,7 @@ def forward_rate(name: str, folder: str, precision: str, variant: str, texts: li
     os.environ["EMBEDKIT_NATIVE"] = "0" if variant == "st" else "1"
     os.environ["EMBEDKIT_PACKED"] = "0" if variant == "native-padded" else "1"
     import torch
+
     from embedkit.engine.batching import pack_batches, pad_rows
     from embedkit.engine.encoder import Encoder, choose_device, default_batch_tokens, model_config
     from embedkit.engine.models import fast_tokenizer_json, load_sentence_transformer, resolve_model

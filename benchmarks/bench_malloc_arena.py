@@ -24,11 +24,11 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=20_000)
     args = ap.parse_args()
 
-    from embedkit.engine.runtime import retain_freed_memory
     from transformers import AutoTokenizer
 
     from embedkit.config import DEFAULT_PROMPTS
-    from embedkit.generation.pipeline import decode_batch, fit_prompts
+    from embedkit.engine.runtime import retain_freed_memory
+    from embedkit.generation.prompts import decode_batch, fit_prompts
 
     if args.mode != "plain":
         retain_freed_memory(single_arena=args.mode == "one-arena")

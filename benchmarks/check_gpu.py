@@ -31,10 +31,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import lance
-    from embedkit.engine.models import resolve_model
     from sentence_transformers import SentenceTransformer
 
     import embedkit
+    from embedkit.engine.models import resolve_model
 
     table = pq.read_table(args.corpus, columns=["text"]).slice(0, args.docs)
     texts = table.column("text").to_pylist()
@@ -48,7 +48,7 @@ def main() -> None:
     from embedkit.engine.encoder import choose_device
     from embedkit.engine.texts import cached_model
 
-    print("direct transformer path:", cached_model(args.model, choose_device(args.device, "auto"))[0]._direct)
+    print("direct transformer path:", cached_model(args.model, choose_device(args.device, "auto"), None)[0]._direct)
 
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "in.parquet"

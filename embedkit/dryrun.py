@@ -248,7 +248,8 @@ def count_prompt_tokens(corpus, cfg, template: str, *, sample: int = 10_000, see
     them: the template, the chat wrapping and the truncation; the weights are not loaded."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .generation.pipeline import input_tokens, resolve_generator, task_inputs
+    from .generation.model import resolve_generator
+    from .generation.tasks import input_tokens, task_inputs
 
     target = resolve_generator(cfg.model)
     try:

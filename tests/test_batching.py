@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from embedkit.engine.batching import Batch, pack_batches, pad_rows, padding_overhead
 
 # (lengths, budget, options) -> [(rows of the batch, its padded length), ...]

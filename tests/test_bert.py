@@ -12,6 +12,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE
+
+import embedkit
+from embedkit.config import DEFAULT_MODEL
 from embedkit.engine.bert import NATIVE_ENV, native_spec
 from embedkit.engine.models import (
     embedding_dim,
@@ -21,9 +24,6 @@ from embedkit.engine.models import (
     resolve_model,
     truncation_side,
 )
-
-import embedkit
-from embedkit.config import DEFAULT_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +151,7 @@ def test_packed_batches_give_the_padded_batches_vectors(default_folder, texts, m
     row boundaries and per-row pooling. On the CPU its attention is the padded reference; on
     CUDA the same boundaries go to flash attention's varlen kernel."""
     import torch
+
     from embedkit.engine.bert import PackedRows
 
     model = load_sentence_transformer(resolve_model(str(default_folder)), "cpu")

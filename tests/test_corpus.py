@@ -12,10 +12,10 @@ import lance
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from embedkit.io.corpus import find_first_duplicate, open_corpus
 
 import embedkit
 from embedkit.errors import EmbedkitError
+from embedkit.io.corpus import find_first_duplicate, open_corpus
 
 FORMATS = ["parquet", "parquet_dir", "jsonl", "csv", "lance", "txt"]
 KINDS = {"parquet": "parquet", "parquet_dir": "parquet", "jsonl": "jsonl", "csv": "csv", "lance": "lance", "txt": "txt"}
@@ -239,6 +239,7 @@ def test_find_first_duplicate_refuses_null_ids():
 def test_parquet_reads_any_row_range_across_groups_and_files(tmp_path, sample):
     """Windows are read one range at a time: every range must equal the same slice of the input."""
     import pyarrow.parquet as pq
+
     from embedkit.io.corpus import Columns, open_corpus
 
     rows = sample.slice(0, 40)

@@ -8,11 +8,13 @@ on a GPU.
 from __future__ import annotations
 
 import pytest
-from embedkit.engine.decode import Group, SlotDecoder, plan_groups, supported
 
 from embedkit.config import DEFAULT_GENERATOR, DEFAULT_PROMPTS
+from embedkit.engine.decode import Group, SlotDecoder, plan_groups, supported
 from embedkit.errors import EmbedkitError
-from embedkit.generation.pipeline import bucketed_generate, fit_prompts, resolve_generator, summarize
+from embedkit.generation.model import resolve_generator
+from embedkit.generation.prompts import fit_prompts
+from embedkit.generation.tasks import bucketed_generate, summarize
 
 MAX_NEW = 16
 

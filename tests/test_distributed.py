@@ -12,11 +12,11 @@ import lance
 import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE, task_pids
-from embedkit.io.shards import OutputLock
-from embedkit.io.store import VectorStore
 
 import embedkit
 from embedkit.errors import EmbedkitError
+from embedkit.io.shards import OutputLock
+from embedkit.io.store import VectorStore
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # a local Ray cluster and its worker processes: tens of seconds per test on 2 cores
@@ -47,9 +47,8 @@ def test_a_retried_task_whose_shard_landed_reports_its_rows_from_the_ledger(loca
     """A task retried after its commit landed (its worker died before reporting) commits
     nothing again; it reports the shard as done with the rows the ledger holds (its tokens are
     not known), and no encoding seconds of a worker."""
-    from embedkit.encoding.pipeline import EncodeSummary, encode_shard
-
     from embedkit.config import EncodeConfig
+    from embedkit.encoding.pipeline import EncodeSummary, encode_shard
 
     out = tmp_path / "out"
     embedkit.encode(corpus, out, device="cpu", shard_rows=60, max_seq_length=64, progress=False, ray="")

@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from embedkit.io.store import vectors_schema
 
 import embedkit
+from embedkit.io.store import vectors_schema
 
 MAX_SEQ = 256  # all-MiniLM-L6-v2's max_seq_length, special tokens included
 
@@ -175,9 +175,8 @@ def test_many_windows_and_tiny_batches_keep_ids_with_their_vectors(
     tmp_path, equality_input, reference, workers, vectors_of, cosine, read_output
 ):
     """Shards cut into windows of 7 docs, packed into batches of <= 300 tokens, in and out of process."""
-    from embedkit.encoding.pipeline import run_encode
-
     from embedkit.config import EncodeConfig
+    from embedkit.encoding.pipeline import run_encode
 
     cfg = EncodeConfig(
         device="cpu", dtype="float32", shard_rows=20, window_docs=7, batch_tokens=300, tokenize_workers=workers,
@@ -213,6 +212,7 @@ def test_attention_context_restricts_sdpa_and_keeps_its_result():
     """Inside the CUDA context of a padded batch, SDPA may use the listed kernels only (on this
     CPU: math), and computes what it computes outside it."""
     import torch
+
     from embedkit.engine.encoder import attention_context
 
     def flags() -> tuple:

@@ -23,14 +23,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from embedkit.io.store import VectorStore
 from faults.faultkit import kill_group
 
 import embedkit
 import embedkit.generation.pipeline
 from embedkit.config import DEFAULT_COMPLETIONS, DEFAULT_GENERATOR, DEFAULT_PROMPTS
 from embedkit.errors import EmbedkitError
-from embedkit.generation.pipeline import GENERATIONS_DIR, resolve_generator
+from embedkit.generation.model import resolve_generator
+from embedkit.generation.pipeline import GENERATIONS_DIR
+from embedkit.io.store import VectorStore
 
 MAX_NEW = 16
 # A sum of many fp32 log-probabilities depends on the batch shape and summation order: compare

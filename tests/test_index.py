@@ -25,14 +25,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE, cli_command
-from embedkit.io.shards import write_manifest
-from embedkit.io.store import VectorStore, vectors_table
 
 import embedkit
 from embedkit.errors import EmbedkitError
 from embedkit.index.build import IndexReport, TorchCodec, check_ids, file_sha256, load_index, vectors_of
 from embedkit.index.params import choose_params
 from embedkit.index.train import train_ivfpq
+from embedkit.io.shards import write_manifest
+from embedkit.io.store import VectorStore, vectors_table
 
 ROWS = 2000  # of the bundled sample: IVF32,PQ48 by the default rules
 MAX_SEQ = 64  # tokens per document: the encode is most of this file's time on a small CPU

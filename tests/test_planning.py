@@ -11,6 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE
+
+import embedkit
+from embedkit.errors import EmbedkitError
 from embedkit.plan.planning import (
     PlanInput,
     count_tokens,
@@ -19,9 +22,6 @@ from embedkit.plan.planning import (
     plan_fleet,
     shard_seconds_for,
 )
-
-import embedkit
-from embedkit.errors import EmbedkitError
 
 T, S = 1e12, 4.1e6  # a trillion tokens; MiniLM's warm H200 rate (docs/benchmarks.md)
 
@@ -216,10 +216,10 @@ def test_shards_go_out_longest_first_by_tokens(tmp_path):
     """Shards of equal rows but different document lengths: the one with the most tokens first."""
     from types import SimpleNamespace
 
-    from embedkit.io.corpus import Columns, open_corpus
     from embedkit.engine.models import fast_tokenizer_json, load_sentence_transformer, resolve_model, truncation_side
-    from embedkit.plan.planning import longest_first
+    from embedkit.io.corpus import Columns, open_corpus
     from embedkit.io.shards import plan_shards
+    from embedkit.plan.planning import longest_first
 
     words = {0: 3, 1: 60, 2: 20, 3: 1}  # words per document in each 64-row shard
     texts = [" ".join(["token"] * words[i // 64]) for i in range(64 * len(words))]
@@ -281,11 +281,10 @@ def short_scored(short_input, tmp_path_factory):
 
 
 def _prompt_tokens(path: Path, sample: int):
-    from embedkit.io.corpus import Columns, open_corpus
-
     from embedkit.config import GenerateConfig
     from embedkit.dryrun import count_prompt_tokens
     from embedkit.generation.pipeline import DEFAULT_PROMPTS
+    from embedkit.io.corpus import Columns, open_corpus
 
     return count_prompt_tokens(open_corpus(path, Columns("text", None)), GenerateConfig(task="score"), DEFAULT_PROMPTS["score"], sample=sample)
 

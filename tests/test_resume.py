@@ -21,12 +21,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from embedkit.io.shards import OutputLock
-from embedkit.io.store import vectors_table
 from faults.faultkit import kill_group
 
 import embedkit
 from embedkit.errors import EmbedkitError
+from embedkit.io.shards import OutputLock
+from embedkit.io.store import vectors_table
 
 RESUME_DOCS = 300
 SHARD_ROWS = 50

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+
 from embedkit.engine.runtime import retain_freed_memory
 
 

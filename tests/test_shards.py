@@ -8,6 +8,8 @@ import os
 import time
 
 import pytest
+
+from embedkit.errors import EmbedkitError
 from embedkit.io.shards import (
     MANIFEST,
     OutputLock,
@@ -18,8 +20,6 @@ from embedkit.io.shards import (
     shards_from_manifest,
     write_manifest,
 )
-
-from embedkit.errors import EmbedkitError
 
 PLAN_CASES = [
     pytest.param(5, 2, [(0, 0, 2), (1, 2, 4), (2, 4, 5)], id="docstring"),

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from embedkit.io.shards import write_manifest
 
 import embedkit
+from embedkit.io.shards import write_manifest
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from embedkit.encoding.pipeline import run_encode
-from embedkit.io.store import SHARD_KEY, VectorStore, vectors_schema, vectors_table
 from lance.dataset import Transaction
 from lance.fragment import write_fragments
 
 from embedkit.config import EncodeConfig
+from embedkit.encoding.pipeline import run_encode
 from embedkit.errors import EmbedkitError
+from embedkit.io.store import SHARD_KEY, VectorStore, vectors_schema, vectors_table
 
 
 def _table(schema: pa.Schema, ids: list[str]) -> pa.Table:

@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 import pytest
-from embedkit.io.corpus import Columns, open_corpus
-from embedkit.io.shards import write_manifest
 
 import embedkit
 from embedkit.errors import EmbedkitError
+from embedkit.io.corpus import Columns, open_corpus
+from embedkit.io.shards import write_manifest
 
 KEPT = ("title", "rank", "weight")
 OPTIONS = {"device": "cpu", "shard_rows": 5, "max_seq_length": 64, "tokenize_workers": 0, "progress": False}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import MAX_SEQ, UNICODE_TEXTS
+
 from embedkit.engine.models import fast_tokenizer_json
 from embedkit.engine.tokenize import TextTokenizer, TokenizerPool, concat, special_wrapping
 

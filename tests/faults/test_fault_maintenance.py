@@ -17,9 +17,9 @@ from pathlib import Path
 
 import lance
 import pyarrow.parquet as pq
-from embedkit.io.store import SHARD_KEY, VectorStore
 
 import embedkit
+from embedkit.io.store import SHARD_KEY, VectorStore
 
 from .faultkit import (
     ENCODE_OPTIONS,

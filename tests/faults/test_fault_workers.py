@@ -17,9 +17,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE, task_pids
-from embedkit.io.store import VectorStore
 
 import embedkit
+from embedkit.io.store import VectorStore
 
 from .faultkit import HANG_GUARD_S, assert_exactly_once, kill_session, run, session_processes, start, versions, wait_for
 
