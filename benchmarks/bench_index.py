@@ -67,7 +67,7 @@ def main() -> None:
 
 def bench_one(n: int, args, work: Path) -> dict:
     import embedkit
-    from embedkit.index.build import load_index
+    from embedkit.index.io import load_index
 
     out = work / f"out{n}"
     if args.baseline_only:
@@ -291,7 +291,7 @@ def make_output(out: Path, n: int, dim: int, clusters: int, device: str) -> Mixt
 def batches(out: Path, rows: int = 1_000_000):
     import lance
 
-    from embedkit.index.build import vectors_of
+    from embedkit.index.io import vectors_of
 
     ds = lance.dataset(str(out / "vectors.lance"))
     for batch in ds.to_batches(columns=["vector"], batch_size=rows):
@@ -359,7 +359,7 @@ def baseline_sample(out: Path, train_size: int) -> tuple[np.ndarray, float]:
     """The baseline's training sample (fixed seed, the size embedkit trains on) and seconds to read it."""
     import lance
 
-    from embedkit.index.build import read_rows
+    from embedkit.index.io import read_rows
 
     ds = lance.dataset(str(out / "vectors.lance"))
     positions = np.sort(np.random.default_rng(1234).choice(ds.count_rows(), size=train_size, replace=False))

@@ -28,8 +28,12 @@ from conftest import SAMPLE, cli_command
 
 import embedkit
 from embedkit.errors import EmbedkitError
-from embedkit.index.build import IndexReport, TorchCodec, check_ids, file_sha256, load_index, vectors_of
+from embedkit.index.add import TorchCodec
+from embedkit.index.build import IndexReport
+from embedkit.index.io import load_index, vectors_of
+from embedkit.index.merge import check_ids
 from embedkit.index.params import choose_params
+from embedkit.index.state import file_sha256
 from embedkit.index.train import train_ivfpq
 from embedkit.io.shards import write_manifest
 from embedkit.io.store import VectorStore, vectors_table

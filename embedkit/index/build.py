@@ -14,7 +14,9 @@ Phases, each resumable from files under OUT/index/:
 5. commit  `params.json` (parameters, tuning, checksums, the vectors version) is written last:
            an index is complete exactly when it exists.
 
-Faiss ids are row positions in the pinned version of vectors.lance (fragments in order).
+Faiss ids are row positions in the pinned version of vectors.lance (fragments in order). This
+module holds the API, the resume state, train, tune and commit; the add phase's mechanics are in
+`add.py`, the merge in `merge.py`.
 """
 
 from __future__ import annotations
@@ -31,31 +33,31 @@ import numpy as np
 
 from ..config import IndexConfig
 from ..errors import EmbedkitError
-from ..fsutil import atomic_file
 from ..io.shards import OutputLock, read_manifest
 from ..io.store import VECTORS_DIR, VectorStore
 from ..run.progress import Progress
 from ..version import __version__
-from .io import load_index, quiet_stdout, read_rows, vectors_of
+from .add import ShardSpec, device_codec, fragment_shards, index_shard_task, read_shard, write_shard
+from .io import load_index, read_rows, write_index
+from .merge import merge_shards
 from .params import BUILD_SHARD_ROWS, KMEANS_ITERATIONS, IndexParams, choose_params, estimate_build_seconds
 from .state import (
     INDEX_DIR,
     IVFDATA,
     MERGED,
     PARAMS,
+    SHARDS,
     STATE,
+    TRAINED,
     file_sha256,
     index_damage,
     read_json,
     vectors_identity,
     write_json,
 )
-from .train import assign, nearest, train_custom, train_ivfpq
+from .train import assign, train_custom, train_ivfpq
 
-TRAINED = "trained.index"
 DRY_RUN_SAMPLE = 65_536  # vectors read and assigned to measure this device
-SHARDS = "shards"
-ENCODE_BLOCK = 1 << 16  # vectors encoded on the device at a time (PQ distances: M x block x 256 floats)
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ def dry_run_build(out: str | Path, cfg: IndexConfig) -> dict:
     b = _plan(out, manifest, store, cfg, lambda msg: None)
     p = b.params
     t = time.perf_counter()
-    first = _read_shard(fragment_shards(b.ds, DRY_RUN_SAMPLE)[0][1])[:DRY_RUN_SAMPLE]
+    first = read_shard(fragment_shards(b.ds, DRY_RUN_SAMPLE)[0][1])[:DRY_RUN_SAMPLE]
     read_rate = first.nbytes / max(time.perf_counter() - t, 1e-6)
     x = np.ascontiguousarray(first, dtype=np.float32)
     lists = max(1, min(p.nlist or 1, len(x)))
@@ -302,30 +304,6 @@ def _build(b: _Build) -> IndexReport:
 # ---- reading vectors -----------------------------------------------------------------------
 
 
-def fragment_shards(ds: Any, shard_rows: int) -> list[tuple[int, list[Any]]]:
-    """Consecutive whole fragments grouped to about shard_rows rows: [(first position, fragments)]."""
-    shards: list[tuple[int, list[Any]]] = []
-    start, rows, group = 0, 0, []
-    for frag in ds.get_fragments():
-        count = frag.count_rows()
-        if count == 0:
-            continue
-        group.append(frag)
-        rows += count
-        if rows >= shard_rows:
-            shards.append((start, group))
-            start, rows, group = start + rows, 0, []
-    if group:
-        shards.append((start, group))
-    return shards
-
-
-def _read_shard(fragments: list[Any]) -> np.ndarray:
-    import pyarrow as pa
-
-    return vectors_of(pa.concat_tables([f.to_table(columns=["vector"]) for f in fragments]))
-
-
 # ---- train ---------------------------------------------------------------------------------
 
 
@@ -340,7 +318,7 @@ def _train(b: _Build) -> Any:
     sample = read_rows(b.ds, _train_positions(b))
     b.log(f"training on {len(sample):,} vectors ({'torch on ' + b.device if b.device.startswith('cuda') else 'faiss-cpu'})")
     index = train_ivfpq(sample, p, b.device, b.cfg.seed) if p.ivfpq else train_custom(sample, p)
-    _write_index(index, path)
+    write_index(index, path)
     return faiss.read_index(str(path))
 
 
@@ -368,27 +346,6 @@ def _query_positions(b: _Build) -> np.ndarray:
 # ---- add -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ShardSpec:
-    """What writing one add shard needs, picklable for a Ray task."""
-
-    folder: str  # OUT/index/shards
-    device: str
-    metric: str
-    ivfpq: bool
-    k: int
-
-    def index_path(self, i: int) -> Path:
-        return Path(self.folder) / f"shard-{i:06d}.index"
-
-    def done(self, i: int) -> bool:
-        """Shard i's index file is whole: its size is the one recorded when it was written
-        (a file damaged since, or left by an older build without the record, is redone)."""
-        path, record = self.index_path(i), self.index_path(i).with_suffix(".json")
-        doc = read_json(record) if record.exists() else None
-        return path.exists() and doc is not None and doc.get("bytes") == path.stat().st_size
-
-
 def _add(b: _Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.ndarray) -> int:
     """Write each missing shard index (with its ground-truth block); returns how many existed."""
     folder = b.dir / SHARDS
@@ -407,188 +364,23 @@ def _add(b: _Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.nd
     codec = device_codec(trained, spec, qvec, b.log)
     # the next shard is read from Lance while this one is encoded
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-read") as reader:
-        ahead = reader.submit(_read_shard, todo[0][2]) if todo else None
+        ahead = reader.submit(read_shard, todo[0][2]) if todo else None
         for j, (i, start, _) in enumerate(todo):
             x = ahead.result()
-            ahead = reader.submit(_read_shard, todo[j + 1][2]) if j + 1 < len(todo) else None
+            ahead = reader.submit(read_shard, todo[j + 1][2]) if j + 1 < len(todo) else None
             write_shard(spec, trained, codec, i, start, x, queries, qvec)
             bar.update(1)
     bar.close()
     return len(shards) - len(todo)
 
 
-def device_codec(trained: Any, spec: ShardSpec, qvec: np.ndarray, log: Callable[[str], None]) -> Any:
-    """A TorchCodec on CUDA for IVF-PQ (checked against faiss on a sample), else None (faiss adds)."""
-    if not (spec.ivfpq and spec.device.startswith("cuda")):
-        return None
-    codec = TorchCodec(trained, spec.device, spec.metric)
-    if not codec.agrees_with_faiss(qvec[:1024]):
-        log("the device encoder disagrees with faiss on a sample; encoding with faiss-cpu instead")
-        return None
-    return codec
-
-
-def write_shard(spec: ShardSpec, trained: Any, codec: Any, i: int, start: int, x: np.ndarray, queries: np.ndarray, qvec: np.ndarray) -> None:
-    """One shard: its ground-truth block, then its index file (written last: its presence marks the shard done)."""
-    import faiss
-
-    positions = np.arange(start, start + len(x), dtype=np.int64)
-    _shard_truth(spec, x, start, queries, qvec, Path(spec.folder) / f"shard-{i:06d}.truth.npz")
-    index = faiss.clone_index(trained)
-    if codec is not None:
-        faiss.extract_index_ivf(index).add_sa_codes(codec.encode(x), positions)
-    elif _is_ivf(index):
-        index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), positions)
-    else:  # flat, HNSW: no add_with_ids; shards merge in order, so a vector's number is its position
-        index.add(np.ascontiguousarray(x, dtype=np.float32))
-    _write_index(index, spec.index_path(i))
-    # the record, written last, is what marks the shard done (see ShardSpec.done)
-    write_json(spec.index_path(i).with_suffix(".json"), {"bytes": spec.index_path(i).stat().st_size, "rows": len(x)})
-
-
-def _shard_truth(spec: ShardSpec, x: np.ndarray, start: int, queries: np.ndarray, qvec: np.ndarray, path: Path) -> None:
-    """Exact top-k (inner product) of every query among this shard's rows, the query itself excluded."""
-    import torch
-
-    dev = spec.device if spec.device.startswith("cuda") else "cpu"
-    xs = torch.from_numpy(np.require(x, requirements=["C", "W"])).to(dev).float()
-    scores = torch.from_numpy(qvec).to(dev) @ xs.T
-    inside = (queries >= start) & (queries < start + len(x))
-    rows = np.flatnonzero(inside)
-    scores[torch.as_tensor(rows, device=dev), torch.as_tensor(queries[inside] - start, device=dev)] = -float("inf")
-    k = min(spec.k, len(x))
-    top, idx = scores.topk(k, dim=1)
-    with atomic_file(path) as f:
-        np.savez(f, scores=top.cpu().numpy(), positions=idx.cpu().numpy().astype(np.int64) + start)
-
-
-class TorchCodec:
-    """IVF-PQ standalone codes (coarse list id, then PQ code of the residual) computed with torch.
-
-    The same codes faiss's `sa_encode` produces, so `add_sa_codes` stores them as faiss would.
-    """
-
-    def __init__(self, index: Any, device: str, metric: str):
-        import faiss
-        import torch
-
-        self.index = index
-        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-        self.device, self.metric = device, metric
-        self.rotation = None
-        if isinstance(index, faiss.IndexPreTransform):
-            vt = faiss.downcast_VectorTransform(index.chain.at(0))
-            a = faiss.vector_to_array(vt.A).reshape(vt.d_out, vt.d_in)
-            self.rotation = torch.from_numpy(a).to(device)
-        centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
-        self.centroids = torch.from_numpy(centroids).to(device)
-        pq = ivf.pq
-        self.m, self.ksub, self.dsub = pq.M, pq.ksub, pq.dsub
-        book = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
-        self.book = torch.from_numpy(book).to(device)
-        self.book_norm = (self.book**2).sum(-1)  # (M, ksub)
-        self.coarse_bytes = ivf.coarse_code_size()
-
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        """(n, coarse_bytes + M) uint8 codes."""
-        out = np.empty((len(x), self.coarse_bytes + self.m), np.uint8)
-        for s in range(0, len(x), ENCODE_BLOCK):
-            out[s : s + ENCODE_BLOCK] = self._encode_block(x[s : s + ENCODE_BLOCK])
-        return out
-
-    def _encode_block(self, x: np.ndarray) -> np.ndarray:
-        import torch
-
-        xs = torch.from_numpy(np.require(x, requirements=["C", "W"])).to(self.device).float()
-        if self.rotation is not None:
-            xs = xs @ self.rotation.T
-        _, lists = nearest(xs, self.centroids, self.metric)
-        residual = (xs - self.centroids[lists]).view(len(xs), self.m, self.dsub).transpose(0, 1)  # (M, n, dsub)
-        dist = self.book_norm[:, None, :] - 2 * torch.bmm(residual, self.book.transpose(1, 2))  # (M, n, ksub)
-        codes = dist.argmin(-1).T.to(torch.uint8)  # (n, M)
-        coarse = torch.stack([(lists >> (8 * i)) & 0xFF for i in range(self.coarse_bytes)], 1).to(torch.uint8)
-        return torch.cat([coarse, codes], 1).cpu().numpy()
-
-    def agrees_with_faiss(self, x: np.ndarray, threshold: float = 0.99) -> bool:
-        """Compare with faiss's own sa_encode on a sample (fp16 products may break near-ties)."""
-        if len(x) == 0:
-            return True
-        ours = self.encode(x)
-        theirs = self.index.sa_encode(np.ascontiguousarray(x, dtype=np.float32))
-        return bool((ours == theirs).mean() >= threshold)
-
-
 # ---- merge ---------------------------------------------------------------------------------
 
 
 def _merge(b: _Build, n_shards: int) -> Any:
-    """Merge the shard indexes into on-disk inverted lists and check every position is there once."""
-    import faiss
-
-    shard_files = [str(b.dir / SHARDS / f"shard-{i:06d}.index") for i in range(n_shards)]
-    (b.dir / MERGED).unlink(missing_ok=True)
-    (b.dir / IVFDATA).unlink(missing_ok=True)  # a killed merge's partial file
-    trained = faiss.read_index(str(b.dir / TRAINED))
-    if _is_ivf(trained):
-        from faiss.contrib.ondisk import merge_ondisk
-
-        # the lists file gets its final name, which the index records as given; params.json,
-        # written last, is what marks the index complete. An absolute name lets plain
-        # `faiss.read_index(".../merged.index")` open it from any working directory (a moved
-        # OUT needs faiss.IO_FLAG_ONDISK_SAME_DIR, which load_index always passes).
-        with quiet_stdout():
-            merge_ondisk(trained, shard_files, os.path.abspath(b.dir / IVFDATA))
-        check_ids(trained, b.params.n)
-    else:  # flat, HNSW and other non-IVF factories: one in-memory index from the shards
-        for f in shard_files:
-            part = faiss.read_index(f)
-            trained.merge_from(part) if hasattr(trained, "merge_from") and _mergeable(trained) else trained.add(_reconstruct(part))
-        if trained.ntotal != b.params.n:
-            raise EmbedkitError(f"the merged index holds {trained.ntotal:,} vectors, not {b.params.n:,}; rerun build-index")
-    _write_index(trained, b.dir / MERGED)
+    """Merge the shard indexes (merge.py) and open the result."""
+    merge_shards(b.dir, n_shards, b.params.n)
     return load_index(b.dir)
-
-
-def _mergeable(index: Any) -> bool:
-    import faiss
-
-    return isinstance(faiss.downcast_index(index), (faiss.IndexFlat, faiss.IndexFlatCodes))
-
-
-def _reconstruct(index: Any) -> np.ndarray:
-    return index.reconstruct_n(0, index.ntotal)
-
-
-def _is_ivf(index: Any) -> bool:
-    import faiss
-
-    try:
-        faiss.extract_index_ivf(index)
-        return True
-    except (RuntimeError, AttributeError):
-        return False
-
-
-def check_ids(index: Any, n: int) -> None:
-    """Every faiss id of the inverted lists is a position 0..n-1 and appears exactly once."""
-    import faiss
-
-    invlists = faiss.extract_index_ivf(index).invlists
-    seen = np.zeros(n, np.uint8)
-    total = 0
-    for lst in range(invlists.nlist):
-        size = invlists.list_size(lst)
-        if size == 0:
-            continue
-        ids = faiss.rev_swig_ptr(invlists.get_ids(lst), size).copy()
-        invlists.release_ids(lst, invlists.get_ids(lst))
-        if ids.min() < 0 or ids.max() >= n:
-            raise EmbedkitError(f"inverted list {lst} holds an id outside 0..{n - 1}; rerun build-index with --overwrite")
-        np.add.at(seen, ids, 1)
-        total += size
-    if total != n or not (seen == 1).all():
-        dup, missing = int((seen > 1).sum()), int((seen == 0).sum())
-        raise EmbedkitError(f"the merged index has {dup} duplicate and {missing} missing ids; rerun build-index with --overwrite")
 
 
 # ---- ground truth, commit ------------------------------------------------------------------
@@ -623,29 +415,3 @@ def _sizes(folder: Path) -> dict:
     return {name: (folder / name).stat().st_size for name in (TRAINED, MERGED, IVFDATA) if (folder / name).exists()}
 
 
-def _write_index(index: Any, path: Path) -> None:
-    import faiss
-
-    # serialized here and written by us: faiss would open the path itself, following a link
-    with atomic_file(path) as f:
-        f.write(faiss.serialize_index(index).tobytes())
-
-
-def index_shard_task(out: str, version: int, fragment_ids: list[int], i: int, start: int, spec: Any, queries: Any, qvec: Any) -> int:
-    """One add shard, as a Ray task; returns its rows (0 when a previous attempt wrote it)."""
-    import faiss
-    import lance
-
-    from ..run.distributed import TASK_CACHE
-
-    if spec.done(i):
-        return 0
-    key = ("index", spec.folder, version)
-    if key not in TASK_CACHE:  # the trained quantizer and its device codec, once per worker
-        trained = faiss.read_index(str(Path(spec.folder).parent / TRAINED))
-        TASK_CACHE[key] = (trained, device_codec(trained, spec, qvec, lambda msg: None))
-    trained, codec = TASK_CACHE[key]
-    ds = lance.dataset(str(Path(out) / VECTORS_DIR), version=version)
-    x = _read_shard([ds.get_fragment(f) for f in fragment_ids])
-    write_shard(spec, trained, codec, i, start, x, queries, qvec)
-    return len(x)

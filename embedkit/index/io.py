@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..fsutil import atomic_file
 from .state import MERGED
 
 
@@ -57,3 +58,21 @@ def load_index(folder: Path) -> Any:
     with quiet_stdout():  # faiss announces the lists file's folder on stdout
         # read-only: searching must work on storage it may not write to (faiss opens the lists r+ otherwise)
         return faiss.read_index(str(folder / MERGED), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+
+
+def write_index(index: Any, path: Path) -> None:
+    import faiss
+
+    # serialized here and written by us: faiss would open the path itself, following a link
+    with atomic_file(path) as f:
+        f.write(faiss.serialize_index(index).tobytes())
+
+
+def is_ivf(index: Any) -> bool:
+    import faiss
+
+    try:
+        faiss.extract_index_ivf(index)
+        return True
+    except (RuntimeError, AttributeError):
+        return False

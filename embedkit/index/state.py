@@ -21,6 +21,8 @@ PARAMS = "params.json"
 STATE = "build.json"
 MERGED = "merged.index"
 IVFDATA = "merged.ivfdata"
+TRAINED = "trained.index"  # the trained, empty index
+SHARDS = "shards"  # the add phase's shard indexes
 
 
 def read_json(path: Path) -> dict | None:

@@ -265,7 +265,7 @@ def test_the_manifest_and_index_files_are_written_through_fresh_files(tmp_path):
     trained.index.tmp) is left alone: files are written under fresh random names and renamed."""
     import faiss
 
-    from embedkit.index.build import _write_index
+    from embedkit.index.io import write_index
     from embedkit.index.state import write_json
     from embedkit.io.shards import write_manifest
 
@@ -277,7 +277,7 @@ def test_the_manifest_and_index_files_are_written_through_fresh_files(tmp_path):
         (out / name).symlink_to(victim)
     write_manifest(out, {"plan": {"rows": 1, "shard_rows": 1, "shards": 1}})
     write_json(out / "index" / "params.json", {"k": 10})
-    _write_index(faiss.IndexFlatL2(4), out / "index" / "trained.index")
+    write_index(faiss.IndexFlatL2(4), out / "index" / "trained.index")
     assert victim.read_text() == "precious"
     assert json.loads((out / "index" / "params.json").read_text()) == {"k": 10}
     assert faiss.read_index(str(out / "index" / "trained.index")).d == 4

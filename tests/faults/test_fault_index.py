@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import embedkit
-from embedkit.index.build import check_ids, load_index
+from embedkit.index.io import load_index
+from embedkit.index.merge import check_ids
 
 from .faultkit import (
     MAX_SEQ,
