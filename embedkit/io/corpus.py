@@ -19,14 +19,14 @@ so the pipeline skips and counts it like an empty text and the rest of the shard
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import EmbedkitError, first_line
+from .formats import Columns, read_csv, read_jsonl
 
 TEXT_TYPES = (pa.string(), pa.large_string(), pa.string_view())
 BINARY_TYPES = (pa.binary(), pa.large_binary(), pa.binary_view())  # decoded as UTF-8, row by row
@@ -49,16 +49,6 @@ class Corpus(Protocol):
     def fingerprint(self, cache: Path | None = None) -> dict:
         """What identifies this input, by content: a rerun on a changed input is refused.
         `cache`: where file hashes are kept between runs (see digest.py)."""
-
-
-@dataclass(frozen=True)
-class Columns:
-    """Which input columns hold the text and the id (None: the default `id` when present), and
-    which others to read along (`keep`: stored beside the vectors)."""
-
-    text: str = "text"
-    id: str | None = None
-    keep: tuple[str, ...] = ()
 
 
 def open_corpus(path: str | os.PathLike, columns: Columns = Columns(), *, follow_symlinks: bool = False) -> Corpus:
@@ -86,9 +76,9 @@ def open_corpus(path: str | os.PathLike, columns: Columns = Columns(), *, follow
     if suffix in (".parquet", ".pq"):
         return ParquetCorpus(p, columns)
     if suffix in (".jsonl", ".ndjson", ".json"):
-        return TableCorpus(p, _read_jsonl(p, columns), columns, "jsonl")
+        return TableCorpus(p, read_jsonl(p, columns), columns, "jsonl")
     if suffix in (".csv", ".tsv"):
-        return TableCorpus(p, _read_csv(p, columns.text, columns.id or "id"), columns, "csv")
+        return TableCorpus(p, read_csv(p, columns.text, columns.id or "id"), columns, "csv")
     raise EmbedkitError(
         f"cannot tell the format of {p}: use .parquet, .jsonl, .csv, a Lance dataset or a folder of .txt files"
     )
@@ -382,84 +372,6 @@ def _refuse_links_out(folder: Path, files: list[Path]) -> None:
             raise EmbedkitError(f"{f} links to {target}, outside {folder}; copy it in, or pass --follow-symlinks to read it")
 
 
-def _read_jsonl(path: Path, columns: Columns) -> pa.Table:
-    import pyarrow.json as pj
-
-    if path.stat().st_size == 0:
-        raise EmbedkitError(f"{path} is empty")
-    if _starts_with(path, b"["):  # one JSON array of objects, not JSON lines: read as a whole
-        return _read_json_rows(path, columns, _json_array(path))
-    try:
-        return pj.read_json(path)
-    except Exception as e:
-        if "changed from" in str(e):  # a field whose type differs between rows: read them one by one
-            return _read_json_rows(path, columns, _json_lines(path))
-        raise EmbedkitError(f"cannot parse {path} as JSON lines: {first_line(e)}") from None
-
-
-def _starts_with(path: Path, prefix: bytes) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4096).lstrip().startswith(prefix)
-
-
-def _json_lines(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, value) of each non-blank line of a JSON lines file."""
-    import json
-
-    with open(path, encoding="utf-8", errors="strict") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {n}", json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise EmbedkitError(f"cannot parse {path} as JSON lines: line {n}: {e}") from None
-
-
-def _json_array(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, value) of each element of a file holding one JSON array."""
-    import json
-
-    try:
-        with open(path, encoding="utf-8", errors="strict") as f:
-            doc = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EmbedkitError(f"cannot parse {path} as a JSON array: {e}") from None
-    if not isinstance(doc, list):
-        raise EmbedkitError(f"cannot parse {path}: expected JSON lines or one array of objects")
-    yield from ((f"element {n}", row) for n, row in enumerate(doc, 1))
-
-
-def _read_json_rows(path: Path, columns: Columns, rows: Iterator[tuple[str, object]]) -> pa.Table:
-    """The text, id and kept columns of JSON objects (JSON lines whose fields change type
-    between rows, or the elements of a JSON array).
-
-    A text value that is not a string (a number, a boolean, an object) reads as null: that row
-    is skipped and counted, the others are kept. Ids must still be all integers or all strings.
-    """
-    keep = list(dict.fromkeys([columns.text, columns.id or "id", *columns.keep]))
-    values: dict[str, list] = {name: [] for name in keep}
-    present: set[str] = set()
-    for where, row in rows:
-        if not isinstance(row, dict):
-            raise EmbedkitError(f"cannot parse {path}: {where} is not an object (each row must be {{\"{columns.text}\": ...}})")
-        present.update(k for k in keep if k in row)
-        for name in keep:
-            values[name].append(row.get(name))
-    if not values[columns.text]:
-        raise EmbedkitError(f"{path} holds no rows")
-    values[columns.text] = [v if isinstance(v, str) else None for v in values[columns.text]]
-    arrays = {}
-    for name in keep:
-        if name not in present and name != columns.text:
-            continue
-        try:
-            arrays[name] = pa.array(values[name], pa.string() if name == columns.text else None)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-            raise EmbedkitError(f"{path}: field {name!r} mixes types ({first_line(e)})") from None
-    return pa.table(arrays)
-
-
 def _same_ids(id_col: str | None, id_type: pa.DataType, other_col: str | None, schema: pa.Schema, first: Path, source: Path) -> None:
     """Every file of a parquet folder has the same id column, of the same kind: otherwise some
     rows would get their ids and others row numbers, or ids of two types."""
@@ -482,23 +394,6 @@ def _same_kept_types(fields: tuple[pa.Field, ...], schema: pa.Schema, first: Pat
         other = schema.field(f.name).type
         if other != f.type:
             raise EmbedkitError(f"column {f.name!r} to keep holds {f.type} in {first} but {other} in {source}")
-
-
-def _read_csv(path: Path, text_column: str, id_column: str) -> pa.Table:
-    import pyarrow.csv as pcsv
-
-    if path.stat().st_size == 0:
-        raise EmbedkitError(f"{path} is empty")
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    # Texts and ids stay as written, even when they look numeric: an inferred integer id turns
-    # "007" into 7 (and two ids "7" and "07" into one).
-    convert = pcsv.ConvertOptions(column_types={text_column: pa.string(), id_column: pa.string()})
-    try:
-        return pcsv.read_csv(
-            path, parse_options=pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True), convert_options=convert
-        )
-    except Exception as e:
-        raise EmbedkitError(f"cannot parse {path} as CSV: {first_line(e)}") from None
 
 
 def find_first_duplicate(ids: pa.ChunkedArray) -> tuple[object, list[int]] | None:

@@ -15,6 +15,11 @@ A committed shard whose data files were damaged later (missing, or not the size 
 longer counts as done; the next run removes its fragments in one commit (`embedkit.dropped`)
 and redoes it. Storage errors (a full disk, a file-size limit) become one-line
 `EmbedkitError`s: what is committed stays, and rerunning resumes.
+
+This module is larger than most (about 590 lines) on purpose: `VectorStore`'s commit,
+reconcile, repair and cleanup are one protocol over one invariant (a shard is in exactly when
+the ledger records it and its data files are whole), and reading it in one place is how it is
+checked.
 """
 
 from __future__ import annotations
