@@ -13,6 +13,13 @@ import click
 from .config import DEFAULT_GENERATOR, DEFAULT_MODEL, DEVICES, EXPORT_FORMATS, OUTPUT_DTYPES, PRECISIONS, TASKS
 from .errors import EmbedkitError
 
+RUN_OPTIONS = ("overwrite", "gpus", "ray", "reissue")  # how a job runs: a dry run runs none of it
+
+
+def _stage_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options of what a stage computes (a dry run's config), without how a job runs."""
+    return {k: v for k, v in options.items() if k not in RUN_OPTIONS}
+
 
 def _run(fn: Callable[[], Any]) -> Any:
     """Call the API; a user-facing error becomes one line on stderr and exit status 2."""
@@ -106,12 +113,12 @@ def encode(input: str, out: str, quiet: bool, as_json: bool, dry_run: bool, samp
     cli_settings()  # one malloc arena: the tokenizer workers are processes, not threads
     options["keep_columns"] = _names(keep_columns)
     if dry_run:
-        from .config import EncodeConfig
+        from .config import EncodeConfig, RunOptions
         from .dryrun import dry_run_encode, sweep_budgets
 
-        cfg = {k: v for k, v in options.items() if k not in ("gpus", "ray", "reissue")}
+        cfg = _stage_options(options)
         sweep = _run(lambda: sweep_budgets(cfg["device"])) if plot_path else ()
-        d = _run(lambda: dry_run_encode(input, EncodeConfig(**cfg, progress=False), sample=sample, calibrate_rows=calibrate_rows,
+        d = _run(lambda: dry_run_encode(input, EncodeConfig(**cfg, run=RunOptions(progress=False)), sample=sample, calibrate_rows=calibrate_rows,
                                         gpu_price=gpu_price, spot_discount=spot_discount, sweep=sweep))  # fmt: skip
         if plot_path:
             from .plan.plots import plot_batch_sweep
@@ -152,7 +159,10 @@ def status(out: str, as_json: bool, plot_path: str | None) -> None:
 @click.option("--opq/--no-opq", default=None, help="Learn a rotation before PQ (default: when the budget forces heavy compression).")
 @click.option("--factory", default=None, help="A faiss index_factory string; overrides --nlist/--pq-m/--opq.")
 @click.option("--memory-budget", default=None, help="Memory the index may take, e.g. 8G (default: half the available RAM).")
-@click.option("--target-recall", type=float, default=0.95, show_default=True, help="recall@10 the tuned nprobe/rerank must reach.")
+@click.option("--target-recall", type=float, default=0.95, show_default=True, help="recall@k the tuned nprobe/rerank must reach.")
+@click.option("--k", "k", type=int, default=10, show_default=True, help="The k of recall@k that the tuning targets.")
+@click.option("--queries", type=int, default=1_000, show_default=True, help="Held-out stored vectors the recall is measured with.")
+@click.option("--seed", type=int, default=1234, show_default=True, help="Seed of the training sample's and the queries' draw.")
 @click.option("--device", default="auto", show_default=True, help=f"One of {', '.join(DEVICES)} or cuda:N (training and encoding).")
 @click.option("--shard-rows", type=int, default=None, help="Vectors per add shard, the unit of resume (default: 1M).")
 @click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]", help="Add shards as Ray tasks: a local Ray, or the cluster at ADDRESS.")
@@ -167,10 +177,10 @@ def build_index(out: str, memory_budget: str | None, quiet: bool, as_json: bool,
 
     budget = _run(lambda: parse_bytes(memory_budget)) if memory_budget else None
     if dry_run:
-        from .config import IndexConfig
+        from .config import IndexConfig, RunOptions
         from .index.build import dry_run_build
 
-        d = _run(lambda: dry_run_build(out, IndexConfig(memory_budget=budget, progress=False, **options)))
+        d = _run(lambda: dry_run_build(out, IndexConfig(memory_budget=budget, run=RunOptions(progress=False), **_stage_options(options))))
         if as_json:
             click.echo(json.dumps(d))
         else:
@@ -257,11 +267,11 @@ def generate(input: str, out: str, labels: str | None, quiet: bool, as_json: boo
     cli_settings(single_arena=False)  # prompts are tokenized here by the tokenizer's own threads
     label_list = _names(labels)
     if dry_run:
-        from .config import GenerateConfig
+        from .config import GenerateConfig, RunOptions
         from .dryrun import dry_run_generate
 
-        cfg = {k: v for k, v in options.items() if k != "ray"}
-        d = _run(lambda: dry_run_generate(input, GenerateConfig(**cfg, labels=label_list, progress=False), sample=sample,
+        cfg = _stage_options(options)
+        d = _run(lambda: dry_run_generate(input, GenerateConfig(**cfg, labels=label_list, run=RunOptions(progress=False)), sample=sample,
                                           calibrate_rows=calibrate_rows, gpu_price=gpu_price, spot_discount=spot_discount))  # fmt: skip
         click.echo(json.dumps(d.to_dict()) if as_json else d.lines())
         return

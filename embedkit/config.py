@@ -1,4 +1,6 @@
-"""Frozen configuration for each stage. Defaults live here and nowhere else."""
+"""Frozen configuration: what each stage computes (EncodeConfig, IndexConfig, GenerateConfig), and
+how a job runs whatever its stage (RunOptions, the `run` field of each). Defaults live here and
+nowhere else."""
 
 from __future__ import annotations
 
@@ -39,6 +41,23 @@ def check_device(device: object, precision: object = "auto") -> None:
 
 
 @dataclass(frozen=True)
+class RunOptions:
+    """How a job runs, whatever its stage: none of these changes what it computes."""
+
+    overwrite: bool = False  # --overwrite: start OUT's stage afresh
+    progress: bool = True  # a bar on a terminal
+    workers: int = 1  # --gpus: one per GPU, or N at once on a CPU; more than one runs shard tasks on a local Ray
+    ray: str | None = None  # --ray: "" for a local Ray (or RAY_ADDRESS), else a cluster address
+    reissue: bool = True  # --gpus N or --ray: near the end, a straggler's shard also runs on an idle worker
+
+    def __post_init__(self) -> None:
+        from .errors import EmbedkitError
+
+        if self.workers < 1:
+            raise EmbedkitError(f"--gpus must be all or a positive number, not {self.workers}")
+
+
+@dataclass(frozen=True)
 class EncodeConfig:
     """Options of the encode stage; `None` means "choose for the device"."""
 
@@ -56,22 +75,15 @@ class EncodeConfig:
     keep_empty: bool = False
     allow_duplicate_ids: bool = False
     max_seq_length: int | None = None
-    overwrite: bool = False
-    progress: bool = True
-    workers: int = 1  # --gpus: one per GPU, or N at once on a CPU; more than one runs shard tasks on a local Ray
-    ray: str | None = None  # --ray: "" for a local Ray (or RAY_ADDRESS), else a cluster address
-    reissue: bool = True  # --gpus N or --ray: near the end, a straggler's shard also runs on an idle worker
     store_text: bool = False  # --store-text: each document's text in a `text` column beside its vector
     keep_columns: tuple[str, ...] = ()  # --keep-columns: input columns stored beside the vectors, with their types
     follow_symlinks: bool = False  # --follow-symlinks: a .txt folder's links to files outside it are read too
+    run: RunOptions = RunOptions()
 
     def __post_init__(self) -> None:
         from .errors import EmbedkitError
 
         _check_kept_names(self.keep_columns)
-
-        if self.workers < 1:
-            raise EmbedkitError(f"--gpus must be all or a positive number, not {self.workers}")
         if self.dtype not in OUTPUT_DTYPES:
             raise EmbedkitError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {self.dtype!r}")
         check_device(self.device, self.precision)
@@ -120,10 +132,8 @@ class IndexConfig:
     queries: int = 1_000  # held-out queries for the recall measurement
     device: str = "auto"
     shard_rows: int | None = None  # vectors per add shard (default BUILD_SHARD_ROWS)
-    seed: int = 1234
-    overwrite: bool = False
-    progress: bool = True
-    ray: str | None = None  # --ray: add shards as Ray tasks ("" local Ray or $RAY_ADDRESS)
+    seed: int = 1234  # the training sample's and the held-out queries' draw
+    run: RunOptions = RunOptions()  # --ray: add shards as Ray tasks
 
     def __post_init__(self) -> None:
         from .errors import EmbedkitError
@@ -168,9 +178,7 @@ class GenerateConfig:
     shard_rows: int | None = None
     text_column: str = "text"
     id_column: str | None = None
-    overwrite: bool = False
-    progress: bool = True
-    ray: str | None = None  # --ray: shards as Ray tasks ("" local Ray or $RAY_ADDRESS)
+    run: RunOptions = RunOptions()  # --ray: shards as Ray tasks
 
     def __post_init__(self) -> None:
         from .errors import EmbedkitError

@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .config import RunOptions
 from .errors import EmbedkitError, first_line
 from .plan.planning import (
     TokenCount,
@@ -226,7 +227,7 @@ def dry_run_generate(input: str | Path, cfg, *, sample: int = 10_000, calibrate_
         pq.write_table(table, work / "sample.parquet")
         t = time.perf_counter()
         s = run_generate(work / "sample.parquet", work / "out", replace(cfg, prompt=template, text_column="text", id_column="id",
-                                                                        shard_rows=None, overwrite=False, progress=False, ray=None))  # fmt: skip
+                                                                        shard_rows=None, run=RunOptions(progress=False)))  # fmt: skip
         wall = time.perf_counter() - t
         per_row = _folder_bytes(work / "out" / GENERATIONS_DIR) / max(1, s.docs)
     finally:

@@ -47,13 +47,13 @@ def test_a_retried_task_whose_shard_landed_reports_its_rows_from_the_ledger(loca
     """A task retried after its commit landed (its worker died before reporting) commits
     nothing again; it reports the shard as done with the rows the ledger holds (its tokens are
     not known), and no encoding seconds of a worker."""
-    from embedkit.config import EncodeConfig
+    from embedkit.config import EncodeConfig, RunOptions
     from embedkit.encoding.pipeline import EncodeSummary, encode_shard
 
     out = tmp_path / "out"
     embedkit.encode(corpus, out, device="cpu", shard_rows=60, max_seq_length=64, progress=False, ray="")
     versions = len(lance.dataset(str(out / "vectors.lance")).versions())
-    cfg = EncodeConfig(device="cpu", shard_rows=60, max_seq_length=64, workers=1, progress=False)
+    cfg = EncodeConfig(device="cpu", shard_rows=60, max_seq_length=64, run=RunOptions(workers=1, progress=False))
     retried = encode_shard(str(corpus), str(out), cfg, 0)
     assert (retried["docs"], retried["shards_done"], retried["tokens"], retried["committed_before"]) == (60, 1, 0, True)
     merged = EncodeSummary.merged([retried], out=str(out), device="cpu", seconds=1.0, skipped=1, total=2)

@@ -175,12 +175,12 @@ def test_many_windows_and_tiny_batches_keep_ids_with_their_vectors(
     tmp_path, equality_input, reference, workers, vectors_of, cosine, read_output
 ):
     """Shards cut into windows of 7 docs, packed into batches of <= 300 tokens, in and out of process."""
-    from embedkit.config import EncodeConfig
+    from embedkit.config import EncodeConfig, RunOptions
     from embedkit.encoding.pipeline import run_encode
 
     cfg = EncodeConfig(
         device="cpu", dtype="float32", shard_rows=20, window_docs=7, batch_tokens=300, tokenize_workers=workers,
-        progress=False,
+        run=RunOptions(progress=False),
     )  # fmt: skip
     summary = run_encode(equality_input, tmp_path, cfg)
     assert summary.docs == len(reference)

@@ -293,6 +293,17 @@ def _shard_files(out: Path) -> list[str]:
         return []
 
 
+def test_the_tuning_k_queries_and_seed_are_options_of_the_cli_and_the_api(built_copy, run_cli):
+    """IndexConfig's k, queries and seed reach the build from the command line (and so from
+    build_index(), which the command calls)."""
+    shown = run_cli("build-index", built_copy, "--overwrite", "--quiet", "--json", "--k", "5", "--queries", "40", "--seed", "7")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    report = json.loads(shown.stdout.strip().splitlines()[-1])
+    key = json.loads((built_copy / "index" / "params.json").read_text())["key"]
+    assert (report["k"], key["k"], key["queries"], key["seed"]) == (5, 5, 40, 7)
+    assert "recall@5" in run_cli("status", built_copy).stdout
+
+
 def test_killed_build_resumes(encoded, stored, tmp_path, run_cli):
     """SIGKILL `build-index` once two add shards are on disk; the rerun keeps them and finishes."""
     out = tmp_path / "out"

@@ -238,10 +238,10 @@ TIME_FACTOR = 3.0  # a CPU calibration of a few hundred rows predicts a full run
 
 @pytest.mark.slow
 def test_dry_run_estimate_matches_a_real_run(small_input, tmp_path):
-    from embedkit.config import EncodeConfig
+    from embedkit.config import EncodeConfig, RunOptions
     from embedkit.dryrun import dry_run_encode
 
-    d = dry_run_encode(small_input, EncodeConfig(device="cpu", progress=False), sample=320, calibrate_rows=192, gpu_price=1.0)
+    d = dry_run_encode(small_input, EncodeConfig(device="cpu", run=RunOptions(progress=False)), sample=320, calibrate_rows=192, gpu_price=1.0)
     assert not (tmp_path / "real").exists()
     real = embedkit.encode(small_input, tmp_path / "real", device="cpu", progress=False)
     # estimated from 5 random blocks of 64 rows: within 5% of the real count, and inside its own 95% interval

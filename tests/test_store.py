@@ -17,7 +17,7 @@ import pytest
 from lance.dataset import Transaction
 from lance.fragment import write_fragments
 
-from embedkit.config import EncodeConfig
+from embedkit.config import EncodeConfig, RunOptions
 from embedkit.encoding.pipeline import run_encode
 from embedkit.errors import EmbedkitError
 from embedkit.io.store import SHARD_KEY, VectorStore, vectors_schema, vectors_table
@@ -56,7 +56,7 @@ def test_uncommitted_fragments_are_invisible_then_removed(tmp_path):
 def test_a_shard_of_many_windows_is_one_commit(tmp_path, small_table):
     inp = tmp_path / "in.parquet"
     pq.write_table(small_table, inp)
-    cfg = EncodeConfig(device="cpu", shard_rows=12, window_docs=5, tokenize_workers=0, progress=False)
+    cfg = EncodeConfig(device="cpu", shard_rows=12, window_docs=5, tokenize_workers=0, run=RunOptions(progress=False))
     summary = run_encode(inp, tmp_path / "out", cfg)
     ds = lance.dataset(str(tmp_path / "out" / "vectors.lance"))
     shards = -(-small_table.num_rows // 12)

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import DEFAULT_MODEL, EncodeConfig
+from ..config import DEFAULT_MODEL, EncodeConfig, RunOptions
 from ..digest import INPUT_CACHE
 from ..engine.encoder import DeviceChoice, choose_device
 from ..engine.models import ModelSource, resolve_model
@@ -76,10 +76,10 @@ def encode(
         model=model, device=device, dtype=dtype, precision=precision, normalize=normalize,
         batch_tokens=batch_tokens, shard_rows=shard_rows, text_column=text_column, id_column=id_column,
         tokenize_workers=tokenize_workers, keep_empty=keep_empty, allow_duplicate_ids=allow_duplicate_ids,
-        max_seq_length=max_seq_length, overwrite=overwrite, progress=progress, workers=_worker_count(gpus, device), ray=ray,
-        reissue=reissue, store_text=store_text,
+        max_seq_length=max_seq_length, store_text=store_text,
         keep_columns=keep_columns if isinstance(keep_columns, str) else tuple(keep_columns),  # a str is refused by name
         follow_symlinks=follow_symlinks,
+        run=RunOptions(overwrite=overwrite, progress=progress, workers=_worker_count(gpus, device), ray=ray, reissue=reissue),
     )  # fmt: skip
     return run_encode(input, out, cfg)
 
@@ -110,20 +110,20 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
     if corpus.num_rows == 0:
         raise EmbedkitError("the input has no rows")
     choice = choose_device(cfg.device, cfg.precision)
-    if cfg.workers > 1 and cfg.ray is None:
+    if cfg.run.workers > 1 and cfg.run.ray is None:
         from ..run.distributed import check_local_workers
 
-        check_local_workers(cfg.workers, choice.type)
+        check_local_workers(cfg.run.workers, choice.type)
     source = resolve_model(cfg.model)  # a hub id resolves to its local copy, or fails in one line
     check_out(out)
     created = make_out(out)
     with undo_if_unstarted(out, created), OutputLock(out):
-        if cfg.overwrite:
+        if cfg.run.overwrite:
             clear_output(out, (VECTORS_DIR, ledger_name(VECTORS_DIR), INDEX_DIR))
         old, store = read_manifest(out), VectorStore(out)
         if old is None and store.exists():
             raise EmbedkitError(f"{out} holds {VECTORS_DIR} but no {MANIFEST}; start fresh with --overwrite")
-        shard_rows = cfg.shard_rows or (old["plan"]["shard_rows"] if old else default_shard_rows(corpus.num_rows, choice.type, cfg.workers))
+        shard_rows = cfg.shard_rows or (old["plan"]["shard_rows"] if old else default_shard_rows(corpus.num_rows, choice.type, cfg.run.workers))
         manifest = build_manifest(corpus, cfg, source, shard_rows, cache=out / INPUT_CACHE)
         if old is not None:
             refuse_differences(out, old, manifest)
@@ -144,7 +144,7 @@ def _encode_prepared(input: str | Path, corpus: Corpus, out: Path, cfg: EncodeCo
     pending = [s for s in job.shards if s.index not in done]
     if not pending:
         return make_summary(job, Totals(), 0.0, skipped=len(done))
-    if cfg.ray is not None or cfg.workers > 1:
+    if cfg.run.ray is not None or cfg.run.workers > 1:
         return _run_as_tasks(input, out, cfg, job, longest_first(corpus, job, pending), skipped=len(done))
     return run_shards(corpus, job, pending, cfg, skipped=len(done))
 
@@ -157,8 +157,8 @@ def _run_as_tasks(input: str | Path, out: Path, cfg: EncodeConfig, job: "Job", p
 
     gpu = job.choice.type == "cuda"
     run = run_shard_tasks(encode_shard, (str(input), str(out), _task_config(cfg, gpu)), [s.index for s in pending], gpu=gpu,
-                          workers=cfg.workers, address=cfg.ray, reissue=cfg.reissue)  # fmt: skip
-    device = f"ray ({'GPU' if gpu else 'CPU'} tasks)" if cfg.ray is not None else f"{cfg.workers} x {job.choice.type}"
+                          workers=cfg.run.workers, address=cfg.run.ray, reissue=cfg.run.reissue)  # fmt: skip
+    device = f"ray ({'GPU' if gpu else 'CPU'} tasks)" if cfg.run.ray is not None else f"{cfg.run.workers} x {job.choice.type}"
     summary = EncodeSummary.merged(run.parts, out=str(out), device=device, seconds=run.seconds, skipped=skipped, total=len(job.shards))
     return replace(summary, reissued=len(run.reissued), tail_seconds=run.tail_seconds)
 
@@ -170,10 +170,10 @@ def _task_config(cfg: EncodeConfig, gpu: bool) -> EncodeConfig:
     workers = cfg.tokenize_workers
     if workers is None and not gpu:
         workers = 0
-    elif workers is None and cfg.ray is None:
+    elif workers is None and cfg.run.ray is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = max(1, (cores - 1) // cfg.workers)
-    return replace(cfg, workers=1, progress=False, overwrite=False, ray=None, device="cuda" if gpu else "cpu", tokenize_workers=workers)
+        workers = max(1, (cores - 1) // cfg.run.workers)
+    return replace(cfg, device="cuda" if gpu else "cpu", tokenize_workers=workers, run=RunOptions(progress=False))
 
 
 def encode_shard(input: str, out: str, cfg: EncodeConfig, index: int, copy: int = 0, arbiter: Any = None, driver: str | None = None) -> dict:

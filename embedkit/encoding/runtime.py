@@ -127,7 +127,7 @@ def run_shards(corpus: Corpus, job: Job, pending: list[Shard], cfg: EncodeConfig
         encoder = Encoder(job.model, job.choice, normalize=cfg.normalize, out_dtype=cfg.dtype, max_batch_tokens=feed.budget)
         # the clock starts once the model and the pool are ready (one-time costs, not per token)
         start = time.perf_counter()
-        with Progress(sum(s.rows for s in pending), cfg.progress, shards=len(pending)) as bar:
+        with Progress(sum(s.rows for s in pending), cfg.run.progress, shards=len(pending)) as bar:
             _consume(feed.items, encoder, job, totals, bar, may_commit)
     finally:
         feed.close()

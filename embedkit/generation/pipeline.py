@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-from ..config import DEFAULT_GENERATOR, DEFAULT_PROMPTS, DEFAULT_SHARD_ROWS, GenerateConfig
+from ..config import DEFAULT_GENERATOR, DEFAULT_PROMPTS, DEFAULT_SHARD_ROWS, GenerateConfig, RunOptions
 from ..digest import INPUT_CACHE
 from ..engine.encoder import DeviceChoice, choose_device
 from ..errors import EmbedkitError
@@ -99,8 +99,8 @@ def generate(
     cfg = GenerateConfig(
         task=task, model=model, prompt=prompt, completion=completion, labels=tuple(labels), max_new_tokens=max_new_tokens,
         temperature=temperature, seed=seed, device=device, precision=precision, batch_size=batch_size,
-        shard_rows=shard_rows, text_column=text_column, id_column=id_column, overwrite=overwrite, progress=progress,
-        ray=ray,
+        shard_rows=shard_rows, text_column=text_column, id_column=id_column,
+        run=RunOptions(overwrite=overwrite, progress=progress, ray=ray),
     )  # fmt: skip
     return run_generate(input, out, cfg)
 
@@ -121,7 +121,7 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
     with undo_if_unstarted(out, created), OutputLock(out):
         if (out / VECTORS_DIR).exists():
             raise EmbedkitError(f"{out} holds embeddings ({VECTORS_DIR}); write generations to another folder")
-        if cfg.overwrite:
+        if cfg.run.overwrite:
             clear_output(out, (GENERATIONS_DIR, ledger_name(GENERATIONS_DIR)))  # the manifest too: else the old task is still pinned and refused
         if read_manifest(out) is None and getattr(corpus, "id_col", None) is not None:
             dup = find_first_duplicate(corpus.read_ids())
@@ -137,7 +137,7 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
         done = store.committed_shards()
         if len(done) == len(shards):  # nothing to do: answered without loading the model
             return summarize_parts(out, cfg, choice.device, [], 0.0, len(done), len(shards))
-        if cfg.ray is not None:
+        if cfg.run.ray is not None:
             return _run_as_tasks(input, out, cfg, template, choice, [s for s in shards if s.index not in done], len(done), len(shards))
         lm, tok, _ = load_generator(cfg.model, choice)
         return _run(corpus, out, cfg, template, lm, tok, choice, store, shards, done)
@@ -152,9 +152,9 @@ def _run_as_tasks(input: str | Path, out: Path, cfg: GenerateConfig, template: s
     from ..run.distributed import run_shard_tasks
 
     gpu = choice.type == "cuda"
-    task_cfg = replace(cfg, ray=None, progress=False, overwrite=False, device="cuda" if gpu else "cpu")
+    task_cfg = replace(cfg, device="cuda" if gpu else "cpu", run=RunOptions(progress=False))
     run = run_shard_tasks(generate_shard_task, (str(input), str(out), task_cfg, template, choice.precision), [s.index for s in pending],
-                          gpu=gpu, workers=1, address=cfg.ray, reissue=True)  # fmt: skip
+                          gpu=gpu, workers=1, address=cfg.run.ray, reissue=True)  # fmt: skip
     return summarize_parts(out, cfg, f"ray ({'GPU' if gpu else 'CPU'} tasks)", run.parts, run.seconds, skipped, total)
 
 
@@ -239,7 +239,7 @@ def _run(corpus, out, cfg, template, lm, tok, choice, store, shards: list[Shard]
     schema = _schema(cfg.task, corpus.id_type)
     start = time.perf_counter()
     parts = []
-    bar = Progress(sum(s.rows for s in shards if s.index not in done), cfg.progress)
+    bar = Progress(sum(s.rows for s in shards if s.index not in done), cfg.run.progress)
     for shard in shards:
         if shard.index in done:
             continue

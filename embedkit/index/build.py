@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..config import IndexConfig
+from ..config import IndexConfig, RunOptions
 from ..errors import EmbedkitError
 from ..io.shards import OutputLock, read_manifest
 from ..io.store import VECTORS_DIR, VectorStore
@@ -109,6 +109,9 @@ def build_index(
     target_recall: float = 0.95,
     device: str = "auto",
     shard_rows: int | None = None,
+    k: int = 10,
+    queries: int = 1_000,
+    seed: int = 1234,
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
@@ -121,7 +124,8 @@ def build_index(
     """
     cfg = IndexConfig(
         nlist=nlist, pq_m=pq_m, opq=opq, factory=factory, memory_budget=memory_budget, target_recall=target_recall,
-        device=device, shard_rows=shard_rows, overwrite=overwrite, progress=progress, ray=ray,
+        device=device, shard_rows=shard_rows, k=k, queries=queries, seed=seed,
+        run=RunOptions(overwrite=overwrite, progress=progress, ray=ray),
     )  # fmt: skip
     return run_build(out, cfg, log or (lambda msg: None))
 
@@ -256,14 +260,14 @@ def _finished(b: _Build) -> IndexReport | None:
     reported up to date."""
     params = read_json(b.dir / PARAMS)
     state = read_json(b.dir / STATE)
-    if params is not None and params.get("key") == b.key and params.get("target_recall") == b.cfg.target_recall and not b.cfg.overwrite:
+    if params is not None and params.get("key") == b.key and params.get("target_recall") == b.cfg.target_recall and not b.cfg.run.overwrite:
         damage = index_damage(b.dir, params)
         if damage is None:
             return replace(IndexReport(**params["report"]), up_to_date=True)
         b.log(f"{damage}: rebuilding the index")
-    if b.cfg.overwrite or params is not None or state != b.key:
+    if b.cfg.run.overwrite or params is not None or state != b.key:
         if b.dir.exists():
-            b.log("starting the index build afresh" if state is None or b.cfg.overwrite else "the vectors or options changed: rebuilding the index")
+            b.log("starting the index build afresh" if state is None or b.cfg.run.overwrite else "the vectors or options changed: rebuilding the index")
         shutil.rmtree(b.dir, ignore_errors=True)
     b.dir.mkdir(parents=True, exist_ok=True)
     if read_json(b.dir / STATE) != b.key:
@@ -352,12 +356,12 @@ def _add(b: _Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.nd
     folder.mkdir(exist_ok=True)
     spec = ShardSpec(str(folder), b.device, b.params.metric, b.params.ivfpq, b.cfg.k)
     todo = [(i, start, frags) for i, (start, frags) in enumerate(shards) if not spec.done(i)]
-    bar = Progress(len(shards), b.cfg.progress, unit="shard", desc="add")
+    bar = Progress(len(shards), b.cfg.run.progress, unit="shard", desc="add")
     bar.update(len(shards) - len(todo))
-    if b.cfg.ray is not None:
+    if b.cfg.run.ray is not None:
         from ..run.distributed import add_index_shards_ray
 
-        add_index_shards_ray(index_shard_task, str(b.out), b.key["vectors_version"], todo, spec, queries, qvec, b.cfg.ray,
+        add_index_shards_ray(index_shard_task, str(b.out), b.key["vectors_version"], todo, spec, queries, qvec, b.cfg.run.ray,
                              on_done=lambda: bar.update(1))  # fmt: skip
         bar.close()
         return len(shards) - len(todo)
