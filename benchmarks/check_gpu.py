@@ -54,7 +54,7 @@ def main() -> None:
         inp = Path(tmp) / "in.parquet"
         pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(texts))], "text": texts}), inp, row_group_size=4096)
         s = embedkit.encode(inp, Path(tmp) / "out", model=args.model, device=args.device, shard_rows=max(1, args.docs // 4), progress=False)
-        print("encode summary:", s.line())
+        print("encode summary:", *s.lines())
         got = lance.dataset(str(Path(tmp) / "out" / "vectors.lance")).to_table()
         ids = got.column("id").to_pylist()
         assert len(ids) == len(set(ids)) == len(texts), (len(ids), len(set(ids)), len(texts))

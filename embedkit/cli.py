@@ -21,6 +21,11 @@ def _stage_options(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k not in RUN_OPTIONS}
 
 
+def _show(result: Any, as_json: bool, indent: int | None = None) -> None:
+    """Print a result as it renders itself: `to_dict()` as JSON, or its `lines()`."""
+    click.echo(json.dumps(result.to_dict(), indent=indent) if as_json else "\n".join(result.lines()))
+
+
 def _run(fn: Callable[[], Any]) -> Any:
     """Call the API; a user-facing error becomes one line on stderr and exit status 2."""
     try:
@@ -124,13 +129,13 @@ def encode(input: str, out: str, quiet: bool, as_json: bool, dry_run: bool, samp
             from .plan.plots import plot_batch_sweep
 
             _run(lambda: plot_batch_sweep(d.sweep, plot_path, title=f"{input} on {d.device}"))
-        click.echo(json.dumps(d.to_dict()) if as_json else d.lines())
+        _show(d, as_json)
         return
     _dry_run_only(sample, calibrate_rows, gpu_price, spot_discount)
     if plot_path:
         _refuse("--plot goes with --dry-run (after a run: embedkit status OUT --plot)")
     summary = _run(lambda: api_encode(input, out, progress=not quiet, **options))
-    click.echo(json.dumps(summary.to_dict()) if as_json else summary.line())
+    _show(summary, as_json)
 
 
 @main.command()
@@ -149,7 +154,7 @@ def status(out: str, as_json: bool, plot_path: str | None) -> None:
         drawn = _run(lambda: plot_timeline(commit_log(out), plot_path, title=f"{out}: {st.shards_done}/{st.shards_total} shards"))
         click.echo(f"timeline of {len(drawn['bars'])} shards on {len(drawn['workers'])} workers -> {plot_path} "
                    f"(tail from 95% to 100% of shards: {drawn['tail_seconds']:.1f} s)", err=as_json)  # fmt: skip
-    click.echo(json.dumps(st.to_dict(), indent=2) if as_json else "\n".join(st.lines()))
+    _show(st, as_json, indent=2)
 
 
 @main.command("build-index")
@@ -181,20 +186,11 @@ def build_index(out: str, memory_budget: str | None, quiet: bool, as_json: bool,
         from .index.build import dry_run_build
 
         d = _run(lambda: dry_run_build(out, IndexConfig(memory_budget=budget, run=RunOptions(progress=False), **_stage_options(options))))
-        if as_json:
-            click.echo(json.dumps(d))
-        else:
-            e, m = d["estimated_seconds"], d["measured"]
-            click.echo(f"plan: {d['factory']} over {d['n']:,} x {d['dim']} on {d['device']}; train on {d['train_size']:,}; "
-                       f"index {d['index_bytes'] / 2**20:,.1f} MB, build memory {d['build_memory_bytes'] / 2**20:,.1f} MB")
-            click.echo(f"measured on {m['sample_vectors']:,} vectors: read {m['read_bytes_per_second'] / 2**20:,.0f} MB/s, "
-                       f"assignment {m['assign_flops'] / 1e9:,.1f} GFLOP/s")
-            click.echo(f"expected: read {e['read']:.1f} s, train {e['train']:.1f} s, add {e['add']:.1f} s; "
-                       f"about {d['estimated_total_seconds']:.0f} s in all (merge and tuning not included); nothing was written")  # fmt: skip
+        _show(d, as_json)
         return
     log = (lambda msg: None) if quiet else (lambda msg: click.echo(msg, err=True))
     report = _run(lambda: api_build(out, memory_budget=budget, progress=not quiet, log=log, **options))
-    click.echo(json.dumps(report.to_dict()) if as_json else report.line())
+    _show(report, as_json)
 
 
 @main.command()
@@ -232,7 +228,7 @@ def export(out: str, fmt: str, path: str | None, partial: bool) -> None:
     except BrokenPipeError:  # the reader stopped early (`| head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
-    click.echo(summary.line(), err=True)
+    click.echo("\n".join(summary.lines()), err=True)
 
 
 @main.command()
@@ -273,11 +269,11 @@ def generate(input: str, out: str, labels: str | None, quiet: bool, as_json: boo
         cfg = _stage_options(options)
         d = _run(lambda: dry_run_generate(input, GenerateConfig(**cfg, labels=label_list, run=RunOptions(progress=False)), sample=sample,
                                           calibrate_rows=calibrate_rows, gpu_price=gpu_price, spot_discount=spot_discount))  # fmt: skip
-        click.echo(json.dumps(d.to_dict()) if as_json else d.lines())
+        _show(d, as_json)
         return
     _dry_run_only(sample, calibrate_rows, gpu_price, spot_discount)
     summary = _run(lambda: api_generate(input, out, labels=label_list, progress=not quiet, **options))
-    click.echo(json.dumps(summary.to_dict()) if as_json else summary.line())
+    _show(summary, as_json)
 
 
 

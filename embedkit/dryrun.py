@@ -52,7 +52,7 @@ class DryRun:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def lines(self) -> str:
+    def lines(self) -> list[str]:
         out = [
             self.count.describe(),
             f"calibration on {self.device}: {self.calibration_rows:,} rows, {self.calibration_tokens:,} tokens at "
@@ -67,7 +67,7 @@ class DryRun:
             out.append(f"  batch {p['batch_tokens']:>8,} tokens: {p['tokens_per_second']:>12,.0f} tokens/s, padding "
                        f"{100 * p['padding_overhead']:.1f}%{cost}")  # fmt: skip
         out.append("nothing was written")
-        return "\n".join(out)
+        return out
 
 
 def dry_run_encode(input: str | Path, cfg, *, sample: int = 10_000, calibrate_rows: int | None = None,
@@ -178,7 +178,7 @@ class GenerateDryRun:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def lines(self) -> str:
+    def lines(self) -> list[str]:
         out = [
             self.count.describe("prompt tokens"),
             f"calibration on {self.device}: {self.task} of {self.calibration_rows:,} rows in {self.calibration_seconds:.1f} s, "
@@ -191,7 +191,7 @@ class GenerateDryRun:
             out.append(f"cost: ${self.dollars:,.2f} (${self.dollars_per_million_tokens:.4g} per 1M prompt + new tokens); "
                        f"for a fleet and a window: {self.plan}")  # fmt: skip
         out.append("nothing was written")
-        return "\n".join(out)
+        return out
 
 
 def dry_run_generate(input: str | Path, cfg, *, sample: int = 10_000, calibrate_rows: int | None = None,

@@ -366,7 +366,7 @@ def test_empty_and_null_texts_are_skipped_and_counted(tmp_path, short_docs, task
     # the first shard held only empty texts: it is committed (empty), so nothing is left to do
     assert VectorStore(tmp_path / "out", GENERATIONS_DIR).committed_shards() == {0: 0, 1: 1, 2: 1}
     again = embedkit.generate(src, tmp_path / "out", **options)
-    assert again.shards_done == 0 and again.line().startswith("nothing to do")
+    assert again.shards_done == 0 and again.lines()[0].startswith("nothing to do")
 
 
 # ---- resume after a kill -------------------------------------------------------------------

@@ -86,16 +86,16 @@ class IndexReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def line(self) -> str:
+    def lines(self) -> list[str]:
         if self.up_to_date:
-            return f"index of {self.out} is up to date ({self.factory}, recall@{self.k} {self.recall:.3f} at nprobe {self.nprobe})"
+            return [f"index of {self.out} is up to date ({self.factory}, recall@{self.k} {self.recall:.3f} at nprobe {self.nprobe})"]
         phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
         met = "" if self.recall >= self.target_recall else f" (below the {self.target_recall} target)"
-        return (
+        return [
             f"{self.factory} over {self.n:,} vectors on {self.device}: {phases}; "
             f"recall@{self.k} {self.recall:.3f}{met} at nprobe {self.nprobe}, rerank {self.rerank}; "
             f"{sum(self.bytes.values()) / 1e6:,.1f} MB"
-        )
+        ]
 
 
 def build_index(
@@ -173,7 +173,29 @@ def _write_reason(e: BaseException) -> str:
     return (text.strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-def dry_run_build(out: str | Path, cfg: IndexConfig) -> dict:
+@dataclass(frozen=True)
+class BuildPlan:
+    """What `build-index --dry-run` found: the plan a build would choose and its phases' time
+    extrapolated from rates measured on this device (`doc`, as `to_dict()` gives it)."""
+
+    doc: dict
+
+    def to_dict(self) -> dict:
+        return dict(self.doc)
+
+    def lines(self) -> list[str]:
+        d, e, m = self.doc, self.doc["estimated_seconds"], self.doc["measured"]
+        return [
+            f"plan: {d['factory']} over {d['n']:,} x {d['dim']} on {d['device']}; train on {d['train_size']:,}; "
+            f"index {d['index_bytes'] / 2**20:,.1f} MB, build memory {d['build_memory_bytes'] / 2**20:,.1f} MB",
+            f"measured on {m['sample_vectors']:,} vectors: read {m['read_bytes_per_second'] / 2**20:,.0f} MB/s, "
+            f"assignment {m['assign_flops'] / 1e9:,.1f} GFLOP/s",
+            f"expected: read {e['read']:.1f} s, train {e['train']:.1f} s, add {e['add']:.1f} s; "
+            f"about {d['estimated_total_seconds']:.0f} s in all (merge and tuning not included); nothing was written",
+        ]  # fmt: skip
+
+
+def dry_run_build(out: str | Path, cfg: IndexConfig) -> BuildPlan:
     """What `build-index` would do, and how long it should take here; writes nothing.
 
     The plan is the one a build would choose. Two rates are measured on this device: reading
@@ -203,12 +225,12 @@ def dry_run_build(out: str | Path, cfg: IndexConfig) -> dict:
         "train": KMEANS_ITERATIONS * p.train_size * max(1, p.nlist) * p.dim * 2 / flops,
         "add": p.n * (max(1, p.nlist) + (256 if p.pq_m else 0)) * p.dim * 2 / flops,
     }
-    return {
+    return BuildPlan({
         "out": str(out), "factory": p.factory, "n": p.n, "dim": p.dim, "device": b.device, "train_size": p.train_size,
         "index_bytes": p.index_bytes, "build_memory_bytes": p.build_memory_bytes,
         "measured": {"sample_vectors": len(x), "read_bytes_per_second": read_rate, "assign_flops": flops},
         "estimated_seconds": {k: round(v, 3) for k, v in seconds.items()}, "estimated_total_seconds": round(sum(seconds.values()), 3),
-    }  # fmt: skip
+    })  # fmt: skip
 
 
 def _require_finished_encode(out: Path, store: VectorStore, manifest: dict) -> None:

@@ -40,9 +40,9 @@ class ExportSummary:
     def complete(self) -> bool:
         return self.shards_done == self.shards_total
 
-    def line(self) -> str:
+    def lines(self) -> list[str]:
         part = "" if self.complete else f"; partial: {self.shards_done} of {self.shards_total} shards committed"
-        return f"exported {self.rows} rows of {Path(self.out) / self.dataset} to {self.path or 'stdout'} ({self.format}){part}"
+        return [f"exported {self.rows} rows of {Path(self.out) / self.dataset} to {self.path or 'stdout'} ({self.format}){part}"]
 
 
 def export(out: str | Path, path: str | Path | None = None, *, format: str = "jsonl", partial: bool = False) -> ExportSummary:

@@ -273,14 +273,14 @@ class OutputLock:
 
 class RunSummary:
     """What the stages' run summaries share (a mixin of frozen dataclasses that have `out`,
-    `shards_done`, `shards_skipped` and `shards_total`): the summary line, which names the
+    `shards_done`, `shards_skipped` and `shards_total`): `lines()`, one line that names the
     shards or says there was nothing to do, and `to_dict()` with the summary's `rates()`."""
 
-    def line(self) -> str:
+    def lines(self) -> list[str]:
         s: Any = self
         if s.shards_done == 0 and s.shards_skipped == s.shards_total:
-            return f"nothing to do: all {s.shards_total} shards of {s.out} are already committed"
-        return self.work_line(f"shards {s.shards_done} new + {s.shards_skipped} already done of {s.shards_total}")
+            return [f"nothing to do: all {s.shards_total} shards of {s.out} are already committed"]
+        return [self.work_line(f"shards {s.shards_done} new + {s.shards_skipped} already done of {s.shards_total}")]
 
     def work_line(self, shards: str) -> str:
         raise NotImplementedError
