@@ -198,7 +198,9 @@ def test_index_add_shards_as_ray_tasks_equal_a_local_build(local_ray, tmp_path):
     assert (remote.factory, remote.nprobe, remote.rerank, remote.recall) == (local.factory, local.nprobe, local.rerank, local.recall)
     time.sleep(2)  # task events reach the GCS asynchronously
     ran = [e for e in ray.timeline() if str(e.get("name", "")).endswith("index_shard_task")]
-    assert len(ran) == 3  # one Ray task per add shard
+    # one Ray task per add shard, plus at most one re-issued copy per shard near the end (the
+    # runner's straggler policy, the same for every stage)
+    assert 3 <= len(ran) <= 6
     table = lance.dataset(str(out / "vectors.lance")).to_table(columns=["vector"])
     queries = np.stack(table.column("vector").to_numpy(zero_copy_only=False)[:15]).astype(np.float32)
     a = embedkit.Retriever(out).search_vectors(queries, 5)

@@ -22,6 +22,7 @@ from ..io.shards import MANIFEST, OutputLock, Shard, read_manifest
 from ..io.store import INDEX_DIR, VECTORS_DIR, VectorStore, ledger_name
 from ..plan.planning import default_shard_rows, longest_first
 from ..run.outdir import check_out, clear_output, make_out, undo_if_unstarted
+from ..run.progress import Progress
 from .job import Job, attach_job, build_manifest, nothing_to_do, open_input, prepare_job, refuse_differences
 from .runtime import Totals, make_summary, run_shards
 from .summary import SUMMED_FIELDS, EncodeSummary
@@ -156,8 +157,9 @@ def _run_as_tasks(input: str | Path, out: Path, cfg: EncodeConfig, job: "Job", p
     from ..run.distributed import run_shard_tasks
 
     gpu = job.choice.type == "cuda"
-    run = run_shard_tasks(encode_shard, (str(input), str(out), _task_config(cfg, gpu)), [s.index for s in pending], gpu=gpu,
-                          workers=cfg.run.workers, address=cfg.run.ray, reissue=cfg.run.reissue)  # fmt: skip
+    with Progress(sum(s.rows for s in pending), cfg.run.progress, shards=len(pending)) as bar:
+        run = run_shard_tasks(encode_shard, (str(input), str(out), _task_config(cfg, gpu)), [s.index for s in pending], gpu=gpu,
+                              workers=cfg.run.workers, address=cfg.run.ray, reissue=cfg.run.reissue, on_commit=bar.committed)  # fmt: skip
     device = f"ray ({'GPU' if gpu else 'CPU'} tasks)" if cfg.run.ray is not None else f"{cfg.run.workers} x {job.choice.type}"
     summary = EncodeSummary.merged(run.parts, out=str(out), device=device, seconds=run.seconds, skipped=skipped, total=len(job.shards))
     return replace(summary, reissued=len(run.reissued), tail_seconds=run.tail_seconds)

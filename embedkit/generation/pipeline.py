@@ -153,8 +153,9 @@ def _run_as_tasks(input: str | Path, out: Path, cfg: GenerateConfig, template: s
 
     gpu = choice.type == "cuda"
     task_cfg = replace(cfg, device="cuda" if gpu else "cpu", run=RunOptions(progress=False))
-    run = run_shard_tasks(generate_shard_task, (str(input), str(out), task_cfg, template, choice.precision), [s.index for s in pending],
-                          gpu=gpu, workers=1, address=cfg.run.ray, reissue=True)  # fmt: skip
+    with Progress(sum(s.rows for s in pending), cfg.run.progress, shards=len(pending)) as bar:
+        run = run_shard_tasks(generate_shard_task, (str(input), str(out), task_cfg, template, choice.precision), [s.index for s in pending],
+                              gpu=gpu, workers=1, address=cfg.run.ray, reissue=cfg.run.reissue, on_commit=bar.committed)  # fmt: skip
     return summarize_parts(out, cfg, f"ray ({'GPU' if gpu else 'CPU'} tasks)", run.parts, run.seconds, skipped, total)
 
 
@@ -239,13 +240,11 @@ def _run(corpus, out, cfg, template, lm, tok, choice, store, shards: list[Shard]
     schema = _schema(cfg.task, corpus.id_type)
     start = time.perf_counter()
     parts = []
-    bar = Progress(sum(s.rows for s in shards if s.index not in done), cfg.run.progress)
-    for shard in shards:
-        if shard.index in done:
-            continue
-        parts.append(generate_shard(corpus, cfg, template, lm, tok, choice, store, schema, shard))
-        bar.update(shard.rows)
-    bar.close()
+    pending = [s for s in shards if s.index not in done]
+    with Progress(sum(s.rows for s in pending), cfg.run.progress, shards=len(pending)) as bar:
+        for shard in pending:
+            parts.append(generate_shard(corpus, cfg, template, lm, tok, choice, store, schema, shard))
+            bar.committed(parts[-1])
     return summarize_parts(out, cfg, choice.device, parts, time.perf_counter() - start, len(done), len(shards))
 
 

@@ -174,21 +174,29 @@ class TorchCodec:
         return bool((ours == theirs).mean() >= threshold)
 
 
-def index_shard_task(out: str, version: int, fragment_ids: list[int], i: int, start: int, spec: Any, queries: Any, qvec: Any) -> int:
-    """One add shard, as a Ray task; returns its rows (0 when a previous attempt wrote it)."""
+def index_shard_task(out: str, version: int, shards: dict[int, tuple[int, list[int]]], spec: Any, queries: Any, qvec: Any, i: int,
+                     copy: int = 0, arbiter: Any = None, driver: str | None = None) -> dict:  # fmt: skip
+    """One add shard as a shard task of the executors (`run_shard_tasks`): shard `i` is the
+    vectors at positions from `shards[i][0]`, in the Lance fragments `shards[i][1]` of the pinned
+    version. A shard whose file a previous attempt wrote is reported done with no rows; with an
+    `arbiter`, only the copy that gets the right writes the file. Returns the task's part: the
+    shard done, its rows (`docs`), and the worker."""
     import faiss
     import lance
 
-    from ..run.distributed import TASK_CACHE
+    from ..run.distributed import TASK_CACHE, commit_allowed, worker_name
 
     if spec.done(i):
-        return 0
+        return {"shards_done": 1, "docs": 0, "committed_before": True, "worker": worker_name()}
     key = ("index", spec.folder, version)
     if key not in TASK_CACHE:  # the trained quantizer and its device codec, once per worker
         trained = faiss.read_index(str(Path(spec.folder).parent / TRAINED))
         TASK_CACHE[key] = (trained, device_codec(trained, spec, qvec, lambda msg: None))
     trained, codec = TASK_CACHE[key]
+    start, fragment_ids = shards[i]
     ds = lance.dataset(str(Path(out) / VECTORS_DIR), version=version)
     x = read_shard([ds.get_fragment(f) for f in fragment_ids])
+    if arbiter is not None and not commit_allowed(arbiter, i, copy, Path(out), driver):
+        return {"shards_done": 0, "docs": 0, "worker": worker_name()}
     write_shard(spec, trained, codec, i, start, x, queries, qvec)
-    return len(x)
+    return {"shards_done": 1, "docs": len(x), "worker": worker_name()}

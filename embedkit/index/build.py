@@ -381,10 +381,7 @@ def _add(b: _Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.nd
     bar = Progress(len(shards), b.cfg.run.progress, unit="shard", desc="add")
     bar.update(len(shards) - len(todo))
     if b.cfg.run.ray is not None:
-        from ..run.distributed import add_index_shards_ray
-
-        add_index_shards_ray(index_shard_task, str(b.out), b.key["vectors_version"], todo, spec, queries, qvec, b.cfg.run.ray,
-                             on_done=lambda: bar.update(1))  # fmt: skip
+        _add_as_tasks(b, spec, todo, queries, qvec, bar)
         bar.close()
         return len(shards) - len(todo)
     codec = device_codec(trained, spec, qvec, b.log)
@@ -398,6 +395,20 @@ def _add(b: _Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.nd
             bar.update(1)
     bar.close()
     return len(shards) - len(todo)
+
+
+def _add_as_tasks(b: _Build, spec: ShardSpec, todo: list, queries: np.ndarray, qvec: np.ndarray, bar: Progress) -> None:
+    """`build-index --ray`: the missing add shards as shard tasks on the cluster (`num_gpus=1`
+    when the build runs on CUDA), through the executors' one runner: retries, re-issue near the
+    end and the commit arbiter as for encode and generate. Each task reads its fragments at the
+    pinned version and writes its shard file with the trained quantizer the driver wrote."""
+    from ..run.distributed import run_shard_tasks
+
+    gpu = spec.device.startswith("cuda")
+    task_spec = replace(spec, device="cuda:0" if gpu else "cpu")  # a GPU task sees its one GPU as cuda:0
+    shards = {i: (start, [f.fragment_id for f in frags]) for i, start, frags in todo}
+    run_shard_tasks(index_shard_task, (str(b.out), b.key["vectors_version"], shards, task_spec, queries, qvec), [i for i, _, _ in todo],
+                    gpu=gpu, workers=1, address=b.cfg.run.ray, reissue=b.cfg.run.reissue, on_commit=lambda part: bar.update(1))  # fmt: skip
 
 
 # ---- merge ---------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ One scheduler for every multi-worker run. The driver validates the input, writes
 and cleans the store under the output lock (so a second driver on the same OUT is refused),
 then submits one task per pending shard, the most tokens first: `num_gpus=1` on CUDA,
 `num_gpus=0` on CPUs. A stage hands `run_shard_tasks` its own shard function (encode's
-`pipeline.encode_shard`, generate's `generation.generate_shard_task`), which runs the ordinary
-single-device code on its shard and commits it; this module imports no stage. Ray retries a task whose worker died or was preempted; a retried task first checks
+`encoding/pipeline.encode_shard`, generate's `generation/pipeline.generate_shard_task`, the
+index build's `index/add.index_shard_task`), which runs the ordinary single-device code on its
+shard and commits it; this module imports no stage. Ray retries a task whose worker died or was
+preempted; a retried task first checks
 whether its shard is already committed, so a shard is never written twice. Near the end an
 idle slot runs a second copy of the oldest shard still running; a `CommitArbiter` actor gives
 the shard's commit to the first copy that asks.
@@ -15,8 +17,8 @@ ends, also on SIGTERM and Ctrl-C; on a SIGKILL of the driver, Ray's own processe
 (kernel fate-sharing), and a task still running commits nothing: the arbiter, an actor of the
 driver's job, is gone, and the task checks that its driver still holds OUT's lock before it
 commits. A killed driver is resumed by rerunning the same command. `embedkit build-index
---ray` runs the index's add phase as plain tasks (`add_index_shards_ray`: a shard file is
-written whole or redone, so it needs no arbiter; training and the merge stay on the driver). Ray is imported only here
+--ray` runs the index's add phase through the same runner (training and the merge stay on the
+driver). Ray is imported only here
 (`pip install 'embedkit[ray]'`): single-worker runs never import it.
 """
 
@@ -71,14 +73,15 @@ class TaskRun:
 
 
 def run_shard_tasks(task: Callable[..., dict], args: tuple, order: list[int], *, gpu: bool, workers: int, address: str | None,
-                    reissue: bool) -> TaskRun:  # fmt: skip
+                    reissue: bool, on_commit: Callable[[dict], None] | None = None) -> TaskRun:  # fmt: skip
     """Run `task(*args, shard, copy, arbiter, driver)` as a Ray task per shard of `order` (the
     most tokens first), on a Ray of this machine with `workers` slots (--gpus N) or on the
     cluster at `address` (--ray), and wait until every shard is committed.
 
     A stage gives its own shard function (module-level, so Ray pickles it by reference); it
     commits its shard only when `commit_allowed(arbiter, shard, copy, out, driver)` says so.
-    `parts` are the dicts the committing copies returned.
+    `parts` are the dicts the committing copies returned; `on_commit(part)` is called as each
+    lands (the driver's progress bar).
     """
     from ..io.shards import lock_record
 
@@ -92,7 +95,7 @@ def run_shard_tasks(task: Callable[..., dict], args: tuple, order: list[int], *,
         driver = lock_record() if address is None else None
         start = time.perf_counter()
         submit = lambda i, copy: remote.remote(*args, i, copy, arbiter, driver)  # noqa: E731
-        run = _follow_tasks(ray, submit, order, slots, reissue=reissue, cancel_at_exit=not ours)
+        run = _follow_tasks(ray, submit, order, slots, reissue=reissue, cancel_at_exit=not ours, on_commit=on_commit)
         run.seconds = time.perf_counter() - start
     return run
 
@@ -161,7 +164,7 @@ class CommitArbiter:
 
 
 def _follow_tasks(ray: Any, submit: Callable[[int, int], Any], order: list[int], slots: int, *, reissue: bool,
-                  cancel_at_exit: bool) -> TaskRun:  # fmt: skip
+                  cancel_at_exit: bool, on_commit: Callable[[dict], None] | None = None) -> TaskRun:  # fmt: skip
     """Submit one task per shard and wait for every shard to be committed.
 
     Once no task waits for a slot and a slot is idle, the oldest shard still running gets a
@@ -173,7 +176,7 @@ def _follow_tasks(ray: Any, submit: Callable[[int, int], Any], order: list[int],
     run = TaskRun()
     refs = {submit(i, 0): (i, 0) for i in order}
     try:
-        _wait_for_commits(ray, submit, order, slots, reissue, refs, run)
+        _wait_for_commits(ray, submit, order, slots, reissue, refs, run, on_commit)
     finally:
         if cancel_at_exit:
             for ref in refs:  # re-issued copies that lost, or every task after a failure
@@ -181,7 +184,8 @@ def _follow_tasks(ray: Any, submit: Callable[[int, int], Any], order: list[int],
     return run
 
 
-def _wait_for_commits(ray: Any, submit: Callable[[int, int], Any], order: list[int], slots: int, reissue: bool, refs: dict, run: TaskRun) -> None:
+def _wait_for_commits(ray: Any, submit: Callable[[int, int], Any], order: list[int], slots: int, reissue: bool, refs: dict, run: TaskRun,
+                      on_commit: Callable[[dict], None] | None = None) -> None:  # fmt: skip
     outstanding = set(order)
     commit_times: list[float] = []
     # A copy that found its shard already committed (a Ray retry after its worker died, or a
@@ -202,6 +206,8 @@ def _wait_for_commits(ray: Any, submit: Callable[[int, int], Any], order: list[i
                 outstanding.discard(shard)
                 run.parts.append(found_done.pop(shard))
                 commit_times.append(time.monotonic())
+                if on_commit is not None:
+                    on_commit(run.parts[-1])
                 for other in others:
                     # the loser of a re-issued shard: its work is moot. Not force=True: a forced
                     # cancel racing the task's own end has crashed Ray's driver (2.60), and
@@ -245,32 +251,6 @@ def injected_stall(shard: int) -> None:
     n, _, seconds = spec.partition(":")
     if spec and n.strip() == str(shard):
         time.sleep(float(seconds))
-
-
-def add_index_shards_ray(task: Callable[..., int], out: str, version: int, todo: list, spec: Any, queries: Any, qvec: Any, address: str,
-                         on_done: Any = None) -> None:  # fmt: skip
-    """`embedkit build-index --ray`: the add phase's shards as Ray tasks (`num_gpus=1` when the
-    build runs on CUDA). Each task reads its Lance fragments at the pinned version, encodes them
-    with the trained quantizer that the driver wrote, and writes its shard file; a retried task
-    whose file already landed does nothing. The driver merges afterwards, as without Ray."""
-    from dataclasses import replace as dc_replace
-
-    ray = _ray(address)
-    gpu = spec.device.startswith("cuda")
-    remote = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1, max_retries=TASK_RETRIES)(task)
-    task_spec = dc_replace(spec, device="cuda:0" if gpu else "cpu")  # a GPU task sees its one GPU as cuda:0
-    q_ref, v_ref = ray.put(queries), ray.put(qvec)
-    refs = [remote.remote(out, version, [f.fragment_id for f in frags], i, start, task_spec, q_ref, v_ref) for i, start, frags in todo]
-    pending = list(refs)
-    try:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            ray.get(ready)
-            if on_done is not None:
-                on_done()
-    except Exception as e:  # a task that failed after its retries
-        first = first_line(e)
-        raise EmbedkitError(f"a Ray task failed ({first}); finished shards are kept: rerun the same command to resume") from None
 
 
 def _import_ray(option: str) -> Any:
