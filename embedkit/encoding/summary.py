@@ -13,17 +13,8 @@ SUMMED_FIELDS = ("docs", "tokens", "padded_tokens", "truncated", "skipped_empty"
 class EncodeSummary(RunSummary):
     """What a run did. `tokens` counts what the model read (after truncation)."""
 
-    out: str
-    device: str
-    docs: int
     tokens: int
     padded_tokens: int
-    seconds: float
-    truncated: int
-    skipped_empty: int
-    shards_done: int
-    shards_skipped: int
-    shards_total: int
     input_wait_seconds: float = 0.0  # time the model sat waiting for tokenized input
     # --gpus N or --ray: one part per worker process, its committed tokens and the seconds its
     # shard tasks spent encoding them once the model was loaded (sum over parts of tokens /

@@ -44,18 +44,9 @@ from .tasks import LABEL_SCORING, slot_decoder, task_columns, timed
 class GenerateSummary(RunSummary):
     """What a generate run did."""
 
-    out: str
     task: str
-    device: str
-    docs: int
     prompt_tokens: int
     new_tokens: int
-    seconds: float
-    truncated: int
-    skipped_empty: int
-    shards_done: int
-    shards_skipped: int
-    shards_total: int
     decode: dict = field(default_factory=dict)  # summarize with SlotDecoder: steps, prefill/capture seconds, slot groups
     phases: dict = field(default_factory=dict)  # wall seconds over shards: read, inputs, model, outputs, commit
 

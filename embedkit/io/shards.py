@@ -271,10 +271,21 @@ class OutputLock:
             self._fd = None
 
 
+@dataclass(frozen=True)
 class RunSummary:
-    """What the stages' run summaries share (a mixin of frozen dataclasses that have `out`,
-    `shards_done`, `shards_skipped` and `shards_total`): `lines()`, one line that names the
-    shards or says there was nothing to do, and `to_dict()` with the summary's `rates()`."""
+    """What the stages' run summaries share: the counts every stage reports, `lines()` (one line
+    that names the shards or says there was nothing to do) and `to_dict()` with the summary's
+    `rates()`. A stage's summary adds its own fields and its `work_line`."""
+
+    out: str
+    device: str
+    docs: int
+    seconds: float
+    truncated: int
+    skipped_empty: int
+    shards_done: int
+    shards_skipped: int
+    shards_total: int
 
     def lines(self) -> list[str]:
         s: Any = self
