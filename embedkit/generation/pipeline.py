@@ -37,7 +37,7 @@ from ..run.progress import Progress
 from ..version import __version__
 from .model import load_generator
 from .prompts import check_task_templates, task_completion
-from .tasks import LABEL_SCORING, slot_decoder, task_columns, timed
+from .tasks import LABEL_SCORING, Generator, slot_decoder, task_columns, timed
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
         if cfg.run.ray is not None:
             return _run_as_tasks(input, out, cfg, template, choice, [s for s in shards if s.index not in done], len(done), len(shards))
         lm, tok, _ = load_generator(cfg.model, choice)
-        return _run(corpus, out, cfg, template, lm, tok, choice, store, shards, done)
+        return _run(Generator(lm, tok, cfg, template, choice), corpus, out, store, shards, done)
 
 
 def _run_as_tasks(input: str | Path, out: Path, cfg: GenerateConfig, template: str, choice: DeviceChoice, pending: list[Shard],
@@ -172,7 +172,7 @@ def generate_shard_task(input: str, out: str, cfg: GenerateConfig, template: str
     if copy == 0:
         injected_stall(index)
     may_commit = None if arbiter is None else (lambda i: commit_allowed(arbiter, i, copy, Path(out), driver))
-    return generate_shard(corpus, cfg, template, lm, tok, choice, store, _schema(cfg.task, corpus.id_type), shard, may_commit)
+    return generate_shard(Generator(lm, tok, cfg, template, choice), corpus, store, _schema(cfg.task, corpus.id_type), shard, may_commit)
 
 
 def _manifest(out: Path, corpus: Corpus, cfg: GenerateConfig, template: str, choice: DeviceChoice) -> tuple[int, dict]:
@@ -227,19 +227,22 @@ def _schema(task: str, id_type: pa.DataType) -> pa.Schema:
     return pa.schema([pa.field("id", id_type, nullable=False), *[pa.field(n, t) for n, t in cols], pa.field("truncated", pa.bool_())])
 
 
-def _run(corpus, out, cfg, template, lm, tok, choice, store, shards: list[Shard], done: dict) -> GenerateSummary:
+def _run(gen: Generator, corpus: Corpus, out: Path, store: VectorStore, shards: list[Shard], done: dict) -> GenerateSummary:
+    """The pending shards one after another on this device; the summary."""
+    cfg = gen.cfg
     schema = _schema(cfg.task, corpus.id_type)
     start = time.perf_counter()
     parts = []
     pending = [s for s in shards if s.index not in done]
     with Progress(sum(s.rows for s in pending), cfg.run.progress, shards=len(pending)) as bar:
         for shard in pending:
-            parts.append(generate_shard(corpus, cfg, template, lm, tok, choice, store, schema, shard))
+            parts.append(generate_shard(gen, corpus, store, schema, shard))
             bar.committed(parts[-1])
-    return summarize_parts(out, cfg, choice.device, parts, time.perf_counter() - start, len(done), len(shards))
+    return summarize_parts(out, cfg, gen.choice.device, parts, time.perf_counter() - start, len(done), len(shards))
 
 
-def generate_shard(corpus, cfg, template, lm, tok, choice, store, schema, shard: Shard, may_commit: Callable[[int], bool] | None = None) -> dict:
+def generate_shard(gen: Generator, corpus: Corpus, store: VectorStore, schema: pa.Schema, shard: Shard,
+                   may_commit: Callable[[int], bool] | None = None) -> dict:  # fmt: skip
     """One shard: the task's columns for its rows, committed as one Lance commit. `may_commit`
     (a shard task of a re-issued shard): asked before the write; False leaves nothing written
     and reports no shard, because the other copy has the commit."""
@@ -248,14 +251,14 @@ def generate_shard(corpus, cfg, template, lm, tok, choice, store, schema, shard:
     phases: dict[str, float] = {}
     with timed(phases, "read"):
         table, empty = drop_empty(corpus.read(shard.start, shard.stop), keep_empty=False)
-    columns, prompt_tokens, new_tokens = task_columns(table, cfg, template, lm, tok, choice, shard.index, phases)
+    columns, prompt_tokens, new_tokens = task_columns(gen, table, shard.index, phases)
     with timed(phases, "commit"):
         rows = pa.table({"id": table.column("id"), **columns}).cast(schema) if table.num_rows else schema.empty_table()
         if may_commit is not None and not may_commit(shard.index):
             return {"docs": 0, "prompt": 0, "new": 0, "truncated": 0, "empty": 0, "shards": 0, "shards_done": 0}
         store.commit_shard(shard.index, rows, started)
     truncated = int(np.sum(columns["truncated"])) if table.num_rows else 0
-    decoder = slot_decoder(lm) if cfg.task == "summarize" else None
+    decoder = slot_decoder(gen.lm) if gen.cfg.task == "summarize" else None
     decode = dict(decoder.stats) if decoder is not None else {}
     return {"docs": rows.num_rows, "prompt": prompt_tokens, "new": new_tokens, "truncated": truncated, "empty": empty, "shards": 1,
             "shards_done": 1, "decode": decode, "phases": phases}  # fmt: skip

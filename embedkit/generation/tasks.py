@@ -8,6 +8,7 @@ import contextlib
 import time
 import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -185,9 +186,21 @@ def input_tokens(x: Any) -> int:
     return len(x[0]) + len(x[1]) if isinstance(x, tuple) else len(x)
 
 
-def task_columns(table: pa.Table, cfg: GenerateConfig, template: str, lm, tok, choice: DeviceChoice, shard: int,
-                  phases: dict[str, float]) -> tuple[dict, int, int]:  # fmt: skip
+@dataclass(frozen=True)
+class Generator:
+    """A loaded generator and what its task needs with it: the stage's config, the prompt
+    template and the device."""
+
+    lm: Any
+    tok: Any
+    cfg: GenerateConfig
+    template: str
+    choice: DeviceChoice
+
+
+def task_columns(gen: Generator, table: pa.Table, shard: int, phases: dict[str, float]) -> tuple[dict, int, int]:
     """The task's output columns for a shard's rows (in row order), prompt tokens and new tokens."""
+    lm, tok, cfg, template = gen.lm, gen.tok, gen.cfg, gen.template
     with timed(phases, "inputs"):
         texts = table.column("text").to_pylist()
         inputs, flags = task_inputs(texts, table.column("id").to_pylist(), cfg, template, tok, lm.config)
@@ -202,22 +215,22 @@ def task_columns(table: pa.Table, cfg: GenerateConfig, template: str, lm, tok, c
             }  # fmt: skip
         return cols, prompt_tokens, sum(cols["new_tokens"])
     with timed(phases, "model"):
-        return _logprob_columns(lm, tok, cfg, template, choice, inputs, flags), prompt_tokens, 0
+        return _logprob_columns(gen, inputs, flags), prompt_tokens, 0
 
 
-def _logprob_columns(lm, tok, cfg: GenerateConfig, template: str, choice: DeviceChoice, inputs: list, flags: list[bool]) -> dict:
+def _logprob_columns(gen: Generator, inputs: list, flags: list[bool]) -> dict:
     """score and classify: columns from log-probabilities of continuations (pure prefill)."""
-    budget = SCORE_BATCH_TOKENS[choice.type]
-    if cfg.task == "classify":
-        return _classify_columns(lm, tok, cfg, template, inputs, flags, budget)
-    lps = continuation_logprobs(lm, inputs, budget)
+    budget = SCORE_BATCH_TOKENS[gen.choice.type]
+    if gen.cfg.task == "classify":
+        return _classify_columns(gen, inputs, flags, budget)
+    lps = continuation_logprobs(gen.lm, inputs, budget)
     return {
         "logprob": [float(lp.sum()) for lp in lps], "mean_logprob": [float(lp.mean()) if len(lp) else 0.0 for lp in lps],
         "n_tokens": [len(lp) for lp in lps], "truncated": flags,
     }  # fmt: skip
 
 
-def _classify_columns(lm, tok, cfg: GenerateConfig, template: str, inputs: list, flags: list[bool], budget: int) -> dict:
+def _classify_columns(gen: Generator, inputs: list, flags: list[bool], budget: int) -> dict:
     """classify: each label scored as the continuation of (prompt, start of the answer).
 
     `label_logprobs` holds log p(label's tokens | prompt, answer start), summed over the label's
@@ -227,9 +240,10 @@ def _classify_columns(lm, tok, cfg: GenerateConfig, template: str, inputs: list,
     """
     if not inputs:
         return {"label": [], "label_logprobs": [], "label_scores": [], "truncated": flags}
+    lm, tok, cfg = gen.lm, gen.tok, gen.cfg
     _, label_ids = answer_tokens(tok, task_completion(cfg), cfg.labels)
     raw = label_logprobs(lm, inputs, label_ids, budget)
-    scores = raw - label_prior(lm, tok, cfg, template, budget)
+    scores = raw - label_prior(lm, tok, cfg, gen.template, budget)
     return {
         "label": [cfg.labels[int(k)] for k in scores.argmax(1)], "label_logprobs": raw.tolist(),
         "label_scores": scores.tolist(), "truncated": flags,
