@@ -183,7 +183,7 @@ def build_index(out: str, memory_budget: str | None, quiet: bool, as_json: bool,
     budget = _run(lambda: parse_bytes(memory_budget)) if memory_budget else None
     if dry_run:
         from .config import IndexConfig, RunOptions
-        from .index.build import dry_run_build
+        from .index.dryrun import dry_run_build
 
         d = _run(lambda: dry_run_build(out, IndexConfig(memory_budget=budget, run=RunOptions(progress=False), **_stage_options(options))))
         _show(d, as_json)

@@ -40,7 +40,7 @@ from ..version import __version__
 from .add import ShardSpec, device_codec, fragment_shards, index_shard_task, read_shard, write_shard
 from .io import load_index, read_rows, write_index
 from .merge import merge_shards
-from .params import BUILD_SHARD_ROWS, KMEANS_ITERATIONS, IndexParams, choose_params, estimate_build_seconds
+from .params import BUILD_SHARD_ROWS, IndexParams, choose_params, estimate_build_seconds
 from .state import (
     INDEX_DIR,
     IVFDATA,
@@ -55,9 +55,7 @@ from .state import (
     vectors_identity,
     write_json,
 )
-from .train import assign, train_custom, train_ivfpq
-
-DRY_RUN_SAMPLE = 65_536  # vectors read and assigned to measure this device
+from .train import train_custom, train_ivfpq
 
 
 @dataclass(frozen=True)
@@ -131,7 +129,10 @@ def build_index(
 
 
 @dataclass
-class _Build:
+class Build:
+    """A build's plan once OUT is validated: the parameters, the device, the pinned vectors and
+    the key a finished index must match."""
+
     out: Path
     dir: Path
     params: IndexParams
@@ -151,7 +152,7 @@ def run_build(out: str | Path, cfg: IndexConfig, log: Callable[[str], None]) -> 
         raise EmbedkitError(f"{out} holds no vectors ({VECTORS_DIR} and embedkit.json); run `embedkit encode` first")
     with OutputLock(out):
         _require_finished_encode(out, store, manifest)
-        b = _plan(out, manifest, store, cfg, log)
+        b = plan_build(out, manifest, store, cfg, log)
         done = _finished(b)
         if done is not None:
             return done
@@ -173,66 +174,6 @@ def _write_reason(e: BaseException) -> str:
     return (text.strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-@dataclass(frozen=True)
-class BuildPlan:
-    """What `build-index --dry-run` found: the plan a build would choose and its phases' time
-    extrapolated from rates measured on this device (`doc`, as `to_dict()` gives it)."""
-
-    doc: dict
-
-    def to_dict(self) -> dict:
-        return dict(self.doc)
-
-    def lines(self) -> list[str]:
-        d, e, m = self.doc, self.doc["estimated_seconds"], self.doc["measured"]
-        return [
-            f"plan: {d['factory']} over {d['n']:,} x {d['dim']} on {d['device']}; train on {d['train_size']:,}; "
-            f"index {d['index_bytes'] / 2**20:,.1f} MB, build memory {d['build_memory_bytes'] / 2**20:,.1f} MB",
-            f"measured on {m['sample_vectors']:,} vectors: read {m['read_bytes_per_second'] / 2**20:,.0f} MB/s, "
-            f"assignment {m['assign_flops'] / 1e9:,.1f} GFLOP/s",
-            f"expected: read {e['read']:.1f} s, train {e['train']:.1f} s, add {e['add']:.1f} s; "
-            f"about {d['estimated_total_seconds']:.0f} s in all (merge and tuning not included); nothing was written",
-        ]  # fmt: skip
-
-
-def dry_run_build(out: str | Path, cfg: IndexConfig) -> BuildPlan:
-    """What `build-index` would do, and how long it should take here; writes nothing.
-
-    The plan is the one a build would choose. Two rates are measured on this device: reading
-    vectors sequentially from Lance, and nearest-centroid assignment (the training and add
-    work) on a sample. The phases are extrapolated from them.
-    """
-    out = Path(out)
-    manifest = read_manifest(out)
-    store = VectorStore(out)
-    if manifest is None or not store.exists():
-        raise EmbedkitError(f"{out} holds no vectors ({VECTORS_DIR} and embedkit.json); run `embedkit encode` first")
-    b = _plan(out, manifest, store, cfg, lambda msg: None)
-    p = b.params
-    t = time.perf_counter()
-    first = read_shard(fragment_shards(b.ds, DRY_RUN_SAMPLE)[0][1])[:DRY_RUN_SAMPLE]
-    read_rate = first.nbytes / max(time.perf_counter() - t, 1e-6)
-    x = np.ascontiguousarray(first, dtype=np.float32)
-    lists = max(1, min(p.nlist or 1, len(x)))
-    centroids = x[np.random.default_rng(0).choice(len(x), size=lists, replace=False)]
-    assign(x[:1], centroids, b.device, p.metric)  # warm: kernels, threads
-    t = time.perf_counter()
-    assign(x, centroids, b.device, p.metric)
-    flops = len(x) * lists * p.dim * 2 / max(time.perf_counter() - t, 1e-6)
-    bytes_per_vector = first.nbytes / max(1, len(first))
-    seconds = {
-        "read": p.n * bytes_per_vector / read_rate * 2,  # once for the training sample, once for the add
-        "train": KMEANS_ITERATIONS * p.train_size * max(1, p.nlist) * p.dim * 2 / flops,
-        "add": p.n * (max(1, p.nlist) + (256 if p.pq_m else 0)) * p.dim * 2 / flops,
-    }
-    return BuildPlan({
-        "out": str(out), "factory": p.factory, "n": p.n, "dim": p.dim, "device": b.device, "train_size": p.train_size,
-        "index_bytes": p.index_bytes, "build_memory_bytes": p.build_memory_bytes,
-        "measured": {"sample_vectors": len(x), "read_bytes_per_second": read_rate, "assign_flops": flops},
-        "estimated_seconds": {k: round(v, 3) for k, v in seconds.items()}, "estimated_total_seconds": round(sum(seconds.values()), 3),
-    })  # fmt: skip
-
-
 def _require_finished_encode(out: Path, store: VectorStore, manifest: dict) -> None:
     """An index over a half-encoded output would be stale as soon as the encode resumes.
     Called under the output lock, so a killed encode's last commit is settled first."""
@@ -243,7 +184,8 @@ def _require_finished_encode(out: Path, store: VectorStore, manifest: dict) -> N
         raise EmbedkitError(f"{out} is not fully encoded ({done} of {planned} shards); rerun the encode command first")
 
 
-def _plan(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, log: Callable[[str], None]) -> _Build:
+def plan_build(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, log: Callable[[str], None]) -> Build:
+    """The plan of a build (or a dry run) of OUT's vectors at their latest version."""
     from ..engine.encoder import choose_device
 
     ds = store.dataset()
@@ -264,7 +206,7 @@ def _plan(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, log: 
         "vectors_version": int(ds.version), "vectors_files": vectors_identity(ds), "n": n, "dim": dim, "factory": params.factory, "metric": metric,
         "shard_rows": cfg.shard_rows or BUILD_SHARD_ROWS, "seed": cfg.seed, "queries": cfg.queries, "k": cfg.k,
     }  # fmt: skip
-    return _Build(out, out / INDEX_DIR, params, device, ds, key, cfg, log)
+    return Build(out, out / INDEX_DIR, params, device, ds, key, cfg, log)
 
 
 def _default_budget() -> int:
@@ -275,7 +217,7 @@ def _default_budget() -> int:
         return 8 << 30
 
 
-def _finished(b: _Build) -> IndexReport | None:
+def _finished(b: Build) -> IndexReport | None:
     """The existing report when a finished index matches; clears stale or unwanted state.
 
     A matching index whose files were damaged since (truncated, changed) is rebuilt, not
@@ -297,7 +239,7 @@ def _finished(b: _Build) -> IndexReport | None:
     return None
 
 
-def _build(b: _Build) -> IndexReport:
+def _build(b: Build) -> IndexReport:
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     trained = _train(b)
@@ -333,7 +275,7 @@ def _build(b: _Build) -> IndexReport:
 # ---- train ---------------------------------------------------------------------------------
 
 
-def _train(b: _Build) -> Any:
+def _train(b: Build) -> Any:
     import faiss
 
     path = b.dir / TRAINED
@@ -348,14 +290,14 @@ def _train(b: _Build) -> Any:
     return faiss.read_index(str(path))
 
 
-def _train_positions(b: _Build) -> np.ndarray:
+def _train_positions(b: Build) -> np.ndarray:
     p = b.params
     if p.train_size >= p.n:
         return np.arange(p.n)
     return np.sort(np.random.default_rng(b.cfg.seed).choice(p.n, size=p.train_size, replace=False))
 
 
-def _query_positions(b: _Build) -> np.ndarray:
+def _query_positions(b: Build) -> np.ndarray:
     """Held-out queries: rows outside the training sample, unless the sample is every row
     (up to PQ_TRAIN_POINTS rows); a small output uses all its rows, for a steadier estimate."""
     n = b.params.n
@@ -372,7 +314,7 @@ def _query_positions(b: _Build) -> np.ndarray:
 # ---- add -----------------------------------------------------------------------------------
 
 
-def _add(b: _Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.ndarray) -> int:
+def _add(b: Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.ndarray) -> int:
     """Write each missing shard index (with its ground-truth block); returns how many existed."""
     folder = b.dir / SHARDS
     folder.mkdir(exist_ok=True)
@@ -397,7 +339,7 @@ def _add(b: _Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.nd
     return len(shards) - len(todo)
 
 
-def _add_as_tasks(b: _Build, spec: ShardSpec, todo: list, queries: np.ndarray, qvec: np.ndarray, bar: Progress) -> None:
+def _add_as_tasks(b: Build, spec: ShardSpec, todo: list, queries: np.ndarray, qvec: np.ndarray, bar: Progress) -> None:
     """`build-index --ray`: the missing add shards as shard tasks on the cluster (`num_gpus=1`
     when the build runs on CUDA), through the executors' one runner: retries, re-issue near the
     end and the commit arbiter as for encode and generate. Each task reads its fragments at the
@@ -414,7 +356,7 @@ def _add_as_tasks(b: _Build, spec: ShardSpec, todo: list, queries: np.ndarray, q
 # ---- merge ---------------------------------------------------------------------------------
 
 
-def _merge(b: _Build, n_shards: int) -> Any:
+def _merge(b: Build, n_shards: int) -> Any:
     """Merge the shard indexes (merge.py) and open the result."""
     merge_shards(b.dir, n_shards, b.params.n)
     return load_index(b.dir)
@@ -423,7 +365,7 @@ def _merge(b: _Build, n_shards: int) -> Any:
 # ---- ground truth, commit ------------------------------------------------------------------
 
 
-def _ground_truth(b: _Build, n_shards: int, n_queries: int) -> np.ndarray:
+def _ground_truth(b: Build, n_shards: int, n_queries: int) -> np.ndarray:
     """The exact top-k positions of every query over all shards, from the shards' blocks."""
     scores, positions = [], []
     for i in range(n_shards):
@@ -435,7 +377,7 @@ def _ground_truth(b: _Build, n_shards: int, n_queries: int) -> np.ndarray:
     return np.take_along_axis(p, order, 1)
 
 
-def _commit(b: _Build, report: IndexReport) -> None:
+def _commit(b: Build, report: IndexReport) -> None:
     """params.json last: the index is complete exactly when it exists. Then free the shards."""
     checks = {name: {"bytes": (b.dir / name).stat().st_size, "sha256": file_sha256(b.dir / name)} for name in (MERGED, IVFDATA) if (b.dir / name).exists()}
     doc = {
