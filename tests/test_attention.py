@@ -54,7 +54,7 @@ import json, torch
 from transformers import AutoModelForCausalLM
 from embedkit.config import DEFAULT_GENERATOR
 from embedkit.engine.decode import SlotDecoder
-from embedkit.generation.pipeline import resolve_generator
+from embedkit.generation.model import resolve_generator
 lm = AutoModelForCausalLM.from_pretrained(resolve_generator(DEFAULT_GENERATOR), dtype=torch.float32).eval()
 prompts = [[1, 9690, 198, 2683, 314, 260, 2576], [1, 4093, 28, 905], list(range(300, 380))]
 with_kernel = SlotDecoder(lm, eos_ids={2})
