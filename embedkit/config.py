@@ -92,7 +92,7 @@ class EncodeConfig:
             if value is not None and value < 1:
                 raise EmbedkitError(f"--{name.replace('_', '-')} must be a positive number, not {value}")
         if self.window_docs < 1:
-            raise EmbedkitError(f"window_docs must be positive, not {self.window_docs}")
+            raise EmbedkitError(f"--window-docs must be positive, not {self.window_docs}")
         if self.tokenize_workers is not None and self.tokenize_workers < 0:
             raise EmbedkitError(f"--tokenize-workers must be 0 or more, not {self.tokenize_workers}")
 

@@ -42,6 +42,7 @@ def encode(
     text_column: str = "text",
     id_column: str | None = None,
     tokenize_workers: int | None = None,
+    window_docs: int = 65_536,
     keep_empty: bool = False,
     allow_duplicate_ids: bool = False,
     max_seq_length: int | None = None,
@@ -76,7 +77,7 @@ def encode(
     cfg = EncodeConfig(
         model=model, device=device, dtype=dtype, precision=precision, normalize=normalize,
         batch_tokens=batch_tokens, shard_rows=shard_rows, text_column=text_column, id_column=id_column,
-        tokenize_workers=tokenize_workers, keep_empty=keep_empty, allow_duplicate_ids=allow_duplicate_ids,
+        tokenize_workers=tokenize_workers, window_docs=window_docs, keep_empty=keep_empty, allow_duplicate_ids=allow_duplicate_ids,
         max_seq_length=max_seq_length, store_text=store_text,
         keep_columns=keep_columns if isinstance(keep_columns, str) else tuple(keep_columns),  # a str is refused by name
         follow_symlinks=follow_symlinks,

@@ -81,6 +81,7 @@ def generate(
     overwrite: bool = False,
     progress: bool = True,
     ray: str | None = None,
+    reissue: bool = True,
 ) -> GenerateSummary:
     """Run a causal LM over every row of INPUT into OUT/generations.lance; resumable per shard.
 
@@ -91,7 +92,7 @@ def generate(
         task=task, model=model, prompt=prompt, completion=completion, labels=tuple(labels), max_new_tokens=max_new_tokens,
         temperature=temperature, seed=seed, device=device, precision=precision, batch_size=batch_size,
         shard_rows=shard_rows, text_column=text_column, id_column=id_column,
-        run=RunOptions(overwrite=overwrite, progress=progress, ray=ray),
+        run=RunOptions(overwrite=overwrite, progress=progress, ray=ray, reissue=reissue),
     )  # fmt: skip
     return run_generate(input, out, cfg)
 

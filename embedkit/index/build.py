@@ -114,6 +114,7 @@ def build_index(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     ray: str | None = None,
+    reissue: bool = True,
 ) -> IndexReport:
     """Build (or resume building) the IVF-PQ index of OUT/vectors.lance into OUT/index/.
 
@@ -123,7 +124,7 @@ def build_index(
     cfg = IndexConfig(
         nlist=nlist, pq_m=pq_m, opq=opq, factory=factory, memory_budget=memory_budget, target_recall=target_recall,
         device=device, shard_rows=shard_rows, k=k, queries=queries, seed=seed,
-        run=RunOptions(overwrite=overwrite, progress=progress, ray=ray),
+        run=RunOptions(overwrite=overwrite, progress=progress, ray=ray, reissue=reissue),
     )  # fmt: skip
     return run_build(out, cfg, log or (lambda msg: None))
 
