@@ -167,8 +167,11 @@ def status(out: str, as_json: bool, plot_path: str | None) -> None:
 @click.option("--memory-budget", default=None, help="Memory the index may take, e.g. 8G (default: half the available RAM).")
 @click.option("--target-recall", type=float, default=0.95, show_default=True, help="recall@k the tuned nprobe/rerank must reach.")
 @click.option("--k", "k", type=int, default=10, show_default=True, help="The k of recall@k that the tuning targets.")
-@click.option("--queries", type=int, default=1_000, show_default=True, help="Held-out stored vectors the recall is measured with.")
+@click.option("--queries", type=int, default=1_000, show_default=True, help="Queries the recall is measured with (query-like texts, and held-out stored rows).")
 @click.option("--seed", type=int, default=1234, show_default=True, help="Seed of the training sample's and the queries' draw.")
+@click.option("--tune-queries", type=click.Path(path_type=str), default=None,
+              help="Real queries to tune and report recall on: .txt (one per line), or parquet/jsonl/csv with a query or text column "
+                   "(default: query-like texts cut from the input).")
 @click.option("--device", default="auto", show_default=True, help=f"One of {', '.join(DEVICES)} or cuda:N (training and encoding).")
 @click.option("--shard-rows", type=int, default=None, help="Vectors per add shard, the unit of resume (default: 1M).")
 @click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]", help="Add shards as Ray tasks: a local Ray, or the cluster at ADDRESS.")
@@ -197,16 +200,24 @@ def build_index(out: str, memory_budget: str | None, quiet: bool, as_json: bool,
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=str))
-@click.argument("texts", nargs=-1, required=True)
+@click.argument("texts", nargs=-1)
+@click.option("--queries", "queries_file", type=click.Path(path_type=str), default=None,
+              help="Read the queries from a file: .txt (one per line), or parquet/jsonl/csv with a query or text column.")
 @click.option("-k", "k", type=int, default=10, show_default=True, help="Hits per query.")
+@click.option("--recall", type=float, default=None, help="Use the nprobe and rerank the build measured to reach this recall@k.")
 @click.option("--nprobe", type=int, default=None, help="Inverted lists to visit (default: the tuned value in index/params.json).")
 @click.option("--rerank", type=int, default=None, help="Candidates reranked exactly (default: the tuned value).")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one object per query: {query, hits: [{id, score, text?, ...kept columns}]}.")
-def search(out: str, texts: tuple[str, ...], k: int, nprobe: int | None, rerank: int | None, as_json: bool) -> None:
-    """Search OUT's index with the given texts, encoded by OUT's model."""
+def search(out: str, texts: tuple[str, ...], queries_file: str | None, k: int, recall: float | None, nprobe: int | None, rerank: int | None,
+           as_json: bool) -> None:  # fmt: skip
+    """Search OUT's index with the given texts (or --queries FILE), encoded by OUT's model."""
+    from .index.queries import read_query_file
     from .index.search import Retriever
 
-    results = _run(lambda: Retriever(out, nprobe=nprobe, rerank=rerank).search(list(texts), k=k))
+    if not texts and queries_file is None:
+        _refuse("give query texts, or --queries FILE")
+    texts = (*texts, *(_run(lambda: read_query_file(queries_file, "--queries")) if queries_file else ()))
+    results = _run(lambda: Retriever(out, nprobe=nprobe, rerank=rerank, recall=recall).search(list(texts), k=k))
     if as_json:
         for row in results.to_json(list(texts)):  # JSON lines: one object per query
             click.echo(json.dumps(row, default=str))

@@ -133,6 +133,7 @@ class IndexConfig:
     device: str = "auto"
     shard_rows: int | None = None  # vectors per add shard (default BUILD_SHARD_ROWS)
     seed: int = 1234  # the training sample's and the held-out queries' draw
+    tune_queries: str | None = None  # --tune-queries FILE: real queries to tune on (default: query-like texts cut from the input)
     run: RunOptions = RunOptions()  # --ray: add shards as Ray tasks
 
     def __post_init__(self) -> None:

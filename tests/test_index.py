@@ -583,3 +583,82 @@ def test_build_index_dry_run_writes_nothing_and_plans_the_real_build(encoded, bu
     assert d["measured"]["sample_vectors"] == ROWS and d["measured"]["assign_flops"] > 0 and d["measured"]["read_bytes_per_second"] > 0
     assert all(v > 0 for v in d["estimated_seconds"].values())
     assert d["estimated_total_seconds"] == pytest.approx(sum(d["estimated_seconds"].values()), abs=0.01)
+
+
+# ---- the queries a build tunes with -----------------------------------------------------------
+
+
+def test_pseudo_queries_look_like_what_users_type(sample):
+    from embedkit.index.queries import SENTENCE_WORDS, WINDOW_WORDS, pseudo_queries
+
+    texts = sample.column("text").to_pylist()[:500]
+    queries = pseudo_queries(texts, 200, seed=3)
+    assert len(queries) == 200 == len(set(queries))
+    assert all(WINDOW_WORDS[0] <= len(q.split()) <= SENTENCE_WORDS for q in queries)
+    assert queries == pseudo_queries(texts, 200, seed=3) and queries != pseudo_queries(texts, 200, seed=4)
+    starts = sum(any(t.split()[:3] == q.split()[:3] for t in texts) for q in queries)
+    assert 0.2 * len(queries) < starts < len(queries)  # first sentences and windows from inside documents, both
+
+
+def test_a_build_tunes_on_query_like_texts_and_reports_both_figures(built, stored):
+    """By default the recall promised is measured on query-like texts cut from the input, and
+    it is what those queries get: recomputed here against exact search over the stored vectors."""
+    r = built.report
+    assert (r.tuning_queries, r.tuning_count) == ("query-like texts from the input", 1000)
+    assert r.recall_stored_rows is not None and 0 < r.recall_stored_rows <= 1
+    assert "on 1,000 query-like texts from the input" in r.lines()[0] and "on stored rows" in r.lines()[0]
+    saved = json.loads((built.out / "index" / "params.json").read_text())["report"]
+    assert (saved["recall"], saved["recall_stored_rows"], saved["tuning_queries"]) == (r.recall, r.recall_stored_rows, r.tuning_queries)
+    with np.load(built.out / "index" / "queries.npz") as z:
+        like = z["vectors"][: int(z["m"])]
+        assert (z["positions"][: int(z["m"])] == -1).all()
+    exact = np.argsort(-(like @ stored.vectors.T), axis=1, kind="stable")[:, :K]
+    found = embedkit.Retriever(built.out).search_vectors(like, K).ids
+    by_id = {doc: pos for pos, doc in enumerate(stored.ids)}
+    measured = np.mean([len({by_id[d] for d in hits} & set(row.tolist())) / K for hits, row in zip(found, exact)])
+    assert abs(measured - r.recall) <= 0.005, (measured, r.recall)
+
+
+def test_tune_queries_from_a_file_take_precedence(built_copy, sample, tmp_path):
+    path = tmp_path / "queries.txt"
+    path.write_text("\n".join(" ".join(t.split()[:6]) for t in sample.column("text").to_pylist()[:40]) + "\n\n")
+    r = embedkit.build_index(built_copy, device="cpu", progress=False, overwrite=True, tune_queries=path)
+    assert (r.tuning_queries, r.tuning_count) == ("queries from --tune-queries", 40)
+    with pytest.raises(EmbedkitError, match="--tune-queries file not found"):
+        embedkit.build_index(built_copy, device="cpu", progress=False, overwrite=True, tune_queries=tmp_path / "none.txt")
+
+
+def test_an_input_that_is_gone_falls_back_to_stored_rows_and_says_so(built_copy, run_cli):
+    manifest = json.loads((built_copy / "embedkit.json").read_text())
+    manifest["input"]["path"] = str(built_copy / "moved-away.parquet")
+    write_manifest(built_copy, manifest)
+    shown = run_cli("build-index", built_copy, "--overwrite", "--json")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    report = json.loads(shown.stdout.strip().splitlines()[-1])
+    assert report["tuning_queries"].startswith("stored rows (the input") and "is gone" in report["tuning_queries"]
+    assert "tuning on stored rows: the input" in shown.stderr
+
+
+def test_search_at_a_recall_uses_the_setting_the_build_measured(built):
+    table = built.report.recall_table
+    low = min(row["recall"] for row in table)
+    r = embedkit.Retriever(built.out, recall=low)
+    assert (r.nprobe, r.rerank) == (table[0]["nprobe"], table[0]["rerank"])
+    best = max(table, key=lambda row: row["recall"])
+    top = embedkit.Retriever(built.out, recall=1.0)
+    reached = [row for row in table if row["recall"] >= 1.0]
+    want = reached[0] if reached else best
+    assert (top.nprobe, top.rerank) == (want["nprobe"], want["rerank"])
+    with pytest.raises(EmbedkitError, match="--recall must be in"):
+        embedkit.Retriever(built.out, recall=1.5)
+
+
+def test_search_reads_queries_from_a_file(built, run_cli, tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps({"query": q}) + "\n" for q in ("open a file", "format a string", "sort a list")))
+    shown = run_cli("search", built.out, "--queries", path, "--json", "-k", "3", "--recall", "0.9")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    rows = [json.loads(line) for line in shown.stdout.strip().splitlines()]
+    assert [row["query"] for row in rows] == ["open a file", "format a string", "sort a list"]
+    assert all(len(row["hits"]) == 3 for row in rows)
+    assert run_cli("search", built.out).returncode == 2  # no query at all

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..config import IndexConfig, RunOptions
 from ..errors import EmbedkitError
+from ..fsutil import atomic_file
 from ..io.shards import OutputLock, read_manifest
 from ..io.store import VECTORS_DIR, VectorStore
 from ..run.progress import Progress
@@ -41,11 +42,13 @@ from .add import ShardSpec, device_codec, fragment_shards, index_shard_task, rea
 from .io import load_index, read_rows, write_index
 from .merge import merge_shards
 from .params import BUILD_SHARD_ROWS, IndexParams, choose_params, estimate_build_seconds
+from .queries import choose_queries, encode_queries
 from .state import (
     INDEX_DIR,
     IVFDATA,
     MERGED,
     PARAMS,
+    QUERIES,
     SHARDS,
     STATE,
     TRAINED,
@@ -56,6 +59,9 @@ from .state import (
     write_json,
 )
 from .train import train_custom, train_ivfpq
+
+# in the build key: an index tuned before query-like tuning queries is rebuilt once
+TUNING_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,10 @@ class IndexReport:
     k: int
     recall: float
     target_recall: float
-    recall_table: list = field(default_factory=list)  # [{"nprobe", "rerank", "recall"}]
+    recall_table: list = field(default_factory=list)  # [{"nprobe", "rerank", "recall"}], on the tuning queries
+    recall_stored_rows: float | None = None  # at the same nprobe and rerank, on held-out stored rows
+    tuning_queries: str = "stored rows"  # what the recall was measured on (index/queries.py SOURCES)
+    tuning_count: int = 0
     seconds: dict = field(default_factory=dict)  # phase -> seconds
     bytes: dict = field(default_factory=dict)  # file -> size
     vectors_version: int = 0
@@ -89,10 +98,12 @@ class IndexReport:
             return [f"index of {self.out} is up to date ({self.factory}, recall@{self.k} {self.recall:.3f} at nprobe {self.nprobe})"]
         phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
         met = "" if self.recall >= self.target_recall else f" (below the {self.target_recall} target)"
+        stored = "" if self.recall_stored_rows is None or self.tuning_queries.startswith("stored rows") else (
+            f" ({self.recall_stored_rows:.3f} on stored rows)")
         return [
             f"{self.factory} over {self.n:,} vectors on {self.device}: {phases}; "
-            f"recall@{self.k} {self.recall:.3f}{met} at nprobe {self.nprobe}, rerank {self.rerank}; "
-            f"{sum(self.bytes.values()) / 1e6:,.1f} MB"
+            f"recall@{self.k} {self.recall:.3f}{met} on {self.tuning_count:,} {self.tuning_queries}{stored} "
+            f"at nprobe {self.nprobe}, rerank {self.rerank}; {sum(self.bytes.values()) / 1e6:,.1f} MB"
         ]
 
 
@@ -110,6 +121,7 @@ def build_index(
     k: int = 10,
     queries: int = 1_000,
     seed: int = 1234,
+    tune_queries: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
@@ -124,6 +136,7 @@ def build_index(
     cfg = IndexConfig(
         nlist=nlist, pq_m=pq_m, opq=opq, factory=factory, memory_budget=memory_budget, target_recall=target_recall,
         device=device, shard_rows=shard_rows, k=k, queries=queries, seed=seed,
+        tune_queries=str(tune_queries) if tune_queries is not None else None,
         run=RunOptions(overwrite=overwrite, progress=progress, ray=ray, reissue=reissue),
     )  # fmt: skip
     return run_build(out, cfg, log or (lambda msg: None))
@@ -142,6 +155,7 @@ class Build:
     key: dict
     cfg: IndexConfig
     log: Callable[[str], None]
+    manifest: dict = field(default_factory=dict)  # the output's: its model encodes the tuning queries
 
 
 def run_build(out: str | Path, cfg: IndexConfig, log: Callable[[str], None]) -> IndexReport:
@@ -206,8 +220,9 @@ def plan_build(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, 
     key = {
         "vectors_version": int(ds.version), "vectors_files": vectors_identity(ds), "n": n, "dim": dim, "factory": params.factory, "metric": metric,
         "shard_rows": cfg.shard_rows or BUILD_SHARD_ROWS, "seed": cfg.seed, "queries": cfg.queries, "k": cfg.k,
+        "tune_queries": str(Path(cfg.tune_queries).resolve()) if cfg.tune_queries else None, "tuning": TUNING_VERSION,
     }  # fmt: skip
-    return Build(out, out / INDEX_DIR, params, device, ds, key, cfg, log)
+    return Build(out, out / INDEX_DIR, params, device, ds, key, cfg, log, manifest)
 
 
 def _default_budget() -> int:
@@ -246,8 +261,7 @@ def _build(b: Build) -> IndexReport:
     trained = _train(b)
     seconds["train"] = time.perf_counter() - t
     t = time.perf_counter()
-    queries = _query_positions(b)
-    qvec = read_rows(b.ds, queries)
+    queries, qvec, m, source = _tuning_set(b)
     shards = fragment_shards(b.ds, b.key["shard_rows"])
     resumed = _add(b, trained, shards, queries, qvec)
     seconds["add"] = time.perf_counter() - t
@@ -256,13 +270,17 @@ def _build(b: Build) -> IndexReport:
     seconds["merge"] = time.perf_counter() - t
     t = time.perf_counter()
     truth = _ground_truth(b, len(shards), len(queries))
-    from .search import tune
+    from .search import recall_of, tune
 
-    table, nprobe, rerank, recall = tune(index, b.ds, qvec, queries, truth, b.cfg.k, b.cfg.target_recall, b.params.nlist)
+    # tuned on the first m queries (query-like texts, or stored rows when there are none); the
+    # held-out stored rows after them give the second figure
+    table, nprobe, rerank, recall = tune(index, b.ds, qvec[:m], queries[:m], truth[:m], b.cfg.k, b.cfg.target_recall, b.params.nlist)
+    stored = recall if m == len(queries) else recall_of(index, b.ds, qvec[m:], queries[m:], truth[m:], b.cfg.k, nprobe, rerank)
     seconds["tune"] = time.perf_counter() - t
     report = IndexReport(
         out=str(b.out), factory=b.params.factory, n=b.params.n, dim=b.params.dim, metric=b.params.metric, nprobe=nprobe,
         rerank=rerank, k=b.cfg.k, recall=recall, target_recall=b.cfg.target_recall, recall_table=table,
+        recall_stored_rows=stored, tuning_queries=source, tuning_count=m,
         seconds={k: round(v, 3) for k, v in seconds.items()}, bytes=_sizes(b.dir), vectors_version=b.key["vectors_version"],
         device=b.device, shards_total=len(shards), shards_resumed=resumed,
     )  # fmt: skip
@@ -310,6 +328,31 @@ def _query_positions(b: Build) -> np.ndarray:
     held_out = candidates[train[at] != candidates]
     chosen = held_out[:q] if len(held_out) >= q else candidates[:q]
     return np.sort(chosen).astype(np.int64)
+
+
+def _tuning_set(b: Build) -> tuple[np.ndarray, np.ndarray, int, str]:
+    """(positions, vectors, m, source) of the build's queries. The first m tune: query-like
+    texts (position -1: no stored row) unless there are none, then held-out stored rows (their
+    positions, so a row is not its own neighbour) for the second figure. Kept in
+    index/queries.npz: a resumed build's ground truth must be that of the same queries."""
+    path = b.dir / QUERIES
+    if path.exists():
+        with np.load(path) as z:
+            return z["positions"], z["vectors"], int(z["m"]), str(z["source"])
+    stored = _query_positions(b)
+    svec = read_rows(b.ds, stored)
+    chosen = choose_queries(b.manifest, b.cfg.tune_queries, b.cfg.queries, b.cfg.seed)
+    if chosen.texts is None:
+        b.log(f"tuning on stored rows: {chosen.note}")
+        positions, vectors, m, source = stored, svec, len(stored), f"{chosen.source} ({chosen.note})"
+    else:
+        b.log(f"tuning on {len(chosen.texts):,} {chosen.source}")
+        like = encode_queries(chosen.texts, b.manifest, b.device).astype(np.float32)
+        positions = np.concatenate([np.full(len(like), -1, np.int64), stored])
+        vectors, m, source = np.concatenate([like, svec]).astype(np.float32), len(like), chosen.source
+    with atomic_file(path) as f:
+        np.savez(f, positions=positions, vectors=vectors, m=m, source=source)
+    return positions, vectors, m, source
 
 
 # ---- add -----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from .state import INDEX_DIR, PARAMS, index_damage, params_problem, read_json, s
 
 NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
 RERANK_FACTORS = (1, 2, 5, 10)  # rerank depth = factor * k
+TABLE_CEILING = 0.99  # the tuning table is measured up to this recall (or the grid's end)
 
 
 @dataclass(frozen=True)
@@ -142,11 +143,13 @@ def tune(index: Any, ds: Any, q: np.ndarray, qpos: np.ndarray, truth: np.ndarray
     """Smallest nprobe, then smallest rerank depth, whose recall@k reaches `target`.
 
     Returns (table, nprobe, rerank, recall); when nothing reaches the target, the best seen.
+    The table goes on past the target, up to TABLE_CEILING, so that a search can later ask
+    for a higher recall (`Retriever(recall=R)`) from what was measured.
     """
     cache = VectorCache(ds, q.shape[1])
     probes = [p for p in NPROBE_GRID if p < nlist] + [nlist] if nlist else [0]
     depths = [f * k for f in RERANK_FACTORS]
-    table, best = [], None
+    table, best, chosen = [], None, None
     for nprobe in probes:
         cand = candidates(index, q, nprobe, depths[-1], exclude=qpos)
         for depth in depths:
@@ -155,9 +158,26 @@ def tune(index: Any, ds: Any, q: np.ndarray, qpos: np.ndarray, truth: np.ndarray
             table.append({"nprobe": nprobe, "rerank": depth, "recall": round(r, 4)})
             if best is None or r > best[2] + 1e-12:
                 best = (nprobe, depth, r)
-            if r >= target:
-                return table, nprobe, depth, r
-    return table, best[0], best[1], best[2]
+            if chosen is None and r >= target:
+                chosen = (nprobe, depth, r)
+            if r >= max(target, TABLE_CEILING):
+                return (table, *chosen)
+    return (table, *(chosen or best))
+
+
+def recall_of(index: Any, ds: Any, q: np.ndarray, qpos: np.ndarray, truth: np.ndarray, k: int, nprobe: int, depth: int) -> float:
+    """recall@k of the search at one setting (the build's second figure: stored rows)."""
+    found, _ = rerank(q, candidates(index, q, nprobe, depth, exclude=qpos), VectorCache(ds, q.shape[1]), k)
+    return recall_at(found, truth)
+
+
+def setting_for(table: list[dict], recall: float) -> tuple[int, int, float]:
+    """From a build's tuning table: the first (nprobe, rerank) measured to reach `recall`, in the
+    order tuned (fewest lists first); the best measured when none does."""
+    if not table:
+        raise EmbedkitError("the index has no tuning table; rebuild it with `embedkit build-index --overwrite`")
+    row = next((r for r in table if r["recall"] >= recall), max(table, key=lambda r: r["recall"]))
+    return int(row["nprobe"]), int(row["rerank"]), float(row["recall"])
 
 
 class Retriever:
@@ -170,7 +190,8 @@ class Retriever:
     >>> r.search(["how do I open a file"], k=5).ids     # doctest: +SKIP
     """
 
-    def __init__(self, out: str | Path, *, nprobe: int | None = None, rerank: int | None = None, verify: str = "quick"):
+    def __init__(self, out: str | Path, *, nprobe: int | None = None, rerank: int | None = None, recall: float | None = None,
+                 verify: str = "quick"):  # fmt: skip
         self.out = Path(out)
         folder = self.out / INDEX_DIR
         if not self.out.is_dir():
@@ -178,6 +199,8 @@ class Retriever:
         for name, value in (("nprobe", nprobe), ("rerank", rerank)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise EmbedkitError(f"--{name} must be a positive number, not {value!r}")
+        if recall is not None and not (isinstance(recall, (int, float)) and 0 < recall <= 1):
+            raise EmbedkitError(f"--recall must be in (0, 1], not {recall!r}")
         self.params = read_json(folder / PARAMS)
         if self.params is None:
             raise EmbedkitError(f"{self.out} has no finished index; run `embedkit build-index {self.out}`")
@@ -189,8 +212,10 @@ class Retriever:
             self.ds = self._vectors()
             _verify(folder, self.params, verify)
             self.index = load_index(folder)
-            self.nprobe = nprobe or int(self.params["nprobe"])
-            self.rerank = rerank or int(self.params["rerank"])
+            self.nprobe, self.rerank = int(self.params["nprobe"]), int(self.params["rerank"])
+            if recall is not None:  # the setting the build measured to reach it
+                self.nprobe, self.rerank, _ = setting_for(self.params.get("report", {}).get("recall_table", []), recall)
+            self.nprobe, self.rerank = nprobe or self.nprobe, rerank or self.rerank
             self.cache = VectorCache(self.ds, int(self.params["key"]["dim"]))
         except (KeyError, TypeError, ValueError) as e:  # a params.json edited by hand, or from elsewhere
             raise EmbedkitError(f"{folder / PARAMS} is damaged ({type(e).__name__}: {e}); rebuild with "

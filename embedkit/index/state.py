@@ -23,6 +23,7 @@ MERGED = "merged.index"
 IVFDATA = "merged.ivfdata"
 TRAINED = "trained.index"  # the trained, empty index
 SHARDS = "shards"  # the add phase's shard indexes
+QUERIES = "queries.npz"  # the build's tuning queries (kept for a resume)
 
 
 def read_json(path: Path) -> dict | None:
