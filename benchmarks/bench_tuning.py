@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--corpus", default=str(Path(__file__).resolve().parents[1] / "data" / "sample.parquet"))
     ap.add_argument("--work", default="/tmp/bench-tuning")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default="all-MiniLM-L6-v2", help="the encoder (a folder, or the bundled default)")
     ap.add_argument("--queries", type=int, default=1000, help="held-out query-like texts")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--short", type=int, default=0, help="instead: this many distinct short texts cut from --corpus (bench_first_run's)")
@@ -49,7 +50,7 @@ def main() -> None:
 
         args.corpus = str(short_corpus(Path(args.corpus), args.short, work))
     out = work / "out"
-    embedkit.encode(args.corpus, out, device=args.device, progress=False)
+    embedkit.encode(args.corpus, out, model=args.model, device=args.device, progress=False)
     stored_out = work / "stored"
     shutil.copytree(out, stored_out)
     manifest = read_manifest(stored_out)
