@@ -416,13 +416,15 @@ def faiss_baseline(out: Path, factory: str, train_size: int, args) -> dict:
 
 
 def baseline_sample(out: Path, train_size: int) -> tuple[np.ndarray, float]:
-    """The baseline's training sample (fixed seed, the size embedkit trains on) and seconds to read it."""
+    """The baseline's training sample (embedkit's sampler and seed, the size embedkit trains on)
+    and seconds to read it."""
     import lance
 
+    from embedkit.index.build import sample_positions
     from embedkit.index.io import read_rows
 
     ds = lance.dataset(str(out / "vectors.lance"))
-    positions = np.sort(np.random.default_rng(1234).choice(ds.count_rows(), size=train_size, replace=False))
+    positions = sample_positions(ds.count_rows(), train_size, 1234)
     t = time.perf_counter()
     sample = read_rows(ds, positions)
     return sample, time.perf_counter() - t

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from embedkit.errors import EmbedkitError
@@ -250,3 +251,18 @@ def test_estimate_gpu_faster_than_cpu(n):
     assert estimate_build_seconds(p, gpu=True, cores=16) < cpu
     # and more CPU cores are faster than fewer
     assert cpu < estimate_build_seconds(p, gpu=False, cores=2)
+
+
+def test_training_samples_are_runs_of_neighbouring_rows_spread_over_the_data():
+    from embedkit.index.build import SAMPLE_RUN, sample_positions
+
+    got = sample_positions(1_000_000, 100_000, seed=5)
+    assert len(got) == 100_000 == len(np.unique(got)) and (np.diff(got) > 0).all()
+    assert 0 <= got.min() and got.max() < 1_000_000
+    assert (got == sample_positions(1_000_000, 100_000, seed=5)).all() and not (got == sample_positions(1_000_000, 100_000, seed=6)).all()
+    runs = np.split(got, np.flatnonzero(np.diff(got) != 1) + 1)
+    assert np.median([len(r) for r in runs]) >= SAMPLE_RUN  # read as runs, not one by one
+    assert got.max() - got.min() > 900_000  # spread over the whole range
+    assert (sample_positions(100, 500, seed=1) == np.arange(100)).all()
+    small = sample_positions(100, 90, seed=1)  # too few runs of 64: single rows
+    assert len(small) == 90 == len(np.unique(small))
