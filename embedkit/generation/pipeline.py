@@ -261,7 +261,7 @@ def generate_shard(gen: Generator, corpus: Corpus, store: VectorStore, schema: p
     truncated = int(np.sum(columns["truncated"])) if table.num_rows else 0
     decoder = slot_decoder(gen.lm) if gen.cfg.task == "summarize" else None
     decode = dict(decoder.stats) if decoder is not None else {}
-    return {"docs": rows.num_rows, "prompt": prompt_tokens, "new": new_tokens, "truncated": truncated, "empty": empty, "shards": 1,
+    return {"docs": rows.num_rows, "prompt": prompt_tokens, "new": new_tokens, "tokens": prompt_tokens + new_tokens, "truncated": truncated, "empty": empty, "shards": 1,
             "shards_done": 1, "decode": decode, "phases": phases}  # fmt: skip
 
 

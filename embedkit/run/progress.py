@@ -37,8 +37,8 @@ class Progress:
                 self._postfix()
 
     def committed(self, part: dict) -> None:
-        """A shard task's result landed (the executors' `on_commit`): its docs, tokens and shard."""
-        self.update(int(part.get("docs", 0)), int(part.get("tokens", 0) or part.get("prompt", 0) + part.get("new", 0)))
+        """A shard task's result landed (the executors' `on_commit`): its `docs`, `tokens` and shard."""
+        self.update(int(part.get("docs", 0)), int(part.get("tokens", 0)))
         self.shard_done()
 
     def shard_done(self) -> None:
