@@ -16,7 +16,7 @@ import embedkit
 PACKAGE = Path(embedkit.__file__).parent
 # lowest first; a module may import its own layer and the layers before it
 LAYERS = [
-    ("base", ("embedkit.errors", "embedkit.units", "embedkit.version", "embedkit.config", "embedkit.fsutil", "embedkit.digest")),
+    ("base", ("embedkit.errors", "embedkit.units", "embedkit.version", "embedkit.config", "embedkit.fsutil", "embedkit.digest", "embedkit.interrupts")),
     ("engine", ("embedkit.engine",)),
     ("io", ("embedkit.io",)),
     ("run", ("embedkit.run",)),

@@ -76,3 +76,56 @@ def test_concat_keeps_row_order(tokenizer):
 def test_max_length_must_leave_room_for_content(st_model):
     with pytest.raises(ValueError, match="special tokens"):
         TextTokenizer(fast_tokenizer_json(st_model), 2)
+
+
+# A Ctrl-C can land on any line while the pool is being built (Python raises KeyboardInterrupt in
+# the main thread wherever it is, the standard library's Pool constructor included). This script
+# sends itself SIGINT on the AT-th line that runs inside multiprocessing's pool module.
+_INTERRUPT_AT_LINE = """
+import json, multiprocessing, multiprocessing.pool, os, signal, sys
+import lance  # noqa: F401  (its at-fork hook warns on every fork outside the pool's own)
+from embedkit.engine.tokenize import TokenizerPool
+at, seen = int(sys.argv[2]), 0
+def line(frame, event, arg):
+    global seen
+    if event == "line":
+        seen += 1
+        if seen == at:
+            os.kill(os.getpid(), signal.SIGINT)
+    return line
+def call(frame, event, arg):
+    return line if frame.f_code.co_filename == multiprocessing.pool.__file__ else None
+interrupted = False
+sys.settrace(call)
+try:
+    pool = TokenizerPool(open(sys.argv[1]).read(), 64, 2)
+except KeyboardInterrupt as e:
+    interrupted, kept = True, e  # held as the CLI holds it (it exits from its except block)
+else:
+    sys.settrace(None)
+    pool.close()
+sys.settrace(None)
+print(json.dumps({"interrupted": interrupted, "lines": seen, "children": len(multiprocessing.active_children())}))
+"""
+
+
+def test_ctrl_c_while_the_pool_is_built_leaves_no_worker_and_prints_nothing(st_model, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script, tok = tmp_path / "interrupt.py", tmp_path / "tokenizer.json"
+    script.write_text(_INTERRUPT_AT_LINE)
+    tok.write_text(fast_tokenizer_json(st_model))
+
+    def run(at: int) -> dict:
+        proc = subprocess.run([sys.executable, str(script), str(tok), str(at)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stderr == "", (at, proc.returncode, proc.stderr[-3000:])
+        return json.loads(proc.stdout)
+
+    whole = run(0)  # no interrupt: how many lines the constructor runs in the pool module
+    assert not whole["interrupted"] and whole["children"] == 0 and whole["lines"] > 20
+    for at in sorted({1, whole["lines"] // 3, whole["lines"] // 2, 2 * whole["lines"] // 3, whole["lines"]}):
+        got = run(at)
+        assert got["interrupted"], (at, got)  # the interrupt is not lost: raised once the pool is closed
+        assert got["children"] == 0, (at, got)  # and no worker is left running

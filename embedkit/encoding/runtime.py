@@ -25,6 +25,7 @@ from ..config import EncodeConfig
 from ..engine.batching import pack_batches, pad_rows
 from ..engine.encoder import Encoder, default_batch_tokens, model_config
 from ..engine.tokenize import Tokenized, TokenizerPool, default_workers
+from ..interrupts import held_interrupts
 from ..io.corpus import Corpus, drop_empty
 from ..io.shards import Shard
 from ..io.store import vectors_table
@@ -92,19 +93,29 @@ class _Feed:
     def __init__(self, corpus: Corpus, pending: list[Shard], cfg: EncodeConfig, spec: TokenizerSpec, budget: Callable[[], int], workers: int,
                  prefetch: int):  # fmt: skip
         self.pool = TokenizerPool(spec.json, spec.max_length, workers, spec.truncation_side)
-        # after the fork: sizing the budget from free device memory creates the CUDA context
-        self.budget = budget()
         self.items: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=_produce, args=(corpus, pending, self.pool, cfg, self.budget, self.items, self.stop),
-                                       daemon=True, name="embedkit-producer")  # fmt: skip
-        self.thread.start()
+        self.thread: threading.Thread | None = None
+        try:
+            # after the fork: sizing the budget from free device memory creates the CUDA context
+            self.budget = budget()
+            thread = threading.Thread(target=_produce, args=(corpus, pending, self.pool, cfg, self.budget, self.items, self.stop),
+                                      daemon=True, name="embedkit-producer")  # fmt: skip
+            with held_interrupts() as interrupted:  # a thread cut off inside start() cannot be joined
+                thread.start()
+                self.thread = thread
+            if interrupted:
+                raise KeyboardInterrupt
+        except BaseException:  # a Ctrl-C here must not leave the workers to the interpreter's exit
+            self.close()
+            raise
 
     def close(self) -> None:
         """Stop the producer and the workers (idempotent)."""
         self.stop.set()
         _drain(self.items)
-        self.thread.join(timeout=30)
+        if self.thread is not None:
+            self.thread.join(timeout=30)
         self.pool.close()
 
 

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ..interrupts import held_interrupts
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -152,19 +154,25 @@ def default_workers(device_type: str) -> int:
 
 
 @contextlib.contextmanager
-def _no_sigint() -> Iterator[None]:
-    """SIGINT held back while the pool forks: a Ctrl-C landing in a child between the fork and
-    `_init_worker` would print a traceback from the child's at-fork handlers. The children (and
-    the pool's threads, started here) inherit the blocked signal; each worker ignores SIGINT
-    before it unblocks it, and the parent gets a pending Ctrl-C once the pool is up."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+def _no_sigint() -> Iterator[list[int]]:
+    """Ctrl-C held back while the pool is built; yields the interrupts seen meanwhile.
+
+    A Ctrl-C landing in a child between the fork and `_init_worker` would print a traceback from
+    the child's at-fork handlers, so SIGINT is blocked in this thread around the forks (the
+    children and the pool's threads inherit the mask; each worker ignores SIGINT and unblocks
+    it). The kernel still hands the signal to another thread of this process, and Python would
+    then raise in `Pool.__init__`: `held_interrupts` records it instead, for the caller to close
+    the finished pool and re-raise.
+    """
+    # The mask is lifted inside the held region: a SIGINT left pending by the mask is delivered
+    # then, and must still be recorded rather than raised.
+    with held_interrupts() as seen:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if hasattr(signal, "pthread_sigmask") else None
+        try:
+            yield seen
+        finally:
+            if old is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class TokenizerPool:
@@ -187,8 +195,11 @@ class TokenizerPool:
             with warnings.catch_warnings():
                 # lance warns on any fork once imported; these children never call lance
                 warnings.filterwarnings("ignore", message=".*fork-safe.*")
-                with _no_sigint():
+                with _no_sigint() as interrupted:
                     self._pool = mp.get_context(method).Pool(workers, _init_worker, (tokenizer_json, max_length, truncation_side))
+            if interrupted:
+                self.close()
+                raise KeyboardInterrupt
 
     def submit(self, texts: "pa.Array | list[str]") -> "_Pending":
         """Start tokenizing; `texts` is an Arrow string array or a list (None counts as "")."""
