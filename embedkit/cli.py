@@ -98,6 +98,9 @@ def main() -> None:
 @click.option("--store-text", is_flag=True, help="Store each document's text in a `text` column beside its vector (search shows it).")
 @click.option("--keep-columns", default=None, metavar="A,B", help="Also store these input columns beside the vectors, with their types.")
 @click.option("--follow-symlinks", is_flag=True, help="A folder of .txt files: also read links that point outside it (refused otherwise).")
+@click.option("--chunk-tokens", type=int, default=None,
+              help="Split documents longer than N tokens into chunks of at most N (one row each: id, chunk, start, end); nothing is cut.")
+@click.option("--chunk-overlap", type=int, default=0, show_default=True, help="--chunk-tokens: tokens each chunk repeats from the one before.")
 @click.option("--overwrite", is_flag=True, help="Delete OUT's vectors, index and manifest and start fresh.")
 @click.option("--gpus", default="1", show_default=True, help="Workers: all (every GPU) or N (N GPUs; on a CPU, N at once); more than one runs shard tasks on a local Ray (pip install 'embedkit[ray]').")
 @click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]", help="Run shards as Ray tasks: a local Ray, or the cluster at ADDRESS (pip install 'embedkit[ray]').")
@@ -207,8 +210,9 @@ def build_index(out: str, memory_budget: str | None, quiet: bool, as_json: bool,
 @click.option("--recall", type=float, default=None, help="Use the nprobe and rerank the build measured to reach this recall@k.")
 @click.option("--nprobe", type=int, default=None, help="Inverted lists to visit (default: the tuned value in index/params.json).")
 @click.option("--rerank", type=int, default=None, help="Candidates reranked exactly (default: the tuned value).")
+@click.option("--chunks", is_flag=True, help="An output encoded with --chunk-tokens: the k best chunks, not the k best documents.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines, one object per query: {query, hits: [{id, score, text?, ...kept columns}]}.")
-def search(out: str, texts: tuple[str, ...], queries_file: str | None, k: int, recall: float | None, nprobe: int | None, rerank: int | None,
+def search(out: str, texts: tuple[str, ...], queries_file: str | None, k: int, chunks: bool, recall: float | None, nprobe: int | None, rerank: int | None,
            as_json: bool) -> None:  # fmt: skip
     """Search OUT's index with the given texts (or --queries FILE), encoded by OUT's model."""
     from .index.queries import read_query_file
@@ -217,7 +221,7 @@ def search(out: str, texts: tuple[str, ...], queries_file: str | None, k: int, r
     if not texts and queries_file is None:
         _refuse("give query texts, or --queries FILE")
     texts = (*texts, *(_run(lambda: read_query_file(queries_file, "--queries")) if queries_file else ()))
-    results = _run(lambda: Retriever(out, nprobe=nprobe, rerank=rerank, recall=recall).search(list(texts), k=k))
+    results = _run(lambda: Retriever(out, nprobe=nprobe, rerank=rerank, recall=recall).search(list(texts), k=k, chunks=chunks))
     if as_json:
         for row in results.to_json(list(texts)):  # JSON lines: one object per query
             click.echo(json.dumps(row, default=str))

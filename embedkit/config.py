@@ -24,7 +24,7 @@ DEFAULT_SHARD_ROWS = {"cuda": 1_000_000, "cpu": 10_000}
 OUTPUT_DTYPES = ("float16", "float32")
 # The columns vectors.lance holds itself (store.vectors_schema; `text` with --store-text): a kept
 # input column may not take one of these names.
-OUTPUT_COLUMNS = ("id", "vector", "n_tokens", "truncated", "text")
+OUTPUT_COLUMNS = ("id", "vector", "n_tokens", "truncated", "chunk", "start", "end", "text")
 EXPORT_FORMATS = ("jsonl", "csv", "parquet")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -78,6 +78,8 @@ class EncodeConfig:
     store_text: bool = False  # --store-text: each document's text in a `text` column beside its vector
     keep_columns: tuple[str, ...] = ()  # --keep-columns: input columns stored beside the vectors, with their types
     follow_symlinks: bool = False  # --follow-symlinks: a .txt folder's links to files outside it are read too
+    chunk_tokens: int | None = None  # --chunk-tokens: long documents split into chunks of at most this many tokens
+    chunk_overlap: int = 0  # --chunk-overlap: tokens each chunk repeats from the end of the one before
     run: RunOptions = RunOptions()
 
     def __post_init__(self) -> None:
@@ -87,6 +89,7 @@ class EncodeConfig:
         if self.dtype not in OUTPUT_DTYPES:
             raise EmbedkitError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {self.dtype!r}")
         check_device(self.device, self.precision)
+        _check_chunking(self.chunk_tokens, self.chunk_overlap)
         for name in ("batch_tokens", "shard_rows", "max_seq_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -95,6 +98,21 @@ class EncodeConfig:
             raise EmbedkitError(f"--window-docs must be positive, not {self.window_docs}")
         if self.tokenize_workers is not None and self.tokenize_workers < 0:
             raise EmbedkitError(f"--tokenize-workers must be 0 or more, not {self.tokenize_workers}")
+
+
+def _check_chunking(tokens: int | None, overlap: int) -> None:
+    """--chunk-tokens positive; --chunk-overlap only with it, and under half a chunk (each chunk
+    must move past the one before). The model's limits are checked once it is loaded."""
+    from .errors import EmbedkitError
+
+    if tokens is not None and (not isinstance(tokens, int) or tokens < 1):
+        raise EmbedkitError(f"--chunk-tokens must be a positive number, not {tokens!r}")
+    if not isinstance(overlap, int) or overlap < 0:
+        raise EmbedkitError(f"--chunk-overlap must be 0 or more, not {overlap!r}")
+    if overlap and tokens is None:
+        raise EmbedkitError("--chunk-overlap needs --chunk-tokens")
+    if tokens is not None and overlap * 2 >= tokens:
+        raise EmbedkitError(f"--chunk-overlap {overlap} must be less than half of --chunk-tokens {tokens}")
 
 
 def _check_kept_names(names: tuple[str, ...]) -> None:

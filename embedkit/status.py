@@ -75,12 +75,19 @@ def _model_lines(m: dict) -> list[str]:
     if "model" in m:
         model, output = m["model"], m["output"]
         return [f"model {model['name']} (dim {model['dim']}, max {model['max_seq_length']} tokens, {model['pooling']} pooling)",
-                f"vectors {output['dtype']}, normalize {output['normalize']}"]  # fmt: skip
+                f"vectors {output['dtype']}, normalize {output['normalize']}{_chunking(output)}"]  # fmt: skip
     task, gen = m["task"], m["generator"]
     detail = f", labels {', '.join(task['labels'])}" if task.get("labels") else ""
     if task["task"] == "summarize":
         detail = f", up to {task.get('max_new_tokens')} new tokens, temperature {task.get('temperature')}"
     return [f"generator {gen['name']} ({gen['precision']}); task {task['task']}{detail}", f"prompt {task['prompt']!r}"]
+
+
+def _chunking(output: dict) -> str:
+    """How documents were split ("" when they were cut at the model's length instead)."""
+    if not output.get("chunk_tokens"):
+        return ""
+    return f"; documents split into chunks of {output['chunk_tokens']} tokens, overlap {output.get('chunk_overlap', 0)}"
 
 
 def output_kind(manifest: dict) -> str:

@@ -23,6 +23,7 @@ from ..engine.models import (
     truncation_side,
     weights_hash,
 )
+from ..engine.tokenize import TextTokenizer
 from ..errors import EmbedkitError
 from ..io.corpus import Columns, Corpus, find_first_duplicate, open_corpus
 from ..io.shards import MANIFEST, Shard, manifest_differences, read_manifest, shards_from_manifest, write_manifest
@@ -52,7 +53,33 @@ def open_input(input: str | Path, cfg: EncodeConfig) -> Corpus:
 
 
 def output_schema(corpus: Corpus, cfg: EncodeConfig, dim: int) -> pa.Schema:
-    return vectors_schema(corpus.id_type, dim, cfg.dtype, text=cfg.store_text, kept=corpus.kept_fields)
+    return vectors_schema(corpus.id_type, dim, cfg.dtype, text=cfg.store_text, kept=corpus.kept_fields,
+                          chunked=cfg.chunk_tokens is not None)  # fmt: skip
+
+
+def tokens_per_row(st: Any, cfg: EncodeConfig) -> int:
+    """The tokens a row holds at most: the model's length, or the chunk size (which must fit it)."""
+    max_length = model_max_length(st, cfg.max_seq_length)
+    if cfg.chunk_tokens is None:
+        return max_length
+    if cfg.chunk_tokens > max_length:
+        raise EmbedkitError(f"--chunk-tokens {cfg.chunk_tokens} is above the model's max sequence length {max_length}")
+    content = cfg.chunk_tokens - special_tokens(st)
+    if content < 1 or cfg.chunk_overlap * 2 >= content:
+        raise EmbedkitError(f"--chunk-tokens {cfg.chunk_tokens} leaves {max(content, 0)} tokens of text beside the model's "
+                            f"special tokens: too few for --chunk-overlap {cfg.chunk_overlap}")  # fmt: skip
+    return cfg.chunk_tokens
+
+
+def special_tokens(st: Any) -> int:
+    """How many special tokens the model's tokenizer wraps each text in."""
+    tok = TextTokenizer(fast_tokenizer_json(st), model_max_length(st, None))
+    return len(tok.prefix) + len(tok.suffix)
+
+
+def chunk_overlap(cfg: EncodeConfig) -> int | None:
+    """What the tokenizer takes: None (cut long texts) or the overlap of their chunks."""
+    return cfg.chunk_overlap if cfg.chunk_tokens is not None else None
 
 
 def carried_columns(cfg: EncodeConfig) -> list[str]:
@@ -72,9 +99,10 @@ class Job:
     shards: list[Shard]
     store: VectorStore
     schema: pa.Schema
-    max_length: int
+    max_length: int  # tokens per row: the model's length, or the chunk size
     tokenizer_json: str
     truncation_side: str
+    chunk_overlap: int | None = None  # None: texts are cut at max_length; else split into chunks
 
 
 def prepare_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice, source: ModelSource, manifest: dict,
@@ -83,6 +111,7 @@ def prepare_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoi
     # Load on the CPU: the tokenizer workers fork before the model moves to a GPU.
     st = load_sentence_transformer(source, "cpu")
     max_length = model_max_length(st, cfg.max_seq_length)
+    row_tokens = tokens_per_row(st, cfg)
     dim = embedding_dim(st)
     manifest["model"].update(dim=dim, max_seq_length=max_length, pooling=pooling_mode(st))
     if manifest["model"]["weights_sha256"] is None:  # a hub model loaded from the hub: hashed from its parameters
@@ -99,7 +128,8 @@ def prepare_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoi
         store.create(schema)
     return Job(
         out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest), store=store,
-        schema=schema, max_length=max_length, tokenizer_json=fast_tokenizer_json(st), truncation_side=truncation_side(st),
+        schema=schema, max_length=row_tokens, tokenizer_json=fast_tokenizer_json(st), truncation_side=truncation_side(st),
+        chunk_overlap=chunk_overlap(cfg),
     )  # fmt: skip
 
 
@@ -112,8 +142,8 @@ def attach_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoic
     dim = embedding_dim(st)
     return Job(
         out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest), store=VectorStore(out),
-        schema=output_schema(corpus, cfg, dim), max_length=model_max_length(st, cfg.max_seq_length),
-        tokenizer_json=fast_tokenizer_json(st), truncation_side=truncation_side(st),
+        schema=output_schema(corpus, cfg, dim), max_length=tokens_per_row(st, cfg),
+        tokenizer_json=fast_tokenizer_json(st), truncation_side=truncation_side(st), chunk_overlap=chunk_overlap(cfg),
     )  # fmt: skip
 
 
@@ -125,7 +155,8 @@ def build_manifest(corpus: Corpus, cfg: EncodeConfig, source: ModelSource, shard
         "embedkit_version": __version__,
         "model": {"name": source.name, "weights_sha256": weights_hash(source), "dim": None, "max_seq_length": max_length, "pooling": None},
         "output": {"dtype": cfg.dtype, "normalize": cfg.normalize, "keep_empty": cfg.keep_empty, "store_text": cfg.store_text,
-                   "keep_columns": list(cfg.keep_columns)},
+                   "keep_columns": list(cfg.keep_columns), "chunk_tokens": cfg.chunk_tokens or 0,
+                   "chunk_overlap": cfg.chunk_overlap},
         "input": corpus.fingerprint(cache=cache),
         "plan": {"rows": corpus.num_rows, "shard_rows": shard_rows, "shards": -(-corpus.num_rows // shard_rows)},
     }

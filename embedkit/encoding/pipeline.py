@@ -54,6 +54,8 @@ def encode(
     store_text: bool = False,
     keep_columns: Sequence[str] = (),
     follow_symlinks: bool = False,
+    chunk_tokens: int | None = None,
+    chunk_overlap: int = 0,
 ) -> EncodeSummary:
     """Embed every row of INPUT into OUT/vectors.lance; resumable, one commit per shard.
 
@@ -61,6 +63,10 @@ def encode(
     LanceDB sees it). `keep_columns`: input columns stored beside the vectors too, with their
     input types. Both are pinned in the manifest: a resume must give the same.
     `follow_symlinks`: a folder of .txt files may hold links to files outside it (refused otherwise).
+    `chunk_tokens`: a document longer than this many tokens is split, not cut: into chunks of at
+    most that many tokens (special tokens included), each repeating `chunk_overlap` tokens of
+    the one before, cut at a sentence end where one is near. Each chunk is a row with the
+    document's `id`, its number `chunk` (0, 1, ...) and its character span `start`, `end`.
 
     `gpus`: workers, one per GPU ("all": every visible GPU); on a CPU, that many at once. More
     than one runs the shards as tasks on a Ray of this machine, started for the run and shut
@@ -80,7 +86,7 @@ def encode(
         tokenize_workers=tokenize_workers, window_docs=window_docs, keep_empty=keep_empty, allow_duplicate_ids=allow_duplicate_ids,
         max_seq_length=max_seq_length, store_text=store_text,
         keep_columns=keep_columns if isinstance(keep_columns, str) else tuple(keep_columns),  # a str is refused by name
-        follow_symlinks=follow_symlinks,
+        follow_symlinks=follow_symlinks, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap,
         run=RunOptions(overwrite=overwrite, progress=progress, workers=_worker_count(gpus, device), ray=ray, reissue=reissue),
     )  # fmt: skip
     return run_encode(input, out, cfg)

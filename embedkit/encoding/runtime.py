@@ -28,7 +28,7 @@ from ..engine.tokenize import Tokenized, TokenizerPool, default_workers
 from ..interrupts import held_interrupts
 from ..io.corpus import Corpus, drop_empty
 from ..io.shards import Shard
-from ..io.store import vectors_table
+from ..io.store import CHUNK_COLUMNS, vectors_table
 from ..run.progress import Progress
 from .job import Job, carried_columns
 from .summary import EncodeSummary
@@ -51,6 +51,7 @@ class _Window:
     tokens: int
     padded_tokens: int
     skipped_empty: int
+    docs: int  # the input's documents in it (fewer than rows when documents are split into chunks)
 
 
 @dataclass
@@ -66,6 +67,7 @@ class _ShardEnd:
 @dataclass
 class Totals:
     docs: int = 0
+    chunks: int = 0
     tokens: int = 0
     padded_tokens: int = 0
     truncated: int = 0
@@ -78,11 +80,13 @@ class Totals:
 
 @dataclass(frozen=True)
 class TokenizerSpec:
-    """What the tokenizer workers need: the model's `tokenizers` definition, the length cut and side."""
+    """What the tokenizer workers need: the model's `tokenizers` definition, the length cut and
+    side, and the chunks' overlap when long texts are split rather than cut."""
 
     json: str
     max_length: int
     truncation_side: str
+    chunk_overlap: int | None = None
 
 
 class _Feed:
@@ -92,7 +96,7 @@ class _Feed:
 
     def __init__(self, corpus: Corpus, pending: list[Shard], cfg: EncodeConfig, spec: TokenizerSpec, budget: Callable[[], int], workers: int,
                  prefetch: int):  # fmt: skip
-        self.pool = TokenizerPool(spec.json, spec.max_length, workers, spec.truncation_side)
+        self.pool = TokenizerPool(spec.json, spec.max_length, workers, spec.truncation_side, spec.chunk_overlap)
         self.items: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -120,7 +124,7 @@ class _Feed:
 
 
 def _job_spec(job: "Job") -> TokenizerSpec:
-    return TokenizerSpec(job.tokenizer_json, job.max_length, job.truncation_side)
+    return TokenizerSpec(job.tokenizer_json, job.max_length, job.truncation_side, job.chunk_overlap)
 
 
 def run_shards(corpus: Corpus, job: Job, pending: list[Shard], cfg: EncodeConfig, skipped: int,
@@ -150,7 +154,8 @@ class _Written:
     """A window's rows, written as Lance fragments but not yet committed."""
 
     fragments: list[Any]
-    docs: int
+    docs: int  # the input's documents
+    chunks: int  # the rows written when documents are split, else 0
     tokens: int
     padded_tokens: int
     truncated: int
@@ -186,7 +191,7 @@ def _consume(items: queue.Queue, encoder: Encoder, job: Job, totals: Totals, bar
                 if item.batches:
                     outputs = [encoder.forward(ids, lengths) for ids, lengths in item.batches]
                     written.append(writer.submit(_write_window, encoder, job, item, outputs))
-                bar.update(len(item.n_tokens) + item.skipped_empty, item.tokens)
+                bar.update(item.docs + item.skipped_empty, item.tokens)
             elif isinstance(item, _ShardEnd):
                 if last_commit is not None:
                     last_commit.result()  # surface a failed commit before going on
@@ -213,8 +218,10 @@ def _write_window(encoder: Encoder, job: Job, window: _Window, outputs: list[Any
         quarantined = tuple(rows.column("id").take(pa.array(bad)).to_pylist())
         rows, vectors, n_tokens, truncated = rows.filter(pa.array(keep)), vectors[keep], n_tokens[keep], truncated[keep]
     table = vectors_table(job.schema, rows.column("id"), vectors, n_tokens, truncated, columns=rows)
+    chunked = job.chunk_overlap is not None  # a document is counted once, whatever its chunks
     return _Written(
-        fragments=job.store.write_fragments(table) if table.num_rows else [], docs=table.num_rows, tokens=window.tokens,
+        fragments=job.store.write_fragments(table) if table.num_rows else [], docs=window.docs if chunked else table.num_rows,
+        chunks=table.num_rows if chunked else 0, tokens=window.tokens,
         padded_tokens=window.padded_tokens, truncated=int(truncated.sum()), retried=retried, quarantined=quarantined,
     )  # fmt: skip
 
@@ -235,6 +242,7 @@ def _commit_shard(job: Job, shard: Shard, written: list[Future], totals: Totals,
     totals.retried += sum(p.retried for p in parts)
     totals.quarantined_ids += quarantined
     totals.docs += sum(p.docs for p in parts)
+    totals.chunks += sum(p.chunks for p in parts)
     totals.tokens += sum(p.tokens for p in parts)
     totals.padded_tokens += sum(p.padded_tokens for p in parts)
     totals.truncated += sum(p.truncated for p in parts)
@@ -312,9 +320,15 @@ def _drain(items: queue.Queue) -> None:
 
 def _pack(shard: Shard, rows: pa.Table, pending: Any, skipped_empty: int, budget: int) -> _Window:
     tok: Tokenized = pending.get()
-    if rows.num_rows == 0:  # every text of the window was empty
+    docs = rows.num_rows
+    if docs == 0:  # every text of the window was empty
         none = np.zeros(0, np.int32)
-        return _Window(shard, rows, none, none.astype(bool), [], 0, 0, skipped_empty)
+        return _Window(shard, rows, none, none.astype(bool), [], 0, 0, skipped_empty, 0)
+    if tok.chunks is not None:  # one row per chunk: its document's columns, then where it lies
+        c = tok.chunks
+        rows = rows.take(pa.array(c.source))
+        for name in CHUNK_COLUMNS:
+            rows = rows.append_column(name, pa.array(getattr(c, name), pa.int32()))
     batches = pack_batches(tok.lengths, budget)
     order = np.concatenate([b.rows for b in batches])
     padded = [(pad_rows(tok.flat, tok.offsets, b.rows, b.seq_len), tok.lengths[b.rows].astype(np.int32)) for b in batches]
@@ -327,12 +341,13 @@ def _pack(shard: Shard, rows: pa.Table, pending: Any, skipped_empty: int, budget
         tokens=int(tok.lengths.sum()),
         padded_tokens=sum(b.padded_tokens for b in batches),
         skipped_empty=skipped_empty,
+        docs=docs,
     )
 
 
 def make_summary(job: Job, t: Totals, seconds: float, skipped: int) -> EncodeSummary:
     return EncodeSummary(
-        out=str(job.out), device=job.choice.device, docs=t.docs, tokens=t.tokens, padded_tokens=t.padded_tokens,
+        out=str(job.out), device=job.choice.device, docs=t.docs, chunks=t.chunks, tokens=t.tokens, padded_tokens=t.padded_tokens,
         seconds=seconds, truncated=t.truncated, skipped_empty=t.skipped_empty, shards_done=t.shards_done,
         shards_skipped=skipped, shards_total=len(job.shards), input_wait_seconds=round(t.input_wait, 3),
         retried=t.retried, quarantined=len(t.quarantined_ids), quarantined_ids=tuple(t.quarantined_ids),

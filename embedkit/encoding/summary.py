@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..io.shards import RunSummary
 
-SUMMED_FIELDS = ("docs", "tokens", "padded_tokens", "truncated", "skipped_empty", "shards_done", "input_wait_seconds", "retried", "quarantined")
+SUMMED_FIELDS = ("docs", "chunks", "tokens", "padded_tokens", "truncated", "skipped_empty", "shards_done", "input_wait_seconds", "retried", "quarantined")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class EncodeSummary(RunSummary):
     retried: int = 0  # rows whose vectors were not finite, run again alone in fp32
     quarantined: int = 0  # rows still not finite: left out, their ids recorded in their shard's commit
     quarantined_ids: tuple = ()  # this process's quarantined ids (all of them: `embedkit status OUT --json`)
+    chunks: int = 0  # --chunk-tokens: the rows written, one per chunk (`docs` counts the documents)
 
     @property
     def tokens_per_second(self) -> float:
@@ -55,7 +56,7 @@ class EncodeSummary(RunSummary):
 
     def work_line(self, shards: str) -> str:
         return (
-            f"{self.docs} docs, {self.tokens} tokens in {self.seconds:.1f} s "
+            f"{self.docs} docs{f' in {self.chunks} chunks' if self.chunks else ''}, {self.tokens} tokens in {self.seconds:.1f} s "
             f"({self.tokens_per_second:,.0f} tokens/s) on {self.device}; "
             f"{self.truncated} truncated, {self.skipped_empty} empty skipped, "
             f"padding {100 * self.padding_overhead:.1f}%, {shards}"

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 import numpy as np
 
 from ..interrupts import held_interrupts
+from .chunking import chunk_bounds
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -32,6 +33,7 @@ class Tokenized:
     flat: np.ndarray  # int32 ids, truncated to max_length, special tokens included
     offsets: np.ndarray  # int64, len = rows + 1
     n_tokens: np.ndarray  # int32 full token count (before truncation), special tokens included
+    chunks: Chunks | None = None  # when documents are split: which text and span each row is
 
     @property
     def lengths(self) -> np.ndarray:
@@ -41,6 +43,39 @@ class Tokenized:
     def truncated(self) -> np.ndarray:
         return self.n_tokens > self.lengths
 
+    def text_tokens(self) -> np.ndarray:
+        """Tokens the model reads per text given: its row's, or the sum of its chunks'."""
+        if self.chunks is None:
+            return self.lengths
+        return np.bincount(self.chunks.source, weights=self.lengths, minlength=self.chunks.texts).astype(np.int64)
+
+    def text_truncated(self) -> np.ndarray:
+        """Per text given, whether tokens were cut (never, when texts are split into chunks)."""
+        return self.truncated if self.chunks is None else np.zeros(self.chunks.texts, bool)
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """Per row of a chunked Tokenized: its text (`source`, an index into the texts given), its
+    number within that text (`chunk`, from 0) and its character span [start, end) in it."""
+
+    source: np.ndarray  # int64
+    chunk: np.ndarray  # int32
+    start: np.ndarray  # int32
+    end: np.ndarray  # int32
+    texts: int  # how many texts the rows came from
+
+    @staticmethod
+    def concat(parts: Sequence[Chunks]) -> Chunks:
+        shift = np.cumsum([0] + [p.texts for p in parts[:-1]])
+        return Chunks(
+            source=np.concatenate([p.source + s for p, s in zip(parts, shift)]),
+            chunk=np.concatenate([p.chunk for p in parts]),
+            start=np.concatenate([p.start for p in parts]),
+            end=np.concatenate([p.end for p in parts]),
+            texts=sum(p.texts for p in parts),
+        )
+
 
 def concat(parts: Sequence[Tokenized]) -> Tokenized:
     """One Tokenized from several, rows in order."""
@@ -49,10 +84,12 @@ def concat(parts: Sequence[Tokenized]) -> Tokenized:
     lengths = np.concatenate([p.lengths for p in parts])
     offsets = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
+    chunked = [p.chunks for p in parts if p.chunks is not None]
     return Tokenized(
         flat=np.concatenate([p.flat for p in parts]),
         offsets=offsets,
         n_tokens=np.concatenate([p.n_tokens for p in parts]),
+        chunks=Chunks.concat(chunked) if chunked else None,
     )
 
 
@@ -65,11 +102,14 @@ class TextTokenizer:
     extra, where truncating inside the tokenizer would need a second pass over long documents.
     """
 
-    def __init__(self, tokenizer_json: str, max_length: int, truncation_side: str = "right"):
+    def __init__(self, tokenizer_json: str, max_length: int, truncation_side: str = "right", chunk_overlap: int | None = None):
+        """`chunk_overlap` set (0 or more): texts longer than `max_length` are split into
+        overlapping chunks (see `chunk_bounds`) instead of cut; every token is kept."""
         from tokenizers import Tokenizer
 
         self.max_length = max_length
         self.truncation_side = truncation_side
+        self.chunk_overlap = chunk_overlap
         self._tok = Tokenizer.from_str(tokenizer_json)
         self._tok.no_padding()
         self._tok.no_truncation()
@@ -80,6 +120,8 @@ class TextTokenizer:
         self._encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
 
     def __call__(self, texts: list[str]) -> Tokenized:
+        if self.chunk_overlap is not None:
+            return self._chunked(texts)
         encodings = self._encode(texts, add_special_tokens=False)
         cap = self.max_length - self._n_special
         if self.truncation_side == "left":
@@ -90,6 +132,39 @@ class TextTokenizer:
         kept = np.fromiter((len(c) for c in content), np.int64, count=len(content))
         flat_content = np.fromiter(chain.from_iterable(content), np.int32, count=int(kept.sum()))
         return self._wrap(flat_content, kept, full)
+
+    def _chunked(self, texts: list[str]) -> Tokenized:
+        """Each text as one row or, when longer than the cap, as several overlapping rows."""
+        encodings = self._encode(texts, add_special_tokens=False)
+        cap = self.max_length - self._n_special
+        # Character offsets only for the texts that are split: the fast batch call tracks none,
+        # and building them for every short text would cost more than its tokenizing.
+        long = [i for i, e in enumerate(encodings) if len(e.ids) > cap]
+        spans_of = dict(zip(long, (e.offsets for e in self._tok.encode_batch([texts[i] for i in long], add_special_tokens=False))))
+        content: list[list[int]] = []
+        source, chunk, start, end = [], [], [], []
+        for i, (e, text) in enumerate(zip(encodings, texts)):
+            ids = e.ids
+            if len(ids) <= cap:
+                bounds, spans = [(0, len(ids))], [(0, len(text))]
+            else:
+                offsets = spans_of[i]
+                bounds = chunk_bounds(offsets, text, cap, self.chunk_overlap or 0)
+                spans = [(offsets[a][0], offsets[b - 1][1]) for a, b in bounds]
+            for c, ((a, b), (lo, hi)) in enumerate(zip(bounds, spans)):
+                content.append(ids[a:b])
+                source.append(i)
+                chunk.append(c)
+                start.append(lo)
+                end.append(hi)
+        kept = np.fromiter((len(c) for c in content), np.int64, count=len(content))
+        flat = np.fromiter(chain.from_iterable(content), np.int32, count=int(kept.sum()))
+        out = self._wrap(flat, kept, kept)
+        chunks = Chunks(
+            source=np.asarray(source, np.int64), chunk=np.asarray(chunk, np.int32), start=np.asarray(start, np.int32),
+            end=np.asarray(end, np.int32), texts=len(texts),
+        )  # fmt: skip
+        return Tokenized(out.flat, out.offsets, out.n_tokens, chunks)
 
     def _wrap(self, content: np.ndarray, kept: np.ndarray, full: np.ndarray) -> Tokenized:
         """Insert the special tokens around every row's content, vectorized."""
@@ -122,7 +197,7 @@ def special_wrapping(tok: object) -> tuple[list[int], list[int]]:
 _worker_tokenizer: TextTokenizer | None = None
 
 
-def _init_worker(tokenizer_json: str, max_length: int, truncation_side: str) -> None:
+def _init_worker(tokenizer_json: str, max_length: int, truncation_side: str, chunk_overlap: int | None) -> None:
     global _worker_tokenizer
     # Ctrl-C reaches the whole process group: the parent stops the pool, and a worker printing
     # its own KeyboardInterrupt traceback would only bury the parent's one-line message.
@@ -137,7 +212,7 @@ def _init_worker(tokenizer_json: str, max_length: int, truncation_side: str) -> 
         os.nice(10)
     except OSError:
         pass
-    _worker_tokenizer = TextTokenizer(tokenizer_json, max_length, truncation_side)
+    _worker_tokenizer = TextTokenizer(tokenizer_json, max_length, truncation_side, chunk_overlap)
 
 
 def _tokenize_in_worker(texts: list[str]) -> Tokenized:
@@ -184,9 +259,10 @@ class TokenizerPool:
 
     CHUNK = 1024  # texts per task: large enough to amortize pickling, small enough to balance
 
-    def __init__(self, tokenizer_json: str, max_length: int, workers: int, truncation_side: str = "right"):
+    def __init__(self, tokenizer_json: str, max_length: int, workers: int, truncation_side: str = "right",
+                 chunk_overlap: int | None = None):  # fmt: skip
         self.workers = workers
-        self._local = TextTokenizer(tokenizer_json, max_length, truncation_side) if workers == 0 else None
+        self._local = TextTokenizer(tokenizer_json, max_length, truncation_side, chunk_overlap) if workers == 0 else None
         self._pool = None
         if workers > 0:
             # fork starts workers without re-importing the caller's __main__ (spawn would run a
@@ -196,7 +272,8 @@ class TokenizerPool:
                 # lance warns on any fork once imported; these children never call lance
                 warnings.filterwarnings("ignore", message=".*fork-safe.*")
                 with _no_sigint() as interrupted:
-                    self._pool = mp.get_context(method).Pool(workers, _init_worker, (tokenizer_json, max_length, truncation_side))
+                    self._pool = mp.get_context(method).Pool(workers, _init_worker,
+                                                             (tokenizer_json, max_length, truncation_side, chunk_overlap))  # fmt: skip
             if interrupted:
                 self.close()
                 raise KeyboardInterrupt

@@ -16,13 +16,16 @@ import numpy as np
 
 from ..errors import EmbedkitError
 from ..io.shards import read_manifest
-from ..io.store import VECTORS_DIR, stored_columns
+from ..io.store import VECTORS_DIR, chunk_columns, stored_columns
 from .io import load_index, read_rows
 from .state import INDEX_DIR, PARAMS, index_damage, params_problem, read_json, staleness
 
 NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
 RERANK_FACTORS = (1, 2, 5, 10)  # rerank depth = factor * k
 TABLE_CEILING = 0.99  # the tuning table is measured up to this recall (or the grid's end)
+# Chunked outputs: rows ranked per query to find k distinct documents (a document's chunks
+# often rank next to each other, so k rows would give fewer than k documents).
+CHUNK_DEPTH = 5
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,9 @@ class SearchResults:
             out.append(f"query: {one_line(query, max(20, width - 7))}")
             for rank, (doc_id, score) in enumerate(zip(self.ids[i], self.scores[i])):
                 line = f"  {rank + 1:2d}. {score:.4f}  {doc_id}"
+                if "chunk" in self.columns:  # which chunk of the document, and where it lies
+                    c = self.columns
+                    line += f" #{c['chunk'][i][rank]} [{c['start'][i][rank]}:{c['end'][i][rank]}]"
                 if self.texts is not None and self.texts[i][rank] is not None:
                     line += "  " + one_line(self.texts[i][rank], max(20, width - len(line) - 2))
                 out.append(line)
@@ -266,7 +272,7 @@ class Retriever:
                                 "another model: restore the model, or encode again with --overwrite")  # fmt: skip
         self._model_checked = True
 
-    def search(self, texts: Sequence[str], k: int = 10) -> SearchResults:
+    def search(self, texts: Sequence[str], k: int = 10, chunks: bool = False) -> SearchResults:
         """Encode the texts with the output's model, then search_vectors."""
         from ..engine.texts import encode_texts, text_list
 
@@ -277,19 +283,26 @@ class Retriever:
         self._check_model(model)
         normalize = bool(self.manifest.get("output", {}).get("normalize", True))
         max_len = self.manifest.get("model", {}).get("max_seq_length")  # queries cut as the documents were
-        return self.search_vectors(encode_texts(list(texts), model=model, normalize=normalize, max_seq_length=max_len), k)
+        return self.search_vectors(encode_texts(list(texts), model=model, normalize=normalize, max_seq_length=max_len), k, chunks)
 
-    def search_vectors(self, vectors: np.ndarray, k: int = 10) -> SearchResults:
-        """The k nearest stored rows of each vector: ids (the input's ids) and exact scores."""
+    def search_vectors(self, vectors: np.ndarray, k: int = 10, chunks: bool = False) -> SearchResults:
+        """The k nearest stored rows of each vector: ids (the input's ids) and exact scores.
+
+        An output encoded with --chunk-tokens holds one row per chunk: each hit is then a
+        document, scored by its best chunk, with that chunk's `chunk`, `start` and `end` (and
+        its text, when stored); `chunks=True` returns the k best chunk rows instead.
+        """
         q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         if q.shape[1] != self.index.d:
             raise EmbedkitError(f"query vectors have dimension {q.shape[1]}, the index {self.index.d}")
         if k < 1:
             raise EmbedkitError(f"k must be positive, not {k}")
         nprobe = self.nprobe if self.params["key"].get("factory", "").find("IVF") >= 0 else 0
-        cand = candidates(self.index, q, nprobe, max(self.rerank, k))
+        per_document = bool(chunk_columns(self.ds.schema)) and not chunks
+        depth = k * CHUNK_DEPTH if per_document else k
+        cand = candidates(self.index, q, nprobe, max(self.rerank, depth))
         try:
-            positions, scores = rerank(q, cand, self.cache, k)
+            positions, scores = rerank(q, cand, self.cache, depth)
             found = self._rows(positions)
         except Exception:
             # the vectors version this Retriever reads may have been deleted under it (an
@@ -298,14 +311,16 @@ class Retriever:
                 raise EmbedkitError(f"{self.out} changed while searching (its vectors were rewritten); search again, "
                                     f"after `embedkit build-index {self.out}` if it asks for it") from None  # fmt: skip
             raise
-        return SearchResults(
-            ids=found.pop("id"), scores=[s[p >= 0].tolist() for p, s in zip(positions, scores)], texts=found.pop("text", None),
-            columns=found,
-        )  # fmt: skip
+        scored = [s[p >= 0].tolist() for p, s in zip(positions, scores)]
+        if per_document:
+            found, scored = _best_per_document(found, scored, k)
+        if "chunk" in found and "text" in found:  # a chunk's hit shows the chunk, not its whole document
+            found["text"] = [[t if t is None else t[a:b] for t, a, b in zip(*row)] for row in zip(found["text"], found["start"], found["end"])]
+        return SearchResults(ids=found.pop("id"), scores=scored, texts=found.pop("text", None), columns=found)
 
     def _rows(self, positions: np.ndarray) -> dict[str, list[list[Any]]]:
         """The hits' ids and stored columns (text, kept columns), per query: one `take` for all."""
-        names = ["id", *stored_columns(self.ds.schema)]
+        names = ["id", *chunk_columns(self.ds.schema), *stored_columns(self.ds.schema)]
         flat = positions[positions >= 0]
         if len(flat) == 0:
             return {name: [[] for _ in positions] for name in names}
@@ -318,6 +333,17 @@ class Retriever:
 
 def _per_query(values: list, rows: list[list[int]]) -> list[list]:
     return [[values[i] for i in row] for row in rows]
+
+
+def _best_per_document(found: dict[str, list[list[Any]]], scores: list[list[float]], k: int) -> tuple[dict, list[list[float]]]:
+    """Per query, each document's first (best-scored) row only, at most k of them."""
+    keep = []
+    for ids in found["id"]:
+        seen: set = set()
+        rows = [i for i, d in enumerate(ids) if not (d in seen or seen.add(d))][:k]
+        keep.append(rows)
+    picked = {name: [[row[i] for i in rows] for row, rows in zip(values, keep)] for name, values in found.items()}
+    return picked, [[row[i] for i in rows] for row, rows in zip(scores, keep)]
 
 
 def _verify(folder: Path, params: dict, level: str) -> None:

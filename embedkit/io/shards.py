@@ -119,10 +119,14 @@ _PINNED = {
     # what is stored beside the vectors: every shard's rows must have the same columns
     ("output", "store_text"): "store text",
     ("output", "keep_columns"): "kept columns",
+    # every shard's documents must be split the same way (0: not split)
+    ("output", "chunk_tokens"): "chunk tokens",
+    ("output", "chunk_overlap"): "chunk overlap",
     ("input",): "input",
 }
 # What a key absent from an older manifest means (it was written before the key existed).
-_ABSENT = {("output", "store_text"): False, ("output", "keep_columns"): []}
+_ABSENT = {("output", "store_text"): False, ("output", "keep_columns"): [], ("output", "chunk_tokens"): 0,
+           ("output", "chunk_overlap"): 0}  # fmt: skip
 
 
 def manifest_differences(old: dict, new: dict, pinned: dict[tuple[str, ...], str] | None = None) -> list[str]:

@@ -53,16 +53,21 @@ QUARANTINED_KEY = "embedkit.quarantined"  # JSON list of ids left out of the sha
 COMMIT_KEY = "embedkit.commit"  # the id of the commit's record of intent in the ledger
 KILL_ENV = "EMBEDKIT_TEST_KILL_AT"  # fault injection (tests): see _injected_kill
 BASE_COLUMNS = ("id", "vector", "n_tokens", "truncated")  # what every vectors.lance holds, first
+CHUNK_COLUMNS = ("chunk", "start", "end")  # then, when documents are split: the chunk and its span
 # Fragments of about this many rows: large sequential files for readers and the index build.
 MAX_ROWS_PER_FILE = 1 << 20
 
 
-def vectors_schema(id_type: pa.DataType, dim: int, dtype: str, *, text: bool = False, kept: tuple[pa.Field, ...] = ()) -> pa.Schema:
-    """id, vector (fixed_size_list<float16|float32>[dim]), n_tokens, truncated; then the
-    document's `text` (when `text` is true) and the kept input columns, with their input types.
+def vectors_schema(id_type: pa.DataType, dim: int, dtype: str, *, text: bool = False, kept: tuple[pa.Field, ...] = (),
+                   chunked: bool = False) -> pa.Schema:  # fmt: skip
+    """id, vector (fixed_size_list<float16|float32>[dim]), n_tokens, truncated; when `chunked`,
+    the chunk's number in its document and its character span there (chunk, start, end); then
+    the document's `text` (when `text` is true) and the kept input columns, with their types.
 
     >>> vectors_schema(pa.string(), 4, "float16", text=True).names
     ['id', 'vector', 'n_tokens', 'truncated', 'text']
+    >>> vectors_schema(pa.int64(), 4, "float16", chunked=True).names
+    ['id', 'vector', 'n_tokens', 'truncated', 'chunk', 'start', 'end']
     """
     value = pa.float16() if dtype == "float16" else pa.float32()
     return pa.schema(
@@ -71,6 +76,7 @@ def vectors_schema(id_type: pa.DataType, dim: int, dtype: str, *, text: bool = F
             pa.field("vector", pa.list_(value, dim)),
             pa.field("n_tokens", pa.int32()),
             pa.field("truncated", pa.bool_()),
+            *([pa.field(name, pa.int32()) for name in CHUNK_COLUMNS] if chunked else []),
             *([pa.field("text", pa.string())] if text else []),
             *kept,
         ]
@@ -79,13 +85,18 @@ def vectors_schema(id_type: pa.DataType, dim: int, dtype: str, *, text: bool = F
 
 def stored_columns(schema: pa.Schema) -> list[str]:
     """The columns stored beside the vectors: `text` and the kept input columns, in schema order."""
-    return schema.names[len(BASE_COLUMNS):]
+    return [name for name in schema.names[len(BASE_COLUMNS):] if name not in CHUNK_COLUMNS]
+
+
+def chunk_columns(schema: pa.Schema) -> list[str]:
+    """chunk, start and end when the output's documents are split into chunks, else nothing."""
+    return [name for name in CHUNK_COLUMNS if name in schema.names]
 
 
 def vectors_table(schema: pa.Schema, ids: pa.Array, vectors: np.ndarray, n_tokens: np.ndarray, truncated: np.ndarray,
                   columns: pa.Table | None = None) -> pa.Table:  # fmt: skip
     """Assemble a shard's rows; vectors is (rows, dim) in the schema's value type. `columns`
-    holds the rows' stored columns (`stored_columns(schema)`), in the same row order."""
+    holds the rows' chunk and stored columns (`chunk_columns`, `stored_columns`), in row order."""
     vtype = schema.field("vector").type
     dim = vtype.list_size
     flat = pa.array(np.ascontiguousarray(vectors).reshape(-1), type=vtype.value_type)
@@ -95,7 +106,7 @@ def vectors_table(schema: pa.Schema, ids: pa.Array, vectors: np.ndarray, n_token
             "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
             "n_tokens": pa.array(n_tokens, pa.int32()),
             "truncated": pa.array(truncated, pa.bool_()),
-            **{name: columns.column(name) for name in stored_columns(schema)},
+            **{name: columns.column(name) for name in chunk_columns(schema) + stored_columns(schema)},
         },
         schema=schema,
     )

@@ -275,9 +275,10 @@ def run_cost(seconds: float, tokens: float, gpu_price: float | None, spot_discou
 
 
 def count_tokens(input: str | Path, model: str, *, sample: int = 10_000, seed: int = 0, text_column: str = "text",
-                 max_seq_length: int | None = None) -> TokenCount:  # fmt: skip
+                 max_seq_length: int | None = None, chunk_tokens: int | None = None, chunk_overlap: int = 0) -> TokenCount:  # fmt: skip
     """Token count of INPUT with the model's tokenizer and truncation, from `sample` random rows
-    (every row when there are no more; `sample=0` counts every row)."""
+    (every row when there are no more; `sample=0` counts every row). With `chunk_tokens`, long
+    texts are split as encode splits them: every token counts, and the overlaps twice."""
     from ..engine.models import fast_tokenizer_json, load_sentence_transformer, resolve_model, truncation_side
     from ..engine.tokenize import TextTokenizer
     from ..io.corpus import Columns, open_corpus
@@ -287,12 +288,12 @@ def count_tokens(input: str | Path, model: str, *, sample: int = 10_000, seed: i
     if n == 0:
         raise EmbedkitError("the input has no rows")
     st = load_sentence_transformer(resolve_model(model), "cpu")
-    limit = max_seq_length or st.max_seq_length
-    tok = TextTokenizer(fast_tokenizer_json(st), limit, truncation_side(st))
+    limit = chunk_tokens or max_seq_length or st.max_seq_length
+    tok = TextTokenizer(fast_tokenizer_json(st), limit, truncation_side(st), chunk_overlap if chunk_tokens else None)
 
     def measure(texts: list[str], ids: list) -> tuple[np.ndarray, np.ndarray]:
         got = tok(texts)
-        return got.lengths, got.truncated
+        return got.text_tokens(), got.text_truncated()
 
     return count_sampled(corpus, measure, sample, seed)
 
@@ -385,8 +386,8 @@ def longest_first(corpus, job, pending: list) -> list:
         return list(pending)
     from ..engine.tokenize import TextTokenizer
 
-    tok = TextTokenizer(job.tokenizer_json, job.max_length, job.truncation_side)
-    tokens = {s.index: shard_tokens(corpus, lambda texts, ids: (tok(texts).lengths, 0), s) for s in pending}
+    tok = TextTokenizer(job.tokenizer_json, job.max_length, job.truncation_side, job.chunk_overlap)
+    tokens = {s.index: shard_tokens(corpus, lambda texts, ids: (tok(texts).text_tokens(), 0), s) for s in pending}
     return sorted(pending, key=lambda s: (-tokens[s.index], s.index))
 
 
