@@ -76,6 +76,24 @@ def _dry_run_only(sample: int, calibrate_rows: int | None, gpu_price: float | No
 @click.version_option(package_name="embedkit")
 def main() -> None:
     """Offline, high-throughput embedding and vector indexing."""
+    _show_notices()
+
+
+def _show_notices() -> None:
+    """An EmbedkitNotice is one "note:" line on stderr; other warnings print as Python prints them."""
+    import warnings
+
+    from .errors import EmbedkitNotice
+
+    shown = warnings.showwarning
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if issubclass(category, EmbedkitNotice):
+            click.echo(f"note: {message}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 @main.command()
@@ -101,6 +119,10 @@ def main() -> None:
 @click.option("--chunk-tokens", type=int, default=None,
               help="Split documents longer than N tokens into chunks of at most N (one row each: id, chunk, start, end); nothing is cut.")
 @click.option("--chunk-overlap", type=int, default=0, show_default=True, help="--chunk-tokens: tokens each chunk repeats from the one before.")
+@click.option("--prompt-name", default=None, help="Put the model's configured prompt NAME before each document (default: the model's default prompt).")
+@click.option("--prompt", default=None, help="Put this literal text before each document instead.")
+@click.option("--query-prompt-name", default=None, help="The model's prompt that search puts before queries (default: its 'query' prompt, if any).")
+@click.option("--query-prompt", default=None, help="A literal text that search puts before queries instead.")
 @click.option("--overwrite", is_flag=True, help="Delete OUT's vectors, index and manifest and start fresh.")
 @click.option("--gpus", default="1", show_default=True, help="Workers: all (every GPU) or N (N GPUs; on a CPU, N at once); more than one runs shard tasks on a local Ray (pip install 'embedkit[ray]').")
 @click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]", help="Run shards as Ray tasks: a local Ray, or the cluster at ADDRESS (pip install 'embedkit[ray]').")

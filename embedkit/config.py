@@ -80,6 +80,10 @@ class EncodeConfig:
     follow_symlinks: bool = False  # --follow-symlinks: a .txt folder's links to files outside it are read too
     chunk_tokens: int | None = None  # --chunk-tokens: long documents split into chunks of at most this many tokens
     chunk_overlap: int = 0  # --chunk-overlap: tokens each chunk repeats from the end of the one before
+    prompt_name: str | None = None  # --prompt-name: the model's configured prompt put before each document
+    prompt: str | None = None  # --prompt: a literal prefix for documents instead
+    query_prompt_name: str | None = None  # --query-prompt-name: the prompt search puts before queries
+    query_prompt: str | None = None  # --query-prompt: a literal prefix for queries instead
     run: RunOptions = RunOptions()
 
     def __post_init__(self) -> None:
@@ -90,6 +94,9 @@ class EncodeConfig:
             raise EmbedkitError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {self.dtype!r}")
         check_device(self.device, self.precision)
         _check_chunking(self.chunk_tokens, self.chunk_overlap)
+        for named, literal in (("prompt_name", "prompt"), ("query_prompt_name", "query_prompt")):
+            if getattr(self, named) is not None and getattr(self, literal) is not None:
+                raise EmbedkitError(f"give --{named.replace('_', '-')} or --{literal.replace('_', '-')}, not both")
         for name in ("batch_tokens", "shard_rows", "max_seq_length"):
             value = getattr(self, name)
             if value is not None and value < 1:

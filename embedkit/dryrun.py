@@ -87,7 +87,8 @@ def dry_run_encode(input: str | Path, cfg, *, sample: int = 10_000, calibrate_ro
     from .io.corpus import Columns, open_corpus
 
     count = count_tokens(input, cfg.model, sample=sample, text_column=cfg.text_column, max_seq_length=cfg.max_seq_length,
-                         chunk_tokens=cfg.chunk_tokens, chunk_overlap=cfg.chunk_overlap)  # fmt: skip
+                         chunk_tokens=cfg.chunk_tokens, chunk_overlap=cfg.chunk_overlap, prompt_name=cfg.prompt_name,
+                         prompt=cfg.prompt)  # fmt: skip
     choice = choose_device(cfg.device, cfg.precision)
     rows = calibrate_rows or CALIBRATION_ROWS[choice.type]
     corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column, cfg.keep_columns))
@@ -141,7 +142,8 @@ def _calibrate(sample: Path, out: Path, cfg, batch_tokens: int | None):
     return encode(sample, out, model=cfg.model, device=cfg.device, dtype=cfg.dtype, precision=cfg.precision, normalize=cfg.normalize,
                   batch_tokens=batch_tokens, tokenize_workers=cfg.tokenize_workers, keep_empty=cfg.keep_empty,
                   max_seq_length=cfg.max_seq_length, store_text=cfg.store_text, keep_columns=cfg.keep_columns,
-                  chunk_tokens=cfg.chunk_tokens, chunk_overlap=cfg.chunk_overlap, progress=False)  # fmt: skip
+                  chunk_tokens=cfg.chunk_tokens, chunk_overlap=cfg.chunk_overlap, prompt_name=cfg.prompt_name, prompt=cfg.prompt,
+                  progress=False)  # fmt: skip
 
 
 CALIBRATION_ROWS = {"cuda": 100_000, "cpu": 1_000}  # seconds of encoding on an H200; tens of seconds on 2 CPU cores

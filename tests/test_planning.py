@@ -226,7 +226,7 @@ def test_shards_go_out_longest_first_by_tokens(tmp_path):
     pq.write_table(pa.table({"text": texts}), tmp_path / "docs.parquet")
     corpus = open_corpus(tmp_path / "docs.parquet", Columns())
     st = load_sentence_transformer(resolve_model("all-MiniLM-L6-v2"), "cpu")
-    job = SimpleNamespace(tokenizer_json=fast_tokenizer_json(st), max_length=256, truncation_side=truncation_side(st), chunk_overlap=None)
+    job = SimpleNamespace(tokenizer_json=fast_tokenizer_json(st), max_length=256, truncation_side=truncation_side(st), chunk_overlap=None, prompt="")
     order = longest_first(corpus, job, plan_shards(corpus.num_rows, 64))
     assert [s.index for s in order] == [1, 2, 0, 3]
 

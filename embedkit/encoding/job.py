@@ -3,6 +3,7 @@ duplicate-id check, the model and the store; and a shard task's view of a prepar
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from ..config import EncodeConfig
 from ..engine.encoder import DeviceChoice
 from ..engine.models import (
     ModelSource,
+    Prompts,
     declared_max_length,
     embedding_dim,
     fast_tokenizer_json,
@@ -20,11 +22,12 @@ from ..engine.models import (
     model_max_length,
     pooling_mode,
     resolve_model,
+    resolve_prompts,
     truncation_side,
     weights_hash,
 )
 from ..engine.tokenize import TextTokenizer
-from ..errors import EmbedkitError
+from ..errors import EmbedkitError, EmbedkitNotice
 from ..io.corpus import Columns, Corpus, find_first_duplicate, open_corpus
 from ..io.shards import MANIFEST, Shard, manifest_differences, read_manifest, shards_from_manifest, write_manifest
 from ..io.store import VectorStore, vectors_schema
@@ -77,6 +80,23 @@ def special_tokens(st: Any) -> int:
     return len(tok.prefix) + len(tok.suffix)
 
 
+def chosen_prompts(st: Any, source: ModelSource, cfg: EncodeConfig) -> Prompts:
+    """The document and query prompts of this run; a notice when the model has prompts and the
+    user chose none for documents (retrieval with e5/bge-style models degrades silently
+    without them)."""
+    prompts, notice = resolve_prompts(st, source, prompt_name=cfg.prompt_name, prompt=cfg.prompt,
+                                      query_prompt_name=cfg.query_prompt_name, query_prompt=cfg.query_prompt)  # fmt: skip
+    if prompts.document and not getattr(_pooling(st), "include_prompt", True):
+        raise EmbedkitError(f"model {source.name} pools without its prompt's tokens (include_prompt false): not supported yet")
+    if notice:
+        warnings.warn(notice, EmbedkitNotice, stacklevel=2)
+    return prompts
+
+
+def _pooling(st: Any) -> Any:
+    return next((m for m in getattr(st, "_modules", {}).values() if type(m).__name__ == "Pooling"), None)
+
+
 def chunk_overlap(cfg: EncodeConfig) -> int | None:
     """What the tokenizer takes: None (cut long texts) or the overlap of their chunks."""
     return cfg.chunk_overlap if cfg.chunk_tokens is not None else None
@@ -103,6 +123,7 @@ class Job:
     tokenizer_json: str
     truncation_side: str
     chunk_overlap: int | None = None  # None: texts are cut at max_length; else split into chunks
+    prompt: str = ""  # put before every document (every chunk)
 
 
 def prepare_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice, source: ModelSource, manifest: dict,
@@ -114,6 +135,7 @@ def prepare_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoi
     row_tokens = tokens_per_row(st, cfg)
     dim = embedding_dim(st)
     manifest["model"].update(dim=dim, max_seq_length=max_length, pooling=pooling_mode(st))
+    manifest["prompts"] = chosen_prompts(st, source, cfg).to_dict()
     if manifest["model"]["weights_sha256"] is None:  # a hub model loaded from the hub: hashed from its parameters
         manifest["model"]["weights_sha256"] = weights_hash(source, st)
     if old is not None:
@@ -129,7 +151,7 @@ def prepare_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoi
     return Job(
         out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest), store=store,
         schema=schema, max_length=row_tokens, tokenizer_json=fast_tokenizer_json(st), truncation_side=truncation_side(st),
-        chunk_overlap=chunk_overlap(cfg),
+        chunk_overlap=chunk_overlap(cfg), prompt=manifest["prompts"]["document"],
     )  # fmt: skip
 
 
@@ -144,6 +166,7 @@ def attach_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoic
         out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest), store=VectorStore(out),
         schema=output_schema(corpus, cfg, dim), max_length=tokens_per_row(st, cfg),
         tokenizer_json=fast_tokenizer_json(st), truncation_side=truncation_side(st), chunk_overlap=chunk_overlap(cfg),
+        prompt=(manifest.get("prompts") or {}).get("document", ""),
     )  # fmt: skip
 
 
@@ -157,6 +180,7 @@ def build_manifest(corpus: Corpus, cfg: EncodeConfig, source: ModelSource, shard
         "output": {"dtype": cfg.dtype, "normalize": cfg.normalize, "keep_empty": cfg.keep_empty, "store_text": cfg.store_text,
                    "keep_columns": list(cfg.keep_columns), "chunk_tokens": cfg.chunk_tokens or 0,
                    "chunk_overlap": cfg.chunk_overlap},
+        "prompts": None,  # known once the model is loaded (its configured prompts)
         "input": corpus.fingerprint(cache=cache),
         "plan": {"rows": corpus.num_rows, "shard_rows": shard_rows, "shards": -(-corpus.num_rows // shard_rows)},
     }

@@ -56,6 +56,10 @@ def encode(
     follow_symlinks: bool = False,
     chunk_tokens: int | None = None,
     chunk_overlap: int = 0,
+    prompt_name: str | None = None,
+    prompt: str | None = None,
+    query_prompt_name: str | None = None,
+    query_prompt: str | None = None,
 ) -> EncodeSummary:
     """Embed every row of INPUT into OUT/vectors.lance; resumable, one commit per shard.
 
@@ -67,6 +71,11 @@ def encode(
     most that many tokens (special tokens included), each repeating `chunk_overlap` tokens of
     the one before, cut at a sentence end where one is near. Each chunk is a row with the
     document's `id`, its number `chunk` (0, 1, ...) and its character span `start`, `end`.
+    `prompt_name` / `prompt`: the model's configured prompt, or a literal prefix, put before
+    each document (default: the model's default prompt, as `SentenceTransformer.encode`; a
+    model with prompts and no choice gets an `EmbedkitNotice`). `query_prompt_name` /
+    `query_prompt`: what `Retriever.search` puts before queries (default: the model's `query`
+    prompt when it has one). All are recorded in the manifest.
 
     `gpus`: workers, one per GPU ("all": every visible GPU); on a CPU, that many at once. More
     than one runs the shards as tasks on a Ray of this machine, started for the run and shut
@@ -86,7 +95,8 @@ def encode(
         tokenize_workers=tokenize_workers, window_docs=window_docs, keep_empty=keep_empty, allow_duplicate_ids=allow_duplicate_ids,
         max_seq_length=max_seq_length, store_text=store_text,
         keep_columns=keep_columns if isinstance(keep_columns, str) else tuple(keep_columns),  # a str is refused by name
-        follow_symlinks=follow_symlinks, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap,
+        follow_symlinks=follow_symlinks, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, prompt_name=prompt_name,
+        prompt=prompt, query_prompt_name=query_prompt_name, query_prompt=query_prompt,
         run=RunOptions(overwrite=overwrite, progress=progress, workers=_worker_count(gpus, device), ray=ray, reissue=reissue),
     )  # fmt: skip
     return run_encode(input, out, cfg)

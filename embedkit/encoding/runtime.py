@@ -87,6 +87,7 @@ class TokenizerSpec:
     max_length: int
     truncation_side: str
     chunk_overlap: int | None = None
+    prompt: str = ""
 
 
 class _Feed:
@@ -96,7 +97,7 @@ class _Feed:
 
     def __init__(self, corpus: Corpus, pending: list[Shard], cfg: EncodeConfig, spec: TokenizerSpec, budget: Callable[[], int], workers: int,
                  prefetch: int):  # fmt: skip
-        self.pool = TokenizerPool(spec.json, spec.max_length, workers, spec.truncation_side, spec.chunk_overlap)
+        self.pool = TokenizerPool(spec.json, spec.max_length, workers, spec.truncation_side, spec.chunk_overlap, spec.prompt)
         self.items: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
@@ -124,7 +125,7 @@ class _Feed:
 
 
 def _job_spec(job: "Job") -> TokenizerSpec:
-    return TokenizerSpec(job.tokenizer_json, job.max_length, job.truncation_side, job.chunk_overlap)
+    return TokenizerSpec(job.tokenizer_json, job.max_length, job.truncation_side, job.chunk_overlap, job.prompt)
 
 
 def run_shards(corpus: Corpus, job: Job, pending: list[Shard], cfg: EncodeConfig, skipped: int,

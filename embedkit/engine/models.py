@@ -210,3 +210,73 @@ def model_max_length(st: Any, override: int | None) -> int:
     if limit and override > limit:
         raise EmbedkitError(f"--max-seq-length {override} exceeds the model's {limit} positions")
     return override
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The prefixes put before documents and queries, as sentence-transformers would: the
+    texts, and the names they came from in the model's configuration (None: given literally,
+    or no prompt)."""
+
+    document: str = ""
+    query: str = ""
+    document_name: str | None = None
+    query_name: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"document": self.document, "query": self.query, "document_name": self.document_name, "query_name": self.query_name}
+
+
+def model_prompts(st: Any, source: ModelSource) -> tuple[dict[str, str], str | None]:
+    """The model's configured prompts (name -> text) and its default prompt's name.
+
+    A SentenceTransformer holds them; for a folder loaded by embedkit's own BERT they are read
+    from config_sentence_transformers.json, where sentence-transformers keeps them."""
+    import json
+
+    prompts, default = getattr(st, "prompts", None), getattr(st, "default_prompt_name", None)
+    if prompts is None and source.path is not None and (source.path / "config_sentence_transformers.json").is_file():
+        config = json.loads((source.path / "config_sentence_transformers.json").read_text())
+        prompts, default = config.get("prompts"), config.get("default_prompt_name")
+    return dict(prompts or {}), default or None
+
+
+def resolve_prompts(st: Any, source: ModelSource, *, prompt_name: str | None = None, prompt: str | None = None,
+                    query_prompt_name: str | None = None, query_prompt: str | None = None) -> tuple[Prompts, str | None]:  # fmt: skip
+    """The document and query prompts chosen, and a notice when the model has prompts and no
+    choice was made (documents then get its default prompt, as `SentenceTransformer.encode`
+    gives them, or none).
+
+    Queries get `query_prompt`, else the named one, else the model's `query` prompt, else what
+    documents get when that is the model's default (as `encode_query` does), else none.
+    """
+    configured, default = model_prompts(st, source)
+
+    def named(name: str) -> str:
+        if name not in configured:
+            have = ", ".join(sorted(configured)) or "none"
+            raise EmbedkitError(f"model {source.name} has no prompt named {name!r} (its prompts: {have})")
+        return configured[name]
+
+    notice = None
+    if prompt is not None:
+        document, document_name = prompt, None
+    elif prompt_name is not None:
+        document, document_name = named(prompt_name), prompt_name
+    else:
+        document_name = default if default in configured else None
+        document = configured[document_name] if document_name else ""
+        if configured:
+            chosen = f"its default prompt {document_name!r}" if document_name else "no prompt"
+            notice = (f"model {source.name} has prompts ({', '.join(sorted(configured))}); documents get {chosen}: "
+                      "choose with --prompt-name or --prompt")  # fmt: skip
+    if query_prompt is not None:
+        query, query_name = query_prompt, None
+    elif query_prompt_name is not None:
+        query, query_name = named(query_prompt_name), query_prompt_name
+    elif "query" in configured:
+        query, query_name = configured["query"], "query"
+    else:
+        query_name = default if default in configured else None
+        query = configured[query_name] if query_name else ""
+    return Prompts(document, query, document_name, query_name), notice

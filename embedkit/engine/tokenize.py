@@ -102,14 +102,17 @@ class TextTokenizer:
     extra, where truncating inside the tokenizer would need a second pass over long documents.
     """
 
-    def __init__(self, tokenizer_json: str, max_length: int, truncation_side: str = "right", chunk_overlap: int | None = None):
+    def __init__(self, tokenizer_json: str, max_length: int, truncation_side: str = "right", chunk_overlap: int | None = None,
+                 prompt: str = ""):  # fmt: skip
         """`chunk_overlap` set (0 or more): texts longer than `max_length` are split into
-        overlapping chunks (see `chunk_bounds`) instead of cut; every token is kept."""
+        overlapping chunks (see `chunk_bounds`) instead of cut; every token is kept.
+        `prompt`: put before every text (before every chunk), as sentence-transformers' prompts."""
         from tokenizers import Tokenizer
 
         self.max_length = max_length
         self.truncation_side = truncation_side
         self.chunk_overlap = chunk_overlap
+        self.prompt = prompt
         self._tok = Tokenizer.from_str(tokenizer_json)
         self._tok.no_padding()
         self._tok.no_truncation()
@@ -122,6 +125,8 @@ class TextTokenizer:
     def __call__(self, texts: list[str]) -> Tokenized:
         if self.chunk_overlap is not None:
             return self._chunked(texts)
+        if self.prompt:  # joined as text, as sentence-transformers joins it: the same tokens
+            texts = [self.prompt + t for t in texts]
         encodings = self._encode(texts, add_special_tokens=False)
         cap = self.max_length - self._n_special
         if self.truncation_side == "left":
@@ -139,7 +144,11 @@ class TextTokenizer:
         # this costs less than a fast pass plus a second pass over the long texts. The offsets
         # become Python tuples only for the texts that are split.
         encodings = self._tok.encode_batch(texts, add_special_tokens=False)
-        cap = self.max_length - self._n_special
+        # every chunk starts with the prompt's tokens; the spans stay those of the document
+        prompt = self._tok.encode(self.prompt, add_special_tokens=False).ids if self.prompt else []
+        cap = self.max_length - self._n_special - len(prompt)
+        if cap < 1:
+            raise ValueError(f"the prompt's {len(prompt)} tokens leave no room in rows of {self.max_length} tokens")
         content: list[list[int]] = []
         source, chunk, start, end = [], [], [], []
         for i, (e, text) in enumerate(zip(encodings, texts)):
@@ -151,7 +160,7 @@ class TextTokenizer:
                 bounds = chunk_bounds(offsets, text, cap, self.chunk_overlap or 0)
                 spans = [(offsets[a][0], offsets[b - 1][1]) for a, b in bounds]
             for c, ((a, b), (lo, hi)) in enumerate(zip(bounds, spans)):
-                content.append(ids[a:b])
+                content.append(prompt + ids[a:b])
                 source.append(i)
                 chunk.append(c)
                 start.append(lo)
@@ -196,7 +205,7 @@ def special_wrapping(tok: object) -> tuple[list[int], list[int]]:
 _worker_tokenizer: TextTokenizer | None = None
 
 
-def _init_worker(tokenizer_json: str, max_length: int, truncation_side: str, chunk_overlap: int | None) -> None:
+def _init_worker(tokenizer_json: str, max_length: int, truncation_side: str, chunk_overlap: int | None, prompt: str) -> None:
     global _worker_tokenizer
     # Ctrl-C reaches the whole process group: the parent stops the pool, and a worker printing
     # its own KeyboardInterrupt traceback would only bury the parent's one-line message.
@@ -211,7 +220,7 @@ def _init_worker(tokenizer_json: str, max_length: int, truncation_side: str, chu
         os.nice(10)
     except OSError:
         pass
-    _worker_tokenizer = TextTokenizer(tokenizer_json, max_length, truncation_side, chunk_overlap)
+    _worker_tokenizer = TextTokenizer(tokenizer_json, max_length, truncation_side, chunk_overlap, prompt)
 
 
 def _tokenize_in_worker(texts: list[str]) -> Tokenized:
@@ -259,9 +268,9 @@ class TokenizerPool:
     CHUNK = 1024  # texts per task: large enough to amortize pickling, small enough to balance
 
     def __init__(self, tokenizer_json: str, max_length: int, workers: int, truncation_side: str = "right",
-                 chunk_overlap: int | None = None):  # fmt: skip
+                 chunk_overlap: int | None = None, prompt: str = ""):  # fmt: skip
         self.workers = workers
-        self._local = TextTokenizer(tokenizer_json, max_length, truncation_side, chunk_overlap) if workers == 0 else None
+        self._local = TextTokenizer(tokenizer_json, max_length, truncation_side, chunk_overlap, prompt) if workers == 0 else None
         self._pool = None
         if workers > 0:
             # fork starts workers without re-importing the caller's __main__ (spawn would run a
@@ -272,7 +281,7 @@ class TokenizerPool:
                 warnings.filterwarnings("ignore", message=".*fork-safe.*")
                 with _no_sigint() as interrupted:
                     self._pool = mp.get_context(method).Pool(workers, _init_worker,
-                                                             (tokenizer_json, max_length, truncation_side, chunk_overlap))  # fmt: skip
+                                                             (tokenizer_json, max_length, truncation_side, chunk_overlap, prompt))  # fmt: skip
             if interrupted:
                 self.close()
                 raise KeyboardInterrupt

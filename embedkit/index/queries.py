@@ -126,11 +126,13 @@ def choose_queries(manifest: dict, tune_file: str | None, n: int, seed: int) -> 
     return TuningQueries(queries, SOURCES[0])
 
 
-def encode_queries(texts: list[str], manifest: dict, device: str) -> np.ndarray:
-    """The texts encoded as the output's documents were: its model, cut length and normalization."""
+def encode_queries(texts: list[str], manifest: dict, device: str = "auto") -> np.ndarray:
+    """Queries encoded for the output's documents: its model, cut length and normalization, and
+    its query prompt (recorded by the encode) before each text."""
     from ..engine.texts import encode_texts
 
     model: Any = manifest.get("model", {})
     output: Any = manifest.get("output", {})
-    return encode_texts(texts, model=model["name"], device=device, normalize=bool(output.get("normalize", True)),
-                        max_seq_length=model.get("max_seq_length"))  # fmt: skip
+    prompt = (manifest.get("prompts") or {}).get("query") or ""
+    return encode_texts([prompt + ("" if t is None else t) for t in texts], model=model["name"], device=device,
+                        normalize=bool(output.get("normalize", True)), max_seq_length=model.get("max_seq_length"))  # fmt: skip

@@ -273,17 +273,17 @@ class Retriever:
         self._model_checked = True
 
     def search(self, texts: Sequence[str], k: int = 10, chunks: bool = False) -> SearchResults:
-        """Encode the texts with the output's model, then search_vectors."""
-        from ..engine.texts import encode_texts, text_list
+        """Encode the texts with the output's model (and its query prompt), then search_vectors."""
+        from ..engine.texts import text_list
+        from .queries import encode_queries
 
         texts = text_list(texts, "queries")
         model = self.manifest.get("model", {}).get("name")
         if model is None:
             raise EmbedkitError(f"{self.out}/embedkit.json names no model; search with vectors instead")
         self._check_model(model)
-        normalize = bool(self.manifest.get("output", {}).get("normalize", True))
-        max_len = self.manifest.get("model", {}).get("max_seq_length")  # queries cut as the documents were
-        return self.search_vectors(encode_texts(list(texts), model=model, normalize=normalize, max_seq_length=max_len), k, chunks)
+        # queries cut as the documents were, after the query prompt the encode recorded
+        return self.search_vectors(encode_queries(list(texts), self.manifest), k, chunks)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, chunks: bool = False) -> SearchResults:
         """The k nearest stored rows of each vector: ids (the input's ids) and exact scores.

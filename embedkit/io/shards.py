@@ -122,11 +122,13 @@ _PINNED = {
     # every shard's documents must be split the same way (0: not split)
     ("output", "chunk_tokens"): "chunk tokens",
     ("output", "chunk_overlap"): "chunk overlap",
+    ("prompts", "document"): "document prompt",
+    ("prompts", "query"): "query prompt",
     ("input",): "input",
 }
 # What a key absent from an older manifest means (it was written before the key existed).
 _ABSENT = {("output", "store_text"): False, ("output", "keep_columns"): [], ("output", "chunk_tokens"): 0,
-           ("output", "chunk_overlap"): 0}  # fmt: skip
+           ("output", "chunk_overlap"): 0, ("prompts", "document"): "", ("prompts", "query"): ""}  # fmt: skip
 
 
 def manifest_differences(old: dict, new: dict, pinned: dict[tuple[str, ...], str] | None = None) -> list[str]:

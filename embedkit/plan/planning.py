@@ -275,11 +275,19 @@ def run_cost(seconds: float, tokens: float, gpu_price: float | None, spot_discou
 
 
 def count_tokens(input: str | Path, model: str, *, sample: int = 10_000, seed: int = 0, text_column: str = "text",
-                 max_seq_length: int | None = None, chunk_tokens: int | None = None, chunk_overlap: int = 0) -> TokenCount:  # fmt: skip
+                 max_seq_length: int | None = None, chunk_tokens: int | None = None, chunk_overlap: int = 0,
+                 prompt_name: str | None = None, prompt: str | None = None) -> TokenCount:  # fmt: skip
     """Token count of INPUT with the model's tokenizer and truncation, from `sample` random rows
     (every row when there are no more; `sample=0` counts every row). With `chunk_tokens`, long
-    texts are split as encode splits them: every token counts, and the overlaps twice."""
-    from ..engine.models import fast_tokenizer_json, load_sentence_transformer, resolve_model, truncation_side
+    texts are split as encode splits them: every token counts, and the overlaps twice. The
+    document prompt (`prompt_name`, `prompt`, else the model's default) counts in every row."""
+    from ..engine.models import (
+        fast_tokenizer_json,
+        load_sentence_transformer,
+        resolve_model,
+        resolve_prompts,
+        truncation_side,
+    )
     from ..engine.tokenize import TextTokenizer
     from ..io.corpus import Columns, open_corpus
 
@@ -287,9 +295,11 @@ def count_tokens(input: str | Path, model: str, *, sample: int = 10_000, seed: i
     n = corpus.num_rows
     if n == 0:
         raise EmbedkitError("the input has no rows")
-    st = load_sentence_transformer(resolve_model(model), "cpu")
+    source = resolve_model(model)
+    st = load_sentence_transformer(source, "cpu")
     limit = chunk_tokens or max_seq_length or st.max_seq_length
-    tok = TextTokenizer(fast_tokenizer_json(st), limit, truncation_side(st), chunk_overlap if chunk_tokens else None)
+    prompts, _ = resolve_prompts(st, source, prompt_name=prompt_name, prompt=prompt)
+    tok = TextTokenizer(fast_tokenizer_json(st), limit, truncation_side(st), chunk_overlap if chunk_tokens else None, prompts.document)
 
     def measure(texts: list[str], ids: list) -> tuple[np.ndarray, np.ndarray]:
         got = tok(texts)
@@ -386,7 +396,7 @@ def longest_first(corpus, job, pending: list) -> list:
         return list(pending)
     from ..engine.tokenize import TextTokenizer
 
-    tok = TextTokenizer(job.tokenizer_json, job.max_length, job.truncation_side, job.chunk_overlap)
+    tok = TextTokenizer(job.tokenizer_json, job.max_length, job.truncation_side, job.chunk_overlap, job.prompt)
     tokens = {s.index: shard_tokens(corpus, lambda texts, ids: (tok(texts).text_tokens(), 0), s) for s in pending}
     return sorted(pending, key=lambda s: (-tokens[s.index], s.index))
 
