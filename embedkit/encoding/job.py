@@ -180,10 +180,21 @@ def build_manifest(corpus: Corpus, cfg: EncodeConfig, source: ModelSource, shard
         "output": {"dtype": cfg.dtype, "normalize": cfg.normalize, "keep_empty": cfg.keep_empty, "store_text": cfg.store_text,
                    "keep_columns": list(cfg.keep_columns), "chunk_tokens": cfg.chunk_tokens or 0,
                    "chunk_overlap": cfg.chunk_overlap},
-        "prompts": None,  # known once the model is loaded (its configured prompts)
+        "prompts": _folder_prompts(source, cfg),
         "input": corpus.fingerprint(cache=cache),
         "plan": {"rows": corpus.num_rows, "shard_rows": shard_rows, "shards": -(-corpus.num_rows // shard_rows)},
     }
+
+
+def _folder_prompts(source: ModelSource, cfg: EncodeConfig) -> dict | None:
+    """The prompts as far as they are known before the model loads: from a local folder's
+    configuration (so a finished output's rerun with another prompt is refused, not skipped);
+    None for a hub model, until it is loaded."""
+    if source.path is None:
+        return None
+    prompts, _ = resolve_prompts(None, source, prompt_name=cfg.prompt_name, prompt=cfg.prompt,
+                                 query_prompt_name=cfg.query_prompt_name, query_prompt=cfg.query_prompt)  # fmt: skip
+    return prompts.to_dict()
 
 
 def _ids_are_row_numbers(corpus: Corpus) -> bool:

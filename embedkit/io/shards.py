@@ -151,10 +151,10 @@ def manifest_differences(old: dict, new: dict, pinned: dict[tuple[str, ...], str
 
 
 def _shown(value: Any) -> str:
-    """A manifest value in a one-line message: lists comma-joined, long or multi-line text quoted and cut."""
+    """A manifest value in a one-line message: lists comma-joined, long, multi-line, empty or space-edged text quoted (and cut)."""
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value)) if value else "none"
-    if isinstance(value, str) and (len(value) > 120 or not value.isprintable()):
+    if isinstance(value, str) and (len(value) > 120 or not value.isprintable() or value != value.strip() or not value):
         text = repr(value)
         return text if len(text) <= 128 else text[:125] + "..."
     return str(value)
