@@ -119,6 +119,7 @@ def _show_notices() -> None:
 @click.option("--chunk-tokens", type=int, default=None,
               help="Split documents longer than N tokens into chunks of at most N (one row each: id, chunk, start, end); nothing is cut.")
 @click.option("--chunk-overlap", type=int, default=0, show_default=True, help="--chunk-tokens: tokens each chunk repeats from the one before.")
+@click.option("--dim", type=int, default=None, help="Keep the first N dimensions of each vector, renormalized (Matryoshka models).")
 @click.option("--prompt-name", default=None, help="Put the model's configured prompt NAME before each document (default: the model's default prompt).")
 @click.option("--prompt", default=None, help="Put this literal text before each document instead.")
 @click.option("--query-prompt-name", default=None, help="The model's prompt that search puts before queries (default: its 'query' prompt, if any).")

@@ -80,6 +80,7 @@ class EncodeConfig:
     follow_symlinks: bool = False  # --follow-symlinks: a .txt folder's links to files outside it are read too
     chunk_tokens: int | None = None  # --chunk-tokens: long documents split into chunks of at most this many tokens
     chunk_overlap: int = 0  # --chunk-overlap: tokens each chunk repeats from the end of the one before
+    dim: int | None = None  # --dim: keep the first N dimensions of each vector (Matryoshka), renormalized
     prompt_name: str | None = None  # --prompt-name: the model's configured prompt put before each document
     prompt: str | None = None  # --prompt: a literal prefix for documents instead
     query_prompt_name: str | None = None  # --query-prompt-name: the prompt search puts before queries
@@ -97,7 +98,7 @@ class EncodeConfig:
         for named, literal in (("prompt_name", "prompt"), ("query_prompt_name", "query_prompt")):
             if getattr(self, named) is not None and getattr(self, literal) is not None:
                 raise EmbedkitError(f"give --{named.replace('_', '-')} or --{literal.replace('_', '-')}, not both")
-        for name in ("batch_tokens", "shard_rows", "max_seq_length"):
+        for name in ("batch_tokens", "shard_rows", "max_seq_length", "dim"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EmbedkitError(f"--{name.replace('_', '-')} must be a positive number, not {value}")

@@ -85,6 +85,7 @@ def dry_run_encode(input: str | Path, cfg, *, sample: int = 10_000, calibrate_ro
     from .engine.encoder import choose_device
     from .index.params import choose_params
     from .io.corpus import Columns, open_corpus
+    from .io.shards import stored_dim
 
     count = count_tokens(input, cfg.model, sample=sample, text_column=cfg.text_column, max_seq_length=cfg.max_seq_length,
                          chunk_tokens=cfg.chunk_tokens, chunk_overlap=cfg.chunk_overlap, prompt_name=cfg.prompt_name,
@@ -103,7 +104,7 @@ def dry_run_encode(input: str | Path, cfg, *, sample: int = 10_000, calibrate_ro
         s = _calibrate(work / "sample.parquet", work / "out", cfg, cfg.batch_tokens)
         wall = time.perf_counter() - t
         per_row = _folder_bytes(work / "out" / "vectors.lance") / max(1, s.docs)
-        dim = json.loads((work / "out" / "embedkit.json").read_text())["model"]["dim"]
+        dim = stored_dim(json.loads((work / "out" / "embedkit.json").read_text()))
         swept = [(b, _calibrate(work / "sample.parquet", work / f"sweep-{b}", cfg, b)) for b in sweep]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -143,7 +144,7 @@ def _calibrate(sample: Path, out: Path, cfg, batch_tokens: int | None):
                   batch_tokens=batch_tokens, tokenize_workers=cfg.tokenize_workers, keep_empty=cfg.keep_empty,
                   max_seq_length=cfg.max_seq_length, store_text=cfg.store_text, keep_columns=cfg.keep_columns,
                   chunk_tokens=cfg.chunk_tokens, chunk_overlap=cfg.chunk_overlap, prompt_name=cfg.prompt_name, prompt=cfg.prompt,
-                  progress=False)  # fmt: skip
+                  dim=cfg.dim, progress=False)  # fmt: skip
 
 
 CALIBRATION_ROWS = {"cuda": 100_000, "cpu": 1_000}  # seconds of encoding on an H200; tens of seconds on 2 CPU cores

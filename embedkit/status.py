@@ -75,12 +75,17 @@ def _model_lines(m: dict) -> list[str]:
     if "model" in m:
         model, output = m["model"], m["output"]
         return [f"model {model['name']} (dim {model['dim']}, max {model['max_seq_length']} tokens, {model['pooling']} pooling)",
-                f"vectors {output['dtype']}, normalize {output['normalize']}{_chunking(output)}"]  # fmt: skip
+                f"vectors {output['dtype']}{_kept_dims(output, model)}, normalize {output['normalize']}{_chunking(output)}"]  # fmt: skip
     task, gen = m["task"], m["generator"]
     detail = f", labels {', '.join(task['labels'])}" if task.get("labels") else ""
     if task["task"] == "summarize":
         detail = f", up to {task.get('max_new_tokens')} new tokens, temperature {task.get('temperature')}"
     return [f"generator {gen['name']} ({gen['precision']}); task {task['task']}{detail}", f"prompt {task['prompt']!r}"]
+
+
+def _kept_dims(output: dict, model: dict) -> str:
+    """", first N of D dimensions" for an output encoded with --dim."""
+    return f", first {output['dim']} of {model['dim']} dimensions" if output.get("dim") else ""
 
 
 def _chunking(output: dict) -> str:

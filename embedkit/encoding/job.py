@@ -56,7 +56,8 @@ def open_input(input: str | Path, cfg: EncodeConfig) -> Corpus:
 
 
 def output_schema(corpus: Corpus, cfg: EncodeConfig, dim: int) -> pa.Schema:
-    return vectors_schema(corpus.id_type, dim, cfg.dtype, text=cfg.store_text, kept=corpus.kept_fields,
+    """The vectors' table; `dim` is the model's, cut to --dim when given."""
+    return vectors_schema(corpus.id_type, cfg.dim or dim, cfg.dtype, text=cfg.store_text, kept=corpus.kept_fields,
                           chunked=cfg.chunk_tokens is not None)  # fmt: skip
 
 
@@ -134,6 +135,8 @@ def prepare_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoi
     max_length = model_max_length(st, cfg.max_seq_length)
     row_tokens = tokens_per_row(st, cfg)
     dim = embedding_dim(st)
+    if cfg.dim is not None and cfg.dim > dim:
+        raise EmbedkitError(f"--dim {cfg.dim} is above the model's dimension {dim}")
     manifest["model"].update(dim=dim, max_seq_length=max_length, pooling=pooling_mode(st))
     manifest["prompts"] = chosen_prompts(st, source, cfg).to_dict()
     if manifest["model"]["weights_sha256"] is None:  # a hub model loaded from the hub: hashed from its parameters
@@ -178,7 +181,7 @@ def build_manifest(corpus: Corpus, cfg: EncodeConfig, source: ModelSource, shard
         "embedkit_version": __version__,
         "model": {"name": source.name, "weights_sha256": weights_hash(source), "dim": None, "max_seq_length": max_length, "pooling": None},
         "output": {"dtype": cfg.dtype, "normalize": cfg.normalize, "keep_empty": cfg.keep_empty, "store_text": cfg.store_text,
-                   "keep_columns": list(cfg.keep_columns), "chunk_tokens": cfg.chunk_tokens or 0,
+                   "keep_columns": list(cfg.keep_columns), "dim": cfg.dim or 0, "chunk_tokens": cfg.chunk_tokens or 0,
                    "chunk_overlap": cfg.chunk_overlap},
         "prompts": _folder_prompts(source, cfg),
         "input": corpus.fingerprint(cache=cache),

@@ -56,6 +56,7 @@ def encode(
     follow_symlinks: bool = False,
     chunk_tokens: int | None = None,
     chunk_overlap: int = 0,
+    dim: int | None = None,
     prompt_name: str | None = None,
     prompt: str | None = None,
     query_prompt_name: str | None = None,
@@ -71,6 +72,8 @@ def encode(
     most that many tokens (special tokens included), each repeating `chunk_overlap` tokens of
     the one before, cut at a sentence end where one is near. Each chunk is a row with the
     document's `id`, its number `chunk` (0, 1, ...) and its character span `start`, `end`.
+    `dim`: keep the first `dim` dimensions of each vector, renormalized (Matryoshka models are
+    trained for it); search cuts queries the same way.
     `prompt_name` / `prompt`: the model's configured prompt, or a literal prefix, put before
     each document (default: the model's default prompt, as `SentenceTransformer.encode`; a
     model with prompts and no choice gets an `EmbedkitNotice`). `query_prompt_name` /
@@ -95,7 +98,7 @@ def encode(
         tokenize_workers=tokenize_workers, window_docs=window_docs, keep_empty=keep_empty, allow_duplicate_ids=allow_duplicate_ids,
         max_seq_length=max_seq_length, store_text=store_text,
         keep_columns=keep_columns if isinstance(keep_columns, str) else tuple(keep_columns),  # a str is refused by name
-        follow_symlinks=follow_symlinks, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, prompt_name=prompt_name,
+        follow_symlinks=follow_symlinks, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, dim=dim, prompt_name=prompt_name,
         prompt=prompt, query_prompt_name=query_prompt_name, query_prompt=query_prompt,
         run=RunOptions(overwrite=overwrite, progress=progress, workers=_worker_count(gpus, device), ray=ray, reissue=reissue),
     )  # fmt: skip

@@ -140,7 +140,8 @@ def run_shards(corpus: Corpus, job: Job, pending: list[Shard], cfg: EncodeConfig
     budget = lambda: cfg.batch_tokens or default_batch_tokens(model_config(job.model), job.choice)  # noqa: E731
     feed = _Feed(corpus, pending, cfg, _job_spec(job), budget, workers, PREFETCH_WINDOWS + 2)
     try:
-        encoder = Encoder(job.model, job.choice, normalize=cfg.normalize, out_dtype=cfg.dtype, max_batch_tokens=feed.budget)
+        encoder = Encoder(job.model, job.choice, normalize=cfg.normalize, out_dtype=cfg.dtype, max_batch_tokens=feed.budget,
+                          dim=cfg.dim)  # fmt: skip
         # the clock starts once the model and the pool are ready (one-time costs, not per token)
         start = time.perf_counter()
         with Progress(sum(s.rows for s in pending), cfg.run.progress, shards=len(pending)) as bar:

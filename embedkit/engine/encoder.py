@@ -160,12 +160,15 @@ class Encoder:
 
     STAGING = 8  # pinned buffers in flight: how many batches the host may queue ahead of the device
 
-    def __init__(self, model: Any, choice: DeviceChoice, *, normalize: bool, out_dtype: str, max_batch_tokens: int):
+    def __init__(self, model: Any, choice: DeviceChoice, *, normalize: bool, out_dtype: str, max_batch_tokens: int,
+                 dim: int | None = None):  # fmt: skip
+        """`dim`: keep the first `dim` dimensions of each vector (Matryoshka), before normalizing."""
         import torch
 
         self.torch = torch
         self.choice = choice
         self.normalize = normalize
+        self.dim = dim
         self.out_dtype = torch.float16 if out_dtype == "float16" else torch.float32
         compute = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[choice.precision]
         # Rows that come out NaN/Inf are retried in fp32 on the host, with the weights as loaded:
@@ -228,6 +231,8 @@ class Encoder:
                 run = self._forward_direct if self._direct else self._forward_modules
                 with attention_context(self.device.type, padded):
                     out = run(ids_t.long(), lens_t, padded)
+            if self.dim is not None:
+                out = out[:, : self.dim]
             if self.normalize:
                 # normalize in fp32: fp16 sums of squares lose digits; a zero vector stays zero
                 out = torch.nn.functional.normalize(out.float(), dim=-1)
@@ -357,6 +362,8 @@ class Encoder:
             ids_t = torch.from_numpy(np.ascontiguousarray(ids)).long().to(device)
             lens_t = torch.from_numpy(lengths.astype(np.int32)).to(device)
             out = self._forward_modules(ids_t, lens_t, False, model=model).float()
+            if self.dim is not None:
+                out = out[:, : self.dim]
             if self.normalize:
                 out = torch.nn.functional.normalize(out, dim=-1)
             return out.to(self.out_dtype).float().cpu().numpy()[0]

@@ -34,7 +34,7 @@ import numpy as np
 from ..config import IndexConfig, RunOptions
 from ..errors import EmbedkitError
 from ..fsutil import atomic_file
-from ..io.shards import OutputLock, read_manifest
+from ..io.shards import OutputLock, read_manifest, stored_dim
 from ..io.store import VECTORS_DIR, VectorStore
 from ..run.progress import Progress
 from ..version import __version__
@@ -205,7 +205,7 @@ def plan_build(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, 
     from ..engine.encoder import choose_device
 
     ds = store.dataset()
-    n, dim = ds.count_rows(), int(manifest["model"]["dim"])
+    n, dim = ds.count_rows(), stored_dim(manifest)
     stored = ds.schema.field("vector").type.list_size
     if stored != dim:
         raise EmbedkitError(f"{out}/embedkit.json says dim {dim} but {VECTORS_DIR} holds {stored}-dimensional vectors; "

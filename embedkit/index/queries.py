@@ -134,5 +134,19 @@ def encode_queries(texts: list[str], manifest: dict, device: str = "auto") -> np
     model: Any = manifest.get("model", {})
     output: Any = manifest.get("output", {})
     prompt = (manifest.get("prompts") or {}).get("query") or ""
-    return encode_texts([prompt + ("" if t is None else t) for t in texts], model=model["name"], device=device,
-                        normalize=bool(output.get("normalize", True)), max_seq_length=model.get("max_seq_length"))  # fmt: skip
+    normalize = bool(output.get("normalize", True))
+    vectors = encode_texts([prompt + ("" if t is None else t) for t in texts], model=model["name"], device=device,
+                           normalize=normalize, max_seq_length=model.get("max_seq_length"))  # fmt: skip
+    return cut_dimensions(vectors, output.get("dim") or None, normalize)
+
+
+def cut_dimensions(vectors: np.ndarray, dim: int | None, normalize: bool) -> np.ndarray:
+    """The first `dim` dimensions (all when None), renormalized when the output's vectors are:
+    what `encode --dim` stores, so queries land in the same space."""
+    if dim is None or dim >= vectors.shape[1]:
+        return vectors
+    cut = np.ascontiguousarray(vectors[:, :dim])
+    if normalize:
+        norms = np.linalg.norm(cut, axis=1, keepdims=True)
+        cut = cut / np.where(norms > 0, norms, 1)  # a zero vector stays zero, as the encoder's
+    return cut.astype(np.float32)

@@ -120,6 +120,8 @@ _PINNED = {
     ("output", "store_text"): "store text",
     ("output", "keep_columns"): "kept columns",
     # every shard's documents must be split the same way (0: not split)
+    # --dim: the stored vectors' length (0: the model's)
+    ("output", "dim"): "vector dimensions kept",
     ("output", "chunk_tokens"): "chunk tokens",
     ("output", "chunk_overlap"): "chunk overlap",
     ("prompts", "document"): "document prompt",
@@ -127,7 +129,7 @@ _PINNED = {
     ("input",): "input",
 }
 # What a key absent from an older manifest means (it was written before the key existed).
-_ABSENT = {("output", "store_text"): False, ("output", "keep_columns"): [], ("output", "chunk_tokens"): 0,
+_ABSENT = {("output", "store_text"): False, ("output", "keep_columns"): [], ("output", "dim"): 0, ("output", "chunk_tokens"): 0,
            ("output", "chunk_overlap"): 0, ("prompts", "document"): "", ("prompts", "query"): ""}  # fmt: skip
 
 
@@ -148,6 +150,11 @@ def manifest_differences(old: dict, new: dict, pinned: dict[tuple[str, ...], str
         if a != b:
             diffs.append(f"{label} ({_shown(a)} -> {_shown(b)})")
     return diffs
+
+
+def stored_dim(manifest: dict) -> int:
+    """The length of the stored vectors: the model's, or what `encode --dim` kept of it."""
+    return int((manifest.get("output") or {}).get("dim") or manifest["model"]["dim"])
 
 
 def _shown(value: Any) -> str:
