@@ -312,11 +312,16 @@ class Encoder:
             return False
         if getattr(first, "module_output_name", "token_embeddings") != "token_embeddings":
             return False
+        # A decoder's attention is causal: the 4-D padding mask would replace its causal mask
+        # (every token would see the ones after it), so decoders keep the module path.
+        if any(getattr(m, "is_causal", False) is True for m in hf.modules()) or getattr(hf.config, "is_decoder", False):
+            return False
         self._transformer, self._rest = hf, list(self.model)[1:]
         gen = torch.Generator().manual_seed(0)
         lens = torch.tensor([7, 3, 5, 1], dtype=torch.int32)
         vocab = int(getattr(hf.config, "vocab_size", 1000))
-        ids = torch.randint(low=min(1000, vocab - 1), high=vocab, size=(4, 7), generator=gen).to(self.device)
+        # distinct ids: rows of one repeated token attend alike under any mask and prove nothing
+        ids = torch.randint(low=min(1000, vocab // 2), high=vocab, size=(4, 7), generator=gen).to(self.device)
         lens = lens.to(self.device)
         try:
             with torch.inference_mode():

@@ -266,7 +266,7 @@ def resolve_prompts(st: Any, source: ModelSource, *, prompt_name: str | None = N
     else:
         document_name = default if default in configured else None
         document = configured[document_name] if document_name else ""
-        if configured:
+        if any(configured.values()):  # sentence-transformers saves empty query/document prompts by default
             chosen = f"its default prompt {document_name!r}" if document_name else "no prompt"
             notice = (f"model {source.name} has prompts ({', '.join(sorted(configured))}); documents get {chosen}: "
                       "choose with --prompt-name or --prompt")  # fmt: skip
