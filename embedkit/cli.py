@@ -101,7 +101,8 @@ def _show_notices() -> None:
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Bundled name, local sentence-transformers folder, or hub id.")
 @click.option("--device", default="auto", show_default=True, help=f"One of {', '.join(DEVICES)} or cuda:N.")
-@click.option("--dtype", type=click.Choice(OUTPUT_DTYPES), default="float16", show_default=True, help="Stored vector type.")
+@click.option("--dtype", type=click.Choice(OUTPUT_DTYPES), default="float16", show_default=True,
+              help="Stored vector type: float16, float32, int8 (per-dimension ranges calibrated on the input) or binary (sign bits).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="Compute precision (auto: fp16 on CUDA, fp32 on CPU).")
 @click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalize vectors.")
 @click.option("--batch-tokens", type=int, default=None, help="Padded tokens per forward pass (default: sized from free GPU memory up to 524288 on CUDA; 16384 on CPU).")

@@ -21,7 +21,7 @@ DEFAULT_BATCH_TOKENS = {"cuda": 524_288, "cpu": 16_384}
 # ~10k docs a minute.
 DEFAULT_SHARD_ROWS = {"cuda": 1_000_000, "cpu": 10_000}
 
-OUTPUT_DTYPES = ("float16", "float32")
+OUTPUT_DTYPES = ("float16", "float32", "int8", "binary")  # int8/binary: quantized (engine/quantize.py)
 # The columns vectors.lance holds itself (store.vectors_schema; `text` with --store-text): a kept
 # input column may not take one of these names.
 OUTPUT_COLUMNS = ("id", "vector", "n_tokens", "truncated", "chunk", "start", "end", "text")

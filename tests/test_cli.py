@@ -199,7 +199,7 @@ def test_status_json(output, small_table, run_cli):
     assert st["tokens"] == embedkit.status(output).tokens > 0
     assert st["manifest"]["model"]["dim"] == 384
     assert st["manifest"]["output"] == {"dtype": "float16", "normalize": True, "keep_empty": False, "store_text": True, "keep_columns": [],
-                                          "chunk_tokens": 0, "chunk_overlap": 0}
+                                          "dim": 0, "chunk_tokens": 0, "chunk_overlap": 0}
     assert st["manifest"]["plan"] == {"rows": small_table.num_rows, "shard_rows": 8, "shards": 3}
 
 

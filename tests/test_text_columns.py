@@ -97,6 +97,7 @@ def test_text_and_kept_columns_are_stored_per_id(encoded, inputs, rich, fmt):
     assert [table.schema.field(n).type for n in KEPT] == [want.field(n).type for n in KEPT]
     assert embedkit.status(out).manifest["output"] == {
         "dtype": "float16", "normalize": True, "keep_empty": False, "store_text": True, "keep_columns": list(KEPT),
+        "dim": 0, "chunk_tokens": 0, "chunk_overlap": 0,
     }  # fmt: skip
 
 

@@ -3,11 +3,13 @@ duplicate-id check, the model and the store; and a shard task's view of a prepar
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from ..config import EncodeConfig
@@ -26,6 +28,7 @@ from ..engine.models import (
     truncation_side,
     weights_hash,
 )
+from ..engine.quantize import QUANTIZED, Quantization
 from ..engine.tokenize import TextTokenizer
 from ..errors import EmbedkitError, EmbedkitNotice
 from ..io.corpus import Columns, Corpus, find_first_duplicate, open_corpus
@@ -33,6 +36,9 @@ from ..io.shards import MANIFEST, Shard, manifest_differences, read_manifest, sh
 from ..io.store import VectorStore, vectors_schema
 from ..version import __version__
 from .summary import EncodeSummary
+
+QUANTIZE_SAMPLE_ROWS = 1_000  # documents whose vectors set the int8 ranges (sentence-transformers' advice: about 1k+)
+CPU_BATCH_TOKENS = 16_384
 
 
 def nothing_to_do(out: Path, choice: DeviceChoice, shards: int) -> EncodeSummary:
@@ -55,10 +61,40 @@ def open_input(input: str | Path, cfg: EncodeConfig) -> Corpus:
     return open_corpus(input, Columns(cfg.text_column, cfg.id_column, cfg.keep_columns), follow_symlinks=cfg.follow_symlinks)
 
 
-def output_schema(corpus: Corpus, cfg: EncodeConfig, dim: int) -> pa.Schema:
+def output_schema(corpus: Corpus, cfg: EncodeConfig, dim: int, quantization: Quantization | None = None) -> pa.Schema:
     """The vectors' table; `dim` is the model's, cut to --dim when given."""
     return vectors_schema(corpus.id_type, cfg.dim or dim, cfg.dtype, text=cfg.store_text, kept=corpus.kept_fields,
-                          chunked=cfg.chunk_tokens is not None)  # fmt: skip
+                          chunked=cfg.chunk_tokens is not None, quantization=quantization)  # fmt: skip
+
+
+def output_quantization(manifest: dict) -> Quantization | None:
+    """The int8 ranges or binary layout an output's vectors were stored with (its manifest's)."""
+    recorded = (manifest.get("output") or {}).get("quantization")
+    return Quantization.from_json(json.dumps(recorded)) if recorded else None
+
+
+def calibrate_quantization(corpus: Corpus, st: Any, cfg: EncodeConfig, tokenizer: TextTokenizer) -> Quantization | None:
+    """For --dtype int8 or binary: the quantization, from the vectors of a sample of the input
+    (QUANTIZE_SAMPLE_ROWS rows in random blocks, encoded here on the CPU before the run: each
+    shard's codes must use the same ranges, so they are fixed before the first one)."""
+    if cfg.dtype not in QUANTIZED:
+        return None
+    from ..engine.encoder import Encoder, choose_device
+    from ..engine.texts import embed_tokenized
+    from ..plan.planning import random_blocks
+
+    texts = [t for a, b in random_blocks(corpus.num_rows, QUANTIZE_SAMPLE_ROWS, seed=0)
+             for t in corpus.read(a, b).column("text").to_pylist() if t]  # fmt: skip
+    tok = tokenizer(texts)
+    encoder = Encoder(st, choose_device("cpu", "auto"), normalize=cfg.normalize, out_dtype="float32",
+                      max_batch_tokens=CPU_BATCH_TOKENS, dim=cfg.dim)  # fmt: skip
+    vectors = embed_tokenized(encoder, tok, CPU_BATCH_TOKENS)
+    if len(vectors) == 0:  # no text at all: nothing will be stored either
+        vectors = np.zeros((1, cfg.dim or embedding_dim(st)), np.float32)
+    try:
+        return Quantization.calibrate(cfg.dtype, vectors)
+    except ValueError as e:  # binary needs whole bytes
+        raise EmbedkitError(f"--dtype binary: {e}; choose --dim as a multiple of 8") from None
 
 
 def tokens_per_row(st: Any, cfg: EncodeConfig) -> int:
@@ -125,6 +161,7 @@ class Job:
     truncation_side: str
     chunk_overlap: int | None = None  # None: texts are cut at max_length; else split into chunks
     prompt: str = ""  # put before every document (every chunk)
+    quantization: Quantization | None = None  # --dtype int8 / binary: how floats become codes
 
 
 def prepare_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice, source: ModelSource, manifest: dict,
@@ -141,20 +178,26 @@ def prepare_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoi
     manifest["prompts"] = chosen_prompts(st, source, cfg).to_dict()
     if manifest["model"]["weights_sha256"] is None:  # a hub model loaded from the hub: hashed from its parameters
         manifest["model"]["weights_sha256"] = weights_hash(source, st)
+    spec = fast_tokenizer_json(st)
     if old is not None:
         refuse_differences(out, old, manifest)
+        quantization = output_quantization(old)
     else:
         if not _ids_are_row_numbers(corpus):
             _check_duplicates(corpus, cfg.allow_duplicate_ids)
+        tokenizer = TextTokenizer(spec, row_tokens, truncation_side(st), chunk_overlap(cfg), manifest["prompts"]["document"])
+        quantization = calibrate_quantization(corpus, st, cfg, tokenizer)
+        if quantization is not None:  # recorded: a resume, and every worker, codes with the same ranges
+            manifest["output"]["quantization"] = json.loads(quantization.to_json())
         write_manifest(out, manifest)
-    schema = output_schema(corpus, cfg, dim)
+    schema = output_schema(corpus, cfg, dim, quantization)
     store = VectorStore(out)
     if not store.exists():  # an existing one was cleaned before the model loaded
         store.create(schema)
     return Job(
         out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest), store=store,
-        schema=schema, max_length=row_tokens, tokenizer_json=fast_tokenizer_json(st), truncation_side=truncation_side(st),
-        chunk_overlap=chunk_overlap(cfg), prompt=manifest["prompts"]["document"],
+        schema=schema, max_length=row_tokens, tokenizer_json=spec, truncation_side=truncation_side(st),
+        chunk_overlap=chunk_overlap(cfg), prompt=manifest["prompts"]["document"], quantization=quantization,
     )  # fmt: skip
 
 
@@ -167,9 +210,9 @@ def attach_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoic
     dim = embedding_dim(st)
     return Job(
         out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest), store=VectorStore(out),
-        schema=output_schema(corpus, cfg, dim), max_length=tokens_per_row(st, cfg),
+        schema=output_schema(corpus, cfg, dim, output_quantization(manifest)), max_length=tokens_per_row(st, cfg),
         tokenizer_json=fast_tokenizer_json(st), truncation_side=truncation_side(st), chunk_overlap=chunk_overlap(cfg),
-        prompt=(manifest.get("prompts") or {}).get("document", ""),
+        prompt=(manifest.get("prompts") or {}).get("document", ""), quantization=output_quantization(manifest),
     )  # fmt: skip
 
 

@@ -219,6 +219,8 @@ def _write_window(encoder: Encoder, job: Job, window: _Window, outputs: list[Any
         keep[bad] = False
         quarantined = tuple(rows.column("id").take(pa.array(bad)).to_pylist())
         rows, vectors, n_tokens, truncated = rows.filter(pa.array(keep)), vectors[keep], n_tokens[keep], truncated[keep]
+    if job.quantization is not None:  # --dtype int8 / binary: the codes are stored, after the finiteness check
+        vectors = job.quantization.encode(vectors)
     table = vectors_table(job.schema, rows.column("id"), vectors, n_tokens, truncated, columns=rows)
     chunked = job.chunk_overlap is not None  # a document is counted once, whatever its chunks
     return _Written(

@@ -169,7 +169,7 @@ class Encoder:
         self.choice = choice
         self.normalize = normalize
         self.dim = dim
-        self.out_dtype = torch.float16 if out_dtype == "float16" else torch.float32
+        self.out_dtype = torch.float16 if out_dtype == "float16" else torch.float32  # int8/binary: quantized from fp32 later
         compute = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[choice.precision]
         # Rows that come out NaN/Inf are retried in fp32 on the host, with the weights as loaded:
         # a 16-bit run keeps an fp32 copy there (the cast below is in place), an fp32 run

@@ -19,7 +19,7 @@ from .models import (
     resolve_model,
     truncation_side,
 )
-from .tokenize import TextTokenizer, tokenize_all
+from .tokenize import TextTokenizer, Tokenized, tokenize_all
 
 _MODEL_CACHE: dict[tuple[str, str, str, int | None], tuple[Encoder, TextTokenizer]] = {}
 
@@ -46,13 +46,17 @@ def encode_texts(
     encoder, tokenizer = cached_model(model, choice, max_seq_length)
     encoder.normalize = normalize  # the cached encoder serves both settings
     tok = tokenize_all(tokenizer, ["" if t is None else t for t in texts])
-    budget = batch_tokens or DEFAULT_BATCH_TOKENS[choice.type]
+    return embed_tokenized(encoder, tok, batch_tokens or DEFAULT_BATCH_TOKENS[choice.type])
+
+
+def embed_tokenized(encoder: Encoder, tok: Tokenized, budget: int) -> np.ndarray:
+    """float32 vectors of every row of `tok`, in its order, through batches of `budget` tokens."""
     batches = pack_batches(tok.lengths, budget)
     outputs = [
         encoder.forward(pad_rows(tok.flat, tok.offsets, b.rows, b.seq_len), tok.lengths[b.rows].astype(np.int32))
         for b in batches
     ]
-    result = np.zeros((len(texts), embedding_dim(encoder.model)), np.float32)
+    result = np.zeros((len(tok.lengths), encoder.dim or embedding_dim(encoder.model)), np.float32)
     if batches:
         # one transfer for the whole call instead of one synchronization per batch
         result[np.concatenate([b.rows for b in batches])] = encoder.torch.cat(outputs).float().cpu().numpy()

@@ -39,7 +39,7 @@ from ..io.store import VECTORS_DIR, VectorStore
 from ..run.progress import Progress
 from ..version import __version__
 from .add import ShardSpec, device_codec, fragment_shards, index_shard_task, read_shard, write_shard
-from .io import load_index, read_rows, write_index
+from .io import load_index, read_rows, vector_dim, write_index
 from .merge import merge_shards
 from .params import BUILD_SHARD_ROWS, IndexParams, choose_params, estimate_build_seconds
 from .queries import choose_queries, encode_queries
@@ -206,7 +206,7 @@ def plan_build(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, 
 
     ds = store.dataset()
     n, dim = ds.count_rows(), stored_dim(manifest)
-    stored = ds.schema.field("vector").type.list_size
+    stored = vector_dim(ds.schema)
     if stored != dim:
         raise EmbedkitError(f"{out}/embedkit.json says dim {dim} but {VECTORS_DIR} holds {stored}-dimensional vectors; "
                             "the manifest was edited: restore it or encode again with --overwrite")  # fmt: skip

@@ -13,17 +13,27 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..engine.quantize import Quantization
 from ..fsutil import atomic_file
 from .state import MERGED
 
 
 def vectors_of(table: Any) -> np.ndarray:
-    """The `vector` column of an Arrow table as a (rows, dim) numpy array (float16 or float32)."""
+    """The `vector` column of an Arrow table as a (rows, dim) numpy array (float16 or float32);
+    int8 and binary codes (`encode --dtype int8|binary`) decoded to float32 as their field says."""
     col = table.column("vector")
     if hasattr(col, "combine_chunks"):  # a Table's column is chunked, a RecordBatch's is not
         col = col.combine_chunks()
-    dim = col.type.list_size
-    return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    codes = col.values.to_numpy(zero_copy_only=False).reshape(-1, col.type.list_size)
+    quantization = Quantization.of_field(table.schema.field("vector"))
+    return codes if quantization is None else quantization.decode(codes)
+
+
+def vector_dim(schema: Any) -> int:
+    """The dimension of the vectors a Lance/Arrow schema stores (of the floats its codes stand for)."""
+    field = schema.field("vector")
+    quantization = Quantization.of_field(field)
+    return quantization.dim if quantization is not None else field.type.list_size
 
 
 def read_rows(ds: Any, positions: np.ndarray) -> np.ndarray:

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ..engine.quantize import METADATA_KEY, Quantization
 from ..errors import EmbedkitError, first_line
 from .ledger import DropRecord, Ledger, LedgerState, ShardRecord
 
@@ -59,7 +60,7 @@ MAX_ROWS_PER_FILE = 1 << 20
 
 
 def vectors_schema(id_type: pa.DataType, dim: int, dtype: str, *, text: bool = False, kept: tuple[pa.Field, ...] = (),
-                   chunked: bool = False) -> pa.Schema:  # fmt: skip
+                   chunked: bool = False, quantization: Quantization | None = None) -> pa.Schema:  # fmt: skip
     """id, vector (fixed_size_list<float16|float32>[dim]), n_tokens, truncated; when `chunked`,
     the chunk's number in its document and its character span there (chunk, start, end); then
     the document's `text` (when `text` is true) and the kept input columns, with their types.
@@ -69,11 +70,15 @@ def vectors_schema(id_type: pa.DataType, dim: int, dtype: str, *, text: bool = F
     >>> vectors_schema(pa.int64(), 4, "float16", chunked=True).names
     ['id', 'vector', 'n_tokens', 'truncated', 'chunk', 'start', 'end']
     """
-    value = pa.float16() if dtype == "float16" else pa.float32()
+    if quantization is not None:  # int8 or binary codes; how to read them back is on the field
+        value = pa.int8() if quantization.kind == "int8" else pa.uint8()
+        vector = pa.field("vector", pa.list_(value, quantization.code_width), metadata={METADATA_KEY: quantization.to_json()})
+    else:
+        vector = pa.field("vector", pa.list_(pa.float16() if dtype == "float16" else pa.float32(), dim))
     return pa.schema(
         [
             pa.field("id", id_type, nullable=False),
-            pa.field("vector", pa.list_(value, dim)),
+            vector,
             pa.field("n_tokens", pa.int32()),
             pa.field("truncated", pa.bool_()),
             *([pa.field(name, pa.int32()) for name in CHUNK_COLUMNS] if chunked else []),
