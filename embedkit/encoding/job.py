@@ -91,10 +91,7 @@ def calibrate_quantization(corpus: Corpus, st: Any, cfg: EncodeConfig, tokenizer
     vectors = embed_tokenized(encoder, tok, CPU_BATCH_TOKENS)
     if len(vectors) == 0:  # no text at all: nothing will be stored either
         vectors = np.zeros((1, cfg.dim or embedding_dim(st)), np.float32)
-    try:
-        return Quantization.calibrate(cfg.dtype, vectors)
-    except ValueError as e:  # binary needs whole bytes
-        raise EmbedkitError(f"--dtype binary: {e}; choose --dim as a multiple of 8") from None
+    return Quantization.calibrate(cfg.dtype, vectors)
 
 
 def tokens_per_row(st: Any, cfg: EncodeConfig) -> int:
@@ -174,6 +171,8 @@ def prepare_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoi
     dim = embedding_dim(st)
     if cfg.dim is not None and cfg.dim > dim:
         raise EmbedkitError(f"--dim {cfg.dim} is above the model's dimension {dim}")
+    if cfg.dtype == "binary" and (cfg.dim or dim) % 8:
+        raise EmbedkitError(f"--dtype binary packs 8 dimensions to a byte: {cfg.dim or dim} is not divisible by 8; choose --dim")
     manifest["model"].update(dim=dim, max_seq_length=max_length, pooling=pooling_mode(st))
     manifest["prompts"] = chosen_prompts(st, source, cfg).to_dict()
     if manifest["model"]["weights_sha256"] is None:  # a hub model loaded from the hub: hashed from its parameters
