@@ -67,7 +67,7 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
 
 
-@pytest.mark.parametrize("how", [{"prompt_name": "document"}, {"prompt_name": "query"}, {"prompt": "Represent this: "}])
+@pytest.mark.parametrize("how", [{"prompt_name": "document"}, {"prompt": "Represent this: "}])
 def test_document_vectors_equal_sentence_transformers_with_the_same_prompt(tmp_path, docs_file, sample, texts, prompted_model,
                                                                             st_prompted, how):  # fmt: skip
     out = tmp_path / "out"

@@ -18,7 +18,7 @@ from sentence_transformers.quantization import quantize_embeddings
 import embedkit
 from embedkit.errors import EmbedkitError
 
-ROWS = 200
+ROWS = 120
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def outputs(tmp_path_factory, docs_file) -> dict:
     root = tmp_path_factory.mktemp("quantized")
     made = {}
     for dtype in ("float32", "int8", "binary"):
-        embedkit.encode(docs_file, root / dtype, device="cpu", dtype=dtype, shard_rows=50, progress=False)
+        embedkit.encode(docs_file, root / dtype, device="cpu", dtype=dtype, shard_rows=30, progress=False)
         made[dtype] = root / dtype
     return made
 
@@ -103,7 +103,7 @@ def test_kill_and_resume_keeps_the_ranges(tmp_path, docs_file, outputs, docs):
     """The ranges are fixed before the first shard and read back on resume: the rows written
     after a kill -9 carry the same codes as an uninterrupted run's."""
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "embedkit.cli", "encode", docs_file, str(out), "--dtype", "int8", "--shard-rows", "50", "-q"]
+    args = [sys.executable, "-m", "embedkit.cli", "encode", docs_file, str(out), "--dtype", "int8", "--shard-rows", "30", "-q"]
     killed = subprocess.run(args, env={**os.environ, "EMBEDKIT_TEST_KILL_AT": "commit:2"}, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
