@@ -81,7 +81,7 @@ class Totals:
 @dataclass(frozen=True)
 class TokenizerSpec:
     """What the tokenizer workers need: the model's `tokenizers` definition, the length cut and
-    side, and the chunks' overlap when long texts are split rather than cut."""
+    side, the chunks' overlap when long texts are split rather than cut, and the document prompt."""
 
     json: str
     max_length: int
