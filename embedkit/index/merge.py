@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EmbedkitError
+from ..io.store import injected_kill
 from .io import is_ivf, quiet_stdout, write_index
 from .state import (
     IVFDATA,
@@ -38,6 +39,7 @@ def merge_shards(folder: Path, n_shards: int, n: int) -> None:
         with quiet_stdout():
             merge_ondisk(trained, shard_files, os.path.abspath(folder / IVFDATA))
         check_ids(trained, n)
+        injected_kill("merge", [0])
     else:  # flat, HNSW and other non-IVF factories: one in-memory index from the shards
         for f in shard_files:
             part = faiss.read_index(f)

@@ -52,7 +52,7 @@ COMMITTED_KEY = "embedkit.committed"
 DROPPED_KEY = "embedkit.dropped"  # shards whose damaged fragments a repair removed (comma-separated)
 QUARANTINED_KEY = "embedkit.quarantined"  # JSON list of ids left out of the shard (non-finite vectors)
 COMMIT_KEY = "embedkit.commit"  # the id of the commit's record of intent in the ledger
-KILL_ENV = "EMBEDKIT_TEST_KILL_AT"  # fault injection (tests): see _injected_kill
+KILL_ENV = "EMBEDKIT_TEST_KILL_AT"  # fault injection (tests): see injected_kill
 BASE_COLUMNS = ("id", "vector", "n_tokens", "truncated")  # what every vectors.lance holds, first
 CHUNK_COLUMNS = ("chunk", "start", "end")  # then, when documents are split: the chunk and its span
 # Fragments of about this many rows: large sequential files for readers and the index build.
@@ -377,7 +377,7 @@ class VectorStore:
         self.ledger.write_drop(drop)
         if frags:
             self._commit_drop(ds, [f.fragment_id for f in frags], drop)
-        _injected_kill("drop", drop.shards)
+        injected_kill("drop", drop.shards)
         for shard in drop.shards:
             self.ledger.remove_record(shard)
         self.ledger.remove_drop()
@@ -438,14 +438,14 @@ class VectorStore:
                              commit_id=uuid.uuid4().hex, read_version=ds.version, quarantined=list(quarantined or []),
                              worker=worker, started=started)  # fmt: skip
         self.ledger.write_intent(intent)
-        _injected_kill("intent", [shard])
+        injected_kill("intent", [shard])
         props = {SHARD_KEY: str(shard), WORKER_KEY: worker, COMMIT_KEY: intent.commit_id}
         if started is not None:
             props[STARTED_KEY] = f"{started:.3f}"
         if quarantined:
             props[QUARANTINED_KEY] = json.dumps(list(quarantined))
         version, committed = self._append(fragments, props, ds.version)
-        _injected_kill("commit", [shard])
+        injected_kill("commit", [shard])
         self.ledger.write_record(replace(intent, committed=committed))
         self.ledger.remove_intent(shard)
         return version
@@ -570,11 +570,12 @@ def _record_of(tx: Any, props: dict) -> ShardRecord:
     )  # fmt: skip
 
 
-def _injected_kill(phase: str, shards: list[int]) -> None:
+def injected_kill(phase: str, shards: list[int]) -> None:
     """EMBEDKIT_TEST_KILL_AT="PHASE:SHARD": the process SIGKILLs itself at PHASE of that shard:
     "intent" (recorded, not committed), "commit" (committed in Lance, not recorded), "drop" (a
-    repair's Lance commit made, its shards not yet forgotten). A fault-injection hook for the
-    fault suite; unset in normal runs."""
+    repair's Lance commit made, its shards not yet forgotten), "merge" (build-index: the merged
+    lists written, merged.index not; shard 0). A fault-injection hook for the fault suite, for
+    phases too short to catch from outside; unset in normal runs."""
     spec = os.environ.get(KILL_ENV, "")
     at, _, shard = spec.partition(":")
     if spec and at == phase and shard.strip().isdigit() and int(shard) in shards:

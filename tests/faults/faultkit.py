@@ -90,13 +90,18 @@ def run_to_kill(args: Sequence[object], log: Path, kill_at: str) -> None:
     assert proc.returncode == -signal.SIGKILL, (f"not killed at {kill_at}", proc.returncode, log.read_text()[-3000:])
 
 
+class RunEnded(AssertionError):
+    """The command finished before the awaited point: too fast to catch this time."""
+
+
 def wait_for(proc: subprocess.Popen, ready: Callable[[], bool], log: Path, what: str, poll: float = 0.0002) -> None:
     """Return as soon as `ready()` holds; fail if the command ends first. Polls every `poll`
     seconds: short enough to land inside a phase of a few milliseconds, long enough not to
     take a core from the command on a small machine."""
     deadline = time.monotonic() + HANG_GUARD_S
     while not ready():
-        assert proc.poll() is None, (f"the run ended before {what}", log.read_text()[-3000:])
+        if proc.poll() is not None:
+            raise RunEnded(f"the run ended before {what}", log.read_text()[-3000:])
         assert time.monotonic() < deadline, f"never reached: {what}"
         time.sleep(poll)
 
@@ -125,6 +130,10 @@ def kill_at(args: Sequence[object], logs: Path, what: str, ready: Callable[[subp
         proc = start(args, log)
         try:
             kill_when(proc, ready(proc), log, what)
+        except RunEnded:  # the phase was over before the poll saw it: as late as a late kill
+            if attempt == attempts:
+                raise
+            continue
         finally:
             kill_group(proc)
         if landed():
