@@ -32,8 +32,8 @@ def tokenizer_json(st_model) -> str:
 
 @pytest.fixture(scope="module")
 def docs(sample) -> pa.Table:
-    """300 documents of the sample, long ones among them (each over 64 tokens is split)."""
-    return sample.slice(0, 300)
+    """160 documents of the sample, long ones among them (each over 64 tokens is split)."""
+    return sample.slice(0, 160)
 
 
 @pytest.fixture(scope="module")

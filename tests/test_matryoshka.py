@@ -21,7 +21,7 @@ DIM = 128
 @pytest.fixture(scope="module")
 def docs_file(tmp_path_factory, sample) -> str:
     path = tmp_path_factory.mktemp("dim-input") / "docs.parquet"
-    pq.write_table(sample.slice(0, 150), path)
+    pq.write_table(sample.slice(0, 80), path)
     return str(path)
 
 

@@ -19,6 +19,7 @@ import embedkit
 from embedkit.engine.models import resolve_model
 from embedkit.errors import EmbedkitError, EmbedkitNotice
 
+N_DOCS = 60
 PROMPTS = {"query": "query: ", "document": "passage: "}
 
 
@@ -46,13 +47,13 @@ def st_prompted(prompted_model) -> SentenceTransformer:
 
 @pytest.fixture(scope="module")
 def texts(sample) -> list[str]:
-    return sample.column("text").to_pylist()[:120]
+    return sample.column("text").to_pylist()[:N_DOCS]
 
 
 @pytest.fixture(scope="module")
 def docs_file(tmp_path_factory, sample) -> str:
     path = tmp_path_factory.mktemp("prompt-input") / "docs.parquet"
-    pq.write_table(sample.slice(0, 120), path)
+    pq.write_table(sample.slice(0, N_DOCS), path)
     return str(path)
 
 
@@ -73,7 +74,7 @@ def test_document_vectors_equal_sentence_transformers_with_the_same_prompt(tmp_p
     out = tmp_path / "out"
     embedkit.encode(docs_file, out, model=str(prompted_model), device="cpu", dtype="float32", progress=False, **how)
     want = st_prompted.encode(texts, normalize_embeddings=True, convert_to_numpy=True, **how)
-    got = stored(out, sample.column("id").to_pylist()[:120])
+    got = stored(out, sample.column("id").to_pylist()[:N_DOCS])
     assert min_cosine(got, want) > 0.9999
     # and differ from the vectors without the prompt: the prompt did something
     plain = st_prompted.encode(texts[:20], normalize_embeddings=True, convert_to_numpy=True)
@@ -89,7 +90,7 @@ def test_a_model_with_prompts_and_no_choice_gets_a_notice_and_its_default(tmp_pa
         embedkit.encode(docs_file, tmp_path / "out", model=str(model), device="cpu", dtype="float32", progress=False)
     # sentence-transformers' encode applies default_prompt_name too: the same vectors
     want = SentenceTransformer(str(model), device="cpu").encode(texts, normalize_embeddings=True, convert_to_numpy=True)
-    assert min_cosine(stored(tmp_path / "out", sample.column("id").to_pylist()[:120]), want) > 0.9999
+    assert min_cosine(stored(tmp_path / "out", sample.column("id").to_pylist()[:N_DOCS]), want) > 0.9999
 
 
 def test_a_model_without_prompts_gets_no_notice(tmp_path, docs_file):
