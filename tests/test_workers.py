@@ -167,3 +167,26 @@ def test_a_stalled_worker_is_overtaken(local_ray, corpus, tmp_path, monkeypatch,
     else:
         assert s.reissued == 0
         assert wall > STALL_S[False], wall
+
+
+@pytest.mark.slow
+def test_workers_split_prompt_and_quantize_as_one_process_does(corpus, tmp_path, local_ray):
+    """Chunking, the document prompt, --dim and the int8 ranges reach each worker through the
+    manifest: two workers store the same (id, chunk) rows and the same codes as one process."""
+    options = dict(device="cpu", shard_rows=SHARD_ROWS, chunk_tokens=48, chunk_overlap=4, prompt="passage: ", dim=256,
+                   dtype="int8", progress=False)  # fmt: skip
+    one = embedkit.encode(corpus, tmp_path / "one", **options)
+    two = embedkit.encode(corpus, tmp_path / "two", gpus=2, **options)
+    assert (two.docs, two.chunks, two.tokens) == (one.docs, one.chunks, one.tokens) and one.chunks > ROWS
+
+    def rows(out: Path) -> dict:
+        table = lance.dataset(str(out / "vectors.lance")).to_table(columns=["id", "chunk", "start", "end", "vector"])
+        return {(r["id"], r["chunk"]): (r["start"], r["end"], np.asarray(r["vector"], np.int16)) for r in table.to_pylist()}
+
+    a, b = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert a.keys() == b.keys() and len(b) == one.chunks
+    assert all(a[k][:2] == b[k][:2] for k in a)  # the same spans
+    # the same codes with the same ranges: batches differ between the runs, so the float vectors
+    # differ by about 1e-7 and a value on a step's edge may land one step over
+    diff = np.abs(np.stack([a[k][2] for k in a]) - np.stack([b[k][2] for k in a]))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.999, (diff == 0).mean()

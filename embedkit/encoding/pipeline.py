@@ -212,10 +212,13 @@ def encode_shard(input: str, out: str, cfg: EncodeConfig, index: int, copy: int 
         # a retry of a task whose commit landed before its worker died, or a re-issued copy
         # that started after the other copy committed: its rows come from the ledger, its
         # tokens are not known (0)
-        return {**dict.fromkeys(SUMMED_FIELDS, 0), "docs": rows, "shards_done": 1, "seconds": 0.0, "committed_before": True,
+        # (with --chunk-tokens the ledger's rows are chunks, and the documents are not known either)
+        counts = {"chunks": rows} if cfg.chunk_tokens is not None else {"docs": rows}
+        return {**dict.fromkeys(SUMMED_FIELDS, 0), **counts, "shards_done": 1, "seconds": 0.0, "committed_before": True,
                 "worker": worker_name()}  # fmt: skip
-    # the stored columns are in the key: a cached corpus reads only the columns its run stored
-    key = ("encode", input, out, cfg.model, cfg.device, cfg.precision, cfg.max_seq_length, cfg.store_text, cfg.keep_columns)
+    # the whole config is in the key (a frozen dataclass): a worker process that served another
+    # run keeps no corpus or job made with other columns, chunking, prompts, dims or dtype
+    key = ("encode", input, out, cfg)
     if key not in TASK_CACHE:
         corpus = open_input(input, cfg)
         TASK_CACHE[key] = (corpus, attach_job(corpus, Path(out), cfg, choose_device(cfg.device, cfg.precision)))
