@@ -202,6 +202,13 @@ def read_output() -> Callable[[Path], pa.Table]:
     return read
 
 
+def parquet_input(tmp_path_factory, table: pa.Table, name: str) -> str:
+    """`table` written as docs.parquet in a fresh temporary folder: a module's input file."""
+    path = tmp_path_factory.mktemp(name) / "docs.parquet"
+    pq.write_table(table, path)
+    return str(path)
+
+
 def vectors_by_id(table: pa.Table) -> dict:
     """id -> float64 vector of an output table; fails on a repeated id."""
     ids = table.column("id").to_pylist()

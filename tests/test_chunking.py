@@ -11,9 +11,8 @@ import sys
 import lance
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from conftest import MAX_SEQ
+from conftest import MAX_SEQ, parquet_input
 
 import embedkit
 from embedkit.config import DEFAULT_MODEL
@@ -38,9 +37,7 @@ def docs(sample) -> pa.Table:
 
 @pytest.fixture(scope="module")
 def docs_file(tmp_path_factory, docs) -> str:
-    path = tmp_path_factory.mktemp("chunk-input") / "docs.parquet"
-    pq.write_table(docs, path)
-    return str(path)
+    return parquet_input(tmp_path_factory, docs, "chunk-input")
 
 
 @pytest.fixture(scope="module")

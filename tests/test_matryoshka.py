@@ -7,8 +7,8 @@ import json
 
 import lance
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
+from conftest import parquet_input
 from sentence_transformers import SentenceTransformer
 
 import embedkit
@@ -20,9 +20,7 @@ DIM = 128
 
 @pytest.fixture(scope="module")
 def docs_file(tmp_path_factory, sample) -> str:
-    path = tmp_path_factory.mktemp("dim-input") / "docs.parquet"
-    pq.write_table(sample.slice(0, 80), path)
-    return str(path)
+    return parquet_input(tmp_path_factory, sample.slice(0, 80), "dim-input")
 
 
 @pytest.fixture(scope="module")

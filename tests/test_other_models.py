@@ -14,8 +14,8 @@ from pathlib import Path
 
 import lance
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
+from conftest import parquet_input
 
 import embedkit
 from embedkit.errors import EmbedkitNotice
@@ -128,9 +128,7 @@ def texts(sample) -> list[str]:
 
 @pytest.fixture(scope="module")
 def docs_file(tmp_path_factory, sample) -> str:
-    path = tmp_path_factory.mktemp("other-models-input") / "docs.parquet"
-    pq.write_table(sample.slice(0, ROWS), path)
-    return str(path)
+    return parquet_input(tmp_path_factory, sample.slice(0, ROWS), "other-models-input")
 
 
 @pytest.mark.parametrize("kind", sorted(BUILDERS))

@@ -13,6 +13,7 @@ import lance
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import parquet_input
 from sentence_transformers import SentenceTransformer
 
 import embedkit
@@ -52,9 +53,7 @@ def texts(sample) -> list[str]:
 
 @pytest.fixture(scope="module")
 def docs_file(tmp_path_factory, sample) -> str:
-    path = tmp_path_factory.mktemp("prompt-input") / "docs.parquet"
-    pq.write_table(sample.slice(0, N_DOCS), path)
-    return str(path)
+    return parquet_input(tmp_path_factory, sample.slice(0, N_DOCS), "prompt-input")
 
 
 def stored(out: Path, ids: list) -> np.ndarray:

@@ -11,8 +11,8 @@ import sys
 
 import lance
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
+from conftest import parquet_input
 from sentence_transformers.quantization import quantize_embeddings
 
 import embedkit
@@ -28,9 +28,7 @@ def docs(sample):
 
 @pytest.fixture(scope="module")
 def docs_file(tmp_path_factory, docs) -> str:
-    path = tmp_path_factory.mktemp("quantized-input") / "docs.parquet"
-    pq.write_table(docs, path)
-    return str(path)
+    return parquet_input(tmp_path_factory, docs, "quantized-input")
 
 
 @pytest.fixture(scope="module")
