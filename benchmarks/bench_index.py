@@ -105,7 +105,7 @@ def bench_one(n: int, args, work: Path) -> dict:
     row = {
         "n": n, "dim": args.dim, "threads": args.threads, "factory": report.factory, "device": report.device,
         "generate_s": round(gen_s, 1), "embedkit_wall_s": round(ek_wall, 2), "embedkit_phases_s": report.seconds,
-        "embedkit_build_s": round(sum(v for k, v in report.seconds.items() if k != "tune"), 2),
+        "embedkit_build_s": round(sum(v for k, v in report.seconds.items() if k != "tune"), 2), "embedkit_steps_s": report.steps,
         "nprobe": report.nprobe, "rerank": report.rerank, "embedkit_tuned_recall": report.recall,
         "tuned_on": report.tuning_queries, **extra,
     }  # fmt: skip

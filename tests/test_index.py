@@ -173,7 +173,12 @@ def test_build_report_and_files(built, encoded):
     assert all(row["recall"] < TARGET for row in r.recall_table[:-1])
     assert (r.shards_total, r.shards_resumed) == (1, 0)
     assert r.vectors_version == lance.dataset(str(built.out / "vectors.lance")).version
-    assert set(r.seconds) == {"train", "add", "merge", "tune"}
+    assert set(r.seconds) == {"train", "queries", "add", "merge", "tune"}
+    # where the time went, step by step; the steps of a phase fit inside it
+    assert {"train.read", "train.kmeans", "train.pq", "queries.prepare", "add.truth", "add.codes", "merge.lists", "merge.check"} <= set(r.steps)
+    for phase in ("train", "add", "merge"):
+        inside = sum(v for k, v in r.steps.items() if k.startswith(phase + ".") and k != "add.read")  # reads overlap
+        assert inside <= r.seconds[phase] + 0.01, (phase, r.steps, r.seconds)
 
     names = {p.name for p in folder.iterdir()}
     assert {"params.json", "trained.index", "merged.index", "merged.ivfdata"} <= names

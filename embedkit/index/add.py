@@ -17,7 +17,7 @@ import numpy as np
 
 from ..fsutil import atomic_file
 from ..io.store import VECTORS_DIR
-from .io import is_ivf, vectors_of, write_index
+from .io import is_ivf, read_for_build, vectors_of, write_index
 from .state import (
     TRAINED,
     read_json,
@@ -84,22 +84,30 @@ def device_codec(trained: Any, spec: ShardSpec, qvec: np.ndarray, log: Callable[
     return codec
 
 
-def write_shard(spec: ShardSpec, trained: Any, codec: Any, i: int, start: int, x: np.ndarray, queries: np.ndarray, qvec: np.ndarray) -> None:
-    """One shard: its ground-truth block, then its index file (written last: its presence marks the shard done)."""
+def write_shard(spec: ShardSpec, trained: Any, codec: Any, i: int, start: int, x: np.ndarray, queries: np.ndarray, qvec: np.ndarray,
+                watch: Any = None) -> None:  # fmt: skip
+    """One shard: its ground-truth block, then its index file (written last: its presence marks
+    the shard done). `watch` (a run.progress.Stopwatch) gets the steps' seconds."""
     import faiss
 
+    mark = watch.mark if watch is not None else (lambda step: None)
     positions = np.arange(start, start + len(x), dtype=np.int64)
     _shard_truth(spec, x, start, queries, qvec, Path(spec.folder) / f"shard-{i:06d}.truth.npz")
+    mark("truth")
     index = faiss.clone_index(trained)
     if codec is not None:
-        faiss.extract_index_ivf(index).add_sa_codes(codec.encode(x), positions)
+        codes = codec.encode(x)
+        mark("encode")
+        faiss.extract_index_ivf(index).add_sa_codes(codes, positions)
     elif is_ivf(index):
         index.add_with_ids(np.ascontiguousarray(x, dtype=np.float32), positions)
     else:  # flat, HNSW: no add_with_ids; shards merge in order, so a vector's number is its position
         index.add(np.ascontiguousarray(x, dtype=np.float32))
+    mark("codes")
     write_index(index, spec.index_path(i))
     # the record, written last, is what marks the shard done (see ShardSpec.done)
     write_json(spec.index_path(i).with_suffix(".json"), {"bytes": spec.index_path(i).stat().st_size, "rows": len(x)})
+    mark("write")
 
 
 def _shard_truth(spec: ShardSpec, x: np.ndarray, start: int, queries: np.ndarray, qvec: np.ndarray, path: Path) -> None:
@@ -181,7 +189,6 @@ def index_shard_task(out: str, version: int, shards: dict[int, tuple[int, list[i
     version. A shard whose file a previous attempt wrote is reported done with no rows; with an
     `arbiter`, only the copy that gets the right writes the file. Returns the task's part: the
     shard done, its rows (`docs`), and the worker."""
-    import faiss
     import lance
 
     from ..run.distributed import TASK_CACHE, commit_allowed, worker_name
@@ -190,7 +197,7 @@ def index_shard_task(out: str, version: int, shards: dict[int, tuple[int, list[i
         return {"shards_done": 1, "docs": 0, "committed_before": True, "worker": worker_name()}
     key = ("index", spec.folder, version)
     if key not in TASK_CACHE:  # the trained quantizer and its device codec, once per worker
-        trained = faiss.read_index(str(Path(spec.folder).parent / TRAINED))
+        trained = read_for_build(Path(spec.folder).parent / TRAINED)
         TASK_CACHE[key] = (trained, device_codec(trained, spec, qvec, lambda msg: None))
     trained, codec = TASK_CACHE[key]
     start, fragment_ids = shards[i]

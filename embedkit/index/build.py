@@ -36,10 +36,10 @@ from ..errors import EmbedkitError
 from ..fsutil import atomic_file
 from ..io.shards import OutputLock, read_manifest, stored_dim
 from ..io.store import VECTORS_DIR, VectorStore
-from ..run.progress import Progress
+from ..run.progress import Progress, Stopwatch
 from ..version import __version__
 from .add import ShardSpec, device_codec, fragment_shards, index_shard_task, read_shard, write_shard
-from .io import load_index, read_rows, vector_dim, write_index
+from .io import load_index, read_for_build, read_rows, vector_dim, write_index
 from .merge import merge_shards
 from .params import BUILD_SHARD_ROWS, IndexParams, choose_params, estimate_build_seconds
 from .queries import choose_queries, encode_queries
@@ -84,6 +84,7 @@ class IndexReport:
     tuning_queries: str = "stored rows"  # what the recall was measured on (index/queries.py SOURCES)
     tuning_count: int = 0
     seconds: dict = field(default_factory=dict)  # phase -> seconds
+    steps: dict = field(default_factory=dict)  # "phase.step" -> seconds, inside the phases (where the time goes)
     bytes: dict = field(default_factory=dict)  # file -> size
     vectors_version: int = 0
     device: str = "cpu"
@@ -258,16 +259,24 @@ def _finished(b: Build) -> IndexReport | None:
 
 def _build(b: Build) -> IndexReport:
     seconds: dict[str, float] = {}
+    watch = Stopwatch()  # the steps inside the phases, for finding where a build's time goes
     t = time.perf_counter()
-    trained = _train(b)
-    seconds["train"] = time.perf_counter() - t
+    # the tuning queries (reading the input, loading the model, encoding) are prepared while
+    # the quantizer trains: the add phase needs them, training does not
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-queries") as pool:
+        tuning = pool.submit(_timed, _tuning_set, b)
+        trained = _train(b, watch)
+        seconds["train"] = time.perf_counter() - t
+        t = time.perf_counter()
+        (queries, qvec, m, source), prepared = tuning.result()
+    watch.add("queries.prepare", prepared)
+    seconds["queries"] = time.perf_counter() - t  # the wait for them after training
     t = time.perf_counter()
-    queries, qvec, m, source = _tuning_set(b)
     shards = fragment_shards(b.ds, b.key["shard_rows"])
-    resumed = _add(b, trained, shards, queries, qvec)
+    resumed = _add(b, trained, shards, queries, qvec, watch)
     seconds["add"] = time.perf_counter() - t
     t = time.perf_counter()
-    index = _merge(b, len(shards))
+    index = _merge(b, len(shards), watch)
     seconds["merge"] = time.perf_counter() - t
     t = time.perf_counter()
     truth = _ground_truth(b, len(shards), len(queries))
@@ -283,7 +292,7 @@ def _build(b: Build) -> IndexReport:
         rerank=rerank, k=b.cfg.k, recall=recall, target_recall=b.cfg.target_recall, recall_table=table,
         recall_stored_rows=stored, tuning_queries=source, tuning_count=m,
         seconds={k: round(v, 3) for k, v in seconds.items()}, bytes=_sizes(b.dir), vectors_version=b.key["vectors_version"],
-        device=b.device, shards_total=len(shards), shards_resumed=resumed,
+        device=b.device, shards_total=len(shards), shards_resumed=resumed, steps=watch.rounded(),
     )  # fmt: skip
     _commit(b, report)
     return report
@@ -295,19 +304,29 @@ def _build(b: Build) -> IndexReport:
 # ---- train ---------------------------------------------------------------------------------
 
 
-def _train(b: Build) -> Any:
-    import faiss
-
+def _train(b: Build, watch: Stopwatch) -> Any:
     path = b.dir / TRAINED
     if path.exists():
         b.log("reusing the trained quantizer")
-        return faiss.read_index(str(path))
+        return read_for_build(path)
     p = b.params
+    watch.restart()
     sample = read_rows(b.ds, _train_positions(b))
+    watch.mark("train.read")
     b.log(f"training on {len(sample):,} vectors ({'torch on ' + b.device if b.device.startswith('cuda') else 'faiss-cpu'})")
-    index = train_ivfpq(sample, p, b.device, b.cfg.seed) if p.ivfpq else train_custom(sample, p)
+    if p.ivfpq:
+        index = train_ivfpq(sample, p, b.device, b.cfg.seed, mark=lambda step: watch.mark("train." + step))
+    else:
+        index = train_custom(sample, p)
+        watch.mark("train.faiss")
     write_index(index, path)
-    return faiss.read_index(str(path))
+    watch.mark("train.write")
+    return read_for_build(path)
+
+
+def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    t = time.perf_counter()
+    return fn(*args), time.perf_counter() - t
 
 
 def _train_positions(b: Build) -> np.ndarray:
@@ -372,7 +391,7 @@ def _tuning_set(b: Build) -> tuple[np.ndarray, np.ndarray, int, str]:
 # ---- add -----------------------------------------------------------------------------------
 
 
-def _add(b: Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.ndarray) -> int:
+def _add(b: Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.ndarray, watch: Stopwatch) -> int:
     """Write each missing shard index (with its ground-truth block); returns how many existed."""
     folder = b.dir / SHARDS
     folder.mkdir(exist_ok=True)
@@ -384,14 +403,18 @@ def _add(b: Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.nda
         _add_as_tasks(b, spec, todo, queries, qvec, bar)
         bar.close()
         return len(shards) - len(todo)
+    watch.restart()
     codec = device_codec(trained, spec, qvec, b.log)
+    watch.mark("add.codec")
     # the next shard is read from Lance while this one is encoded
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-read") as reader:
-        ahead = reader.submit(read_shard, todo[0][2]) if todo else None
+        ahead = reader.submit(_timed, read_shard, todo[0][2]) if todo else None
         for j, (i, start, _) in enumerate(todo):
-            x = ahead.result()
-            ahead = reader.submit(read_shard, todo[j + 1][2]) if j + 1 < len(todo) else None
-            write_shard(spec, trained, codec, i, start, x, queries, qvec)
+            x, read_s = ahead.result()
+            watch.add("add.read", read_s)  # in the reader thread, overlapped with the previous shard
+            watch.mark("add.wait")  # what the reads did not hide
+            ahead = reader.submit(_timed, read_shard, todo[j + 1][2]) if j + 1 < len(todo) else None
+            write_shard(spec, trained, codec, i, start, x, queries, qvec, _Prefixed(watch, "add."))
             bar.update(1)
     bar.close()
     return len(shards) - len(todo)
@@ -414,10 +437,23 @@ def _add_as_tasks(b: Build, spec: ShardSpec, todo: list, queries: np.ndarray, qv
 # ---- merge ---------------------------------------------------------------------------------
 
 
-def _merge(b: Build, n_shards: int) -> Any:
+def _merge(b: Build, n_shards: int, watch: Stopwatch) -> Any:
     """Merge the shard indexes (merge.py) and open the result."""
-    merge_shards(b.dir, n_shards, b.params.n)
-    return load_index(b.dir)
+    watch.restart()
+    merge_shards(b.dir, n_shards, b.params.n, mark=lambda step: watch.mark("merge." + step))
+    index = load_index(b.dir)
+    watch.mark("merge.open")
+    return index
+
+
+class _Prefixed:
+    """A Stopwatch seen through a prefix: the add's shard steps become "add.<step>"."""
+
+    def __init__(self, watch: Stopwatch, prefix: str):
+        self.watch, self.prefix = watch, prefix
+
+    def mark(self, step: str) -> None:
+        self.watch.mark(self.prefix + step)
 
 
 # ---- ground truth, commit ------------------------------------------------------------------
