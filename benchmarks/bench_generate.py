@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder for the random model (default: the default generator's)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-static", action="store_true", help="skip the static-cache baseline")
+    ap.add_argument("--no-dynamic", action="store_true", help="skip the dynamic-cache baseline (the slower of the two)")
+    ap.add_argument("--default-slots", default="",
+                    help="comma-separated slot counts: more default-configuration rows over all --docs with these many slots at most")  # fmt: skip
     ap.add_argument("--headline-only", action="store_true", help="only embedkit's default run over all --docs (no check, no baselines)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="only profile embedkit's decoder on N docs at the default slots (top GPU kernels), then exit")  # fmt: skip
@@ -77,22 +80,30 @@ def main() -> None:
         report["check"] = isolated(check, folder, [ids[i] for i in range(min(args.check_docs, len(ids)))], args)
         print(json.dumps(report["check"]), flush=True)
     attempt(rows, bench_embedkit, folder, texts, None, args, work)  # the headline row first: a long run may be cut short
+    for slots in (int(x) for x in args.default_slots.split(",") if x):
+        attempt(rows, bench_embedkit, folder, texts, slots, args, work)
+    for r in rows:  # every document, the default options (or only the slot count changed): not an equal-batch row
+        r["default_docs"] = True
     rng = np.random.default_rng(0)
     pool = np.flatnonzero(lengths <= args.baseline_max_prompt) if args.baseline_max_prompt else np.arange(len(texts))
     report["baseline_max_prompt"] = args.baseline_max_prompt
     for bs in (int(x) for x in args.batch_sizes.split(",")) if not args.headline_only else ():
         subset = np.sort(rng.choice(pool, size=min(len(pool), bs * args.baseline_batches), replace=False))
-        attempt(rows, bench_transformers, folder, [ids[i] for i in subset], bs, args, static=False)
+        if not args.no_dynamic:
+            attempt(rows, bench_transformers, folder, [ids[i] for i in subset], bs, args, static=False)
         if not args.no_static:
             attempt(rows, bench_transformers, folder, [ids[i] for i in subset], bs, args, static=True)
         attempt(rows, bench_embedkit, folder, [texts[i] for i in subset], bs, args, work)
     best = max((r["new_tok_s"] for r in rows if r["engine"] == "transformers"), default=float("nan"))
+    # equal batch sizes on the same prompts first; then embedkit's default configuration, labelled
+    equal = [r for r in rows if not r.get("default_docs")]
     print("\n| engine | cache | batch | docs | new tokens | seconds | new tok/s | x best transformers | decoder s | decoder new tok/s | x best transformers |")
     print("|---" * 11 + "|")
-    for r in rows:
+    for r in equal + [r for r in rows if r.get("default_docs")]:
         dec = r.get("decoder_s")
         tail = f"{dec:.1f} | {r['new_tokens'] / dec:,.0f} | {r['new_tokens'] / dec / best:.2f}x" if dec else "- | - | -"
-        print(f"| {r['engine']} | {r['cache']} | {r['batch']} | {r['docs']:,} | {r['new_tokens']:,} | {r['seconds']:.1f} | "
+        batch = f"{r['batch']} (all docs)" if r.get("default_docs") else r["batch"]
+        print(f"| {r['engine']} | {r['cache']} | {batch} | {r['docs']:,} | {r['new_tokens']:,} | {r['seconds']:.1f} | "
               f"{r['new_tok_s']:,.0f} | {r['new_tok_s'] / best:.2f}x | {tail} |")  # fmt: skip
     report["rows"] = rows
     if args.json:
@@ -178,6 +189,10 @@ def check(folder: Path, ids: list[list[int]], args) -> dict:
     kernel_used = dense_decoder.kernel
     dense_decoder.kernel = False
     dense = dense_decoder.run(ids, max_new=args.max_new_tokens, max_slots=64)
+    padded_decoder = SlotDecoder(model, eos_ids=eos, graphs=False)
+    varlen_used = padded_decoder.varlen
+    padded_decoder.varlen = False  # packed prefill through the padded reference (SDPA) instead of flash varlen
+    padded = padded_decoder.run(ids, max_new=args.max_new_tokens, max_slots=64)
     g = torch.Generator(device=args.device).manual_seed(0)
     q = torch.randn((256, 3, 3, 64), generator=g, device=args.device, dtype=torch.bfloat16)
     k, v = (torch.randn((256, 3, 1100, 64), generator=g, device=args.device, dtype=torch.bfloat16) for _ in range(2))
@@ -193,11 +208,14 @@ def check(folder: Path, ids: list[list[int]], args) -> dict:
         same_hf += new == mine
     return {"prompts": len(ids), "graph_equals_eager": sum(a == b for a, b in zip(graphs, eager)), "attention_kernel": kernel_used,
             "kernel_max_abs_error_bf16": err, "kernel_equals_dense_decoding": sum(a == b for a, b in zip(eager, dense)),
+            "prefill_varlen_kernel": varlen_used, "varlen_prefill_equals_padded_prefill": sum(a == b for a, b in zip(eager, padded)),
+            "first_token_varlen_equals_padded": sum(a[:1] == b[:1] for a, b in zip(eager, padded)),
             "compared_to_transformers": min(8, len(ids)), "equal_to_transformers": same_hf}  # fmt: skip
 
 
 def profile(folder: Path, ids: list[list[int]], args) -> str:
-    """Where the decoder's GPU time goes: a warm run, then a profiled run, top kernels by GPU time."""
+    """Where the decoder's GPU time goes: a warm run, then profiled runs, top kernels by GPU time:
+    prefill alone (one new token per prompt), then the whole decode."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -206,10 +224,13 @@ def profile(folder: Path, ids: list[list[int]], args) -> str:
     model, tok = load(folder, args.device)
     decoder = SlotDecoder(model, eos_ids={tok.eos_token_id})
     decoder.run(ids, max_new=args.max_new_tokens, max_slots=4096)  # warm: kernels compiled, steps captured
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        decoder.run(ids, max_new=args.max_new_tokens, max_slots=4096)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    return f"decoder stats {json.dumps(decoder.stats)}\n{table}"
+    parts = []
+    for name, max_new in (("prefill only (max_new 1)", 1), ("whole decode", args.max_new_tokens)):
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            decoder.run(ids, max_new=max_new, max_slots=4096)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        parts.append(f"== {name}: decoder stats {json.dumps(decoder.stats)}\n{table}")
+    return "\n".join(parts)
 
 
 def bench_transformers(folder: Path, ids: list[list[int]], batch: int, args, static: bool) -> dict:
@@ -260,8 +281,27 @@ def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work
     shutil.rmtree(out, ignore_errors=True)
     s = embedkit.generate(src, out, task="summarize", model=str(folder), device=args.device, max_new_tokens=args.max_new_tokens,
                           batch_size=batch, progress=False)  # fmt: skip
-    return {"engine": "embedkit", "cache": "slots", "batch": batch or "default", "docs": s.docs, "new_tokens": s.new_tokens,
-            "seconds": s.seconds, "new_tok_s": s.new_tokens / s.seconds, "decoder_s": s.decode.get("seconds"), "decode": s.decode, "phases": s.phases}  # fmt: skip
+    row = {"engine": "embedkit", "cache": "slots", "batch": batch or "default", "docs": s.docs, "new_tokens": s.new_tokens,
+           "seconds": s.seconds, "new_tok_s": s.new_tokens / s.seconds, "decoder_s": s.decode.get("seconds"), "decode": s.decode, "phases": s.phases}  # fmt: skip
+    if args.model:  # real weights: are the summaries text?
+        row["summaries"] = summary_stats(out, args.max_new_tokens)
+    return row
+
+
+def summary_stats(out: Path, max_new: int) -> dict:
+    """What real weights wrote: a few summaries beside their documents, the share of summaries
+    that ended on the end-of-sequence token before max_new, and the share of their characters
+    that are letters, spaces or ordinary punctuation (noise decodes to other symbols and runs on)."""
+    import lance
+
+    t = lance.dataset(str(out / "generations.lance")).to_table().to_pylist()
+    texts = [r.get("summary") or r.get("text") or "" for r in t]
+    counts = [r.get("new_tokens") for r in t if r.get("new_tokens") is not None]
+    chars = "".join(texts)
+    plain = sum(c.isalpha() or c.isspace() or c in ".,;:'\"()-" for c in chars) / max(1, len(chars))
+    return {"examples": texts[:5], "columns": sorted(t[0]) if t else [], "plain_char_share": round(plain, 4),
+            "ended_before_max_new": round(sum(c < max_new for c in counts) / len(counts), 4) if counts else None,
+            "mean_new_tokens": round(sum(counts) / len(counts), 2) if counts else None}  # fmt: skip
 
 
 def device_name(device: str) -> str:

@@ -34,7 +34,8 @@ PLAIN_ROPE = (None, "default", "linear", "llama3")  # rotary variants that depen
 LENGTH_BUCKET = 64  # attended length of a captured step: the longest active row, rounded up to this
 SYNC_EVERY = 8  # decode steps between two looks at which rows finished
 REFILL_FRACTION = 4  # refill when a quarter of the slots is free
-PREFILL_TOKENS = {"cuda": 65_536, "cpu": 4_096}  # padded prompt tokens per prefill forward
+PREFILL_TOKENS = {"cuda": 65_536, "cpu": 4_096}  # prompt tokens per packed prefill forward (no padding)
+FUSE_MAX_BYTES = 2 << 30  # fused projection weights are copies: made only while they stay this small
 CACHE_MEMORY_FRACTION = 0.6  # of the free device memory, for the KV cache
 
 
@@ -128,6 +129,10 @@ class SlotDecoder:
         probe = torch.empty(0, device=self.device, dtype=self.dtype)
         self.kernel = triton_usable(probe) and (self.dtype != torch.float32 or os.environ.get("TRITON_INTERPRET") == "1")
         self.cache_tokens = cache_tokens
+        self.fused = _fuse_layers(self.layers) if _fused_bytes(self.layers) <= FUSE_MAX_BYTES else None
+        # packed prefill attention: flash attention's variable-length kernel where it runs (the
+        # benchmark's check compares it with the padded reference on the GPU)
+        self.varlen = self.device.type == "cuda" and self.dtype != torch.float32 and hasattr(torch.ops.aten, "_flash_attention_forward")
         self._graphs: dict[int, tuple[Any, Any]] = {}
         self._pool = None
         self._slots = 0
@@ -216,62 +221,114 @@ class SlotDecoder:
     # ---- prefill ---------------------------------------------------------------------------
 
     def _prefill(self, prompts: list[list[int]], rows: list[int], slots: list[int]) -> None:
-        """Run the prompts, write their keys/values into `slots` and record each first new token."""
+        """Run the prompts, write their keys/values into `slots` and record each first new token.
+
+        Prompts go through the model packed end to end (no padding) in forwards of at most
+        PREFILL_TOKENS tokens; each token's key and value go straight to (its slot, its position)."""
         torch = self.torch
         self._sync()  # prefill time is measured from here: the steps before it have finished
         t0 = time.perf_counter()
         budget = PREFILL_TOKENS["cuda" if self.device.type == "cuda" else "cpu"]
         start = 0
-        while start < len(rows):  # rows are sorted by length: cut by padded tokens
-            stop = start + 1
-            while stop < len(rows) and (stop + 1 - start) * len(prompts[rows[stop]]) <= budget:
+        while start < len(rows):
+            stop, tokens = start + 1, len(prompts[rows[start]])
+            while stop < len(rows) and tokens + len(prompts[rows[stop]]) <= budget:
+                tokens += len(prompts[rows[stop]])
                 stop += 1
-            part = rows[start:stop]
-            width = max(len(prompts[r]) for r in part)
-            ids = torch.zeros((len(part), width), dtype=torch.long)
-            for j, r in enumerate(part):
-                ids[j, : len(prompts[r])] = torch.tensor(prompts[r])
-            lens = torch.tensor([len(prompts[r]) for r in part], device=self.device)
+            part = [prompts[r] for r in rows[start:stop]]
             index = torch.tensor(slots[start:stop], device=self.device)
-            logits = self._prefill_forward(ids.to(self.device), lens, index)
+            logits = self._prefill_forward(part, index)
             first = self._choose(logits)
             self.tok[index] = first
-            self.pos[index] = lens
+            self.pos[index] = torch.tensor([len(p) for p in part], device=self.device)
             self._start(index, first)
             start = stop
         self._sync()
         self.stats["prefill_s"] += time.perf_counter() - t0
+        self.stats["prefill_tokens"] = self.stats.get("prefill_tokens", 0) + sum(len(prompts[r]) for r in rows)
 
-    def _prefill_forward(self, ids: Any, lens: Any, index: Any) -> Any:
-        """Causal forward of right-padded prompts; keys/values go to the slots; logits at each last token."""
+    def _prefill_forward(self, part: list[list[int]], index: Any) -> Any:
+        """Causal forward of packed prompts; keys/values go to the slots `index`; logits at each last token."""
         torch = self.torch
-        b, t = ids.shape
-        x = self.model.embed_tokens(ids)
-        positions = torch.arange(t, device=self.device)[None].expand(b, t)
-        cos, sin = self.model.rotary_emb(x, positions)
+        lengths = [len(p) for p in part]
+        total, longest = sum(lengths), max(lengths)
+        host = torch.tensor([t for p in part for t in p], dtype=torch.long)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        ids = host.to(self.device, non_blocking=True)
+        lens = torch.tensor(lengths, dtype=torch.int32).to(self.device, non_blocking=True)
+        cu = torch.zeros(len(part) + 1, dtype=torch.int32, device=self.device)
+        torch.cumsum(lens, 0, out=cu[1:])
+        row = torch.repeat_interleave(torch.arange(len(part), device=self.device), lens.long(), output_size=total)
+        position = torch.arange(total, device=self.device) - cu[:-1].long()[row]  # each token's place in its prompt
+        slot = index[row]
+        x = self.model.embed_tokens(ids)[None]  # (1, tokens, hidden): the model's modules take a batch
+        cos, sin = self.model.rotary_emb(x, position[None])
         for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
-            q, k, v = self._qkv(layer, h, cos, sin)
-            self.keys[i][index, :, :t] = k
-            self.values[i][index, :, :t] = v
-            if self.group > 1:  # prompts attend once per batch: plain repeated heads are simplest
-                k, v = k.repeat_interleave(self.group, 1), v.repeat_interleave(self.group, 1)
-            # right padding and a causal mask: real tokens never see the padding after them
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-            x = x + layer.self_attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        last = x[torch.arange(b, device=self.device), lens - 1]
-        return self.head(self.model.norm(last))
+            h = _rms_norm(layer.input_layernorm, x)
+            q, k, v = self._qkv(i, layer, h, cos, sin)  # (1, heads, tokens, head_dim)
+            q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # (tokens, heads, head_dim)
+            self.keys[i][slot, :, position] = k
+            self.values[i][slot, :, position] = v
+            o = self._packed_attention(q, k, v, cu, lens, longest)
+            x = x + layer.self_attn.o_proj(o.reshape(1, total, -1))
+            x = x + self._mlp(i, layer, _rms_norm(layer.post_attention_layernorm, x))
+        last = x[0, cu[1:].long() - 1]
+        return self.head(_rms_norm(self.model.norm, last))
 
-    def _qkv(self, layer: Any, h: Any, cos: Any, sin: Any) -> tuple[Any, Any, Any]:
-        """Projected, rotated queries and keys, and values: (batch, heads, tokens, head_dim)."""
+    def _packed_attention(self, q: Any, k: Any, v: Any, cu: Any, lens: Any, longest: int) -> Any:
+        """Causal attention of every packed token over its own prompt's tokens: (tokens, heads, head_dim).
+
+        On CUDA flash attention's variable-length kernel, which takes the prompts' boundaries and
+        the shared key heads as they are; elsewhere the padded reference (SDPA, right padding)."""
+        torch = self.torch
+        if self.varlen:
+            return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, longest, longest, 0.0, True, False, scale=self.scale)[0]
+        b = lens.shape[0]
+        mask = torch.arange(longest, device=q.device)[None, :] < lens[:, None].long()
+        padded = []
+        for src in (q, k, v):
+            dst = torch.zeros(b, longest, src.shape[1], src.shape[2], dtype=src.dtype, device=src.device)
+            dst[mask] = src
+            padded.append(dst.transpose(1, 2))
+        pq, pk, pv = padded
+        if self.group > 1:
+            pk, pv = pk.repeat_interleave(self.group, 1), pv.repeat_interleave(self.group, 1)
+        # right padding and a causal mask: real tokens never see the padding after them
+        out = torch.nn.functional.scaled_dot_product_attention(pq, pk, pv, is_causal=True, scale=self.scale)
+        return out.transpose(1, 2)[mask]
+
+    def _qkv(self, i: int, layer: Any, h: Any, cos: Any, sin: Any) -> tuple[Any, Any, Any]:
+        """Projected, rotated queries and keys, and values: (batch, heads, tokens, head_dim).
+
+        With fused weights: one product for q, k and v, and one rotation for q and k together."""
         b, t, _ = h.shape
-        attn = layer.self_attn
-        q = attn.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+        heads, kv, d = self.heads, self.kv_heads, self.head_dim
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        if self.fused is None:
+            attn = layer.self_attn
+            q = attn.q_proj(h).view(b, t, heads, d)
+            k = attn.k_proj(h).view(b, t, kv, d)
+            v = attn.v_proj(h).view(b, t, kv, d)
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        else:
+            weight, bias = self.fused[i]["qkv"]
+            qkv = self.torch.nn.functional.linear(h, weight, bias)
+            qk, v = qkv.split([(heads + kv) * d, kv * d], -1)
+            qk = qk.view(b, t, heads + kv, d)
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk.split([heads, kv], 2)
+            v = v.view(b, t, kv, d)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _mlp(self, i: int, layer: Any, h: Any) -> Any:
+        """The layer's MLP; with fused weights one product for the gate and up projections."""
+        if self.fused is None or "gate_up" not in self.fused[i]:
+            return layer.mlp(h)
+        mlp = layer.mlp
+        weight, bias = self.fused[i]["gate_up"]
+        gate, up = self.torch.nn.functional.linear(h, weight, bias).chunk(2, -1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
 
     # ---- decode ----------------------------------------------------------------------------
 
@@ -377,8 +434,8 @@ class SlotDecoder:
         cos, sin = self.model.rotary_emb(x, self.pos[:, None])
         lengths = self.pos + 1
         for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
-            q, k, v = self._qkv(layer, h, cos, sin)
+            h = _rms_norm(layer.input_layernorm, x)
+            q, k, v = self._qkv(i, layer, h, cos, sin)
             self.keys[i][self.rows, :, self.pos] = k[:, :, 0]
             self.values[i][self.rows, :, self.pos] = v[:, :, 0]
             # the query heads that share a key head become that head's query rows: no repeated keys
@@ -388,8 +445,57 @@ class SlotDecoder:
             else:
                 o = reference_attention(q, self.keys[i], self.values[i], lengths, self.scale, span=length)
             x = x + layer.self_attn.o_proj(o.reshape(n, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.head(self.model.norm(x[:, 0]))
+            x = x + self._mlp(i, layer, _rms_norm(layer.post_attention_layernorm, x))
+        return self.head(_rms_norm(self.model.norm, x[:, 0]))
+
+
+def _rms_norm(norm: Any, x: Any) -> Any:
+    """The model's RMSNorm with torch's fused rms_norm: the same float32 arithmetic as the
+    Llama-family module (normalize in float32, cast back, scale by the weight) in fewer kernels;
+    any other norm module is called as it is."""
+    import torch
+
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None or not type(norm).__name__.endswith("RMSNorm"):
+        return norm(x)
+    return norm.weight * torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _fused_bytes(layers: list) -> int:
+    """Bytes the fused copies of the q/k/v and gate/up weights would take."""
+    total = 0
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for module in (attn.q_proj, attn.k_proj, attn.v_proj, getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)):
+            if module is not None:
+                total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def _fuse_layers(layers: list) -> list[dict]:
+    """Per layer, the q/k/v projections as one weight (and bias), and the MLP's gate and up
+    projections as one, so that a step runs one product where the model runs three and two.
+    Copies, made once: the model's own modules are left as they are."""
+    import torch
+
+    def cat(modules: list) -> tuple[Any, Any]:
+        weight = torch.cat([m.weight for m in modules], 0)
+        biases = [m.bias for m in modules]
+        if all(b is None for b in biases):
+            return weight, None
+        bias = torch.cat([b if b is not None else torch.zeros(m.weight.shape[0], dtype=weight.dtype, device=weight.device)
+                          for m, b in zip(modules, biases)])  # fmt: skip
+        return weight, bias
+
+    fused = []
+    with torch.no_grad():
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            entry = {"qkv": cat([attn.q_proj, attn.k_proj, attn.v_proj])}
+            if all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+                entry["gate_up"] = cat([mlp.gate_proj, mlp.up_proj])
+            fused.append(entry)
+    return fused
 
 
 def choose_tokens(logits: Any, temperature: float, generator: Any) -> Any:
