@@ -193,6 +193,10 @@ def check(folder: Path, ids: list[list[int]], args) -> dict:
     varlen_used = padded_decoder.varlen
     padded_decoder.varlen = False  # packed prefill through the padded reference (SDPA) instead of flash varlen
     padded = padded_decoder.run(ids, max_new=args.max_new_tokens, max_slots=64)
+    unfused_decoder = SlotDecoder(model, eos_ids=eos, graphs=False)
+    fused_used = unfused_decoder.fuse_kernels
+    unfused_decoder.fuse_kernels = False  # norms, rotary and SiLU-and-multiply as plain PyTorch
+    unfused = unfused_decoder.run(ids, max_new=args.max_new_tokens, max_slots=64)
     g = torch.Generator(device=args.device).manual_seed(0)
     q = torch.randn((256, 3, 3, 64), generator=g, device=args.device, dtype=torch.bfloat16)
     k, v = (torch.randn((256, 3, 1100, 64), generator=g, device=args.device, dtype=torch.bfloat16) for _ in range(2))
@@ -208,9 +212,35 @@ def check(folder: Path, ids: list[list[int]], args) -> dict:
         same_hf += new == mine
     return {"prompts": len(ids), "graph_equals_eager": sum(a == b for a, b in zip(graphs, eager)), "attention_kernel": kernel_used,
             "kernel_max_abs_error_bf16": err, "kernel_equals_dense_decoding": sum(a == b for a, b in zip(eager, dense)),
+            "fused_kernels": fused_used, "fused_equals_unfused": sum(a == b for a, b in zip(eager, unfused)),
+            "first_token_fused_equals_unfused": sum(a[:1] == b[:1] for a, b in zip(eager, unfused)),
+            "fused_kernels_bf16_equal_share": fused_kernel_agreement(args.device) if args.device.startswith("cuda") else None,
             "prefill_varlen_kernel": varlen_used, "varlen_prefill_equals_padded_prefill": sum(a == b for a, b in zip(eager, padded)),
             "first_token_varlen_equals_padded": sum(a[:1] == b[:1] for a, b in zip(eager, padded)),
             "compared_to_transformers": min(8, len(ids)), "equal_to_transformers": same_hf}  # fmt: skip
+
+
+def fused_kernel_agreement(device: str) -> dict:
+    """Share of bf16 output elements where each fused kernel equals the PyTorch code it replaces."""
+    import torch
+
+    from embedkit.engine import fused
+
+    g = torch.Generator(device=device).manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=g, device=device).to(torch.bfloat16)
+
+    x, d, w = rand(4096, 576), rand(4096, 576), rand(576)
+    qk, angles, gu = rand(4096, 12, 64), torch.rand((4096, 32), generator=g, device=device) * 100, rand(4096, 3072)
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(torch.bfloat16), torch.cat([angles.sin()] * 2, -1).to(torch.bfloat16)
+    pairs = {
+        "rms_norm": [fused.rms_norm(x, w, 1e-5, kernel=k) for k in (True, False)],
+        "add_rms_norm": [fused.add_rms_norm(x, d, w, 1e-5, kernel=k)[1] for k in (True, False)],
+        "rope": [fused.rope(qk, cos, sin, kernel=k) for k in (True, False)],
+        "silu_mul": [fused.silu_mul(gu, kernel=k) for k in (True, False)],
+    }
+    return {name: round(float((a == b).float().mean()), 5) for name, (a, b) in pairs.items()}
 
 
 def profile(folder: Path, ids: list[list[int]], args) -> str:

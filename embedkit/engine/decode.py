@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import EmbedkitError
+from . import fused
 from .attention import reference_attention, slot_attention, triton_usable
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -133,6 +134,8 @@ class SlotDecoder:
         # packed prefill attention: flash attention's variable-length kernel where it runs (the
         # benchmark's check compares it with the padded reference on the GPU)
         self.varlen = self.device.type == "cuda" and self.dtype != torch.float32 and hasattr(torch.ops.aten, "_flash_attention_forward")
+        # norms, rotary and SiLU-and-multiply as fused Triton kernels (engine/fused.py) where they run
+        self.fuse_kernels = fused.usable(probe)
         self._graphs: dict[int, tuple[Any, Any]] = {}
         self._pool = None
         self._slots = 0
@@ -264,17 +267,15 @@ class SlotDecoder:
         slot = index[row]
         x = self.model.embed_tokens(ids)[None]  # (1, tokens, hidden): the model's modules take a batch
         cos, sin = self.model.rotary_emb(x, position[None])
-        for i, layer in enumerate(self.layers):
-            h = _rms_norm(layer.input_layernorm, x)
-            q, k, v = self._qkv(i, layer, h, cos, sin)  # (1, heads, tokens, head_dim)
-            q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # (tokens, heads, head_dim)
-            self.keys[i][slot, :, position] = k
-            self.values[i][slot, :, position] = v
-            o = self._packed_attention(q, k, v, cu, lens, longest)
-            x = x + layer.self_attn.o_proj(o.reshape(1, total, -1))
-            x = x + self._mlp(i, layer, _rms_norm(layer.post_attention_layernorm, x))
+
+        def attend(i: int, q: Any, k: Any, v: Any) -> Any:  # (1, tokens, heads, head_dim) each
+            self.keys[i][slot, :, position] = k[0]
+            self.values[i][slot, :, position] = v[0]
+            return self._packed_attention(q[0], k[0], v[0], cu, lens, longest).reshape(1, total, -1)
+
+        x = self._layers(x, cos, sin, attend)
         last = x[0, cu[1:].long() - 1]
-        return self.head(_rms_norm(self.model.norm, last))
+        return self.head(self._norm(self.model.norm, last))
 
     def _packed_attention(self, q: Any, k: Any, v: Any, cu: Any, lens: Any, longest: int) -> Any:
         """Causal attention of every packed token over its own prompt's tokens: (tokens, heads, head_dim).
@@ -298,28 +299,59 @@ class SlotDecoder:
         out = torch.nn.functional.scaled_dot_product_attention(pq, pk, pv, is_causal=True, scale=self.scale)
         return out.transpose(1, 2)[mask]
 
+    def _layers(self, x: Any, cos: Any, sin: Any, attend: Any) -> Any:
+        """The decoder layers over x (batch, tokens, hidden), before the final norm.
+
+        `attend(i, q, k, v)` (each (batch, tokens, heads, head_dim)) stores layer i's keys and
+        values and returns the attention output (batch, tokens, heads x head_dim). Each residual
+        add is fused with the norm after it."""
+        layers = self.layers
+        h = self._norm(layers[0].input_layernorm, x)
+        for i, layer in enumerate(layers):
+            q, k, v = self._qkv(i, layer, h, cos, sin)
+            x, h = self._add_norm(x, layer.self_attn.o_proj(attend(i, q, k, v)), layer.post_attention_layernorm)
+            m = self._mlp(i, layer, h)
+            if i + 1 < len(layers):
+                x, h = self._add_norm(x, m, layers[i + 1].input_layernorm)
+            else:
+                x = x + m
+        return x
+
+    def _norm(self, norm: Any, x: Any) -> Any:
+        if not _is_rms_norm(norm):
+            return norm(x)
+        return fused.rms_norm(x, norm.weight, norm.variance_epsilon, kernel=self.fuse_kernels)
+
+    def _add_norm(self, x: Any, delta: Any, norm: Any) -> tuple[Any, Any]:
+        if not _is_rms_norm(norm):
+            x = x + delta
+            return x, norm(x)
+        return fused.add_rms_norm(x, delta, norm.weight, norm.variance_epsilon, kernel=self.fuse_kernels)
+
     def _qkv(self, i: int, layer: Any, h: Any, cos: Any, sin: Any) -> tuple[Any, Any, Any]:
-        """Projected, rotated queries and keys, and values: (batch, heads, tokens, head_dim).
+        """Projected, rotated queries and keys, and values: (batch, tokens, heads, head_dim).
 
         With fused weights: one product for q, k and v, and one rotation for q and k together."""
         b, t, _ = h.shape
         heads, kv, d = self.heads, self.kv_heads, self.head_dim
-        cos, sin = cos[:, :, None], sin[:, :, None]
         if self.fused is None:
             attn = layer.self_attn
-            q = attn.q_proj(h).view(b, t, heads, d)
-            k = attn.k_proj(h).view(b, t, kv, d)
+            q = attn.q_proj(h).view(b * t, heads, d)
+            k = attn.k_proj(h).view(b * t, kv, d)
             v = attn.v_proj(h).view(b, t, kv, d)
-            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        else:
-            weight, bias = self.fused[i]["qkv"]
-            qkv = self.torch.nn.functional.linear(h, weight, bias)
-            qk, v = qkv.split([(heads + kv) * d, kv * d], -1)
-            qk = qk.view(b, t, heads + kv, d)
-            qk = qk * cos + _rotate_half(qk) * sin
-            q, k = qk.split([heads, kv], 2)
-            v = v.view(b, t, kv, d)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            rot = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            return rot[0].view(b, t, heads, d), rot[1].view(b, t, kv, d), v
+        weight, bias = self.fused[i]["qkv"]
+        qkv = self.torch.nn.functional.linear(h, weight, bias)
+        qk = qkv[..., : (heads + kv) * d].view(b * t, heads + kv, d)
+        q, k = self._rope(qk, cos, sin).view(b, t, heads + kv, d).split([heads, kv], 2)
+        return q, k, qkv[..., (heads + kv) * d :].view(b, t, kv, d)
+
+    def _rope(self, x: Any, cos: Any, sin: Any) -> Any:
+        """x (tokens, heads, head_dim) rotated by cos, sin (batch, tokens, head_dim)."""
+        d = x.shape[-1]
+        kernel = self.fuse_kernels and d % 2 == 0 and (d // 2) & (d // 2 - 1) == 0
+        return fused.rope(x, cos.reshape(-1, d), sin.reshape(-1, d), kernel=kernel)
 
     def _mlp(self, i: int, layer: Any, h: Any) -> Any:
         """The layer's MLP; with fused weights one product for the gate and up projections."""
@@ -327,7 +359,10 @@ class SlotDecoder:
             return layer.mlp(h)
         mlp = layer.mlp
         weight, bias = self.fused[i]["gate_up"]
-        gate, up = self.torch.nn.functional.linear(h, weight, bias).chunk(2, -1)
+        gate_up = self.torch.nn.functional.linear(h, weight, bias)
+        if type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation"):
+            return mlp.down_proj(fused.silu_mul(gate_up, kernel=self.fuse_kernels))
+        gate, up = gate_up.chunk(2, -1)
         return mlp.down_proj(mlp.act_fn(gate) * up)
 
     # ---- decode ----------------------------------------------------------------------------
@@ -433,32 +468,26 @@ class SlotDecoder:
         x = self.model.embed_tokens(self.tok[:, None])
         cos, sin = self.model.rotary_emb(x, self.pos[:, None])
         lengths = self.pos + 1
-        for i, layer in enumerate(self.layers):
-            h = _rms_norm(layer.input_layernorm, x)
-            q, k, v = self._qkv(i, layer, h, cos, sin)
-            self.keys[i][self.rows, :, self.pos] = k[:, :, 0]
-            self.values[i][self.rows, :, self.pos] = v[:, :, 0]
+
+        def attend(i: int, q: Any, k: Any, v: Any) -> Any:  # (slots, 1, heads, head_dim) each
+            self.keys[i][self.rows, :, self.pos] = k[:, 0]
+            self.values[i][self.rows, :, self.pos] = v[:, 0]
             # the query heads that share a key head become that head's query rows: no repeated keys
             q = q.reshape(n, self.kv_heads, self.group, self.head_dim)
             if self.kernel:
                 o = slot_attention(q, self.keys[i], self.values[i], lengths, self.scale, kernel=True)
             else:
                 o = reference_attention(q, self.keys[i], self.values[i], lengths, self.scale, span=length)
-            x = x + layer.self_attn.o_proj(o.reshape(n, 1, -1))
-            x = x + self._mlp(i, layer, _rms_norm(layer.post_attention_layernorm, x))
-        return self.head(_rms_norm(self.model.norm, x[:, 0]))
+            return o.reshape(n, 1, -1)
+
+        x = self._layers(x, cos, sin, attend)
+        return self.head(self._norm(self.model.norm, x[:, 0]))
 
 
-def _rms_norm(norm: Any, x: Any) -> Any:
-    """The model's RMSNorm with torch's fused rms_norm: the same float32 arithmetic as the
-    Llama-family module (normalize in float32, cast back, scale by the weight) in fewer kernels;
-    any other norm module is called as it is."""
-    import torch
-
-    eps = getattr(norm, "variance_epsilon", None)
-    if eps is None or not type(norm).__name__.endswith("RMSNorm"):
-        return norm(x)
-    return norm.weight * torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+def _is_rms_norm(norm: Any) -> bool:
+    """A Llama-family RMSNorm (normalize in float32, cast back, scale by the weight), which the
+    fused kernels compute; any other norm module is called as it is."""
+    return type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon") and hasattr(norm, "weight")
 
 
 def _fused_bytes(layers: list) -> int:
@@ -506,10 +535,3 @@ def choose_tokens(logits: Any, temperature: float, generator: Any) -> Any:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-def _rotate_half(x: Any) -> Any:
-    import torch
-
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

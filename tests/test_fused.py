@@ -1,0 +1,84 @@
+"""The decoder's fused Triton kernels (RMSNorm with the residual add, rotary, SiLU-and-multiply)
+against the PyTorch code they replace, in Triton's CPU interpreter (TRITON_INTERPRET=1, set in a
+child process because Triton reads it at import), in float32 and float16: the interpreter's
+bfloat16 rounding is not the GPU's. On the GPU, benchmarks/bench_generate.py checks bfloat16 and
+the decoder with them against the decoder without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+CHILD = r"""
+import json, torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+from embedkit.engine import fused
+torch.manual_seed(0)
+worst = {}
+for dtype in (torch.float32, torch.float16):  # the interpreter's bfloat16 rounding is not the GPU's
+    name = str(dtype).split(".")[1]
+    # RMSNorm, alone and after a residual add, against the model's own module
+    norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(96).to(dtype)
+    x, d = torch.randn(7, 96).to(dtype), torch.randn(7, 96).to(dtype)
+    got = fused.rms_norm(x, norm.weight, norm.variance_epsilon, kernel=True)
+    total, after = fused.add_rms_norm(x, d, norm.weight, norm.variance_epsilon, kernel=True)
+    worst[f"norm {name}"] = float((got.float() - norm(x).float()).abs().max())
+    worst[f"add {name}"] = float((total.float() - (x + d).float()).abs().max())
+    worst[f"add_norm {name}"] = float((after.float() - norm(x + d).float()).abs().max())
+    # rotary over a strided view (q and k heads of a wider projection), against transformers'
+    qkv = torch.randn(5, (3 + 1 + 1) * 16).to(dtype)
+    qk = qkv[:, : 4 * 16].view(5, 4, 16)
+    angles = torch.randn(5, 8)
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
+    want_q, want_k = apply_rotary_pos_emb(qk[:, :3].transpose(0, 1)[None], qk[:, 3:].transpose(0, 1)[None], cos[None], sin[None])
+    want = torch.cat([want_q[0], want_k[0]], 0).transpose(0, 1)
+    worst[f"rope {name}"] = float((fused.rope(qk, cos, sin, kernel=True).float() - want.float()).abs().max())
+    # SiLU-and-multiply, inner size not a power of two
+    gu = torch.randn(3, 2, 2 * 40).to(dtype)
+    gate, up = gu.chunk(2, -1)
+    worst[f"silu_mul {name}"] = float((fused.silu_mul(gu, kernel=True).float() - (torch.nn.functional.silu(gate) * up).float()).abs().max())
+print(json.dumps(worst))
+"""
+
+
+def test_fused_kernels_equal_the_modules_they_replace():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    worst = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(worst) == 10
+    for key, err in worst.items():
+        # float16: rounded where PyTorch rounds, so equal; float32: summation order only
+        assert err <= (1e-5 if key.endswith("float32") else 0.0), (key, worst)
+
+
+DECODE_CHILD = r"""
+import json, torch
+from transformers import AutoModelForCausalLM
+from embedkit.config import DEFAULT_GENERATOR
+from embedkit.engine.decode import SlotDecoder
+from embedkit.generation.model import resolve_generator
+lm = AutoModelForCausalLM.from_pretrained(resolve_generator(DEFAULT_GENERATOR), dtype=torch.float32).eval()
+prompts = [[1, 9690, 198, 2683, 314, 260, 2576], [1, 4093, 28, 905], list(range(300, 340))]
+with_kernels = SlotDecoder(lm, eos_ids={2})
+plain = SlotDecoder(lm, eos_ids={2})
+plain.fuse_kernels = False
+print(json.dumps([with_kernels.fuse_kernels, with_kernels.run(prompts, max_new=3, max_slots=2), plain.run(prompts, max_new=3, max_slots=2)]))
+"""
+
+
+@pytest.mark.slow
+def test_decoder_with_fused_kernels_gives_the_same_tokens():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", DECODE_CHILD], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    used, fused_tokens, plain_tokens = json.loads(r.stdout.strip().splitlines()[-1])
+    assert used and fused_tokens == plain_tokens and all(len(t) == 3 for t in fused_tokens)
