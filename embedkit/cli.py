@@ -286,7 +286,7 @@ def export(out: str, fmt: str, path: str | None, partial: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help=f"One of {', '.join(DEVICES)} or cuda:N.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: bf16 on CUDA, fp32 on CPU.")
-@click.option("--batch-size", type=int, default=None, help="summarize: most sequences decoded together (default: 4096 on CUDA, fewer if memory is short; 8 on CPU).")
+@click.option("--batch-size", type=int, default=None, help="summarize: most sequences decoded together (default: 16384 on CUDA, fewer if memory is short; 8 on CPU).")
 @click.option("--shard-rows", type=int, default=None, help="Rows per shard, the unit of commit and resume.")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--id-column", default=None, help="Default: `id` when present, else the row number.")

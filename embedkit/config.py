@@ -201,7 +201,7 @@ class GenerateConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
-    batch_size: int | None = None  # summarize: most sequences decoded at once (default 4096 on CUDA, 8 on CPU)
+    batch_size: int | None = None  # summarize: most sequences decoded at once (default 16384 on CUDA, 8 on CPU)
     shard_rows: int | None = None
     text_column: str = "text"
     id_column: str | None = None

@@ -40,7 +40,8 @@ def timed(phases: dict[str, float], name: str) -> Iterator[None]:
 
 SCORE_BATCH_TOKENS = {"cuda": 131_072, "cpu": 4_096}
 DEFAULT_BATCH_SIZE = {"cuda": 64, "cpu": 8}  # sequences per batch of the generic decoder
-SLOT_BATCH_SIZE = {"cuda": 4096, "cpu": 8}  # most KV-cache slots of SlotDecoder (memory may allow fewer)
+SLOT_BATCH_SIZE = {"cuda": 16384, "cpu": 8}  # most KV-cache slots of SlotDecoder (memory may allow fewer); 16,384 made 4% more
+# new tokens/s than 4,096 on the H200, in two runs (docs/benchmarks.md, generate runs 5 and 6)
 
 
 # classify: texts with no content. A label's log-probability after them is the model's prior for
