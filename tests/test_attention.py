@@ -61,6 +61,8 @@ with_kernel = SlotDecoder(lm, eos_ids={2})
 assert with_kernel.kernel
 dense = SlotDecoder(lm, eos_ids={2})
 dense.kernel = False
+for decoder in (with_kernel, dense):  # the attention kernel alone (tests/test_fused.py covers the others)
+    decoder.fuse_kernels = False
 print(json.dumps([with_kernel.run(prompts, max_new=4, max_slots=2), dense.run(prompts, max_new=4, max_slots=2)]))
 """
 
