@@ -7,16 +7,19 @@ one shared length. For offline decoding of a whole corpus this engine instead:
 - keeps one KV-cache *slot* per sequence: a slot holds its prompt from position 0, so rows of
   any length share a batch without left padding, and each row attends to its own prefix only;
 - refills slots as sequences finish: the next waiting prompts (shortest first) are prefilled
-  straight into the free slots while the others keep their caches;
+  straight into the free slots while the others keep their caches, packed end to end with no
+  padding (flash attention's variable-length kernel on CUDA);
 - groups the corpus by prompt length: each group gets as many slots as fit the memory budget at
   its longest prompt, so short documents run in large batches and the long tail in smaller ones;
 - on CUDA, captures the decode step (every layer, all slots) once per attended length bucket as a
   CUDA graph and replays it: one launch per step instead of hundreds.
 
-The weights, norms, rotary embedding, MLP and output layer are the model's own modules; only
-the attention over the slot cache is this module's. It covers the decoder-only families whose
-layer is Llama's (Llama, Mistral without a sliding window, Qwen2); `supported()` says why a model
-is not, and the caller falls back to the generic refill decoder.
+The weights are the model's own; the layer is computed here with fewer, larger kernels: q/k/v
+and gate/up as one product each (weight copies made once), and on CUDA the norms (with the
+residual add before them), the rotary embedding and SiLU-and-multiply as fused Triton kernels
+(`fused.py`). It covers the decoder-only families whose layer is Llama's (Llama, Mistral
+without a sliding window, Qwen2); `supported()` says why a model is not, and the caller falls
+back to transformers' own `generate` on length-bucketed batches.
 """
 
 from __future__ import annotations

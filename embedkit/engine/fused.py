@@ -6,8 +6,9 @@ put 0.75 s of 3.6 s of GPU time in the matrix products and most of the rest in t
 elementwise steps, each a chain of PyTorch kernels over a broadcast or strided view (rotary:
 five kernels per layer; SiLU on a strided half of the gate/up product; norms with their float
 casts). Each kernel here reads its inputs once and writes its output once, and rounds where the
-model's own PyTorch code rounds (to the activation dtype after each operation), so its results
-are those of the Llama-family modules.
+model's own PyTorch code rounds (to the activation dtype after each operation). Measured in
+bf16 on the H200: the norm and SiLU kernels equal PyTorch on every element checked, the rotary
+kernel on 76.7% (the rest by a rounding step; in Triton's CPU interpreter float16 is equal).
 
 On CUDA (or Triton's CPU interpreter, for tests) the Triton kernels run; elsewhere the same
 functions run as plain PyTorch, which is also their reference.
