@@ -67,7 +67,7 @@ from embedkit.config import DEFAULT_GENERATOR
 from embedkit.engine.decode import SlotDecoder
 from embedkit.generation.model import resolve_generator
 lm = AutoModelForCausalLM.from_pretrained(resolve_generator(DEFAULT_GENERATOR), dtype=torch.float32).eval()
-prompts = [[1, 9690, 198, 2683, 314, 260, 2576], [1, 4093, 28, 905], list(range(300, 320))]
+prompts = [[1, 9690, 198, 2683, 314, 260, 2576], list(range(300, 320))]  # one packed prefill, one decode step
 with_kernels = SlotDecoder(lm, eos_ids={2})
 plain = SlotDecoder(lm, eos_ids={2})
 plain.fuse_kernels = False
