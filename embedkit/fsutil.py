@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -71,3 +72,24 @@ def open_nofollow(path: str | Path, flags: int, mode: int = 0o644) -> int:
 def is_temporary(name: str) -> bool:
     """Whether a name in OUT is one of atomic_file's temporary files (left by a killed process)."""
     return name.startswith(".") and name.endswith(TMP_SUFFIX)
+
+
+# scheme:// (or scheme:/ once pathlib has collapsed the slashes); two letters at least, so that a
+# Windows drive (C:/) is not taken for one
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+")
+
+
+def require_local(path: str | os.PathLike, role: str) -> None:
+    """Refuse an object-storage URI (s3://, gs://, az://, ...) for INPUT or OUT in one line.
+
+    Outputs are read and written through local paths (the lock, the manifest, the ledger and
+    the index files are local files), so a URI would be taken for a relative folder named
+    "s3:". Until object storage is supported, a shared filesystem mounted on every worker is
+    the way to share INPUT and OUT."""
+    text = os.fspath(path)
+    m = _URI.match(text)
+    if m:
+        shown = f"{m.group(1)}://{text[m.end():]}"
+        raise EmbedkitError(f"{role} {shown}: {m.group(1)}:// URIs are not supported yet; give a local path, or a shared "
+                            "filesystem mounted at the same path on every worker")  # fmt: skip
+

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import EmbedkitError
+from ..fsutil import require_local
 from ..io.shards import read_manifest
 from ..io.store import VECTORS_DIR, chunk_columns, stored_columns
 from .io import load_index, read_rows
@@ -198,6 +199,7 @@ class Retriever:
 
     def __init__(self, out: str | Path, *, nprobe: int | None = None, rerank: int | None = None, recall: float | None = None,
                  verify: str = "quick"):  # fmt: skip
+        require_local(out, "OUT")
         self.out = Path(out)
         folder = self.out / INDEX_DIR
         if not self.out.is_dir():

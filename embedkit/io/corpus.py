@@ -55,6 +55,9 @@ def open_corpus(path: str | os.PathLike, columns: Columns = Columns(), *, follow
     """Open INPUT by its form; raise EmbedkitError with a one-line reason when it cannot be read.
 
     `follow_symlinks`: a folder of .txt files may hold links to files outside it (refused otherwise)."""
+    from ..fsutil import require_local
+
+    require_local(path, "INPUT")
     p = Path(path)
     if not p.exists():
         raise EmbedkitError(f"input not found: {p}")

@@ -52,6 +52,9 @@ def shards_from_manifest(manifest: dict) -> list[Shard]:
 
 
 def read_manifest(out: Path) -> dict | None:
+    from ..fsutil import require_local
+
+    require_local(out, "OUT")
     path = Path(out) / MANIFEST
     if not path.exists():
         return None

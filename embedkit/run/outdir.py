@@ -11,7 +11,7 @@ from typing import Iterator
 
 from ..digest import INPUT_CACHE
 from ..errors import EmbedkitError
-from ..fsutil import is_temporary
+from ..fsutil import is_temporary, require_local
 from ..io.shards import LOCK, MANIFEST
 from ..io.store import GENERATIONS_DIR, INDEX_DIR, VECTORS_DIR, ledger_name
 
@@ -25,6 +25,7 @@ OWN_NAMES = frozenset({
 
 def check_out(out: Path) -> None:
     """Refuse an OUT that is a file, or a non-empty folder that is not an embedkit output."""
+    require_local(out, "OUT")
     if out.exists() and not out.is_dir():
         raise EmbedkitError(f"{out} is a file; OUT must be a folder (a new one, or an embedkit output)")
     if not out.is_dir() or (out / MANIFEST).exists():
