@@ -13,7 +13,7 @@ import click
 from .config import DEFAULT_GENERATOR, DEFAULT_MODEL, DEVICES, EXPORT_FORMATS, OUTPUT_DTYPES, PRECISIONS, TASKS
 from .errors import EmbedkitError
 
-RUN_OPTIONS = ("overwrite", "gpus", "ray", "reissue")  # how a job runs: a dry run runs none of it
+RUN_OPTIONS = ("overwrite", "append", "gpus", "ray", "reissue")  # how a job runs: a dry run runs none of it
 
 
 def _stage_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -126,6 +126,7 @@ def _show_notices() -> None:
 @click.option("--query-prompt-name", default=None, help="The model's prompt that search puts before queries (default: its 'query' prompt, if any).")
 @click.option("--query-prompt", default=None, help="A literal text that search puts before queries instead.")
 @click.option("--overwrite", is_flag=True, help="Delete OUT's vectors, index and manifest and start fresh.")
+@click.option("--append", is_flag=True, help="Add INPUT to an existing OUT (same model and settings; ids unique across inputs); rerun to resume.")
 @click.option("--gpus", default="1", show_default=True, help="Workers: all (every GPU) or N (N GPUs; on a CPU, N at once); more than one runs shard tasks on a local Ray (pip install 'embedkit[ray]').")
 @click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]", help="Run shards as Ray tasks: a local Ray, or the cluster at ADDRESS (pip install 'embedkit[ray]').")
 @click.option("--reissue/--no-reissue", default=True, show_default=True, help="--gpus N/--ray: near the end, run a slow worker's shard on an idle one too (first commit wins).")

@@ -45,6 +45,7 @@ class RunOptions:
     """How a job runs, whatever its stage: none of these changes what it computes."""
 
     overwrite: bool = False  # --overwrite: start OUT's stage afresh
+    append: bool = False  # encode --append: add this input to OUT's, after the inputs it already holds
     progress: bool = True  # a bar on a terminal
     workers: int = 1  # --gpus: one per GPU, or N at once on a CPU; more than one runs shard tasks on a local Ray
     ray: str | None = None  # --ray: "" for a local Ray (or RAY_ADDRESS), else a cluster address
@@ -55,6 +56,8 @@ class RunOptions:
 
         if self.workers < 1:
             raise EmbedkitError(f"--gpus must be all or a positive number, not {self.workers}")
+        if self.append and self.overwrite:
+            raise EmbedkitError("--append adds to OUT and --overwrite starts it afresh: choose one")
 
 
 @dataclass(frozen=True)

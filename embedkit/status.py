@@ -3,7 +3,7 @@ the index and whether it is up to date, and the manifest."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EmbedkitError
@@ -37,6 +37,7 @@ class OutputStatus:
     quarantined: tuple = ()  # ids left out because their vectors stayed NaN/Inf (retried in fp32 too)
     new_tokens: int | None = None
     index: dict | None = None  # IndexStatus.to_dict(), embeddings only
+    inputs: list = field(default_factory=list)  # per input (several after `encode --append`): path, rows, shards done and total
 
     @property
     def complete(self) -> bool:
@@ -46,7 +47,7 @@ class OutputStatus:
         return {
             "out": self.out, "kind": self.kind, "shards_done": self.shards_done, "shards_total": self.shards_total,
             "rows": self.rows, "tokens": self.tokens, "new_tokens": self.new_tokens, "complete": self.complete,
-            "quarantined": list(self.quarantined), "index": self.index, "manifest": self.manifest,
+            "quarantined": list(self.quarantined), "index": self.index, "inputs": self.inputs, "manifest": self.manifest,
         }  # fmt: skip
 
     def lines(self) -> list[str]:
@@ -64,7 +65,11 @@ class OutputStatus:
             counts.append(f"{len(self.quarantined)} quarantined (non-finite vectors; ids in --json)")
         lines = [f"{self.out}: {what}, shards {self.shards_done}/{self.shards_total} ({state})", ", ".join(counts)]
         lines += _model_lines(m)
-        lines.append(f"input {m['input']['kind']}, {m['plan']['rows']:,} rows in {m['plan']['shards']:,} shards of {m['plan']['shard_rows']:,}")
+        if len(self.inputs) > 1:
+            lines.append(f"{len(self.inputs)} inputs, {m['plan']['rows']:,} rows in {m['plan']['shards']:,} shards of {m['plan']['shard_rows']:,}:")
+            lines += [f"  {i['path']}: {i['rows']:,} rows, shards {i['shards_done']}/{i['shards_total']}" for i in self.inputs]
+        else:
+            lines.append(f"input {m['input']['kind']}, {m['plan']['rows']:,} rows in {m['plan']['shards']:,} shards of {m['plan']['shard_rows']:,}")
         if self.index is not None:
             lines.append(self.index["line"])
         lines.append(f"embedkit {m.get('embedkit_version', '?')}")
@@ -132,8 +137,17 @@ def status(out: str | Path) -> OutputStatus:
     index = _index(out, store) if kind == "embeddings" else None
     return OutputStatus(
         out=str(out), kind=kind, shards_done=len(done), shards_total=manifest["plan"]["shards"], rows=rows, tokens=tokens,
-        manifest=manifest, quarantined=quarantined, new_tokens=new, index=index,
+        manifest=manifest, quarantined=quarantined, new_tokens=new, index=index, inputs=_inputs(manifest, done),
     )  # fmt: skip
+
+
+def _inputs(manifest: dict, done: dict) -> list[dict]:
+    """Each input the output holds, with its shards' progress."""
+    from .io.shards import input_segments
+
+    return [{"path": (seg["input"] or {}).get("path"), "rows": seg["rows"], "shards_total": seg["shards"],
+             "shards_done": sum(1 for i in range(seg["first_shard"], seg["first_shard"] + seg["shards"]) if i in done)}
+            for seg in input_segments(manifest)]  # fmt: skip
 
 
 def _index(out: Path, store) -> dict:

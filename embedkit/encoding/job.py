@@ -31,8 +31,19 @@ from ..engine.models import (
 from ..engine.quantize import QUANTIZED, Quantization
 from ..engine.tokenize import TextTokenizer
 from ..errors import EmbedkitError, EmbedkitNotice
-from ..io.corpus import Columns, Corpus, find_first_duplicate, open_corpus
-from ..io.shards import MANIFEST, Shard, manifest_differences, read_manifest, shards_from_manifest, write_manifest
+from ..io.corpus import Columns, Corpus, RowOffset, find_first_duplicate, open_corpus
+from ..io.shards import (
+    MANIFEST,
+    Shard,
+    appended,
+    input_segments,
+    manifest_differences,
+    read_manifest,
+    segment_of,
+    settings_differences,
+    shards_from_manifest,
+    write_manifest,
+)
 from ..io.store import VectorStore, vectors_schema
 from ..version import __version__
 from .summary import EncodeSummary
@@ -46,12 +57,59 @@ def nothing_to_do(out: Path, choice: DeviceChoice, shards: int) -> EncodeSummary
                          skipped_empty=0, shards_done=0, shards_skipped=shards, shards_total=shards)  # fmt: skip
 
 
+def plan_append(out: Path, old: dict | None, store: VectorStore, new: dict, corpus: Corpus) -> tuple[dict, dict]:
+    """`encode --append`: (the run's manifest, the input's segment). An input OUT already holds
+    is resumed; a new one is numbered after the others, once they are all encoded. Refused: no
+    output to add to, other settings, an earlier input not finished. Writes nothing."""
+    if old is None or not store.exists():
+        raise EmbedkitError(f"--append adds to an existing output and {out} holds none; drop --append to start one")
+    diffs = settings_differences(old, new)
+    if diffs:
+        raise EmbedkitError(f"{out} was written with a different {'; '.join(diffs)}; an appended input must use the same settings")
+    same = segment_of(old, new["input"])
+    if same is not None:
+        return old, same
+    store.reconcile()
+    done = store.committed_shards()
+    missing = sum(1 for seg in input_segments(old) for i in range(seg["first_shard"], seg["first_shard"] + seg["shards"]) if i not in done)
+    if missing:
+        raise EmbedkitError(f"{out} is not fully encoded ({missing} shards to go); finish the encode that started it, then append")
+    manifest = appended(old, new["input"], corpus.num_rows)
+    return manifest, manifest["inputs"][-1]
+
+
+def with_row_offset(corpus: Corpus, segment: dict) -> Corpus:
+    """An appended input without an id column continues the output's row numbering."""
+    return RowOffset(corpus, segment["first_row"]) if segment["first_row"] and _ids_are_row_numbers(corpus) else corpus
+
+
+def check_ids_against_stored(corpus: Corpus, store: VectorStore, allow: bool) -> None:
+    """An appended input's ids must not repeat among themselves or the ids already stored."""
+    import pyarrow.compute as pc
+
+    if not _ids_are_row_numbers(corpus):
+        _check_duplicates(corpus, allow)
+    if allow:
+        return
+    ids = corpus.read_ids()
+    stored = store.dataset().to_table(columns=["id"]).column("id")
+    if ids.type != stored.type:
+        raise EmbedkitError(f"this input's ids are {ids.type} and the output's are {stored.type}: an appended input must have ids of the same type")
+    clash = pc.filter(ids, pc.is_in(ids, value_set=pc.unique(stored)))
+    if len(clash):
+        raise EmbedkitError(f"id {clash[0].as_py()!r} is already stored in the output ({len(clash):,} ids of this input are); "
+                            "ids must be unique across inputs, or pass --allow-duplicate-ids")  # fmt: skip
+
+
 def refuse_differences(out: Path, old: dict, manifest: dict) -> None:
     """Refuse a run whose settings differ from those OUT was made with (keys still unknown,
     None until the model is loaded, are left for the second call)."""
     diffs = manifest_differences(old, manifest)
     if old.get("plan") != manifest["plan"]:
         diffs.append(f"shard plan ({old.get('plan')} -> {manifest['plan']})")
+    if diffs and not settings_differences(old, manifest) and old["plan"]["shard_rows"] == manifest["plan"]["shard_rows"]:
+        raise EmbedkitError(f"{out} was written with a different {diffs[0]}; pass --append to add this input to it, "
+                            "or --overwrite to start fresh")  # fmt: skip
     if diffs:
         raise EmbedkitError(f"{out} was written with a different {'; '.join(diffs)}; rerun with --overwrite to start fresh")
 
@@ -159,10 +217,11 @@ class Job:
     chunk_overlap: int | None = None  # None: texts are cut at max_length; else split into chunks
     prompt: str = ""  # put before every document (every chunk)
     quantization: Quantization | None = None  # --dtype int8 / binary: how floats become codes
+    segment: dict | None = None  # the input (of an output holding several) whose shards these are
 
 
 def prepare_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice, source: ModelSource, manifest: dict,
-             old: dict | None) -> Job:  # fmt: skip
+             old: dict | None, segment: dict | None = None) -> Job:  # fmt: skip
     """Load the model, complete and check the manifest, create or clean the store."""
     # Load on the CPU: the tokenizer workers fork before the model moves to a GPU.
     st = load_sentence_transformer(source, "cpu")
@@ -194,9 +253,9 @@ def prepare_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoi
     if not store.exists():  # an existing one was cleaned before the model loaded
         store.create(schema)
     return Job(
-        out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest), store=store,
+        out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest, segment), store=store,
         schema=schema, max_length=row_tokens, tokenizer_json=spec, truncation_side=truncation_side(st),
-        chunk_overlap=chunk_overlap(cfg), prompt=manifest["prompts"]["document"], quantization=quantization,
+        chunk_overlap=chunk_overlap(cfg), prompt=manifest["prompts"]["document"], quantization=quantization, segment=segment,
     )  # fmt: skip
 
 
@@ -205,13 +264,20 @@ def attach_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoic
     manifest = read_manifest(out)
     if manifest is None:
         raise EmbedkitError(f"{out} has no {MANIFEST}")
+    segment = None
+    if len(input_segments(manifest)) > 1:  # appended inputs: this task's is the one with its content
+        from ..digest import INPUT_CACHE
+
+        segment = segment_of(manifest, corpus.fingerprint(cache=out / INPUT_CACHE))
+        if segment is None:
+            raise EmbedkitError(f"{out} holds no input with this content; rerun the encode command")
     st = load_sentence_transformer(resolve_model(cfg.model), "cpu")
     dim = embedding_dim(st)
     return Job(
-        out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest), store=VectorStore(out),
+        out=out, choice=choice, model=st, manifest=manifest, shards=shards_from_manifest(manifest, segment), store=VectorStore(out),
         schema=output_schema(corpus, cfg, dim, output_quantization(manifest)), max_length=tokens_per_row(st, cfg),
         tokenizer_json=fast_tokenizer_json(st), truncation_side=truncation_side(st), chunk_overlap=chunk_overlap(cfg),
-        prompt=(manifest.get("prompts") or {}).get("document", ""), quantization=output_quantization(manifest),
+        prompt=(manifest.get("prompts") or {}).get("document", ""), quantization=output_quantization(manifest), segment=segment,
     )  # fmt: skip
 
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -18,12 +19,23 @@ from ..engine.encoder import DeviceChoice, choose_device
 from ..engine.models import ModelSource, resolve_model
 from ..errors import EmbedkitError
 from ..io.corpus import Corpus
-from ..io.shards import MANIFEST, OutputLock, Shard, read_manifest
+from ..io.shards import MANIFEST, OutputLock, Shard, input_segments, read_manifest, shards_from_manifest, write_manifest
 from ..io.store import INDEX_DIR, VECTORS_DIR, VectorStore, ledger_name
 from ..plan.planning import default_shard_rows, longest_first
 from ..run.outdir import check_out, clear_output, make_out, undo_if_unstarted
 from ..run.progress import Progress
-from .job import Job, attach_job, build_manifest, nothing_to_do, open_input, prepare_job, refuse_differences
+from .job import (
+    Job,
+    attach_job,
+    build_manifest,
+    check_ids_against_stored,
+    nothing_to_do,
+    open_input,
+    plan_append,
+    prepare_job,
+    refuse_differences,
+    with_row_offset,
+)
 from .runtime import Totals, make_summary, run_shards
 from .summary import SUMMED_FIELDS, EncodeSummary
 
@@ -47,6 +59,7 @@ def encode(
     allow_duplicate_ids: bool = False,
     max_seq_length: int | None = None,
     overwrite: bool = False,
+    append: bool = False,
     progress: bool = True,
     gpus: int | str = 1,
     ray: str | None = None,
@@ -100,7 +113,7 @@ def encode(
         keep_columns=keep_columns if isinstance(keep_columns, str) else tuple(keep_columns),  # a str is refused by name
         follow_symlinks=follow_symlinks, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, dim=dim, prompt_name=prompt_name,
         prompt=prompt, query_prompt_name=query_prompt_name, query_prompt=query_prompt,
-        run=RunOptions(overwrite=overwrite, progress=progress, workers=_worker_count(gpus, device), ray=ray, reissue=reissue),
+        run=RunOptions(overwrite=overwrite, append=append, progress=progress, workers=_worker_count(gpus, device), ray=ray, reissue=reissue),
     )  # fmt: skip
     return run_encode(input, out, cfg)
 
@@ -146,6 +159,8 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
             raise EmbedkitError(f"{out} holds {VECTORS_DIR} but no {MANIFEST}; start fresh with --overwrite")
         shard_rows = cfg.shard_rows or (old["plan"]["shard_rows"] if old else default_shard_rows(corpus.num_rows, choice.type, cfg.run.workers))
         manifest = build_manifest(corpus, cfg, source, shard_rows, cache=out / INPUT_CACHE)
+        if cfg.run.append or (old is not None and len(input_segments(old)) > 1):  # an output of several inputs resumes as an append
+            return _append(input, corpus, out, cfg, choice, source, manifest, old, store)
         if old is not None:
             refuse_differences(out, old, manifest)
             if store.exists():
@@ -157,17 +172,39 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
         return _encode_prepared(input, corpus, out, cfg, choice, source, manifest, old)
 
 
+def _append(input: str | Path, corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice, source: ModelSource,
+            new: dict, old: dict | None, store: VectorStore) -> EncodeSummary:  # fmt: skip
+    """`encode --append`: INPUT's shards after those of the inputs OUT holds (or the rest of
+    them, when INPUT is one of those). Its manifest entry is written before the first shard, so
+    a killed append resumes when the same command is rerun."""
+    manifest, segment = plan_append(out, old, store, new, corpus)
+    if manifest is not old and not cfg.run.append:
+        raise EmbedkitError(f"{out} holds other inputs than this one; pass --append to add it, or --overwrite to start fresh")
+    corpus = with_row_offset(corpus, segment)
+    mine = shards_from_manifest(manifest, segment)
+    if manifest is old:  # an input OUT holds: resume it, or nothing to do
+        store.reconcile()
+        if all(s.index in store.committed_shards() for s in mine):
+            return nothing_to_do(out, choice, len(mine))
+    else:
+        check_ids_against_stored(corpus, store, cfg.allow_duplicate_ids)
+        write_manifest(out, manifest)
+    store.remove_uncommitted()
+    return _encode_prepared(input, corpus, out, cfg, choice, source, copy.deepcopy(manifest), manifest, segment)
+
+
 def _encode_prepared(input: str | Path, corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoice, source: ModelSource,
-                     manifest: dict, old: dict | None) -> EncodeSummary:  # fmt: skip
+                     manifest: dict, old: dict | None, segment: dict | None = None) -> EncodeSummary:  # fmt: skip
     """Load the model, finish the checks, and run the pending shards (here, or as Ray tasks)."""
-    job = prepare_job(corpus, out, cfg, choice, source, manifest, old)
+    job = prepare_job(corpus, out, cfg, choice, source, manifest, old, segment)
     done = job.store.committed_shards()
     pending = [s for s in job.shards if s.index not in done]
+    skipped = len(job.shards) - len(pending)
     if not pending:
-        return make_summary(job, Totals(), 0.0, skipped=len(done))
+        return make_summary(job, Totals(), 0.0, skipped=skipped)
     if cfg.run.ray is not None or cfg.run.workers > 1:
-        return _run_as_tasks(input, out, cfg, job, longest_first(corpus, job, pending), skipped=len(done))
-    return run_shards(corpus, job, pending, cfg, skipped=len(done))
+        return _run_as_tasks(input, out, cfg, job, longest_first(corpus, job, pending), skipped=skipped)
+    return run_shards(corpus, job, pending, cfg, skipped=skipped)
 
 
 def _run_as_tasks(input: str | Path, out: Path, cfg: EncodeConfig, job: "Job", pending: list[Shard], skipped: int) -> EncodeSummary:
@@ -223,6 +260,8 @@ def encode_shard(input: str, out: str, cfg: EncodeConfig, index: int, copy: int 
         corpus = open_input(input, cfg)
         TASK_CACHE[key] = (corpus, attach_job(corpus, Path(out), cfg, choose_device(cfg.device, cfg.precision)))
     corpus, job = TASK_CACHE[key]
+    if job.segment is not None:
+        corpus = with_row_offset(corpus, job.segment)
     shard = next(s for s in job.shards if s.index == index)
     if copy == 0:
         injected_stall(index)

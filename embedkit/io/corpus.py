@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -428,3 +428,23 @@ def drop_empty(table: pa.Table, keep_empty: bool) -> tuple[pa.Table, int]:
     if keep_empty:
         return table.set_column(table.schema.get_field_index("text"), "text", pc.fill_null(text, "")), 0
     return table.filter(pc.invert(empty)), n_empty
+
+
+class RowOffset:
+    """A corpus whose row-number ids start at `offset` (an input without an id column, appended
+    to an output after `offset` rows of other inputs: its ids continue their numbering)."""
+
+    def __init__(self, corpus: Corpus, offset: int):
+        self._corpus, self.offset = corpus, offset
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._corpus, name)
+
+    def read(self, start: int, stop: int) -> pa.Table:
+        table = self._corpus.read(start, stop)
+        at = table.schema.get_field_index("id")
+        return table.set_column(at, table.schema.field(at), pc.add(table.column(at), pa.scalar(self.offset, table.schema.field(at).type)))
+
+    def read_ids(self) -> pa.ChunkedArray:
+        return pc.add(self._corpus.read_ids(), self.offset)
+

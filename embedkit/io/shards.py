@@ -46,9 +46,33 @@ def plan_shards(num_rows: int, shard_rows: int) -> list[Shard]:
     return [Shard(i, s, min(s + shard_rows, num_rows)) for i, s in enumerate(range(0, num_rows, shard_rows))]
 
 
-def shards_from_manifest(manifest: dict) -> list[Shard]:
+def shards_from_manifest(manifest: dict, segment: dict | None = None) -> list[Shard]:
+    """The shards of one input of the output (default: its first); indexes are the output's,
+    rows are the input's own."""
+    seg = segment if segment is not None else input_segments(manifest)[0]
+    return [Shard(seg["first_shard"] + s.index, s.start, s.stop) for s in plan_shards(seg["rows"], seg["shard_rows"])]
+
+
+def input_segments(manifest: dict) -> list[dict]:
+    """The inputs an output holds, in order: {"input" (fingerprint), "rows", "shard_rows",
+    "shards", "first_shard", "first_row"}. `encode --append` adds one per new input (under
+    "inputs"); an output made by one encode has the one its "input" and "plan" describe."""
+    if manifest.get("inputs"):
+        return manifest["inputs"]
     plan = manifest["plan"]
-    return plan_shards(plan["rows"], plan["shard_rows"])
+    return [{"input": manifest.get("input") or {}, "rows": plan["rows"], "shard_rows": plan["shard_rows"], "shards": plan["shards"],
+             "first_shard": 0, "first_row": 0}]  # fmt: skip
+
+
+def appended(manifest: dict, fingerprint: dict, rows: int) -> dict:
+    """The manifest with one more input after the others: its shards and rows numbered after
+    theirs, the plan's totals grown."""
+    segments = input_segments(manifest)
+    last, shard_rows = segments[-1], manifest["plan"]["shard_rows"]
+    segment = {"input": fingerprint, "rows": rows, "shard_rows": shard_rows, "shards": -(-rows // shard_rows),
+               "first_shard": last["first_shard"] + last["shards"], "first_row": last["first_row"] + last["rows"]}  # fmt: skip
+    plan = {"rows": segment["first_row"] + rows, "shard_rows": shard_rows, "shards": segment["first_shard"] + segment["shards"]}
+    return {**manifest, "inputs": [*segments, segment], "plan": plan}
 
 
 def read_manifest(out: Path) -> dict | None:
@@ -153,6 +177,16 @@ def manifest_differences(old: dict, new: dict, pinned: dict[tuple[str, ...], str
         if a != b:
             diffs.append(f"{label} ({_shown(a)} -> {_shown(b)})")
     return diffs
+
+
+def settings_differences(old: dict, new: dict) -> list[str]:
+    """manifest_differences without the input: what an appended input must share with the output."""
+    return manifest_differences(old, new, {k: v for k, v in _PINNED.items() if k != ("input",)})
+
+
+def segment_of(manifest: dict, fingerprint: dict) -> dict | None:
+    """The output's input whose content is this fingerprint's, or None."""
+    return next((seg for seg in input_segments(manifest) if input_difference(seg["input"] or {}, fingerprint) is None), None)
 
 
 def stored_dim(manifest: dict) -> int:

@@ -120,3 +120,27 @@ def test_generate_killed_twice_then_finished(tmp_path, sample):
     assert sorted(ids) == sorted(docs.column("id").to_pylist()) and len(set(ids)) == len(ids)
     assert all(lp < 0 for lp in table.column("logprob").to_pylist())
     assert data_files(store) == referenced_files(store)
+
+
+def test_an_append_killed_mid_run_resumes_with_every_id_once(tmp_path, corpus_file, corpus_table, run_cli, refused):
+    """`encode --append` killed between a shard's Lance commit and its ledger record: another
+    input is refused until this one is finished; the rerun of the same append leaves every id
+    of both inputs exactly once."""
+    import pyarrow as pa
+
+    from .faultkit import run_to_kill
+
+    out = tmp_path / "out"
+    first = corpus_table.slice(0, 30)
+    second = corpus_table.slice(30).set_column(0, "id", pa.array([f"second-{i}" for i in range(len(corpus_table) - 30)]))
+    a, b, c = tmp_path / "a.parquet", tmp_path / "b.parquet", tmp_path / "c.parquet"
+    pq.write_table(first, a)
+    pq.write_table(second, b)
+    pq.write_table(pa.table({"id": ["third-0"], "text": ["a third input"]}), c)
+    assert run("encode", a, out, *ENCODE_OPTIONS).returncode == 0
+    # shards 0-2 are the first input's; the append's second shard is 4
+    run_to_kill(["encode", b, out, "--append", *ENCODE_OPTIONS], tmp_path / "killed.log", "commit:4")
+    refused(run_cli("encode", c, out, "--append", *ENCODE_OPTIONS), "not fully encoded")
+    assert run("encode", b, out, "--append", *ENCODE_OPTIONS).returncode == 0
+    assert_exactly_once(out, first.column("id").to_pylist() + second.column("id").to_pylist())
+    assert embedkit.status(out).complete
