@@ -13,7 +13,7 @@ import click
 from .config import DEFAULT_GENERATOR, DEFAULT_MODEL, DEVICES, EXPORT_FORMATS, OUTPUT_DTYPES, PRECISIONS, TASKS
 from .errors import EmbedkitError
 
-RUN_OPTIONS = ("overwrite", "append", "gpus", "ray", "reissue")  # how a job runs: a dry run runs none of it
+RUN_OPTIONS = ("overwrite", "gpus", "ray", "reissue")  # how a job runs: a dry run runs none of it
 
 
 def _stage_options(options: dict[str, Any]) -> dict[str, Any]:

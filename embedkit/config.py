@@ -45,7 +45,6 @@ class RunOptions:
     """How a job runs, whatever its stage: none of these changes what it computes."""
 
     overwrite: bool = False  # --overwrite: start OUT's stage afresh
-    append: bool = False  # encode --append: add this input to OUT's, after the inputs it already holds
     progress: bool = True  # a bar on a terminal
     workers: int = 1  # --gpus: one per GPU, or N at once on a CPU; more than one runs shard tasks on a local Ray
     ray: str | None = None  # --ray: "" for a local Ray (or RAY_ADDRESS), else a cluster address
@@ -56,8 +55,7 @@ class RunOptions:
 
         if self.workers < 1:
             raise EmbedkitError(f"--gpus must be all or a positive number, not {self.workers}")
-        if self.append and self.overwrite:
-            raise EmbedkitError("--append adds to OUT and --overwrite starts it afresh: choose one")
+
 
 
 @dataclass(frozen=True)
@@ -88,11 +86,14 @@ class EncodeConfig:
     prompt: str | None = None  # --prompt: a literal prefix for documents instead
     query_prompt_name: str | None = None  # --query-prompt-name: the prompt search puts before queries
     query_prompt: str | None = None  # --query-prompt: a literal prefix for queries instead
+    append: bool = False  # --append: add this input to an existing OUT, after the inputs it holds
     run: RunOptions = RunOptions()
 
     def __post_init__(self) -> None:
         from .errors import EmbedkitError
 
+        if self.append and self.run.overwrite:
+            raise EmbedkitError("--append adds to OUT and --overwrite starts it afresh: choose one")
         _check_kept_names(self.keep_columns)
         if self.dtype not in OUTPUT_DTYPES:
             raise EmbedkitError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {self.dtype!r}")

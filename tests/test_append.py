@@ -84,3 +84,18 @@ def test_append_refusals(tmp_path, sample, run_cli, refused):
     # --append with --overwrite
     refused(run_cli("encode", b, out, "--append", "--overwrite"), "choose one")
     assert sorted(_stored_ids(out)) == sorted(f"a{i}" for i in range(ROWS))  # nothing written by the refusals
+
+
+def test_an_append_by_two_workers_stores_what_one_process_does(tmp_path, sample):
+    """`--append --gpus 2`: the shard tasks find their input among the output's by its content,
+    and continue its row numbers (no id column)."""
+    a, b = (_input(tmp_path, n, sample, i * ROWS, ids=False) for i, n in enumerate("ab"))
+    options = {"device": "cpu", "shard_rows": SHARD_ROWS, "progress": False}
+    for name, workers in (("one", 1), ("two", 2)):
+        embedkit.encode(a, tmp_path / name, **options)
+        summary = embedkit.encode(b, tmp_path / name, append=True, gpus=workers, **options)
+        assert summary.docs == ROWS
+    one, two = (lance.dataset(str(tmp_path / n / "vectors.lance")).to_table(columns=["id", "vector"]).sort_by("id") for n in ("one", "two"))
+    assert one.column("id").to_pylist() == two.column("id").to_pylist() == list(range(2 * ROWS))
+    x, y = (t.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(2 * ROWS, -1) for t in (one, two))
+    assert abs(x.astype("float32") - y.astype("float32")).max() < 2e-3

@@ -93,6 +93,8 @@ def encode(
     `query_prompt`: what `Retriever.search` puts before queries (default: the model's `query`
     prompt when it has one). All are recorded in the manifest.
 
+    `append`: add INPUT to an existing OUT made with the same settings, after the inputs it
+    holds (ids unique across inputs; see docs/encode.md, "Growing an output").
     `gpus`: workers, one per GPU ("all": every visible GPU); on a CPU, that many at once. More
     than one runs the shards as tasks on a Ray of this machine, started for the run and shut
     down with it (`pip install 'embedkit[ray]'`; a program already connected to Ray runs them
@@ -113,7 +115,7 @@ def encode(
         keep_columns=keep_columns if isinstance(keep_columns, str) else tuple(keep_columns),  # a str is refused by name
         follow_symlinks=follow_symlinks, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap, dim=dim, prompt_name=prompt_name,
         prompt=prompt, query_prompt_name=query_prompt_name, query_prompt=query_prompt,
-        run=RunOptions(overwrite=overwrite, append=append, progress=progress, workers=_worker_count(gpus, device), ray=ray, reissue=reissue),
+        append=append, run=RunOptions(overwrite=overwrite, progress=progress, workers=_worker_count(gpus, device), ray=ray, reissue=reissue),
     )  # fmt: skip
     return run_encode(input, out, cfg)
 
@@ -159,7 +161,7 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
             raise EmbedkitError(f"{out} holds {VECTORS_DIR} but no {MANIFEST}; start fresh with --overwrite")
         shard_rows = cfg.shard_rows or (old["plan"]["shard_rows"] if old else default_shard_rows(corpus.num_rows, choice.type, cfg.run.workers))
         manifest = build_manifest(corpus, cfg, source, shard_rows, cache=out / INPUT_CACHE)
-        if cfg.run.append or (old is not None and len(input_segments(old)) > 1):  # an output of several inputs resumes as an append
+        if cfg.append or (old is not None and len(input_segments(old)) > 1):  # an output of several inputs resumes as an append
             return _append(input, corpus, out, cfg, choice, source, manifest, old, store)
         if old is not None:
             refuse_differences(out, old, manifest)
@@ -178,7 +180,10 @@ def _append(input: str | Path, corpus: Corpus, out: Path, cfg: EncodeConfig, cho
     them, when INPUT is one of those). Its manifest entry is written before the first shard, so
     a killed append resumes when the same command is rerun."""
     manifest, segment = plan_append(out, old, store, new, corpus)
-    if manifest is not old and not cfg.run.append:
+    if cfg.shard_rows and cfg.shard_rows != manifest["plan"]["shard_rows"]:
+        raise EmbedkitError(f"{out} is cut into shards of {manifest['plan']['shard_rows']:,} rows; an appended input uses the same "
+                            "(drop --shard-rows)")  # fmt: skip
+    if manifest is not old and not cfg.append:
         raise EmbedkitError(f"{out} holds other inputs than this one; pass --append to add it, or --overwrite to start fresh")
     corpus = with_row_offset(corpus, segment)
     mine = shards_from_manifest(manifest, segment)
