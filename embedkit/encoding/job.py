@@ -71,9 +71,11 @@ def plan_append(out: Path, old: dict | None, store: VectorStore, new: dict, corp
         return old, same
     store.reconcile()
     done = store.committed_shards()
-    missing = sum(1 for seg in input_segments(old) for i in range(seg["first_shard"], seg["first_shard"] + seg["shards"]) if i not in done)
-    if missing:
-        raise EmbedkitError(f"{out} is not fully encoded ({missing} shards to go); finish the encode that started it, then append")
+    for seg in input_segments(old):
+        missing = sum(1 for i in range(seg["first_shard"], seg["first_shard"] + seg["shards"]) if i not in done)
+        if missing:
+            raise EmbedkitError(f"{out} is not fully encoded: {missing} shards of {(seg['input'] or {}).get('path')} to go; rerun the "
+                                "encode of that input (unchanged), then append")  # fmt: skip
     manifest = appended(old, new["input"], corpus.num_rows)
     return manifest, manifest["inputs"][-1]
 

@@ -140,7 +140,11 @@ def test_an_append_killed_mid_run_resumes_with_every_id_once(tmp_path, corpus_fi
     assert run("encode", a, out, *ENCODE_OPTIONS).returncode == 0
     # shards 0-2 are the first input's; the append's second shard is 4
     run_to_kill(["encode", b, out, "--append", *ENCODE_OPTIONS], tmp_path / "killed.log", "commit:4")
-    refused(run_cli("encode", c, out, "--append", *ENCODE_OPTIONS), "not fully encoded")
+    refused(run_cli("encode", c, out, "--append", *ENCODE_OPTIONS), "not fully encoded", "b.parquet")
+    # the killed append's input replaced before the rerun: a different input, refused the same way
+    pq.write_table(second.set_column(1, "text", pa.array(["edited"] * len(second))), b)
+    refused(run_cli("encode", b, out, "--append", *ENCODE_OPTIONS), "not fully encoded", "b.parquet")
+    pq.write_table(second, b)
     assert run("encode", b, out, "--append", *ENCODE_OPTIONS).returncode == 0
     assert_exactly_once(out, first.column("id").to_pylist() + second.column("id").to_pylist())
     assert embedkit.status(out).complete
