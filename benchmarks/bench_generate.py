@@ -184,19 +184,19 @@ def check(folder: Path, ids: list[list[int]], args) -> dict:
     model, tok = load(folder, args.device)
     eos = {tok.eos_token_id}
     graphs = SlotDecoder(model, eos_ids=eos, graphs=args.device.startswith("cuda")).run(ids, max_new=args.max_new_tokens, max_slots=64)
-    eager = SlotDecoder(model, eos_ids=eos, graphs=False).run(ids, max_new=args.max_new_tokens, max_slots=64)
-    dense_decoder = SlotDecoder(model, eos_ids=eos, graphs=False)
-    kernel_used = dense_decoder.kernel
-    dense_decoder.kernel = False
-    dense = dense_decoder.run(ids, max_new=args.max_new_tokens, max_slots=64)
-    padded_decoder = SlotDecoder(model, eos_ids=eos, graphs=False)
-    varlen_used = padded_decoder.varlen
-    padded_decoder.varlen = False  # packed prefill through the padded reference (SDPA) instead of flash varlen
-    padded = padded_decoder.run(ids, max_new=args.max_new_tokens, max_slots=64)
-    unfused_decoder = SlotDecoder(model, eos_ids=eos, graphs=False)
-    fused_used = unfused_decoder.fuse_kernels
-    unfused_decoder.fuse_kernels = False  # norms, rotary and SiLU-and-multiply as plain PyTorch
-    unfused = unfused_decoder.run(ids, max_new=args.max_new_tokens, max_slots=64)
+
+    def eager_without(switch: str | None) -> tuple[bool, list]:
+        """The eager decoder with one of its fast paths switched off: (was it on, its tokens)."""
+        decoder = SlotDecoder(model, eos_ids=eos, graphs=False)
+        used = bool(getattr(decoder, switch)) if switch else True
+        if switch:
+            setattr(decoder, switch, False)
+        return used, decoder.run(ids, max_new=args.max_new_tokens, max_slots=64)
+
+    _, eager = eager_without(None)
+    kernel_used, dense = eager_without("kernel")  # dense masked attention instead of the per-slot kernel
+    varlen_used, padded = eager_without("varlen")  # packed prefill through the padded SDPA reference
+    fused_used, unfused = eager_without("fuse_kernels")  # norms, rotary and SiLU-and-multiply as plain PyTorch
     g = torch.Generator(device=args.device).manual_seed(0)
     q = torch.randn((256, 3, 3, 64), generator=g, device=args.device, dtype=torch.bfloat16)
     k, v = (torch.randn((256, 3, 1100, 64), generator=g, device=args.device, dtype=torch.bfloat16) for _ in range(2))

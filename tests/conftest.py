@@ -291,6 +291,15 @@ def run_cli_process() -> Callable[..., CliResult]:
     return run_cli_subprocess
 
 
+def run_interpreted(code: str, timeout: int = 900):
+    """Run `code` in a child Python with Triton's CPU interpreter (TRITON_INTERPRET=1: Triton
+    reads it at import, so not in this process); the JSON of its last printed line."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def assert_refused(result: CliResult, *needles: str) -> str:
     """Exit status 2, one stderr line starting with 'error:' holding every needle, no traceback."""
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)

@@ -8,12 +8,8 @@ benchmarks/bench_generate.py; fp32 and fp16 are checked here.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from conftest import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -41,10 +37,7 @@ print(json.dumps(worst))
 
 
 def test_kernel_equals_dense_masked_attention():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    worst = json.loads(r.stdout.strip().splitlines()[-1])
+    worst = run_interpreted(CHILD)
     assert worst["torch.float32"] < 1e-5, worst
     assert worst["torch.float16"] < 2e-3, worst
 
@@ -69,8 +62,5 @@ print(json.dumps([with_kernel.run(prompts, max_new=4, max_slots=2), dense.run(pr
 
 @pytest.mark.slow
 def test_decoder_with_the_kernel_gives_the_dense_tokens():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", DECODE_CHILD], capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    kernel, dense = json.loads(r.stdout.strip().splitlines()[-1])
+    kernel, dense = run_interpreted(DECODE_CHILD)
     assert kernel == dense and all(len(t) for t in kernel)

@@ -7,12 +7,8 @@ the decoder with them against the decoder without them.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+from conftest import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -50,10 +46,7 @@ print(json.dumps(worst))
 
 
 def test_fused_kernels_equal_the_modules_they_replace():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    worst = json.loads(r.stdout.strip().splitlines()[-1])
+    worst = run_interpreted(CHILD)
     assert len(worst) == 10
     for key, err in worst.items():
         # float16: rounded where PyTorch rounds, so equal; float32: summation order only
@@ -81,8 +74,5 @@ print(json.dumps([with_kernels.fuse_kernels, with_kernels.run(prompts, max_new=4
 
 @pytest.mark.slow
 def test_decoder_with_fused_kernels_gives_the_same_tokens():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-c", DECODE_CHILD], capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    used, fused_tokens, plain_tokens = json.loads(r.stdout.strip().splitlines()[-1])
+    used, fused_tokens, plain_tokens = run_interpreted(DECODE_CHILD)
     assert used and fused_tokens == plain_tokens and all(len(t) == 4 for t in fused_tokens)

@@ -85,12 +85,11 @@ def device_codec(trained: Any, spec: ShardSpec, qvec: np.ndarray, log: Callable[
 
 
 def write_shard(spec: ShardSpec, trained: Any, codec: Any, i: int, start: int, x: np.ndarray, queries: np.ndarray, qvec: np.ndarray,
-                watch: Any = None) -> None:  # fmt: skip
+                mark: Callable[[str], None] = lambda step: None) -> None:  # fmt: skip
     """One shard: its ground-truth block, then its index file (written last: its presence marks
-    the shard done). `watch` (a run.progress.Stopwatch) gets the steps' seconds."""
+    the shard done). `mark(step)` is called as each step ends (the build's own timings)."""
     import faiss
 
-    mark = watch.mark if watch is not None else (lambda step: None)
     positions = np.arange(start, start + len(x), dtype=np.int64)
     _shard_truth(spec, x, start, queries, qvec, Path(spec.folder) / f"shard-{i:06d}.truth.npz")
     mark("truth")

@@ -414,7 +414,7 @@ def _add(b: Build, trained: Any, shards: list, queries: np.ndarray, qvec: np.nda
             watch.add("add.read", read_s)  # in the reader thread, overlapped with the previous shard
             watch.mark("add.wait")  # what the reads did not hide
             ahead = reader.submit(_timed, read_shard, todo[j + 1][2]) if j + 1 < len(todo) else None
-            write_shard(spec, trained, codec, i, start, x, queries, qvec, _Prefixed(watch, "add."))
+            write_shard(spec, trained, codec, i, start, x, queries, qvec, mark=lambda step: watch.mark("add." + step))
             bar.update(1)
     bar.close()
     return len(shards) - len(todo)
@@ -445,15 +445,6 @@ def _merge(b: Build, n_shards: int, watch: Stopwatch) -> Any:
     watch.mark("merge.open")
     return index
 
-
-class _Prefixed:
-    """A Stopwatch seen through a prefix: the add's shard steps become "add.<step>"."""
-
-    def __init__(self, watch: Stopwatch, prefix: str):
-        self.watch, self.prefix = watch, prefix
-
-    def mark(self, step: str) -> None:
-        self.watch.mark(self.prefix + step)
 
 
 # ---- ground truth, commit ------------------------------------------------------------------
