@@ -204,6 +204,9 @@ def status(out: str, as_json: bool, plot_path: str | None) -> None:
 @click.option("--shard-rows", type=int, default=None, help="Vectors per add shard, the unit of resume (default: 1M).")
 @click.option("--ray", "ray", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]", help="Add shards as Ray tasks: a local Ray, or the cluster at ADDRESS.")
 @click.option("--reissue/--no-reissue", default=True, show_default=True, help="--ray: near the end, run a slow worker's shard on an idle one too (first commit wins).")
+@click.option("--retrain", is_flag=True, help="After encode --append: train the index anew instead of adding the new vectors to it.")
+@click.option("--max-growth", type=float, default=0.5, show_default=True,
+              help="After encode --append: train anew when more than this share of the vectors is new.")
 @click.option("--overwrite", is_flag=True, help="Rebuild even if a finished index matches.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

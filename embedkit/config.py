@@ -164,6 +164,8 @@ class IndexConfig:
     shard_rows: int | None = None  # vectors per add shard (default BUILD_SHARD_ROWS)
     seed: int = 1234  # the training sample's and the held-out queries' draw
     tune_queries: str | None = None  # --tune-queries FILE: real queries to tune on (default: query-like texts cut from the input)
+    retrain: bool = False  # --retrain: after an append, train anew instead of growing the finished index
+    max_growth: float = 0.5  # --max-growth: train anew when more than this share of the vectors is new
     run: RunOptions = RunOptions()  # --ray: add shards as Ray tasks
 
     def __post_init__(self) -> None:
@@ -172,6 +174,8 @@ class IndexConfig:
         if not 0.0 < self.target_recall <= 1.0:
             raise EmbedkitError(f"--target-recall must be in (0, 1], not {self.target_recall}")
         check_device(self.device)
+        if not 0.0 <= self.max_growth <= 1.0:
+            raise EmbedkitError(f"--max-growth must be a share in [0, 1], not {self.max_growth}")
         for name in ("nlist", "pq_m", "memory_budget", "shard_rows", "queries", "k"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -77,14 +77,15 @@ def _save(cache: Path | None, entries: dict) -> None:
         pass  # the cache only saves time; the digest itself is already computed
 
 
-def lance_files_digest(ds: object) -> str:
+def lance_files_digest(ds: object, fragments: list | None = None) -> str:
     """A digest of the data files a version of a Lance dataset is made of (read from its manifest).
 
     A version number alone does not name the rows: a dataset deleted and written again counts
     its versions from 1 anew. Data file names are unique (uuids), so this tells them apart.
+    `fragments`: the digest of these (leading) fragments of the version only.
     """
     h = hashlib.sha256()
-    for frag in ds.get_fragments():  # type: ignore[attr-defined]
+    for frag in ds.get_fragments() if fragments is None else fragments:  # type: ignore[attr-defined]
         for f in frag.data_files():
             h.update(f"{frag.fragment_id}:{f.path}\n".encode())
     return h.hexdigest()

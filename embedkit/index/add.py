@@ -28,11 +28,12 @@ from .train import nearest
 ENCODE_BLOCK = 1 << 16  # vectors encoded on the device at a time (PQ distances: M x block x 256 floats)
 
 
-def fragment_shards(ds: Any, shard_rows: int) -> list[tuple[int, list[Any]]]:
-    """Consecutive whole fragments grouped to about shard_rows rows: [(first position, fragments)]."""
+def fragment_shards(ds: Any, shard_rows: int, skip: int = 0, start: int = 0) -> list[tuple[int, list[Any]]]:
+    """Consecutive whole fragments grouped to about shard_rows rows: [(first position, fragments)];
+    from fragment `skip` on, whose first row is at position `start` (a growing index's new rows)."""
     shards: list[tuple[int, list[Any]]] = []
-    start, rows, group = 0, 0, []
-    for frag in ds.get_fragments():
+    rows, group = 0, []
+    for frag in ds.get_fragments()[skip:]:
         count = frag.count_rows()
         if count == 0:
             continue

@@ -16,7 +16,8 @@ Phases, each resumable from files under OUT/index/:
 
 Faiss ids are row positions in the pinned version of vectors.lance (fragments in order). This
 module holds the API, the resume state, train, tune and commit; the add phase's mechanics are in
-`add.py`, the merge in `merge.py`.
+`add.py`, the merge in `merge.py`, and growing a finished index after `encode --append` (only the
+new rows added, into the kept quantizer) in `grow.py`.
 """
 
 from __future__ import annotations
@@ -39,11 +40,13 @@ from ..io.store import VECTORS_DIR, VectorStore
 from ..run.progress import Progress, Stopwatch
 from ..version import __version__
 from .add import ShardSpec, device_codec, fragment_shards, index_shard_task, read_shard, write_shard
+from .grow import DRIFT_LIMIT, Growth, compatible, finish_swap, grown_prefix, measure_drift
 from .io import load_index, read_for_build, read_rows, vector_dim, write_index
 from .merge import merge_shards
 from .params import BUILD_SHARD_ROWS, IndexParams, choose_params, estimate_build_seconds
 from .queries import choose_queries, encode_queries
 from .state import (
+    GROW,
     INDEX_DIR,
     IVFDATA,
     MERGED,
@@ -52,8 +55,10 @@ from .state import (
     SHARDS,
     STATE,
     TRAINED,
+    TRUTH,
     file_sha256,
     index_damage,
+    params_problem,
     read_json,
     vectors_identity,
     write_json,
@@ -91,6 +96,8 @@ class IndexReport:
     shards_total: int = 0
     shards_resumed: int = 0
     up_to_date: bool = False  # nothing was built: the index already matched the vectors
+    grown_from: int = 0  # vectors the index held before it grew (0: built anew)
+    drift: float | None = None  # the new rows' distance to their lists over the old rows' (grown indexes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,8 +109,10 @@ class IndexReport:
         met = "" if self.recall >= self.target_recall else f" (below the {self.target_recall} target)"
         stored = "" if self.recall_stored_rows is None or self.tuning_queries.startswith("stored rows") else (
             f" ({self.recall_stored_rows:.3f} on stored rows)")
+        what = f"{self.factory} over {self.n:,} vectors" if not self.grown_from else (
+            f"{self.factory} grown from {self.grown_from:,} to {self.n:,} vectors (drift {self.drift:.2f})")
         return [
-            f"{self.factory} over {self.n:,} vectors on {self.device}: {phases}; "
+            f"{what} on {self.device}: {phases}; "
             f"recall@{self.k} {self.recall:.3f}{met} on {self.tuning_count:,} {self.tuning_queries}{stored} "
             f"at nprobe {self.nprobe}, rerank {self.rerank}; {sum(self.bytes.values()) / 1e6:,.1f} MB"
         ]
@@ -129,15 +138,20 @@ def build_index(
     log: Callable[[str], None] | None = None,
     ray: str | None = None,
     reissue: bool = True,
+    retrain: bool = False,
+    max_growth: float = 0.5,
 ) -> IndexReport:
     """Build (or resume building) the IVF-PQ index of OUT/vectors.lance into OUT/index/.
+
+    After `encode --append`, a finished index grows: only the new rows are added to its trained
+    quantizer, unless they are more than `max_growth` of all rows, or drift, or `retrain` is set.
 
     >>> report = embedkit.build_index("out/")            # doctest: +SKIP
     >>> report.recall, report.nprobe                      # doctest: +SKIP
     """
     cfg = IndexConfig(
         nlist=nlist, pq_m=pq_m, opq=opq, factory=factory, memory_budget=memory_budget, target_recall=target_recall,
-        device=device, shard_rows=shard_rows, k=k, queries=queries, seed=seed,
+        device=device, shard_rows=shard_rows, k=k, queries=queries, seed=seed, retrain=retrain, max_growth=max_growth,
         tune_queries=str(tune_queries) if tune_queries is not None else None,
         run=RunOptions(overwrite=overwrite, progress=progress, ray=ray, reissue=reissue),
     )  # fmt: skip
@@ -158,6 +172,12 @@ class Build:
     cfg: IndexConfig
     log: Callable[[str], None]
     manifest: dict = field(default_factory=dict)  # the output's: its model encodes the tuning queries
+    growth: Growth | None = None  # set when the finished index grows by the new rows only
+
+    @property
+    def target(self) -> Path:
+        """Where the merge writes: OUT/index, or its staging folder when the index grows."""
+        return self.dir if self.growth is None else self.dir / GROW
 
 
 def run_build(out: str | Path, cfg: IndexConfig, log: Callable[[str], None]) -> IndexReport:
@@ -169,6 +189,8 @@ def run_build(out: str | Path, cfg: IndexConfig, log: Callable[[str], None]) -> 
         raise EmbedkitError(f"{out} holds no vectors ({VECTORS_DIR} and embedkit.json); run `embedkit encode` first")
     with OutputLock(out):
         _require_finished_encode(out, store, manifest)
+        if finish_swap(out / INDEX_DIR):
+            log("finished swapping in the grown index an earlier build left")
         b = plan_build(out, manifest, store, cfg, log)
         done = _finished(b)
         if done is not None:
@@ -214,6 +236,9 @@ def plan_build(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, 
     metric = "l2" if manifest["output"]["normalize"] else "ip"  # on unit vectors L2 ranks as cosine
     budget = cfg.memory_budget or _default_budget()
     params = choose_params(n, dim, memory_budget=budget, nlist=cfg.nlist, pq_m=cfg.pq_m, opq=cfg.opq, factory=cfg.factory, metric=metric)
+    kept = _kept_index(out / INDEX_DIR, ds, params, cfg)
+    if kept is not None:  # the finished index's structure stays: it grows, or it is current
+        params = replace(IndexParams(**kept[0]["params"]), n=n)
     device = choose_device(cfg.device, "auto").device
     gpu = device.startswith("cuda")
     log(f"index plan: {params.describe()}; memory budget {budget / 2**30:.1f} GB; "
@@ -224,7 +249,49 @@ def plan_build(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, 
         "shard_rows": cfg.shard_rows or BUILD_SHARD_ROWS, "seed": cfg.seed, "queries": cfg.queries, "k": cfg.k,
         "tune_queries": str(Path(cfg.tune_queries).resolve()) if cfg.tune_queries else None, "tuning": TUNING_VERSION,
     }  # fmt: skip
-    return Build(out, out / INDEX_DIR, params, device, ds, key, cfg, log, manifest)
+    growth = None
+    if kept is not None and kept[1].n_old < n and compatible(kept[0]["key"], key):
+        growth = _growth_decision(out / INDEX_DIR, ds, kept, cfg, log)
+        if growth is None:  # trained anew: the structure is chosen for the rows there are now
+            params = choose_params(n, dim, memory_budget=budget, nlist=cfg.nlist, pq_m=cfg.pq_m, opq=cfg.opq, metric=metric)
+            key["factory"] = params.factory
+    return Build(out, out / INDEX_DIR, params, device, ds, key, cfg, log, manifest, growth)
+
+
+def _kept_index(folder: Path, ds: Any, params: IndexParams, cfg: IndexConfig) -> tuple[dict, Growth] | None:
+    """(params.json, Growth) of the finished index when its rows are still the first rows of the
+    vectors and nothing asks for a new structure (--overwrite, another --factory, --nlist, ...)."""
+    previous = read_json(folder / PARAMS)
+    if cfg.run.overwrite or previous is None or params_problem(previous) or index_damage(folder, previous) is not None:
+        return None
+    if not ((folder / TRUTH).exists() and (folder / QUERIES).exists() and (folder / TRAINED).exists()):
+        return None
+    growth = grown_prefix(previous, ds)
+    if growth is None or cfg.factory:
+        return None
+    chosen = (cfg.nlist, cfg.pq_m, cfg.opq) != (None, None, None)
+    return None if chosen and params.factory != previous["key"]["factory"] else (previous, growth)
+
+
+def _growth_decision(folder: Path, ds: Any, kept: tuple[dict, Growth], cfg: IndexConfig, log: Callable[[str], None]) -> Growth | None:
+    """Grow the kept index, or train anew (None): past --max-growth, on drift, or with --retrain."""
+    previous, growth = kept
+    n = ds.count_rows()
+    new, share = n - growth.n_old, (n - growth.n_old) / n
+    if cfg.retrain:
+        log(f"--retrain: training the index anew on all {n:,} vectors ({new:,} new)")
+        return None
+    if share > cfg.max_growth:
+        log(f"{share:.0%} of the vectors are new, more than --max-growth {cfg.max_growth:.0%}: training the index anew")
+        return None
+    trained_on = sample_positions(growth.n_old, int(previous["params"]["train_size"]), cfg.seed)
+    drift = measure_drift(folder, ds, growth, trained_on, cfg.seed)
+    if drift > DRIFT_LIMIT:
+        log(f"the new rows lie {drift:.2f}x farther from their lists than the old rows (limit {DRIFT_LIMIT}): training the index anew")
+        return None
+    log(f"growing the index by {new:,} new vectors ({share:.1%} of {n:,}; drift {drift:.2f}, limit {DRIFT_LIMIT}); "
+        "--retrain trains it anew")  # fmt: skip
+    return replace(growth, drift=drift)
 
 
 def _default_budget() -> int:
@@ -242,6 +309,11 @@ def _finished(b: Build) -> IndexReport | None:
     reported up to date."""
     params = read_json(b.dir / PARAMS)
     state = read_json(b.dir / STATE)
+    if b.growth is not None:  # the finished index stays until the grown one replaces it
+        if state != b.key:  # shards of another growth (or none): not these rows
+            shutil.rmtree(b.dir / SHARDS, ignore_errors=True)
+            write_json(b.dir / STATE, b.key)
+        return None
     if params is not None and params.get("key") == b.key and params.get("target_recall") == b.cfg.target_recall and not b.cfg.run.overwrite:
         damage = index_damage(b.dir, params)
         if damage is None:
@@ -261,25 +333,30 @@ def _build(b: Build) -> IndexReport:
     seconds: dict[str, float] = {}
     watch = Stopwatch()  # the steps inside the phases, for finding where a build's time goes
     t = time.perf_counter()
-    # the tuning queries (reading the input, loading the model, encoding) are prepared while
-    # the quantizer trains: the add phase needs them, training does not
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-queries") as pool:
-        tuning = pool.submit(_timed, _tuning_set, b)
-        trained = _train(b, watch)
-        seconds["train"] = time.perf_counter() - t
-        t = time.perf_counter()
-        (queries, qvec, m, source), prepared = tuning.result()
-    watch.add("queries.prepare", prepared)
+    if b.growth is None:
+        # the tuning queries (reading the input, loading the model, encoding) are prepared while
+        # the quantizer trains: the add phase needs them, training does not
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedkit-queries") as pool:
+            tuning = pool.submit(_timed, _tuning_set, b)
+            trained = _train(b, watch)
+            seconds["train"] = time.perf_counter() - t
+            t = time.perf_counter()
+            (queries, qvec, m, source), prepared = tuning.result()
+        watch.add("queries.prepare", prepared)
+    else:  # growing: the kept quantizer and the kept queries (their truth over the old rows is kept too)
+        trained = read_for_build(b.dir / TRAINED)
+        queries, qvec, m, source = _tuning_set(b)
     seconds["queries"] = time.perf_counter() - t  # the wait for them after training
     t = time.perf_counter()
-    shards = fragment_shards(b.ds, b.key["shard_rows"])
+    skip, start = (0, 0) if b.growth is None else (b.growth.fragments, b.growth.n_old)
+    shards = fragment_shards(b.ds, b.key["shard_rows"], skip=skip, start=start)
     resumed = _add(b, trained, shards, queries, qvec, watch)
     seconds["add"] = time.perf_counter() - t
     t = time.perf_counter()
     index = _merge(b, len(shards), watch)
     seconds["merge"] = time.perf_counter() - t
     t = time.perf_counter()
-    truth = _ground_truth(b, len(shards), len(queries))
+    scores, truth = _ground_truth(b, len(shards), len(queries))
     from .search import recall_of, tune
 
     # tuned on the first m queries (query-like texts, or stored rows when there are none); the
@@ -293,8 +370,9 @@ def _build(b: Build) -> IndexReport:
         recall_stored_rows=stored, tuning_queries=source, tuning_count=m,
         seconds={k: round(v, 3) for k, v in seconds.items()}, bytes=_sizes(b.dir), vectors_version=b.key["vectors_version"],
         device=b.device, shards_total=len(shards), shards_resumed=resumed, steps=watch.rounded(),
+        grown_from=b.growth.n_old if b.growth else 0, drift=b.growth.drift if b.growth else None,
     )  # fmt: skip
-    _commit(b, report)
+    _commit(b, report, scores, truth)
     return report
 
 
@@ -438,10 +516,10 @@ def _add_as_tasks(b: Build, spec: ShardSpec, todo: list, queries: np.ndarray, qv
 
 
 def _merge(b: Build, n_shards: int, watch: Stopwatch) -> Any:
-    """Merge the shard indexes (merge.py) and open the result."""
+    """Merge the shard indexes (merge.py), after the kept index's lists when it grows, and open the result."""
     watch.restart()
-    merge_shards(b.dir, n_shards, b.params.n, mark=lambda step: watch.mark("merge." + step))
-    index = load_index(b.dir)
+    merge_shards(b.dir, n_shards, b.params.n, mark=lambda step: watch.mark("merge." + step), into=b.target)
+    index = load_index(b.target)
     watch.mark("merge.open")
     return index
 
@@ -450,27 +528,41 @@ def _merge(b: Build, n_shards: int, watch: Stopwatch) -> Any:
 # ---- ground truth, commit ------------------------------------------------------------------
 
 
-def _ground_truth(b: Build, n_shards: int, n_queries: int) -> np.ndarray:
-    """The exact top-k positions of every query over all shards, from the shards' blocks."""
+def _ground_truth(b: Build, n_shards: int, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, positions) of the exact top-k of every query over all shards, from the shards'
+    blocks; a growing index's kept truth over its old rows is one more block."""
     scores, positions = [], []
+    if b.growth is not None:
+        with np.load(b.dir / TRUTH) as z:
+            scores.append(z["scores"])
+            positions.append(z["positions"])
     for i in range(n_shards):
         with np.load(b.dir / SHARDS / f"shard-{i:06d}.truth.npz") as z:
             scores.append(z["scores"])
             positions.append(z["positions"])
     s, p = np.concatenate(scores, 1), np.concatenate(positions, 1)
     order = np.argsort(-s, axis=1, kind="stable")[:, : b.cfg.k]
-    return np.take_along_axis(p, order, 1)
+    return np.take_along_axis(s, order, 1), np.take_along_axis(p, order, 1)
 
 
-def _commit(b: Build, report: IndexReport) -> None:
-    """params.json last: the index is complete exactly when it exists. Then free the shards."""
-    checks = {name: {"bytes": (b.dir / name).stat().st_size, "sha256": file_sha256(b.dir / name)} for name in (MERGED, IVFDATA) if (b.dir / name).exists()}
+def _commit(b: Build, report: IndexReport, scores: np.ndarray, truth: np.ndarray) -> None:
+    """params.json last: the index is complete exactly when it exists (a grown index's files
+    are swapped in after it is written in the staging folder). Then free the shards.
+
+    The truth (kept for growing), the structure and the fragment count of the rows are recorded:
+    a later build grows this index when these fragments are still the first ones."""
+    folder = b.target
+    with atomic_file(folder / TRUTH) as f:
+        np.savez(f, scores=scores, positions=truth)
+    checks = {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)} for name in (MERGED, IVFDATA) if (folder / name).exists()}
     doc = {
         "embedkit_version": __version__, "key": b.key, "target_recall": b.cfg.target_recall, "nprobe": report.nprobe,
         "rerank": report.rerank, "k": report.k, "metric": report.metric, "files": checks, "report": report.to_dict(),
-        "vectors": VECTORS_DIR,
+        "vectors": VECTORS_DIR, "params": asdict(b.params), "fragments": len(b.ds.get_fragments()),
     }  # fmt: skip
-    write_json(b.dir / PARAMS, doc)
+    write_json(folder / PARAMS, doc)
+    if b.growth is not None:
+        finish_swap(b.dir)
     shutil.rmtree(b.dir / SHARDS, ignore_errors=True)
     (b.dir / STATE).unlink(missing_ok=True)
 

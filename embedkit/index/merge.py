@@ -19,22 +19,27 @@ from .state import (
 )
 
 
-def merge_shards(folder: Path, n_shards: int, n: int, mark: Callable[[str], None] = lambda step: None) -> None:
+def merge_shards(folder: Path, n_shards: int, n: int, mark: Callable[[str], None] = lambda step: None, into: Path | None = None) -> None:
     """Merge the shard indexes into `merged.index` with on-disk inverted lists (`merged.ivfdata`),
     or one in-memory index for factories without inverted lists; every position 0..n-1 must be
-    there exactly once."""
+    there exactly once.
 
+    `into`: a staging folder (a growing index): the kept index's lists in `folder` come first,
+    the result is written there, and it names its lists file as it will be once moved to `folder`."""
     shard_files = [str(folder / SHARDS / f"shard-{i:06d}.index") for i in range(n_shards)]
-    (folder / MERGED).unlink(missing_ok=True)
-    (folder / IVFDATA).unlink(missing_ok=True)  # a killed merge's partial file
+    into = into or folder
+    into.mkdir(exist_ok=True)
+    (into / MERGED).unlink(missing_ok=True)
+    (into / IVFDATA).unlink(missing_ok=True)  # a killed merge's partial file
     trained = read_for_build(folder / TRAINED)
     if is_ivf(trained):
         # the lists file gets its final name, which the index records as given; params.json,
         # written last, is what marks the index complete. An absolute name lets plain
         # `faiss.read_index(".../merged.index")` open it from any working directory (a moved
         # OUT needs faiss.IO_FLAG_ONDISK_SAME_DIR, which load_index always passes).
+        kept = None if into == folder else str(folder / MERGED)
         with quiet_stdout():
-            merge_ondisk(trained, shard_files, os.path.abspath(folder / IVFDATA))
+            merge_ondisk(trained, shard_files, os.path.abspath(into / IVFDATA), os.path.abspath(folder / IVFDATA), kept=kept)
         mark("lists")
         check_ids(trained, n)
         mark("check")
@@ -45,17 +50,23 @@ def merge_shards(folder: Path, n_shards: int, n: int, mark: Callable[[str], None
             trained.merge_from(part) if hasattr(trained, "merge_from") and _mergeable(trained) else trained.add(_reconstruct(part))
         if trained.ntotal != n:
             raise EmbedkitError(f"the merged index holds {trained.ntotal:,} vectors, not {n:,}; rerun build-index")
-    write_index(trained, folder / MERGED)
+    write_index(trained, into / MERGED)
     mark("write")
 
 
-def merge_ondisk(trained: Any, shard_files: list[str], ivfdata: str) -> None:
+def merge_ondisk(trained: Any, shard_files: list[str], ivfdata: str, recorded: str | None = None, kept: str | None = None) -> None:
     """`faiss.contrib.ondisk.merge_ondisk`, with the shards opened for building: memory-mapped,
     without the precomputed search table faiss would otherwise rebuild for each shard (about
-    0.5 s each at IVF16384,PQ48; see io.read_for_build)."""
+    0.5 s each at IVF16384,PQ48; see io.read_for_build).
+
+    `kept`: a merged index with on-disk lists whose lists come first (a growing index), opened
+    read-only from its folder. `recorded`: the lists file's name as the index records it, when
+    the file moves there after the merge."""
     import faiss
 
     parts = [read_for_build(name, faiss.IO_FLAG_MMAP) for name in shard_files]
+    if kept is not None:  # not IO_FLAG_MMAP: faiss 1.13 then reads on-disk lists it cannot use (a crash)
+        parts.insert(0, read_for_build(kept, faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY))
     lists = [faiss.extract_index_ivf(part).invlists for part in parts]
     ivf = faiss.extract_index_ivf(trained)
     if trained.ntotal != 0:
@@ -66,6 +77,8 @@ def merge_ondisk(trained: Any, shard_files: list[str], ivfdata: str) -> None:
         vector.push_back(lst)
     total = ondisk.merge_from_multiple(vector.data(), vector.size(), False)
     trained.ntotal = ivf.ntotal = total
+    if recorded is not None:
+        ondisk.filename = recorded
     ivf.replace_invlists(ondisk, True)
     ondisk.this.disown()
     del lists, parts  # the shards' mapped lists are freed with their indexes

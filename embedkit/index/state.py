@@ -23,7 +23,9 @@ MERGED = "merged.index"
 IVFDATA = "merged.ivfdata"
 TRAINED = "trained.index"  # the trained, empty index
 SHARDS = "shards"  # the add phase's shard indexes
-QUERIES = "queries.npz"  # the build's tuning queries (kept for a resume)
+QUERIES = "queries.npz"  # the build's tuning queries (kept for a resume, and for growing)
+TRUTH = "truth.npz"  # the exact top-k of the tuning queries over the indexed rows (kept for growing)
+GROW = "grow"  # a grown index's files, complete before they replace the old ones (grow.py)
 
 
 def read_json(path: Path) -> dict | None:
@@ -137,6 +139,8 @@ def index_status(out: Path, latest: Any | None) -> IndexStatus:
     out = Path(out)
     folder = out / INDEX_DIR
     params = read_json(folder / PARAMS)
+    if (folder / GROW / PARAMS).exists():  # a grown index whose swap a kill interrupted
+        return IndexStatus(out, "unfinished")
     if params is None:
         return IndexStatus(out, "unfinished" if (folder / STATE).exists() else "none")
     problem = params_problem(params)

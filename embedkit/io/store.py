@@ -574,7 +574,8 @@ def injected_kill(phase: str, shards: list[int]) -> None:
     """EMBEDKIT_TEST_KILL_AT="PHASE:SHARD": the process SIGKILLs itself at PHASE of that shard:
     "intent" (recorded, not committed), "commit" (committed in Lance, not recorded), "drop" (a
     repair's Lance commit made, its shards not yet forgotten), "merge" (build-index: the merged
-    lists written, merged.index not; shard 0). A fault-injection hook for the fault suite, for
+    lists written, merged.index not; shard 0), "swap" (a grown index: its first file moved into
+    place, the rest not; shard 0). A fault-injection hook for the fault suite, for
     phases too short to catch from outside; unset in normal runs."""
     spec = os.environ.get(KILL_ENV, "")
     at, _, shard = spec.partition(":")
