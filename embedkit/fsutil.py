@@ -46,7 +46,11 @@ def atomic_file(path: str | Path, *, durable: bool = False) -> Iterator[BinaryIO
 
 
 def atomic_write(path: str | Path, data: bytes, *, durable: bool = False) -> None:
-    """Write `data` to `path` atomically (see atomic_file)."""
+    """Write `data` to `path` atomically (see atomic_file); an object-storage path
+    (io.objstore.ObjectPath) is written by one PUT, which is atomic by itself."""
+    if not isinstance(path, (str, os.PathLike)):
+        path.write_bytes(data)
+        return
     with atomic_file(path, durable=durable) as f:
         f.write(data)
 
@@ -80,12 +84,9 @@ _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/+")
 
 
 def require_local(path: str | os.PathLike, role: str) -> None:
-    """Refuse an object-storage URI (s3://, gs://, az://, ...) for INPUT or OUT in one line.
-
-    Outputs are read and written through local paths (the lock, the manifest, the ledger and
-    the index files are local files), so a URI would be taken for a relative folder named
-    "s3:". Until object storage is supported, a shared filesystem mounted on every worker is
-    the way to share INPUT and OUT."""
+    """Refuse an object-storage URI (s3://, gs://, az://, ...) where only local paths are read
+    (INPUT) in one line: a URI would be taken for a relative folder named "s3:". OUT may be
+    s3:// (io/objstore.py); a shared filesystem mounted on every worker shares an INPUT."""
     text = os.fspath(path)
     m = _URI.match(text)
     if m:

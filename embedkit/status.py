@@ -115,11 +115,10 @@ def status(out: str | Path) -> OutputStatus:
     >>> embedkit.status("out/").shards_done    # doctest: +SKIP
     """
     # numpy and pyarrow load here, not on import: embedkit/__init__.py imports this module
-    from .fsutil import require_local
+    from .io.objstore import out_path
     from .io.store import GENERATIONS_DIR, VECTORS_DIR, VectorStore
 
-    require_local(out, "OUT")
-    out = Path(out)
+    out = out_path(out)
     if not out.exists():
         raise EmbedkitError(f"output not found: {out}")
     manifest = read_manifest(out)
@@ -158,11 +157,10 @@ def _index(out: Path, store) -> dict:
 
 def commit_log(out: str | Path) -> list[dict]:
     """Per committed shard of OUT (embeddings or generations): worker, start and commit times."""
-    from .fsutil import require_local
+    from .io.objstore import out_path
     from .io.store import GENERATIONS_DIR, VECTORS_DIR, VectorStore
 
-    require_local(out, "OUT")
-    out = Path(out)
+    out = out_path(out)
     name = VECTORS_DIR if (out / VECTORS_DIR).exists() else GENERATIONS_DIR
     store = VectorStore(out, name)
     if not store.exists():

@@ -19,6 +19,7 @@ from ..engine.encoder import DeviceChoice, choose_device
 from ..engine.models import ModelSource, resolve_model
 from ..errors import EmbedkitError
 from ..io.corpus import Corpus
+from ..io.objstore import out_path
 from ..io.shards import MANIFEST, OutputLock, Shard, input_segments, read_manifest, shards_from_manifest, write_manifest
 from ..io.store import INDEX_DIR, VECTORS_DIR, VectorStore, ledger_name
 from ..plan.planning import default_shard_rows, longest_first
@@ -139,7 +140,7 @@ def _worker_count(gpus: int | str, device: str) -> int:
 
 def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeSummary:
     """encode() with a ready EncodeConfig."""
-    out = Path(out)
+    out = out_path(out)
     # Everything that can refuse the run is checked before OUT is touched or a model loads: a
     # typo must not leave an empty OUT, and a refusal must not wait for a model.
     corpus = open_input(input, cfg)
@@ -249,7 +250,7 @@ def encode_shard(input: str, out: str, cfg: EncodeConfig, index: int, copy: int 
     from ..run.distributed import TASK_CACHE, commit_allowed, injected_stall, worker_name
 
     inherited_settings()
-    rows = VectorStore(Path(out)).committed_shards().get(index)
+    rows = VectorStore(out_path(out)).committed_shards().get(index)
     if rows is not None:
         # a retry of a task whose commit landed before its worker died, or a re-issued copy
         # that started after the other copy committed: its rows come from the ledger, its
@@ -263,14 +264,14 @@ def encode_shard(input: str, out: str, cfg: EncodeConfig, index: int, copy: int 
     key = ("encode", input, out, cfg)
     if key not in TASK_CACHE:
         corpus = open_input(input, cfg)
-        TASK_CACHE[key] = (corpus, attach_job(corpus, Path(out), cfg, choose_device(cfg.device, cfg.precision)))
+        TASK_CACHE[key] = (corpus, attach_job(corpus, out_path(out), cfg, choose_device(cfg.device, cfg.precision)))
     corpus, job = TASK_CACHE[key]
     if job.segment is not None:
         corpus = with_row_offset(corpus, job.segment)
     shard = next(s for s in job.shards if s.index == index)
     if copy == 0:
         injected_stall(index)
-    may_commit = None if arbiter is None else (lambda i: commit_allowed(arbiter, i, copy, Path(out), driver))
+    may_commit = None if arbiter is None else (lambda i: commit_allowed(arbiter, i, copy, out_path(out), driver))
     summary = run_shards(corpus, job, [shard], cfg, skipped=0, may_commit=may_commit)
     return {**summary.to_dict(), "worker": worker_name()}
 

@@ -30,6 +30,7 @@ from ..digest import INPUT_CACHE
 from ..engine.encoder import DeviceChoice, choose_device
 from ..errors import EmbedkitError
 from ..io.corpus import Columns, Corpus, drop_empty, find_first_duplicate, open_corpus
+from ..io.objstore import out_path
 from ..io.shards import OutputLock, RunSummary, Shard, manifest_differences, plan_shards, read_manifest, write_manifest
 from ..io.store import GENERATIONS_DIR, VECTORS_DIR, VectorStore, ledger_name
 from ..run.outdir import check_out, clear_output, make_out, undo_if_unstarted
@@ -99,7 +100,7 @@ def generate(
 
 def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> GenerateSummary:
     """generate() with a ready GenerateConfig."""
-    out = Path(out)
+    out = out_path(out)
     template = cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPTS[cfg.task]
     check_task_templates(cfg, template)
     corpus = open_corpus(input, Columns(cfg.text_column, cfg.id_column))
@@ -158,7 +159,7 @@ def generate_shard_task(input: str, out: str, cfg: GenerateConfig, template: str
     `arbiter`, the shard is committed only if this copy gets the right to."""
     from ..run.distributed import TASK_CACHE, commit_allowed, injected_stall
 
-    store = VectorStore(Path(out), GENERATIONS_DIR)
+    store = VectorStore(out_path(out), GENERATIONS_DIR)
     rows = store.committed_shards().get(index)
     if rows is not None:  # its tokens are not known (0)
         return {"docs": rows, "prompt": 0, "new": 0, "truncated": 0, "empty": 0, "shards": 1, "shards_done": 1, "committed_before": True}
@@ -168,11 +169,11 @@ def generate_shard_task(input: str, out: str, cfg: GenerateConfig, template: str
         lm, tok, _ = load_generator(cfg.model, choice)
         TASK_CACHE[key] = (open_corpus(input, Columns(cfg.text_column, cfg.id_column)), lm, tok)
     corpus, lm, tok = TASK_CACHE[key]
-    plan = read_manifest(Path(out))["plan"]
+    plan = read_manifest(out_path(out))["plan"]
     shard = plan_shards(plan["rows"], plan["shard_rows"])[index]
     if copy == 0:
         injected_stall(index)
-    may_commit = None if arbiter is None else (lambda i: commit_allowed(arbiter, i, copy, Path(out), driver))
+    may_commit = None if arbiter is None else (lambda i: commit_allowed(arbiter, i, copy, out_path(out), driver))
     return generate_shard(Generator(lm, tok, cfg, template, choice), corpus, store, _schema(cfg.task, corpus.id_type), shard, may_commit)
 
 

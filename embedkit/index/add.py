@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..fsutil import atomic_file
+from ..io.objstore import out_path
 from ..io.store import VECTORS_DIR
 from .io import is_ivf, read_for_build, vectors_of, write_index
 from .state import (
@@ -201,9 +202,9 @@ def index_shard_task(out: str, version: int, shards: dict[int, tuple[int, list[i
         TASK_CACHE[key] = (trained, device_codec(trained, spec, qvec, lambda msg: None))
     trained, codec = TASK_CACHE[key]
     start, fragment_ids = shards[i]
-    ds = lance.dataset(str(Path(out) / VECTORS_DIR), version=version)
+    ds = lance.dataset(str(out_path(out) / VECTORS_DIR), version=version)
     x = read_shard([ds.get_fragment(f) for f in fragment_ids])
-    if arbiter is not None and not commit_allowed(arbiter, i, copy, Path(out), driver):
+    if arbiter is not None and not commit_allowed(arbiter, i, copy, out_path(out), driver):
         return {"shards_done": 0, "docs": 0, "worker": worker_name()}
     write_shard(spec, trained, codec, i, start, x, queries, qvec)
     return {"shards_done": 1, "docs": len(x), "worker": worker_name()}

@@ -35,6 +35,7 @@ import numpy as np
 from ..config import IndexConfig, RunOptions
 from ..errors import EmbedkitError
 from ..fsutil import atomic_file
+from ..io.objstore import out_path
 from ..io.shards import OutputLock, read_manifest, stored_dim
 from ..io.store import VECTORS_DIR, VectorStore
 from ..run.progress import Progress, Stopwatch
@@ -45,9 +46,9 @@ from .io import load_index, read_for_build, read_rows, vector_dim, write_index
 from .merge import merge_shards
 from .params import BUILD_SHARD_ROWS, IndexParams, choose_params, estimate_build_seconds
 from .queries import choose_queries, encode_queries
+from .remote import fetch, index_folder, publish
 from .state import (
     GROW,
-    INDEX_DIR,
     IVFDATA,
     MERGED,
     PARAMS,
@@ -182,21 +183,21 @@ class Build:
 
 def run_build(out: str | Path, cfg: IndexConfig, log: Callable[[str], None]) -> IndexReport:
     """build_index() with a ready IndexConfig."""
-    out = Path(out)
+    out = out_path(out)
     manifest = read_manifest(out)
     store = VectorStore(out)
     if manifest is None or not store.exists():
         raise EmbedkitError(f"{out} holds no vectors ({VECTORS_DIR} and embedkit.json); run `embedkit encode` first")
     with OutputLock(out):
         _require_finished_encode(out, store, manifest)
-        if finish_swap(out / INDEX_DIR):
+        folder = fetch(out)  # OUT/index, or its local stand-in for an output on object storage
+        if finish_swap(folder):
             log("finished swapping in the grown index an earlier build left")
-        b = plan_build(out, manifest, store, cfg, log)
-        done = _finished(b)
-        if done is not None:
-            return done
+        b = plan_build(out, manifest, store, cfg, log, folder)
         try:
-            return _build(b)
+            report = _finished(b) or _build(b)
+            publish(out, folder)
+            return report
         except (OSError, RuntimeError) as e:  # a full disk, a read-only folder (faiss raises RuntimeError)
             raise EmbedkitError(f"cannot write {b.dir}: {_write_reason(e)}; what was finished is kept: free space (or fix "
                                 "the folder) and rerun build-index to resume") from None  # fmt: skip
@@ -223,10 +224,12 @@ def _require_finished_encode(out: Path, store: VectorStore, manifest: dict) -> N
         raise EmbedkitError(f"{out} is not fully encoded ({done} of {planned} shards); rerun the encode command first")
 
 
-def plan_build(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, log: Callable[[str], None]) -> Build:
-    """The plan of a build (or a dry run) of OUT's vectors at their latest version."""
+def plan_build(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, log: Callable[[str], None], folder: Path | None = None) -> Build:
+    """The plan of a build (or a dry run) of OUT's vectors at their latest version; `folder`:
+    where the index is built (default OUT/index, or its local stand-in, see remote.py)."""
     from ..engine.encoder import choose_device
 
+    folder = folder or index_folder(out)
     ds = store.dataset()
     n, dim = ds.count_rows(), stored_dim(manifest)
     stored = vector_dim(ds.schema)
@@ -236,7 +239,7 @@ def plan_build(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, 
     metric = "l2" if manifest["output"]["normalize"] else "ip"  # on unit vectors L2 ranks as cosine
     budget = cfg.memory_budget or _default_budget()
     params = choose_params(n, dim, memory_budget=budget, nlist=cfg.nlist, pq_m=cfg.pq_m, opq=cfg.opq, factory=cfg.factory, metric=metric)
-    kept = _kept_index(out / INDEX_DIR, ds, params, cfg)
+    kept = _kept_index(folder, ds, params, cfg)
     if kept is not None:  # the finished index's structure stays: it grows, or it is current
         params = replace(IndexParams(**kept[0]["params"]), n=n)
     device = choose_device(cfg.device, "auto").device
@@ -251,11 +254,11 @@ def plan_build(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, 
     }  # fmt: skip
     growth = None
     if kept is not None and kept[1].n_old < n and compatible(kept[0]["key"], key):
-        growth = _growth_decision(out / INDEX_DIR, ds, kept, cfg, log)
+        growth = _growth_decision(folder, ds, kept, cfg, log)
         if growth is None:  # trained anew: the structure is chosen for the rows there are now
             params = choose_params(n, dim, memory_budget=budget, nlist=cfg.nlist, pq_m=cfg.pq_m, opq=cfg.opq, metric=metric)
             key["factory"] = params.factory
-    return Build(out, out / INDEX_DIR, params, device, ds, key, cfg, log, manifest, growth)
+    return Build(out, folder, params, device, ds, key, cfg, log, manifest, growth)
 
 
 def _kept_index(folder: Path, ds: Any, params: IndexParams, cfg: IndexConfig) -> tuple[dict, Growth] | None:

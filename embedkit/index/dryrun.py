@@ -11,14 +11,13 @@ import numpy as np
 
 from ..config import IndexConfig
 from ..errors import EmbedkitError
+from ..io.objstore import out_path
 from ..io.shards import read_manifest
 from ..io.store import VECTORS_DIR, VectorStore
 from .add import fragment_shards, read_shard
+from .build import plan_build
 from .params import KMEANS_ITERATIONS
 from .train import assign
-
-DRY_RUN_SAMPLE = 65_536  # vectors read and assigned to measure this device
-from .build import plan_build
 
 DRY_RUN_SAMPLE = 65_536  # vectors read and assigned to measure this device
 
@@ -52,7 +51,7 @@ def dry_run_build(out: str | Path, cfg: IndexConfig) -> BuildPlan:
     vectors sequentially from Lance, and nearest-centroid assignment (the training and add
     work) on a sample. The phases are extrapolated from them.
     """
-    out = Path(out)
+    out = out_path(out)
     manifest = read_manifest(out)
     store = VectorStore(out)
     if manifest is None or not store.exists():

@@ -15,10 +15,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import EmbedkitError
-from ..fsutil import require_local
+from ..io.objstore import out_path
 from ..io.shards import read_manifest
 from ..io.store import VECTORS_DIR, chunk_columns, stored_columns
 from .io import load_index, read_rows
+from .remote import fetch
 from .state import INDEX_DIR, PARAMS, index_damage, params_problem, read_json, staleness
 
 NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144)
@@ -199,8 +200,7 @@ class Retriever:
 
     def __init__(self, out: str | Path, *, nprobe: int | None = None, rerank: int | None = None, recall: float | None = None,
                  verify: str = "quick"):  # fmt: skip
-        require_local(out, "OUT")
-        self.out = Path(out)
+        self.out = out_path(out)  # a local Path, or an s3:// ObjectPath
         folder = self.out / INDEX_DIR
         if not self.out.is_dir():
             raise EmbedkitError(f"output not found: {self.out}")
@@ -218,8 +218,9 @@ class Retriever:
         self.manifest = read_manifest(self.out) or {}
         try:
             self.ds = self._vectors()
-            _verify(folder, self.params, verify)
-            self.index = load_index(folder)
+            local = fetch(self.out)  # OUT/index, or a local copy of an index on object storage
+            _verify(local, self.params, verify, self.out)
+            self.index = load_index(local)
             self.nprobe, self.rerank = int(self.params["nprobe"]), int(self.params["rerank"])
             if recall is not None:  # the setting the build measured to reach it
                 self.nprobe, self.rerank, _ = setting_for(self.params.get("report", {}).get("recall_table", []), recall)
@@ -348,12 +349,12 @@ def _best_per_document(found: dict[str, list[list[Any]]], scores: list[list[floa
     return picked, [[row[i] for i in rows] for row, rows in zip(scores, keep)]
 
 
-def _verify(folder: Path, params: dict, level: str) -> None:
+def _verify(folder: Path, params: dict, level: str, out: Any) -> None:
     """Sizes always; the sha256 of merged.index ("quick") or of every file ("full")."""
     if level == "none":
         return
     damage = index_damage(folder, params, full=level == "full")
     if damage is not None:
-        raise EmbedkitError(f"{damage}; rebuild with `embedkit build-index {folder.parent}`")
+        raise EmbedkitError(f"{damage}; rebuild with `embedkit build-index {out}`")
 
 

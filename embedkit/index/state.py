@@ -31,7 +31,7 @@ GROW = "grow"  # a grown index's files, complete before they replace the old one
 def read_json(path: Path) -> dict | None:
     """A JSON document, or None when the file is missing or unreadable (a partial write)."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads((Path(path) if isinstance(path, str) else path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -51,6 +51,9 @@ def _jsonable(value: Any) -> Any:
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
+    if not isinstance(path, (str, Path)):  # an object on object storage (io.objstore.ObjectPath)
+        h.update(path.read_bytes())
+        return h.hexdigest()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
@@ -136,7 +139,9 @@ class IndexStatus:
 
 def index_status(out: Path, latest: Any | None) -> IndexStatus:
     """The state of OUT/index against the vectors' latest version (`latest`, None: no vectors)."""
-    out = Path(out)
+    from ..io.objstore import out_path
+
+    out = out_path(out)
     folder = out / INDEX_DIR
     params = read_json(folder / PARAMS)
     if (folder / GROW / PARAMS).exists():  # a grown index whose swap a kill interrupted

@@ -74,10 +74,10 @@ def export(out: str | Path, path: str | Path | None = None, *, format: str = "js
 
 def _source(out: Path) -> tuple[Any, dict]:
     """OUT's store (embeddings, else generations) and manifest; one-line refusals otherwise."""
-    from ..fsutil import require_local
+    from .objstore import out_path
     from .store import GENERATIONS_DIR, VECTORS_DIR, VectorStore
 
-    require_local(out, "OUT")
+    out = out_path(out)
     if not out.is_dir():
         raise EmbedkitError(f"no such output folder: {out}")
     manifest = read_manifest(out)

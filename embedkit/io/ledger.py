@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import EmbedkitError
 from ..fsutil import atomic_write, is_temporary
+from .objstore import listdir, remove_tree
 
 LEDGER_FORMAT = 1
 MARKER = "ledger.json"
@@ -79,7 +78,9 @@ class Ledger:
     """The folder of one dataset's shard records."""
 
     def __init__(self, folder: Path):
-        self.folder = Path(folder)
+        from .objstore import out_path
+
+        self.folder = out_path(folder)  # a local folder, or a prefix on object storage
 
     def exists(self) -> bool:
         """True once created or migrated (its marker written); a folder without one is ignored."""
@@ -91,7 +92,7 @@ class Ledger:
 
     def clear(self) -> None:
         """Remove the folder (the dataset it described is being created anew)."""
-        shutil.rmtree(self.folder, ignore_errors=True)
+        remove_tree(self.folder)
 
     def read(self) -> LedgerState:
         """Records, intents and a pending drop, from one listing of the folder (listed again
@@ -169,7 +170,4 @@ def _shard_name(shard: int) -> str:
 
 
 def _listing(folder: Path) -> list[str]:
-    try:
-        return os.listdir(folder)
-    except FileNotFoundError:
-        return []
+    return listdir(folder)

@@ -76,10 +76,9 @@ def appended(manifest: dict, fingerprint: dict, rows: int) -> dict:
 
 
 def read_manifest(out: Path) -> dict | None:
-    from ..fsutil import require_local
+    from .objstore import out_path
 
-    require_local(out, "OUT")
-    path = Path(out) / MANIFEST
+    path = out_path(out) / MANIFEST
     if not path.exists():
         return None
     try:
@@ -124,8 +123,9 @@ def manifest_problem(doc: Any) -> str | None:
 def write_manifest(out: Path, manifest: dict) -> None:
     """Write atomically: a crash leaves the old manifest or the new one, never half of one."""
     from ..fsutil import atomic_write
+    from .objstore import out_path
 
-    path = Path(out) / MANIFEST
+    path = out_path(out) / MANIFEST
     try:
         atomic_write(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     except OSError as e:  # a full disk or a read-only folder: one line, not a traceback
@@ -263,6 +263,11 @@ def held_by(out: Path, record: str) -> bool:
     """
     import fcntl
 
+    from .objstore import ObjectPath, lock_held_by, out_path
+
+    out = out_path(out)
+    if isinstance(out, ObjectPath):
+        return lock_held_by(out / LOCK, record)
     try:
         fd = os.open(Path(out) / LOCK, os.O_RDONLY)
     except OSError:
@@ -287,13 +292,22 @@ class OutputLock:
     """
 
     def __init__(self, out: Path):
-        self.path = Path(out) / LOCK
+        from .objstore import ObjectLock, ObjectPath, out_path
+
+        out = out_path(out)
+        self.path = out / LOCK
         self._fd: int | None = None
+        # on object storage: a lock object taken with a conditional put (objstore.ObjectLock)
+        self._object = ObjectLock(self.path, lock_record()) if isinstance(out, ObjectPath) else None
 
     def __enter__(self) -> "OutputLock":
         import fcntl
 
         from ..fsutil import open_nofollow
+
+        if self._object is not None:
+            self._object.acquire()
+            return self
 
         try:
             fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -314,6 +328,8 @@ class OutputLock:
     def __exit__(self, *exc: object) -> None:
         import fcntl
 
+        if self._object is not None:
+            self._object.release()
         if self._fd is not None:
             _HELD.discard(self._fd)
             fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -130,9 +130,12 @@ class VectorStore:
     """OUT/vectors.lance (or generations.lance) and its ledger of committed shards."""
 
     def __init__(self, out: Path, name: str = VECTORS_DIR):
-        self.uri = str(Path(out) / name)
-        self.path = Path(self.uri)
-        self.ledger = Ledger(Path(out) / ledger_name(name))
+        from .objstore import out_path
+
+        out = out_path(out)  # a local Path, or an s3:// ObjectPath (Lance opens the URI itself)
+        self.path = out / name
+        self.uri = str(self.path)
+        self.ledger = Ledger(out / ledger_name(name))
 
     @property
     def ledger_path(self) -> Path:
@@ -346,12 +349,13 @@ class VectorStore:
         """The files that are missing, or not the size the manifest or the ledger recorded (a
         stat per file: no data is read)."""
         data = self.path / "data"
-        if not data.is_dir():  # not a local dataset: nothing to stat
+        listed = _object_sizes(data)  # one listing on object storage, not a request per file
+        if listed is None and not data.is_dir():  # no data folder to stat
             return set()
         bad = set()
         for path, (_, expected) in files.items():
             try:
-                size = os.stat(data / path).st_size
+                size = listed.get(path, -1) if listed is not None else os.stat(data / path).st_size
             except FileNotFoundError:
                 size = -1
             if size < 0 or any(want and size != want for want in (expected, recorded.get(path))):
@@ -456,7 +460,7 @@ class VectorStore:
         for frag in fragments:
             for f in frag.files:
                 size = getattr(f, "file_size_bytes", None)
-                sizes[f.path] = size if size else os.stat(self.path / "data" / f.path).st_size
+                sizes[f.path] = size if size else (self.path / "data" / f.path).stat().st_size
         return sizes
 
     def _append(self, fragments: list, props: dict, read_version: int) -> tuple[int, float]:
@@ -568,6 +572,13 @@ def _record_of(tx: Any, props: dict) -> ShardRecord:
         quarantined=json.loads(props.get(QUARANTINED_KEY, "[]")), worker=props.get(WORKER_KEY),
         started=_float(props.get(STARTED_KEY)), committed=_float(props.get(COMMITTED_KEY)),
     )  # fmt: skip
+
+
+def _object_sizes(folder: Any) -> dict[str, int] | None:
+    """name -> bytes of every object under an object-storage folder; None for a local folder."""
+    from .objstore import ObjectPath
+
+    return folder.sizes() if isinstance(folder, ObjectPath) else None
 
 
 def injected_kill(phase: str, shards: list[int]) -> None:

@@ -11,7 +11,8 @@ from typing import Iterator
 
 from ..digest import INPUT_CACHE
 from ..errors import EmbedkitError
-from ..fsutil import is_temporary, require_local
+from ..fsutil import is_temporary
+from ..io.objstore import ObjectPath, out_path, remove_tree
 from ..io.shards import LOCK, MANIFEST
 from ..io.store import GENERATIONS_DIR, INDEX_DIR, VECTORS_DIR, ledger_name
 
@@ -24,8 +25,9 @@ OWN_NAMES = frozenset({
 
 
 def check_out(out: Path) -> None:
-    """Refuse an OUT that is a file, or a non-empty folder that is not an embedkit output."""
-    require_local(out, "OUT")
+    """Refuse an OUT that is a file, or a non-empty folder that is not an embedkit output
+    (on object storage: an object, or a prefix holding others' objects)."""
+    out = out_path(out)
     if out.exists() and not out.is_dir():
         raise EmbedkitError(f"{out} is a file; OUT must be a folder (a new one, or an embedkit output)")
     if not out.is_dir() or (out / MANIFEST).exists():
@@ -38,6 +40,11 @@ def check_out(out: Path) -> None:
 
 def make_out(out: Path) -> bool:
     """Create OUT (and parents) and check it is writable; True when this call created it."""
+    if isinstance(out, ObjectPath):  # a prefix needs no creating; a probe object checks the bucket and credentials
+        created = not out.is_dir()
+        (out / WRITE_TEST).write_bytes(b"")
+        (out / WRITE_TEST).unlink(missing_ok=True)
+        return created
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -60,7 +67,7 @@ def undo_if_unstarted(out: Path, created: bool) -> Iterator[None]:
         if not (out / MANIFEST).exists():
             with contextlib.suppress(OSError):
                 if created:
-                    shutil.rmtree(out)
+                    remove_tree(out) if isinstance(out, ObjectPath) else shutil.rmtree(out)
                 elif not any(p.name != LOCK for p in out.iterdir()):
                     (out / LOCK).unlink()
         raise
@@ -69,5 +76,5 @@ def undo_if_unstarted(out: Path, created: bool) -> Iterator[None]:
 def clear_output(out: Path, names: tuple[str, ...]) -> None:
     """--overwrite: remove what embedkit wrote (the given folders and the manifest), nothing else."""
     for name in names:
-        shutil.rmtree(out / name, ignore_errors=True)
+        remove_tree(out / name)
     (out / MANIFEST).unlink(missing_ok=True)
