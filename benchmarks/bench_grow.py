@@ -9,7 +9,7 @@ every command's wall seconds, the index's own phase seconds, recall@10 on the tu
 the tuned setting, and the anew build's recall at the grown index's setting.
 
     python benchmarks/bench_grow.py --corpus ../shared/data/pydocs.parquet --first 40000 --append 5000 --appends 2 \\
-        [--device cpu] [--max-seq-length 128] [--work /tmp/bench_grow]
+        [--order shuffled|corpus] [--drift-limit 1.25] [--device cpu] [--max-seq-length 128] [--work /tmp/bench_grow]
 """
 
 from __future__ import annotations
@@ -39,10 +39,16 @@ def cli(*args: str) -> tuple[dict, float, str]:
     return json.loads(p.stdout.strip().splitlines()[-1]), wall, p.stderr
 
 
-def cut(corpus: Path, work: Path, first: int, append: int, appends: int) -> list[Path]:
-    """The corpus's first rows as the first input, then `appends` inputs of `append` rows; ids unique."""
+def cut(corpus: Path, work: Path, first: int, append: int, appends: int, shuffle: bool) -> list[Path]:
+    """The first input, then `appends` inputs of `append` rows, ids unique: drawn at random from the
+    corpus (`shuffle`: each append like the first input), or in the corpus's order (a corpus
+    sorted by source, as pydocs is, then brings other topics in each append: drift)."""
+    import numpy as np
+
     table = pq.read_table(corpus)
     texts = [t for t in table.column("text").to_pylist() if t]
+    if shuffle:
+        texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))]
     need = first + append * appends
     if len(texts) < need:
         raise SystemExit(f"{corpus} has {len(texts):,} texts; {need:,} are needed")
@@ -55,8 +61,9 @@ def cut(corpus: Path, work: Path, first: int, append: int, appends: int) -> list
     return paths
 
 
-def index_row(name: str, report: dict, wall: float) -> dict:
-    return {"step": name, "n": report["n"], "factory": report["factory"], "grown_from": report.get("grown_from", 0),
+def index_row(name: str, report: dict, wall: float, stderr: str = "") -> dict:
+    said = [line for line in stderr.splitlines() if "grow" in line or "anew" in line or "drift" in line]
+    return {"step": name, "said": said, "n": report["n"], "factory": report["factory"], "grown_from": report.get("grown_from", 0),
             "drift": report.get("drift"), "wall_s": round(wall, 2), "phases_s": report["seconds"],
             "recall": round(report["recall"], 4), "nprobe": report["nprobe"], "rerank": report["rerank"]}  # fmt: skip
 
@@ -70,19 +77,22 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-seq-length", type=int, default=None)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_grow"))
+    ap.add_argument("--order", choices=("shuffled", "corpus"), default="shuffled", help="How the inputs are drawn (see cut()).")
+    ap.add_argument("--drift-limit", type=float, default=None, help="Passed to build-index (a high one grows through drift).")
     args = ap.parse_args()
 
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
-    inputs = cut(args.corpus, args.work, args.first, args.append, args.appends)
+    inputs = cut(args.corpus, args.work, args.first, args.append, args.appends, args.order == "shuffled")
     out = args.work / "out"
     common = ["--device", args.device] + (["--max-seq-length", str(args.max_seq_length)] if args.max_seq_length else [])
     rows = []
     for i, path in enumerate(inputs):
         summary, wall, _ = cli("encode", str(path), str(out), "--quiet", *common, *(["--append"] if i else []))
         rows.append({"step": f"encode input {i}", "docs": summary["docs"], "wall_s": round(wall, 2)})
-        report, wall, _ = cli("build-index", str(out), "--quiet", "--device", args.device)
-        rows.append(index_row(f"build-index after input {i}", report, wall))
+        drift = ["--drift-limit", str(args.drift_limit)] if args.drift_limit else []
+        report, wall, said = cli("build-index", str(out), "--device", args.device, *drift)
+        rows.append(index_row(f"build-index after input {i}", report, wall, said))
     grown = report
     nlist = re.search(r"IVF(\d+)", grown["factory"]).group(1)
     same = args.work / "anew-same-lists"

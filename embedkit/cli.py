@@ -207,6 +207,8 @@ def status(out: str, as_json: bool, plot_path: str | None) -> None:
 @click.option("--retrain", is_flag=True, help="After encode --append: train the index anew instead of adding the new vectors to it.")
 @click.option("--max-growth", type=float, default=0.5, show_default=True,
               help="After encode --append: train anew when more than this share of the vectors is new.")
+@click.option("--drift-limit", type=float, default=1.25, show_default=True,
+              help="After encode --append: train anew when the new vectors lie this many times farther from their lists than the old ones.")
 @click.option("--overwrite", is_flag=True, help="Rebuild even if a finished index matches.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

@@ -166,6 +166,7 @@ class IndexConfig:
     tune_queries: str | None = None  # --tune-queries FILE: real queries to tune on (default: query-like texts cut from the input)
     retrain: bool = False  # --retrain: after an append, train anew instead of growing the finished index
     max_growth: float = 0.5  # --max-growth: train anew when more than this share of the vectors is new
+    drift_limit: float = 1.25  # --drift-limit: train anew when new rows lie this much farther from their lists (index/grow.py)
     run: RunOptions = RunOptions()  # --ray: add shards as Ray tasks
 
     def __post_init__(self) -> None:
@@ -176,6 +177,8 @@ class IndexConfig:
         check_device(self.device)
         if not 0.0 <= self.max_growth <= 1.0:
             raise EmbedkitError(f"--max-growth must be a share in [0, 1], not {self.max_growth}")
+        if not self.drift_limit > 0:
+            raise EmbedkitError(f"--drift-limit must be positive, not {self.drift_limit}")
         for name in ("nlist", "pq_m", "memory_budget", "shard_rows", "queries", "k"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -73,6 +73,8 @@ def test_encode_killed_resumed_appended_indexed_and_searched_on_s3(s3, tmp_path,
     r = run_cli("encode", b, out, *enc, "--append")
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(_ids(out)) == sorted([*texts, *more])  # every id once
+    exported = run_cli("export", out, "--format", "jsonl")
+    assert exported.returncode == 0 and len(exported.stdout.strip().splitlines()) == 2 * ROWS
     st = embedkit.status(out)
     assert st.complete and [i["shards_done"] for i in st.inputs] == [3, 3]
     # the index: built from a local stand-in, published to the bucket, searched from another cache
@@ -137,3 +139,6 @@ def test_ray_tasks_encode_and_index_on_s3(s3, tmp_path, sample, monkeypatch):
         ray.shutdown()
     assert s.shards_done == 3 and sorted(_ids(out)) == sorted(texts)
     assert report.n == ROWS and embedkit.status(out).index["state"] == "current"
+    # the add tasks took the quantizer from the bucket and put their shards there (hosts share no disk)
+    assert list((tmp_path / "cache").rglob(".task-trained-*.index"))
+    assert not (out_path(out) / "index" / "shards").is_dir()  # removed once the index was published

@@ -9,7 +9,7 @@ Ray task.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +20,7 @@ from ..io.objstore import out_path
 from ..io.store import VECTORS_DIR
 from .io import is_ivf, read_for_build, vectors_of, write_index
 from .state import (
+    SHARDS,
     TRAINED,
     read_json,
     write_json,
@@ -58,14 +59,38 @@ def read_shard(fragments: list[Any]) -> np.ndarray:
 class ShardSpec:
     """What writing one add shard needs, picklable for a Ray task."""
 
-    folder: str  # OUT/index/shards
+    folder: str  # OUT/index/shards (its local stand-in for an output on object storage)
     device: str
     metric: str
     ivfpq: bool
     k: int
+    remote: str | None = None  # s3://.../index/shards of an output on object storage: shard tasks on other hosts put their files there
 
     def index_path(self, i: int) -> Path:
         return Path(self.folder) / f"shard-{i:06d}.index"
+
+    def files(self, i: int) -> tuple[str, ...]:
+        """Shard i's file names, the record (which marks it done) last."""
+        return (f"shard-{i:06d}.index", f"shard-{i:06d}.truth.npz", f"shard-{i:06d}.json")
+
+    def upload(self, i: int) -> None:
+        """Put shard i's files on object storage, the record last (see `remote`)."""
+        from ..io.objstore import out_path
+
+        for name in self.files(i):
+            (out_path(self.remote) / name).upload(Path(self.folder) / name)
+
+    def fetch(self, i: int) -> bool:
+        """Bring shard i's files from object storage when a task on another host put them there."""
+        from ..io.objstore import out_path
+
+        remote = out_path(self.remote)
+        if self.remote is None or not (remote / self.files(i)[-1]).is_file():
+            return False
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        for name in self.files(i):
+            (remote / name).download(Path(self.folder) / name)
+        return self.done(i)
 
     def done(self, i: int) -> bool:
         """Shard i's index file is whole: its size is the one recorded when it was written
@@ -194,11 +219,21 @@ def index_shard_task(out: str, version: int, shards: dict[int, tuple[int, list[i
 
     from ..run.distributed import TASK_CACHE, commit_allowed, worker_name
 
-    if spec.done(i):
+    if spec.done(i) or (spec.remote is not None and (out_path(spec.remote) / spec.files(i)[-1]).is_file()):
         return {"shards_done": 1, "docs": 0, "committed_before": True, "worker": worker_name()}
-    key = ("index", spec.folder, version)
+    trained_path = Path(spec.folder).parent / TRAINED
+    if spec.remote is not None:  # this host's stand-in of the folder; the quantizer from OUT
+        from .remote import index_folder
+
+        here = index_folder(out_path(out))
+        spec = replace(spec, folder=str(here / SHARDS))
+        Path(spec.folder).mkdir(parents=True, exist_ok=True)
+        trained_path = here / f".task-trained-{version}.index"
+        if not trained_path.exists():
+            (out_path(spec.remote).parent / TRAINED).download(trained_path)
+    key = ("index", spec.remote or spec.folder, version)
     if key not in TASK_CACHE:  # the trained quantizer and its device codec, once per worker
-        trained = read_for_build(Path(spec.folder).parent / TRAINED)
+        trained = read_for_build(trained_path)
         TASK_CACHE[key] = (trained, device_codec(trained, spec, qvec, lambda msg: None))
     trained, codec = TASK_CACHE[key]
     start, fragment_ids = shards[i]
@@ -207,4 +242,6 @@ def index_shard_task(out: str, version: int, shards: dict[int, tuple[int, list[i
     if arbiter is not None and not commit_allowed(arbiter, i, copy, out_path(out), driver):
         return {"shards_done": 0, "docs": 0, "worker": worker_name()}
     write_shard(spec, trained, codec, i, start, x, queries, qvec)
+    if spec.remote is not None:
+        spec.upload(i)
     return {"shards_done": 1, "docs": len(x), "worker": worker_name()}

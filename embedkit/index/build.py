@@ -35,13 +35,13 @@ import numpy as np
 from ..config import IndexConfig, RunOptions
 from ..errors import EmbedkitError
 from ..fsutil import atomic_file
-from ..io.objstore import out_path
+from ..io.objstore import ObjectPath, out_path
 from ..io.shards import OutputLock, read_manifest, stored_dim
 from ..io.store import VECTORS_DIR, VectorStore
 from ..run.progress import Progress, Stopwatch
 from ..version import __version__
 from .add import ShardSpec, device_codec, fragment_shards, index_shard_task, read_shard, write_shard
-from .grow import DRIFT_LIMIT, Growth, compatible, finish_swap, grown_prefix, measure_drift
+from .grow import Growth, compatible, finish_swap, grown_prefix, measure_drift
 from .io import load_index, read_for_build, read_rows, vector_dim, write_index
 from .merge import merge_shards
 from .params import BUILD_SHARD_ROWS, IndexParams, choose_params, estimate_build_seconds
@@ -49,6 +49,7 @@ from .queries import choose_queries, encode_queries
 from .remote import fetch, index_folder, publish
 from .state import (
     GROW,
+    INDEX_DIR,
     IVFDATA,
     MERGED,
     PARAMS,
@@ -141,18 +142,20 @@ def build_index(
     reissue: bool = True,
     retrain: bool = False,
     max_growth: float = 0.5,
+    drift_limit: float = 1.25,
 ) -> IndexReport:
     """Build (or resume building) the IVF-PQ index of OUT/vectors.lance into OUT/index/.
 
     After `encode --append`, a finished index grows: only the new rows are added to its trained
-    quantizer, unless they are more than `max_growth` of all rows, or drift, or `retrain` is set.
+    quantizer, unless they are more than `max_growth` of all rows, or lie more than `drift_limit`
+    times farther from their lists than the old rows, or `retrain` is set.
 
     >>> report = embedkit.build_index("out/")            # doctest: +SKIP
     >>> report.recall, report.nprobe                      # doctest: +SKIP
     """
     cfg = IndexConfig(
         nlist=nlist, pq_m=pq_m, opq=opq, factory=factory, memory_budget=memory_budget, target_recall=target_recall,
-        device=device, shard_rows=shard_rows, k=k, queries=queries, seed=seed, retrain=retrain, max_growth=max_growth,
+        device=device, shard_rows=shard_rows, k=k, queries=queries, seed=seed, retrain=retrain, max_growth=max_growth, drift_limit=drift_limit,
         tune_queries=str(tune_queries) if tune_queries is not None else None,
         run=RunOptions(overwrite=overwrite, progress=progress, ray=ray, reissue=reissue),
     )  # fmt: skip
@@ -287,12 +290,12 @@ def _growth_decision(folder: Path, ds: Any, kept: tuple[dict, Growth], cfg: Inde
     if share > cfg.max_growth:
         log(f"{share:.0%} of the vectors are new, more than --max-growth {cfg.max_growth:.0%}: training the index anew")
         return None
-    trained_on = sample_positions(growth.n_old, int(previous["params"]["train_size"]), cfg.seed)
+    trained_on = sample_positions(growth.trained_on, int(previous["params"]["train_size"]), cfg.seed)
     drift = measure_drift(folder, ds, growth, trained_on, cfg.seed)
-    if drift > DRIFT_LIMIT:
-        log(f"the new rows lie {drift:.2f}x farther from their lists than the old rows (limit {DRIFT_LIMIT}): training the index anew")
+    if drift > cfg.drift_limit:
+        log(f"the new rows lie {drift:.2f}x farther from their lists than the old rows (--drift-limit {cfg.drift_limit}): training the index anew")
         return None
-    log(f"growing the index by {new:,} new vectors ({share:.1%} of {n:,}; drift {drift:.2f}, limit {DRIFT_LIMIT}); "
+    log(f"growing the index by {new:,} new vectors ({share:.1%} of {n:,}; drift {drift:.2f}, limit {cfg.drift_limit}); "
         "--retrain trains it anew")  # fmt: skip
     return replace(growth, drift=drift)
 
@@ -510,9 +513,16 @@ def _add_as_tasks(b: Build, spec: ShardSpec, todo: list, queries: np.ndarray, qv
 
     gpu = spec.device.startswith("cuda")
     task_spec = replace(spec, device="cuda:0" if gpu else "cpu")  # a GPU task sees its one GPU as cuda:0
+    if isinstance(b.out, ObjectPath):  # the cluster's hosts share no disk: the quantizer and the shards go through OUT
+        remote = b.out / INDEX_DIR
+        (remote / TRAINED).upload(b.dir / TRAINED)
+        task_spec = replace(task_spec, remote=str(remote / SHARDS))
     shards = {i: (start, [f.fragment_id for f in frags]) for i, start, frags in todo}
     run_shard_tasks(index_shard_task, (str(b.out), b.key["vectors_version"], shards, task_spec, queries, qvec), [i for i, _, _ in todo],
                     gpu=gpu, workers=1, address=b.cfg.run.ray, reissue=b.cfg.run.reissue, on_commit=lambda part: bar.update(1))  # fmt: skip
+    missing = [i for i, _, _ in todo if not spec.done(i) and not replace(task_spec, folder=spec.folder).fetch(i)]
+    if missing:
+        raise EmbedkitError(f"the add shard tasks ended without shards {missing[:5]}; rerun build-index to resume")
 
 
 # ---- merge ---------------------------------------------------------------------------------
@@ -562,6 +572,7 @@ def _commit(b: Build, report: IndexReport, scores: np.ndarray, truth: np.ndarray
         "embedkit_version": __version__, "key": b.key, "target_recall": b.cfg.target_recall, "nprobe": report.nprobe,
         "rerank": report.rerank, "k": report.k, "metric": report.metric, "files": checks, "report": report.to_dict(),
         "vectors": VECTORS_DIR, "params": asdict(b.params), "fragments": len(b.ds.get_fragments()),
+        "trained_on": b.growth.trained_on if b.growth else b.params.n,
     }  # fmt: skip
     write_json(folder / PARAMS, doc)
     if b.growth is not None:

@@ -11,7 +11,7 @@ top-k of the old build (kept as `truth.npz`) combined with the new shards' block
 It is trained anew instead when the new rows are more than `IndexConfig.max_growth` of the
 total, or when they fit the trained lists worse than the rows it was trained for (the drift:
 mean squared distance to the nearest coarse centroid, new rows over held-out old rows, above
-DRIFT_LIMIT), or with `--retrain`.
+`IndexConfig.drift_limit`, default 1.25), or with `--retrain`.
 
 The swap is crash-safe: the grown files and their params.json are complete in `grow/` before
 any of them replaces an old one, and a build that finds `grow/params.json` finishes the swap
@@ -34,7 +34,6 @@ from .io import read_for_build, read_rows
 from .state import GROW, IVFDATA, MERGED, PARAMS, TRAINED, TRUTH
 
 DRIFT_SAMPLE = 10_000  # rows of each side whose distance to the lists is compared
-DRIFT_LIMIT = 1.25  # new rows' mean distance to their list, over the old rows': retrain above this
 # the key entries a grown index must share with the one it grows (else the kept queries,
 # truth and quantizer belong to another build)
 SAME = ("dim", "factory", "metric", "seed", "queries", "k", "tune_queries", "tuning", "shard_rows")
@@ -46,11 +45,8 @@ class Growth:
 
     n_old: int
     fragments: int  # how many leading fragments the old index covers
+    trained_on: int  # rows there were when its quantizer was trained (its training sample was drawn from them)
     drift: float | None = None  # new rows' assignment cost over the old rows' (None: not measured)
-
-    @property
-    def new_rows_note(self) -> str:
-        return f"drift {self.drift:.2f}" if self.drift is not None else "drift not measured"
 
 
 def grown_prefix(previous: dict | None, ds: Any) -> Growth | None:
@@ -66,7 +62,7 @@ def grown_prefix(previous: dict | None, ds: Any) -> Growth | None:
         return None
     if lance_files_digest(ds, fragments[:count]) != previous["key"].get("vectors_files"):
         return None
-    return Growth(n_old, count)
+    return Growth(n_old, count, int(previous.get("trained_on", n_old)))
 
 
 def compatible(previous_key: dict, key: dict) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..io.objstore import ObjectPath, local_cache
 from ..io.store import INDEX_DIR
-from .state import IVFDATA, MERGED, PARAMS, QUERIES, TRAINED, TRUTH
+from .state import IVFDATA, MERGED, PARAMS, QUERIES, SHARDS, TRAINED, TRUTH
 
 # what a finished index is made of, params.json apart: enough to search it and to grow it
 FILES = (TRAINED, QUERIES, TRUTH, MERGED, IVFDATA)
@@ -66,3 +66,6 @@ def publish(out: Any, local: Path) -> None:
         if (local / name).exists():
             (remote / name).upload(local / name)
     (remote / PARAMS).write_bytes(params)  # last: the remote index is complete from here
+    remote_tree = remote / SHARDS
+    if remote_tree.is_dir():  # shard files that `build-index --ray` tasks put there
+        remote_tree.rmtree()

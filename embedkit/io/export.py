@@ -42,7 +42,7 @@ class ExportSummary:
 
     def lines(self) -> list[str]:
         part = "" if self.complete else f"; partial: {self.shards_done} of {self.shards_total} shards committed"
-        return [f"exported {self.rows} rows of {Path(self.out) / self.dataset} to {self.path or 'stdout'} ({self.format}){part}"]
+        return [f"exported {self.rows} rows of {self.out.rstrip('/')}/{self.dataset} to {self.path or 'stdout'} ({self.format}){part}"]
 
 
 def export(out: str | Path, path: str | Path | None = None, *, format: str = "jsonl", partial: bool = False) -> ExportSummary:
@@ -58,7 +58,9 @@ def export(out: str | Path, path: str | Path | None = None, *, format: str = "js
         raise EmbedkitError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {format!r}")
     if format == "parquet" and path is None:
         raise EmbedkitError("parquet is not written to standard output; give a file with -o FILE")
-    out = Path(out)
+    from .objstore import out_path
+
+    out = out_path(out)
     store, manifest = _source(out)
     ds = store.dataset()
     done, total = len(store.committed_shards(ds)), int(manifest["plan"]["shards"])
@@ -74,10 +76,8 @@ def export(out: str | Path, path: str | Path | None = None, *, format: str = "js
 
 def _source(out: Path) -> tuple[Any, dict]:
     """OUT's store (embeddings, else generations) and manifest; one-line refusals otherwise."""
-    from .objstore import out_path
     from .store import GENERATIONS_DIR, VECTORS_DIR, VectorStore
 
-    out = out_path(out)
     if not out.is_dir():
         raise EmbedkitError(f"no such output folder: {out}")
     manifest = read_manifest(out)
