@@ -71,13 +71,15 @@ def compatible(previous_key: dict, key: dict) -> bool:
 
 
 def measure_drift(folder: Path, ds: Any, growth: Growth, train_positions: np.ndarray, seed: int) -> float:
-    """Mean squared distance of new rows to their nearest coarse centroid, over that of old rows
-    the quantizer was not trained on (all old rows when it was trained on every one)."""
+    """Mean squared distance of new rows to their nearest coarse centroid, over that of the rows
+    the quantizer was trained for: those of its training build it did not train on, or its
+    training rows when it trained on nearly all of them. Rows added by earlier growths are not
+    the reference, so drift that comes a little at a time still adds up."""
     trained = read_for_build(folder / TRAINED)
     n = ds.count_rows()
     rng = np.random.default_rng(seed + 2)
-    held_out = np.setdiff1d(np.arange(growth.n_old), train_positions, assume_unique=True)
-    old_pool = held_out if len(held_out) >= 1_000 else np.arange(growth.n_old)
+    held_out = np.setdiff1d(np.arange(growth.trained_on), train_positions, assume_unique=True)
+    old_pool = held_out if len(held_out) >= 1_000 else train_positions
     old = np.sort(rng.choice(old_pool, size=min(DRIFT_SAMPLE, len(old_pool)), replace=False))
     new = np.sort(rng.choice(np.arange(growth.n_old, n), size=min(DRIFT_SAMPLE, n - growth.n_old), replace=False))
     return float(_list_distance(trained, read_rows(ds, new)) / max(_list_distance(trained, read_rows(ds, old)), 1e-12))
