@@ -47,7 +47,8 @@ def _refuse(message: str) -> None:
 def dry_run_options(verb: str, default_rows: str) -> Callable[[Callable], Callable]:
     """The --dry-run options that encode and generate share."""
     options = [
-        click.option("--dry-run", is_flag=True, help="Count tokens, calibrate on this device, print time, bytes and cost; write nothing."),
+        click.option("--dry-run", is_flag=True, help="Count tokens, calibrate on this device, print time, bytes and cost; write only the prediction (OUT/.embedkit.prediction.json, "
+                                                            "which the real run's `embedkit status` compares with)."),
         click.option("--sample", type=int, default=10_000, show_default=True, help="--dry-run: rows sampled to count tokens (0: every row)."),
         click.option("--calibrate-rows", type=int, default=None, help=f"--dry-run: rows {verb} to measure speed (default {default_rows})."),
         click.option("--gpu-price", type=float, default=None, help="--dry-run: $ per device-hour, for the cost."),
@@ -76,7 +77,11 @@ def _dry_run_only(sample: int, calibrate_rows: int | None, gpu_price: float | No
 @click.version_option(package_name="embedkit")
 def main() -> None:
     """Offline, high-throughput embedding and vector indexing."""
+    from .run.record import count_from_process_start
+
     _show_notices()
+    count_from_process_start()  # a command's time, and a dry run's prediction of it, run from the process's start
+    click.get_current_context().call_on_close(lambda: count_from_process_start(False))  # not after the command (a test's runner)
 
 
 def _show_notices() -> None:
@@ -153,7 +158,7 @@ def encode(input: str, out: str, quiet: bool, as_json: bool, dry_run: bool, samp
         cfg = _stage_options(options)
         sweep = _run(lambda: sweep_budgets(cfg["device"])) if plot_path else ()
         d = _run(lambda: dry_run_encode(input, EncodeConfig(**cfg, run=RunOptions(progress=False)), sample=sample, calibrate_rows=calibrate_rows,
-                                        gpu_price=gpu_price, spot_discount=spot_discount, sweep=sweep))  # fmt: skip
+                                        gpu_price=gpu_price, spot_discount=spot_discount, sweep=sweep, out=out))  # fmt: skip
         if plot_path:
             from .plan.plots import plot_batch_sweep
 
@@ -316,7 +321,7 @@ def generate(input: str, out: str, labels: str | None, quiet: bool, as_json: boo
 
         cfg = _stage_options(options)
         d = _run(lambda: dry_run_generate(input, GenerateConfig(**cfg, labels=label_list, run=RunOptions(progress=False)), sample=sample,
-                                          calibrate_rows=calibrate_rows, gpu_price=gpu_price, spot_discount=spot_discount))  # fmt: skip
+                                          calibrate_rows=calibrate_rows, gpu_price=gpu_price, spot_discount=spot_discount, out=out))  # fmt: skip
         _show(d, as_json)
         return
     _dry_run_only(sample, calibrate_rows, gpu_price, spot_discount)

@@ -38,6 +38,7 @@ class OutputStatus:
     new_tokens: int | None = None
     index: dict | None = None  # IndexStatus.to_dict(), embeddings only
     inputs: list = field(default_factory=list)  # per input (several after `encode --append`): path, rows, shards done and total
+    dry_run: dict | None = None  # a dry run's prediction against the runs since (run/record.py comparison)
 
     @property
     def complete(self) -> bool:
@@ -47,7 +48,8 @@ class OutputStatus:
         return {
             "out": self.out, "kind": self.kind, "shards_done": self.shards_done, "shards_total": self.shards_total,
             "rows": self.rows, "tokens": self.tokens, "new_tokens": self.new_tokens, "complete": self.complete,
-            "quarantined": list(self.quarantined), "index": self.index, "inputs": self.inputs, "manifest": self.manifest,
+            "quarantined": list(self.quarantined), "index": self.index, "inputs": self.inputs, "dry_run": self.dry_run,
+            "manifest": self.manifest,
         }  # fmt: skip
 
     def lines(self) -> list[str]:
@@ -70,8 +72,14 @@ class OutputStatus:
             lines += [f"  {i['path']}: {i['rows']:,} rows, shards {i['shards_done']}/{i['shards_total']}" for i in self.inputs]
         else:
             lines.append(f"input {m['input']['kind']}, {m['plan']['rows']:,} rows in {m['plan']['shards']:,} shards of {m['plan']['shard_rows']:,}")
+        from .run.record import comparison_line
+
+        if comparison_line(self.dry_run):
+            lines.append(comparison_line(self.dry_run))
         if self.index is not None:
             lines.append(self.index["line"])
+            if self.index.get("dry_run_line"):
+                lines.append("index " + self.index["dry_run_line"])
         lines.append(f"embedkit {m.get('embedkit_version', '?')}")
         return lines
 
@@ -117,6 +125,7 @@ def status(out: str | Path) -> OutputStatus:
     # numpy and pyarrow load here, not on import: embedkit/__init__.py imports this module
     from .io.objstore import out_path
     from .io.store import GENERATIONS_DIR, VECTORS_DIR, VectorStore
+    from .run.record import manifest_comparison
 
     out = out_path(out)
     if not out.exists():
@@ -137,6 +146,7 @@ def status(out: str | Path) -> OutputStatus:
     return OutputStatus(
         out=str(out), kind=kind, shards_done=len(done), shards_total=manifest["plan"]["shards"], rows=rows, tokens=tokens,
         manifest=manifest, quarantined=quarantined, new_tokens=new, index=index, inputs=_inputs(manifest, done),
+        dry_run=manifest_comparison(manifest),
     )  # fmt: skip
 
 

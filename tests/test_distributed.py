@@ -111,7 +111,7 @@ def test_a_killed_worker_is_retried_and_nothing_is_lost_or_doubled(local_ray, co
 
 # With re-issue the run must end well before the stall would: a long stall. Without, it must
 # outlast the stall: a short one is proof enough, and costs a third of the time.
-STALL_S = {True: 30.0, False: 10.0}
+STALL_S = {True: 30.0, False: 7.0}
 
 
 @pytest.mark.parametrize("reissue", [True, False])

@@ -115,15 +115,14 @@ def test_a_kill_in_the_swap_is_finished_by_the_rerun(grown, tmp_path, monkeypatc
 
 def test_more_new_rows_than_max_growth_drift_or_retrain_train_anew(grown, tmp_path, run_cli, refused):
     refused(run_cli("build-index", grown.appended, "--max-growth", "1.5"), "--max-growth must be a share")
-    cases = {"max": ("--max-growth", "0.1"), "retrain": ("--retrain",)}
-    for name, flags in cases.items():
-        out = _copy(grown.appended, tmp_path, name)
-        r = run_cli("build-index", out, "--device", "cpu", "--quiet", "--json", *flags)
+    cases = {("--max-growth", "0.1"): "more than --max-growth 10%: training the index anew", ("--retrain",): "--retrain: training the index anew"}
+    for flags, said in cases.items():
+        out = _copy(grown.appended, tmp_path, flags[0].strip("-"))
+        r = run_cli("build-index", out, "--device", "cpu", "--json", *flags)
         assert r.returncode == 0, r.stderr[-2000:]
+        assert said in r.stderr, r.stderr[-2000:]
         report = json.loads(r.stdout.strip().splitlines()[-1])
         assert report["grown_from"] == 0 and report["n"] == FIRST + 2 * NEW and "train" in report["seconds"]
-    r = run_cli("build-index", _copy(grown.appended, tmp_path, "said"), "--device", "cpu", "--max-growth", "0.1")
-    assert "more than --max-growth 10%: training the index anew" in r.stderr
     # rows unlike those the quantizer was trained on: the drift says so, and the index is trained anew
     out = _copy(grown.out, tmp_path, "drift")
     _encode(grown.inputs["reversed"], out, append=True)

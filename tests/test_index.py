@@ -578,16 +578,28 @@ def test_build_refuses_an_unfinished_encode(encoded, tmp_path):
     assert not (out / "index").exists()
 
 
-def test_build_index_dry_run_writes_nothing_and_plans_the_real_build(encoded, built, run_cli):
-    """--dry-run: the factory the real build chose, rates measured here, and no index folder."""
-    r = run_cli("build-index", encoded, "--device", "cpu", "--dry-run", "--json")
+def test_build_index_dry_run_plans_the_real_build_and_status_compares_the_two(encoded, built, run_cli, tmp_path):
+    """--dry-run: the factory the real build chose, rates measured here, no index folder, only
+    its prediction left in OUT; the real build records it beside its own time."""
+    out = tmp_path / "out"
+    shutil.copytree(encoded, out)
+    before = set(p.name for p in out.iterdir())
+    r = run_cli("build-index", out, "--device", "cpu", "--dry-run", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    assert not (encoded / "index").exists()
+    assert set(p.name for p in out.iterdir()) - before == {".embedkit.prediction.json"}
     assert d["factory"] == built.report.factory and d["n"] == ROWS
-    assert d["measured"]["sample_vectors"] == ROWS and d["measured"]["assign_flops"] > 0 and d["measured"]["read_bytes_per_second"] > 0
-    assert all(v > 0 for v in d["estimated_seconds"].values())
-    assert d["estimated_total_seconds"] == pytest.approx(sum(d["estimated_seconds"].values()), abs=0.01)
+    m = d["measured"]
+    assert m["sample_vectors"] == ROWS and min(m["assign_flops"], m["read_bytes_per_second"], m["pq_flops"], m["take_seconds_per_row"]) > 0
+    assert m["queries_seconds"] > 0  # the tuning queries were prepared as the build prepares them
+    e = d["estimated_seconds"]
+    assert set(e) == {"fixed", "read", "train", "queries", "add", "merge", "tune"} and min(e.values()) >= 0 and e["train"] > 0
+    assert d["estimated_total_seconds"] == pytest.approx(sum(e.values()), abs=0.01)
+    report = embedkit.build_index(out, device="cpu", progress=False)
+    index = embedkit.status(out).index
+    assert report.factory == d["factory"] and index["dry_run"]["predicted_seconds"] == pytest.approx(d["estimated_total_seconds"], abs=0.01)
+    assert index["dry_run"]["real_seconds"] > 0 and index["dry_run_line"].startswith("dry run: predicted")
+    assert not (out / ".embedkit.prediction.json").exists()
 
 
 # ---- the queries a build tunes with -----------------------------------------------------------

@@ -222,13 +222,15 @@ def test_parse_bytes_refusals(text):
 SIZES = [2_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000, 1_000_000_000]
 
 
-def test_estimate_of_the_sample_on_two_cores_counts_pq_training():
-    # IVF64,PQ48 over 3,000 x 384 on 2 cores (25.2 GFLOP/s): read 3000*384*2 / 1e9 = 0.0023 s;
-    # coarse k-means 10*3000*64*384*2 / 25.2e9 = 0.0585 s; PQ codebooks 25*3000*256*384*2 /
-    # (25.2e9 * 0.1) = 5.8514 s; add 3000*320*384*2 / 25.2e9 = 0.0293 s; write 266,304 B / 0.5e9
-    # = 0.0005 s: 5.942 s in all. Without the PQ term it printed "~0 s" for a 5 s build.
+def test_estimate_of_the_sample_on_two_cores_counts_pq_training_and_the_fixed_parts():
+    # IVF64,PQ48 over 3,000 x 384 on 2 cores (25.2 GFLOP/s): start-up 4 s; read (3000 + 3000) *
+    # 384*2 / 1e9 = 0.0046 s (the training sample, then the add); coarse k-means
+    # 10*3000*64*384*2 / 25.2e9 = 0.0585 s and PQ codebooks 25*3000*256*384*2 / (25.2e9 * 0.1) =
+    # 5.8514 s; the queries (3 s) are ready before training ends: 0; add 3000*320*384*2 / 25.2e9
+    # = 0.0293 s; merge 266,304 B / 0.5e9 = 0.0005 s; tune 3000 * 2e-5 = 0.06 s: 10.004 s in all.
+    # Without the PQ term it printed "~0 s" for a 5 s build; without the fixed parts, "~1 s".
     p = choose_params(3000, 384, memory_budget=BIG)
-    assert estimate_build_seconds(p, gpu=False, cores=2) == pytest.approx(5.942, abs=0.001)
+    assert estimate_build_seconds(p, gpu=False, cores=2) == pytest.approx(10.004, abs=0.001)
 
 
 @pytest.mark.parametrize("gpu", [False, True])
@@ -244,7 +246,7 @@ def test_estimate_is_monotone_in_n(gpu):
     assert all(a < b for a, b in zip(fixed, fixed[1:])), fixed
 
 
-@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("n", [n for n in SIZES if n >= 100_000])  # below, a CUDA context's start-up is most of a build
 def test_estimate_gpu_faster_than_cpu(n):
     p = choose_params(n, 384, memory_budget=BIG)
     cpu = estimate_build_seconds(p, gpu=False, cores=16)

@@ -25,6 +25,7 @@ from ..io.store import INDEX_DIR, VECTORS_DIR, VectorStore, ledger_name
 from ..plan.planning import default_shard_rows, longest_first
 from ..run.outdir import check_out, clear_output, make_out, undo_if_unstarted
 from ..run.progress import Progress
+from ..run.record import record_run, run_record, start_run
 from .job import (
     Job,
     attach_job,
@@ -140,6 +141,7 @@ def _worker_count(gpus: int | str, device: str) -> int:
 
 def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeSummary:
     """encode() with a ready EncodeConfig."""
+    start_run()
     out = out_path(out)
     # Everything that can refuse the run is checked before OUT is touched or a model loads: a
     # typo must not leave an empty OUT, and a refusal must not wait for a model.
@@ -209,8 +211,13 @@ def _encode_prepared(input: str | Path, corpus: Corpus, out: Path, cfg: EncodeCo
     if not pending:
         return make_summary(job, Totals(), 0.0, skipped=skipped)
     if cfg.run.ray is not None or cfg.run.workers > 1:
-        return _run_as_tasks(input, out, cfg, job, longest_first(corpus, job, pending), skipped=skipped)
-    return run_shards(corpus, job, pending, cfg, skipped=skipped)
+        summary = _run_as_tasks(input, out, cfg, job, longest_first(corpus, job, pending), skipped=skipped)
+    else:
+        summary = run_shards(corpus, job, pending, cfg, skipped=skipped)
+    # what this run took, beside what a dry run predicted for it (`embedkit status`)
+    entry = run_record(summary.seconds, summary.tokens, summary.docs, summary.shards_done, summary.device)
+    record_run(out, "encode", (segment or manifest).get("input"), entry)
+    return summary
 
 
 def _run_as_tasks(input: str | Path, out: Path, cfg: EncodeConfig, job: "Job", pending: list[Shard], skipped: int) -> EncodeSummary:

@@ -161,8 +161,11 @@ class SlotDecoder:
         self.stats = {"groups": [], "steps": 0, "prefill_s": 0.0, "capture_s": 0.0, "captures": 0, "seconds": 0.0}
         start = time.perf_counter()
         with torch.inference_mode():
-            for g in plan_groups(lengths, max_new, max_slots, self._cache_budget()):
-                self.stats["groups"].append({"rows": g.stop - g.start, "slots": g.slots, "capacity": g.capacity})
+            budget = self._cache_budget()
+            for g in plan_groups(lengths, max_new, max_slots, budget):
+                # slot_limit: the slots rows of this length get when there are enough of them (dry runs extrapolate with it)
+                self.stats["groups"].append({"rows": g.stop - g.start, "slots": g.slots, "capacity": g.capacity,
+                                             "slot_limit": min(max_slots, budget // g.capacity)})  # fmt: skip
                 self._run_group(prompts, order[g.start : g.stop], g)
         self.stats["seconds"] = time.perf_counter() - start
         return self.results

@@ -35,6 +35,7 @@ from ..io.shards import OutputLock, RunSummary, Shard, manifest_differences, pla
 from ..io.store import GENERATIONS_DIR, VECTORS_DIR, VectorStore, ledger_name
 from ..run.outdir import check_out, clear_output, make_out, undo_if_unstarted
 from ..run.progress import Progress
+from ..run.record import record_run, run_record, start_run
 from ..version import __version__
 from .model import load_generator
 from .prompts import check_task_templates, task_completion
@@ -100,6 +101,7 @@ def generate(
 
 def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> GenerateSummary:
     """generate() with a ready GenerateConfig."""
+    start_run()
     out = out_path(out)
     template = cfg.prompt if cfg.prompt is not None else DEFAULT_PROMPTS[cfg.task]
     check_task_templates(cfg, template)
@@ -131,9 +133,14 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
         if len(done) == len(shards):  # nothing to do: answered without loading the model
             return summarize_parts(out, cfg, choice.device, [], 0.0, len(done), len(shards))
         if cfg.run.ray is not None:
-            return _run_as_tasks(input, out, cfg, template, choice, [s for s in shards if s.index not in done], len(done), len(shards))
-        lm, tok, _ = load_generator(cfg.model, choice)
-        return _run(Generator(lm, tok, cfg, template, choice), corpus, out, store, shards, done)
+            summary = _run_as_tasks(input, out, cfg, template, choice, [s for s in shards if s.index not in done], len(done), len(shards))
+        else:
+            lm, tok, _ = load_generator(cfg.model, choice)
+            summary = _run(Generator(lm, tok, cfg, template, choice), corpus, out, store, shards, done)
+        # what this run took, beside what a dry run predicted for it (`embedkit status`)
+        entry = run_record(summary.seconds, summary.prompt_tokens + summary.new_tokens, summary.docs, summary.shards_done, summary.device)
+        record_run(out, "generate", manifest.get("input"), entry)
+        return summary
 
 
 def _run_as_tasks(input: str | Path, out: Path, cfg: GenerateConfig, template: str, choice: DeviceChoice, pending: list[Shard],

@@ -39,12 +39,13 @@ from ..io.objstore import ObjectPath, out_path
 from ..io.shards import OutputLock, read_manifest, stored_dim
 from ..io.store import VECTORS_DIR, VectorStore
 from ..run.progress import Progress, Stopwatch
+from ..run.record import run_wall, start_run, take_prediction
 from ..version import __version__
 from .add import ShardSpec, device_codec, fragment_shards, index_shard_task, read_shard, write_shard
 from .grow import Growth, compatible, finish_swap, grown_prefix, measure_drift
 from .io import load_index, read_for_build, read_rows, vector_dim, write_index
 from .merge import merge_shards
-from .params import BUILD_SHARD_ROWS, IndexParams, choose_params, estimate_build_seconds
+from .params import BUILD_SHARD_ROWS, IndexParams, build_phases, choose_params, default_rates
 from .queries import choose_queries, encode_queries
 from .remote import fetch, index_folder, publish
 from .state import (
@@ -186,6 +187,7 @@ class Build:
 
 def run_build(out: str | Path, cfg: IndexConfig, log: Callable[[str], None]) -> IndexReport:
     """build_index() with a ready IndexConfig."""
+    start_run()
     out = out_path(out)
     manifest = read_manifest(out)
     store = VectorStore(out)
@@ -247,9 +249,6 @@ def plan_build(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, 
         params = replace(IndexParams(**kept[0]["params"]), n=n)
     device = choose_device(cfg.device, "auto").device
     gpu = device.startswith("cuda")
-    log(f"index plan: {params.describe()}; memory budget {budget / 2**30:.1f} GB; "
-        f"expected build ~{estimate_build_seconds(params, gpu=gpu, cores=os.cpu_count() or 1):.0f} s on {device} "
-        "(a model of the work; --dry-run measures this machine)")  # fmt: skip
     key = {
         "vectors_version": int(ds.version), "vectors_files": vectors_identity(ds), "n": n, "dim": dim, "factory": params.factory, "metric": metric,
         "shard_rows": cfg.shard_rows or BUILD_SHARD_ROWS, "seed": cfg.seed, "queries": cfg.queries, "k": cfg.k,
@@ -261,6 +260,10 @@ def plan_build(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, 
         if growth is None:  # trained anew: the structure is chosen for the rows there are now
             params = choose_params(n, dim, memory_budget=budget, nlist=cfg.nlist, pq_m=cfg.pq_m, opq=cfg.opq, metric=metric)
             key["factory"] = params.factory
+    rates = default_rates(gpu=gpu, cores=os.cpu_count() or 1)
+    expected = sum(build_phases(params, rates, new_rows=n - growth.n_old if growth else None).values())
+    log(f"index plan: {params.describe()}; memory budget {budget / 2**30:.1f} GB; expected build ~{expected:.0f} s on {device} "
+        "(the model of --dry-run at default rates; --dry-run measures this machine)")  # fmt: skip
     return Build(out, folder, params, device, ds, key, cfg, log, manifest, growth)
 
 
@@ -573,12 +576,21 @@ def _commit(b: Build, report: IndexReport, scores: np.ndarray, truth: np.ndarray
         "rerank": report.rerank, "k": report.k, "metric": report.metric, "files": checks, "report": report.to_dict(),
         "vectors": VECTORS_DIR, "params": asdict(b.params), "fragments": len(b.ds.get_fragments()),
         "trained_on": b.growth.trained_on if b.growth else b.params.n,
+        # what this build took, beside what `build-index --dry-run` predicted for these vectors (`embedkit status`)
+        "run": {"seconds": round(sum(report.seconds.values()), 2), "wall_seconds": round(run_wall(), 2), "ended": time.time()},
+        "prediction": _prediction(b),
     }  # fmt: skip
     write_json(folder / PARAMS, doc)
     if b.growth is not None:
         finish_swap(b.dir)
     shutil.rmtree(b.dir / SHARDS, ignore_errors=True)
     (b.dir / STATE).unlink(missing_ok=True)
+
+
+def _prediction(b: Build) -> dict | None:
+    """The dry run's prediction for this build, when one was made for these vectors."""
+    doc = take_prediction(b.out, "build-index", None)
+    return doc if doc is not None and doc.get("vectors_version") == b.key["vectors_version"] else None
 
 
 def _sizes(folder: Path) -> dict:

@@ -186,18 +186,63 @@ def _check_factory(dim: int, factory: str, metric: str) -> None:
         raise EmbedkitError(f"--factory {factory!r} is not a faiss index for {dim}-d vectors: {reason}") from None
 
 
-def estimate_build_seconds(p: IndexParams, *, gpu: bool, cores: int) -> float:
-    """A rough figure printed before the build: reading the vectors once, training, assigning
-    and encoding every vector, and writing the lists. Rates are the constants above."""
-    flops = GPU_FLOPS if gpu else CPU_FLOPS_PER_CORE * max(1, cores)
-    read = p.n * p.dim * 2 / READ_BYTES_PER_S
+# The parts of a build that do not grow with the vectors, and the rerank's reads, by default
+# (`build-index --dry-run` measures them on its machine): process start and imports (torch,
+# faiss, lance; a CUDA context on GPUs); the tuning queries (model load, 1,000 texts encoded),
+# prepared while the quantizer trains; reading a vector by its position, which the tuning's
+# exact rerank does for each query's deepest candidate list (cached across settings).
+FIXED_SECONDS = {False: 4.0, True: 6.0}
+QUERIES_SECONDS = {False: 3.0, True: 2.0}
+TAKE_SECONDS_PER_ROW = 2e-5
+TUNE_ROWS = 100_000  # 1,000 queries x a rerank depth of 100
+
+
+@dataclass(frozen=True)
+class BuildRates:
+    """The rates a build's time is modeled with (`build_phases`): measured on this machine by
+    `build-index --dry-run`, else `default_rates`."""
+
+    read_bytes_per_s: float  # Lance, sequential
+    flops: float  # nearest-centroid products: k-means and the add's assignment and encoding
+    pq_flops: float  # PQ codebook training (faiss-cpu's k-means in a few dimensions)
+    write_bytes_per_s: float  # the merged lists
+    take_seconds_per_row: float  # a vector read by its position (the tuning's rerank)
+    queries_seconds: float  # the tuning queries: model load and encoding
+    fixed_seconds: float  # process start and imports
+
+
+def default_rates(*, gpu: bool, cores: int) -> BuildRates:
+    """The constants above for a GPU or a CPU of `cores` cores."""
+    cpu = CPU_FLOPS_PER_CORE * max(1, cores)
+    return BuildRates(READ_BYTES_PER_S, GPU_FLOPS if gpu else cpu, cpu * PQ_EFFICIENCY, WRITE_BYTES_PER_S, TAKE_SECONDS_PER_ROW,
+                      QUERIES_SECONDS[gpu], FIXED_SECONDS[gpu])  # fmt: skip
+
+
+def build_phases(p: IndexParams, r: BuildRates, *, new_rows: int | None = None) -> dict[str, float]:
+    """Seconds of each part of a build (a fresh process, start to exit): the same model for the
+    plan line a build prints and for `--dry-run` (which measures `r`). `new_rows`: a growing
+    index, which reads and adds only those, trains nothing and keeps its queries."""
+    vector_bytes = p.dim * 2  # float16 as stored
     lists = max(1, p.nlist)
-    train = KMEANS_ITERATIONS * p.train_size * lists * p.dim * 2 / flops
+    grow = new_rows is not None
+    rows = new_rows if grow else p.n
     pq_points = min(p.train_size, PQ_TRAIN_POINTS) if p.pq_m else 0
-    pq_train = PQ_ITERATIONS * pq_points * 256 * p.dim * 2 / (CPU_FLOPS_PER_CORE * max(1, cores) * PQ_EFFICIENCY)
-    add = p.n * (lists + 256) * p.dim * 2 / flops
-    write = p.index_bytes / WRITE_BYTES_PER_S
-    return read + train + pq_train + add + write
+    train = 0.0 if grow else (KMEANS_ITERATIONS * p.train_size * lists * p.dim * 2 / r.flops
+                              + PQ_ITERATIONS * pq_points * 256 * p.dim * 2 / r.pq_flops)  # fmt: skip
+    return {
+        "fixed": r.fixed_seconds,
+        "read": ((0 if grow else p.train_size) + rows) * vector_bytes / r.read_bytes_per_s,
+        "train": train,
+        "queries": 0.0 if grow else max(0.0, r.queries_seconds - train),  # prepared while the quantizer trains
+        "add": rows * (lists + (256 if p.pq_m else 0)) * p.dim * 2 / r.flops,
+        "merge": p.index_bytes / r.write_bytes_per_s,
+        "tune": min(p.n, TUNE_ROWS) * r.take_seconds_per_row,
+    }
+
+
+def estimate_build_seconds(p: IndexParams, *, gpu: bool, cores: int) -> float:
+    """The figure a build prints before it starts: `build_phases` at the default rates."""
+    return sum(build_phases(p, default_rates(gpu=gpu, cores=cores)).values())
 
 
 def parse_bytes(text: str) -> int:

@@ -109,7 +109,12 @@ class IndexStatus:
     params: dict | None = None
 
     def to_dict(self) -> dict:
-        d: dict = {"state": self.state, "reason": self.reason, "line": self.line()}
+        d: dict = {"state": self.state, "reason": self.reason, "line": self.line(), "dry_run": None, "dry_run_line": None}
+        if self.params is not None and self.params.get("prediction"):
+            from ..run.record import comparison, comparison_line
+
+            d["dry_run"] = comparison(self.params["prediction"], [self.params["run"]] if self.params.get("run") else [])
+            d["dry_run_line"] = comparison_line(d["dry_run"])
         if self.params is not None:
             report = self.params.get("report", {})
             d.update(

@@ -15,12 +15,14 @@ from ..fsutil import is_temporary
 from ..io.objstore import ObjectPath, out_path, remove_tree
 from ..io.shards import LOCK, MANIFEST
 from ..io.store import GENERATIONS_DIR, INDEX_DIR, VECTORS_DIR, ledger_name
+from .record import PREDICTION
 
 WRITE_TEST = ".embedkit.write-test"
 # What embedkit writes into OUT (and the temporary names of its atomic writes). A folder holding
 # anything else and no manifest is someone else's: writing into it would mix the two.
 OWN_NAMES = frozenset({
     MANIFEST, LOCK, VECTORS_DIR, GENERATIONS_DIR, ledger_name(VECTORS_DIR), ledger_name(GENERATIONS_DIR), INDEX_DIR, INPUT_CACHE, WRITE_TEST,
+    PREDICTION,
 })  # fmt: skip
 
 
