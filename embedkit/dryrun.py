@@ -361,7 +361,8 @@ def _generate_rows(n: int, first: int, warm, rough_seconds: float, spent: float,
     budget = min(CALIBRATION_SHARE * rough_seconds, MAX_CALIBRATION_S) - spent
     per_row = warm.seconds / max(1, warm.docs)
     fit = int(budget / per_row) if per_row > 0 and budget > 0 else 0
-    return max(first, min(n, fit, MAX_GENERATE_ROWS[device]))
+    # at least 4x the first: the step's cost against rows at once needs two sizes apart
+    return min(n, max(4 * first, min(fit, MAX_GENERATE_ROWS[device])))
 
 
 def _decode_model(small, big) -> tuple[float, float] | None:
