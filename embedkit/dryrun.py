@@ -268,7 +268,7 @@ class GenerateDryRun:
         return asdict(self)
 
     def lines(self) -> list[str]:
-        parts = "" if not self.parts else " = " + " + ".join(f"{k} {self.parts[k]:,.1f} s" for k in ("prefill", "decode", "other") if k in self.parts)
+        parts = "" if not self.parts else " + " + " + ".join(f"{k} {self.parts[k]:,.1f} s" for k in ("prefill", "decode", "other") if k in self.parts)
         out = [
             self.count.describe("prompt tokens"),
             f"calibration on {self.device}: {self.task} of up to {self.calibration_rows:,} rows; {self.new_tokens_per_row:.1f} new tokens per row; "
@@ -320,10 +320,12 @@ def dry_run_generate(input: str | Path, cfg, *, sample: int = 10_000, calibrate_
     first = min(n, FIRST_GENERATE_ROWS[choice.type])
     work = Path(tempfile.mkdtemp(prefix="embedkit-dry-run-"))
     try:
+        sampled: dict[str, int] = {}
+
         def calibrate(name: str, rows: int, seed: int):
             nonlocal extra
             t = time.perf_counter()
-            _write_generate_sample(corpus, n, rows, seed, work / f"{name}.parquet")
+            sampled[name] = _write_generate_sample(corpus, n, rows, seed, work / f"{name}.parquet")
             extra += time.perf_counter() - t
             return _calibrate_generate(work / f"{name}.parquet", work / name, cfg, template)
 
@@ -333,11 +335,12 @@ def dry_run_generate(input: str | Path, cfg, *, sample: int = 10_000, calibrate_
         rough = after_cold - extra + n * warm.seconds / max(1, warm.docs)
         rows = calibrate_rows or _generate_rows(n, first, warm, rough, spent=clock(), device=choice.type)
         big = calibrate("big", rows, 2) if rows > first else warm
+        big_rows = sampled["big" if rows > first else "warm"]
         per_row = _folder_bytes(work / "big" / GENERATIONS_DIR) / max(1, big.docs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     fixed = max(0.0, after_cold - extra_cold - warm.seconds)
-    kept = n * big.docs / max(1, rows)  # empty texts are skipped, as in the calibration
+    kept = n * big.docs / max(1, big_rows)  # empty texts are skipped, as in the calibration
     new_per_row = big.new_tokens / max(1, big.docs)
     parts = _generate_parts(kept, count.tokens, new_per_row, warm, big)
     expected = fixed + sum(v for k, v in parts.items() if k in ("prefill", "decode", "other"))
@@ -400,11 +403,14 @@ def _generate_parts(rows: float, prompt_tokens: float, new_per_row: float, small
             "rows_at_once": round(at_once, 1)}  # fmt: skip
 
 
-def _write_generate_sample(corpus, n: int, rows: int, seed: int, path: Path) -> None:
+def _write_generate_sample(corpus, n: int, rows: int, seed: int, path: Path) -> int:
+    """Random blocks of about `rows` rows into a parquet file; the rows written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.concat_tables([corpus.read(a, b).select(["id", "text"]) for a, b in random_blocks(n, rows, seed=seed)]), path)
+    table = pa.concat_tables([corpus.read(a, b).select(["id", "text"]) for a, b in random_blocks(n, rows, seed=seed)])
+    pq.write_table(table, path)
+    return table.num_rows
 
 
 def _calibrate_generate(sample: Path, out: Path, cfg, template: str):
