@@ -40,7 +40,10 @@ def cli(*args: str) -> tuple[dict, float]:
     wall = time.perf_counter() - t
     if p.returncode != 0:
         raise SystemExit(f"embedkit {' '.join(args)} failed:\n{p.stderr[-3000:]}")
-    return json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1]), wall
+    try:
+        return json.loads(p.stdout), wall  # status prints indented JSON
+    except ValueError:
+        return json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1]), wall
 
 
 def case(name: str, dry: list[str], real: list[str], out: Path, index: bool = False) -> dict:
@@ -54,7 +57,9 @@ def case(name: str, dry: list[str], real: list[str], out: Path, index: bool = Fa
         "case": name, "predicted_tokens": c.get("predicted_tokens") if c else None, "real_tokens": c.get("real_tokens") if c else None,
         "tokens_error": c.get("tokens_error") if c else None, "predicted_s": predicted, "real_s": c.get("real_seconds") if c else None,
         "seconds_error": c.get("seconds_error") if c else None, "real_wall_s": round(real_wall, 2), "dry_run_wall_s": round(dry_wall, 2),
-        "dry_run_share": round(dry_wall / predicted, 3) if predicted else None, "dry_run": d, "real": r,
+        "dry_run_share": round(dry_wall / predicted, 3) if predicted else None,
+        "real_marks": (status.get("manifest", {}).get("runs") or [{}])[-1].get("marks") if not index else None,
+        "dry_run": d, "real": r,
     }  # fmt: skip
     print(json.dumps({k: v for k, v in row.items() if k not in ("dry_run", "real")}), flush=True)
     return row

@@ -132,9 +132,10 @@ def dry_run_encode(input: str | Path, cfg, *, sample: int = 10_000, calibrate_ro
         extra += time.perf_counter() - t
         s1 = _calibrate(work / "first.parquet", work / "first", cfg, cfg.batch_tokens)
         after_first, extra_first = clock(), extra
-        rough_rate = s1.tokens / s1.seconds if s1.seconds > 0 else float("inf")
+        warm = _calibrate(work / "first.parquet", work / "warm", cfg, cfg.batch_tokens)  # the same rows, warm
+        rough_rate = warm.tokens / warm.seconds if warm.seconds > 0 else float("inf")
         rough = after_first - extra + count.tokens / rough_rate
-        rows = calibrate_rows or _second_rows(n, first, s1, rough, spent=clock())
+        rows = calibrate_rows or _second_rows(n, first, warm, rough, spent=clock())
         blocks = _sample_table(corpus, n, rows, seed=2)
         pq.write_table(blocks, work / "sample.parquet")
         s = _calibrate(work / "sample.parquet", work / "out", cfg, cfg.batch_tokens)
@@ -143,10 +144,10 @@ def dry_run_encode(input: str | Path, cfg, *, sample: int = 10_000, calibrate_ro
         swept = [(b, _calibrate(work / "sample.parquet", work / f"sweep-{b}", cfg, b)) for b in sweep]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    tps = s.tokens / s.seconds if s.seconds > 0 else float("inf")
+    tps = _marginal_rate(warm, s)
     # everything the process did until the first run ended, but the dry run's own work and the
     # first sample's tokens at the steady rate: process start, imports, model load, pool start,
-    # first-shape costs
+    # first-shape costs, a run's ramp (its first windows are small)
     fixed = max(0.0, after_first - extra_first - s1.tokens / tps)
     input_seconds = 0.0 if out is not None else hashing
     expected = fixed + input_seconds + count.tokens / tps
@@ -173,10 +174,19 @@ def dry_run_encode(input: str | Path, cfg, *, sample: int = 10_000, calibrate_ro
 # sized to the time left of the dry run's budget: CALIBRATION_SHARE of the predicted run, at most
 # MAX_CALIBRATION_S, and at least the first's size (a warm rate needs some rows).
 FIRST_CALIBRATION_ROWS = {"cuda": 8_192, "cpu": 64}
-MIN_SECOND_ROWS = {"cuda": 65_536, "cpu": 64}  # on a GPU, fewer rows than this are mostly the pipeline filling up (~1 s of MiniLM)
+MIN_SECOND_ROWS = {"cuda": 262_144, "cpu": 64}  # on a GPU, fewer rows are mostly the pipeline's ramp (its windows grow to 64k rows)
 MAX_SECOND_ROWS = {"cuda": 1_000_000, "cpu": 20_000}
 CALIBRATION_SHARE = 0.10
 MAX_CALIBRATION_S = 30.0
+
+
+def _marginal_rate(small, big) -> float:
+    """Tokens/s of the work the larger warm run did beyond the smaller one: the steady rate,
+    without what every run pays once (the pipeline filling up, the last window draining)."""
+    tokens, seconds = big.tokens - small.tokens, big.seconds - small.seconds
+    if tokens > 0 and seconds > 0 and big.tokens >= 2 * small.tokens:
+        return tokens / seconds
+    return big.tokens / big.seconds if big.seconds > 0 else float("inf")
 
 
 def _second_rows(n: int, first: int, s1, rough_seconds: float, spent: float) -> int:

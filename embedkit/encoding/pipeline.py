@@ -25,7 +25,7 @@ from ..io.store import INDEX_DIR, VECTORS_DIR, VectorStore, ledger_name
 from ..plan.planning import default_shard_rows, longest_first
 from ..run.outdir import check_out, clear_output, make_out, undo_if_unstarted
 from ..run.progress import Progress
-from ..run.record import record_run, run_record, start_run
+from ..run.record import mark, record_run, run_record, start_run
 from .job import (
     Job,
     attach_job,
@@ -154,6 +154,7 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
 
         check_local_workers(cfg.run.workers, choice.type)
     source = resolve_model(cfg.model)  # a hub id resolves to its local copy, or fails in one line
+    mark("opened")
     check_out(out)
     created = make_out(out)
     with undo_if_unstarted(out, created), OutputLock(out):
@@ -164,6 +165,7 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
             raise EmbedkitError(f"{out} holds {VECTORS_DIR} but no {MANIFEST}; start fresh with --overwrite")
         shard_rows = cfg.shard_rows or (old["plan"]["shard_rows"] if old else default_shard_rows(corpus.num_rows, choice.type, cfg.run.workers))
         manifest = build_manifest(corpus, cfg, source, shard_rows, cache=out / INPUT_CACHE)
+        mark("manifest")
         if cfg.append or (old is not None and len(input_segments(old)) > 1):  # an output of several inputs resumes as an append
             return _append(input, corpus, out, cfg, choice, source, manifest, old, store)
         if old is not None:
@@ -205,6 +207,7 @@ def _encode_prepared(input: str | Path, corpus: Corpus, out: Path, cfg: EncodeCo
                      manifest: dict, old: dict | None, segment: dict | None = None) -> EncodeSummary:  # fmt: skip
     """Load the model, finish the checks, and run the pending shards (here, or as Ray tasks)."""
     job = prepare_job(corpus, out, cfg, choice, source, manifest, old, segment)
+    mark("prepared")  # the model loaded, the ids checked, the store ready
     done = job.store.committed_shards()
     pending = [s for s in job.shards if s.index not in done]
     skipped = len(job.shards) - len(pending)
@@ -214,6 +217,7 @@ def _encode_prepared(input: str | Path, corpus: Corpus, out: Path, cfg: EncodeCo
         summary = _run_as_tasks(input, out, cfg, job, longest_first(corpus, job, pending), skipped=skipped)
     else:
         summary = run_shards(corpus, job, pending, cfg, skipped=skipped)
+    mark("encoded")
     # what this run took, beside what a dry run predicted for it (`embedkit status`)
     entry = run_record(summary.seconds, summary.tokens, summary.docs, summary.shards_done, summary.device)
     record_run(out, "encode", (segment or manifest).get("input"), entry)

@@ -35,7 +35,7 @@ from ..io.shards import OutputLock, RunSummary, Shard, manifest_differences, pla
 from ..io.store import GENERATIONS_DIR, VECTORS_DIR, VectorStore, ledger_name
 from ..run.outdir import check_out, clear_output, make_out, undo_if_unstarted
 from ..run.progress import Progress
-from ..run.record import record_run, run_record, start_run
+from ..run.record import mark, record_run, run_record, start_run
 from ..version import __version__
 from .model import load_generator
 from .prompts import check_task_templates, task_completion
@@ -111,6 +111,7 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
     choice = choose_device(cfg.device, cfg.precision)  # auto: fp16 on CUDA (made bf16 below), fp32 on CPU
     if choice.precision == "fp16" and cfg.precision == "auto":
         choice = DeviceChoice(choice.device, "bf16")  # bf16 on CUDA: fp16 overflows in some LMs
+    mark("opened")
     check_out(out)
     created = make_out(out)
     with undo_if_unstarted(out, created), OutputLock(out):
@@ -123,6 +124,7 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
             if dup is not None:
                 raise EmbedkitError(f"duplicate id {dup[0]!r} (rows {', '.join(map(str, dup[1]))}); fix the input")
         shard_rows, manifest = _manifest(out, corpus, cfg, template, choice)
+        mark("manifest")
         store = VectorStore(out, GENERATIONS_DIR)
         if store.exists():
             store.remove_uncommitted()
@@ -136,7 +138,9 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
             summary = _run_as_tasks(input, out, cfg, template, choice, [s for s in shards if s.index not in done], len(done), len(shards))
         else:
             lm, tok, _ = load_generator(cfg.model, choice)
+            mark("loaded")
             summary = _run(Generator(lm, tok, cfg, template, choice), corpus, out, store, shards, done)
+        mark("generated")
         # what this run took, beside what a dry run predicted for it (`embedkit status`)
         entry = run_record(summary.seconds, summary.prompt_tokens + summary.new_tokens, summary.docs, summary.shards_done, summary.device)
         record_run(out, "generate", manifest.get("input"), entry)

@@ -39,7 +39,7 @@ from ..io.objstore import ObjectPath, out_path
 from ..io.shards import OutputLock, read_manifest, stored_dim
 from ..io.store import VECTORS_DIR, VectorStore
 from ..run.progress import Progress, Stopwatch
-from ..run.record import run_wall, start_run, take_prediction
+from ..run.record import marks, run_wall, start_run, take_prediction
 from ..version import __version__
 from .add import ShardSpec, device_codec, fragment_shards, index_shard_task, read_shard, write_shard
 from .grow import Growth, compatible, finish_swap, grown_prefix, measure_drift
@@ -577,7 +577,7 @@ def _commit(b: Build, report: IndexReport, scores: np.ndarray, truth: np.ndarray
         "vectors": VECTORS_DIR, "params": asdict(b.params), "fragments": len(b.ds.get_fragments()),
         "trained_on": b.growth.trained_on if b.growth else b.params.n,
         # what this build took, beside what `build-index --dry-run` predicted for these vectors (`embedkit status`)
-        "run": {"seconds": round(sum(report.seconds.values()), 2), "wall_seconds": round(run_wall(), 2), "ended": time.time()},
+        "run": {"seconds": round(sum(report.seconds.values()), 2), "wall_seconds": round(run_wall(), 2), "ended": time.time(), "marks": marks()},
         "prediction": _prediction(b),
     }  # fmt: skip
     write_json(folder / PARAMS, doc)

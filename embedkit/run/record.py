@@ -42,10 +42,26 @@ def count_from_process_start(on: bool = True) -> None:
     _COMMAND = on
 
 
+_MARKS: dict[str, float] = {}
+
+
 def start_run() -> None:
     """A stage's run begins (for an API call, its time counts from here)."""
     global _STARTED
     _STARTED = time.perf_counter()
+    _MARKS.clear()
+    mark("start")
+
+
+def marks() -> dict[str, float]:
+    """The current run's marks so far (see mark)."""
+    return dict(_MARKS)
+
+
+def mark(step: str) -> None:
+    """The run's wall seconds as `step` ends, kept in its record: where a run's time went
+    outside its stage's own seconds (imports, model load, checks), for the dry run's fixed costs."""
+    _MARKS[step] = round(run_wall(), 3)
 
 
 def run_wall() -> float:
@@ -115,7 +131,7 @@ def run_record(seconds: float, tokens: float, docs: int, shards: int, device: st
     """One real run's entry: the stage's own seconds, the run's wall seconds (run_wall: a CLI
     command's from its process start), and what it did."""
     return {"seconds": round(seconds, 2), "wall_seconds": round(run_wall(), 2), "tokens": int(tokens), "docs": int(docs),
-            "shards": int(shards), "device": device, "ended": time.time()}  # fmt: skip
+            "shards": int(shards), "device": device, "ended": time.time(), "marks": dict(_MARKS)}  # fmt: skip
 
 
 def comparison(prediction: dict | None, runs: list[dict]) -> dict | None:
