@@ -261,7 +261,7 @@ def plan_build(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, 
             params = choose_params(n, dim, memory_budget=budget, nlist=cfg.nlist, pq_m=cfg.pq_m, opq=cfg.opq, metric=metric)
             key["factory"] = params.factory
     rates = default_rates(gpu=gpu, cores=os.cpu_count() or 1)
-    expected = sum(build_phases(params, rates, new_rows=n - growth.n_old if growth else None).values())
+    expected = sum(build_phases(params, rates, new_rows=n - growth.n_old if growth else None, queries=cfg.queries).values())
     log(f"index plan: {params.describe()}; memory budget {budget / 2**30:.1f} GB; expected build ~{expected:.0f} s on {device} "
         "(the model of --dry-run at default rates; --dry-run measures this machine)")  # fmt: skip
     return Build(out, folder, params, device, ds, key, cfg, log, manifest, growth)

@@ -3,6 +3,7 @@ rates measured on this device; nothing is written."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from ..io.store import VECTORS_DIR, VectorStore
 from .add import fragment_shards, read_shard
 from .build import plan_build
 from .io import quiet_stdout
-from .params import WRITE_BYTES_PER_S, BuildRates, build_phases
+from .params import SCAN_BYTES_PER_S_PER_CORE, WRITE_BYTES_PER_S, BuildRates, build_phases
 from .train import assign
 
 DRY_RUN_SAMPLE = 65_536  # vectors read and assigned to measure this device
@@ -83,9 +84,9 @@ def dry_run_build(out: str | Path, cfg: IndexConfig) -> BuildPlan:
     assign(x, centroids, b.device, p.metric)
     flops = len(x) * lists * p.dim * 2 / max(time.perf_counter() - t, 1e-6)
     rates = BuildRates(read_rate * p.dim * 2 / max(1.0, first.nbytes / max(1, len(first))), flops, _pq_flops(x, p), WRITE_BYTES_PER_S,
-                       _take_seconds(b.ds), _queries_seconds(b), began + planning)  # fmt: skip
+                       _take_seconds(b.ds), SCAN_BYTES_PER_S_PER_CORE * (os.cpu_count() or 1), _queries_seconds(b), began + planning)  # fmt: skip
     new_rows = p.n - b.growth.n_old if b.growth is not None else None
-    seconds = build_phases(p, rates, new_rows=new_rows)
+    seconds = build_phases(p, rates, new_rows=new_rows, queries=cfg.queries)
     total = sum(seconds.values())
     save_prediction(out, "build-index", {"seconds": round(total, 2), "n": p.n, "factory": p.factory, "vectors_version": b.key["vectors_version"]})
     recorded = str(out / PREDICTION)

@@ -195,6 +195,11 @@ FIXED_SECONDS = {False: 4.0, True: 6.0}
 QUERIES_SECONDS = {False: 3.0, True: 2.0}
 TAKE_SECONDS_PER_ROW = 2e-5
 TUNE_ROWS = 100_000  # 1,000 queries x a rerank depth of 100
+# The tuning searches its queries at nprobe 1, 2, 4, ... until past the target the recall stops
+# rising (search.TABLE_PLATEAU), typically about nlist/4: about nlist/2 lists in all, half the
+# codes, per query. faiss-cpu scans PQ codes at about this many bytes per second per core
+# (measured: IVF4096,PQ48 over 1M vectors, 1,000 queries, 16 cores of the H200 machine).
+SCAN_BYTES_PER_S_PER_CORE = 3e8
 
 
 @dataclass(frozen=True)
@@ -207,6 +212,7 @@ class BuildRates:
     pq_flops: float  # PQ codebook training (faiss-cpu's k-means in a few dimensions)
     write_bytes_per_s: float  # the merged lists
     take_seconds_per_row: float  # a vector read by its position (the tuning's rerank)
+    scan_bytes_per_s: float  # PQ codes scanned by faiss-cpu's search (the tuning's searches)
     queries_seconds: float  # the tuning queries: model load and encoding
     fixed_seconds: float  # process start and imports
 
@@ -215,10 +221,10 @@ def default_rates(*, gpu: bool, cores: int) -> BuildRates:
     """The constants above for a GPU or a CPU of `cores` cores."""
     cpu = CPU_FLOPS_PER_CORE * max(1, cores)
     return BuildRates(READ_BYTES_PER_S, GPU_FLOPS if gpu else cpu, cpu * PQ_EFFICIENCY, WRITE_BYTES_PER_S, TAKE_SECONDS_PER_ROW,
-                      QUERIES_SECONDS[gpu], FIXED_SECONDS[gpu])  # fmt: skip
+                      SCAN_BYTES_PER_S_PER_CORE * max(1, cores), QUERIES_SECONDS[gpu], FIXED_SECONDS[gpu])  # fmt: skip
 
 
-def build_phases(p: IndexParams, r: BuildRates, *, new_rows: int | None = None) -> dict[str, float]:
+def build_phases(p: IndexParams, r: BuildRates, *, new_rows: int | None = None, queries: int = 1_000) -> dict[str, float]:
     """Seconds of each part of a build (a fresh process, start to exit): the same model for the
     plan line a build prints and for `--dry-run` (which measures `r`). `new_rows`: a growing
     index, which reads and adds only those, trains nothing and keeps its queries."""
@@ -236,7 +242,7 @@ def build_phases(p: IndexParams, r: BuildRates, *, new_rows: int | None = None) 
         "queries": 0.0 if grow else max(0.0, r.queries_seconds - train),  # prepared while the quantizer trains
         "add": rows * (lists + (256 if p.pq_m else 0)) * p.dim * 2 / r.flops,
         "merge": p.index_bytes / r.write_bytes_per_s,
-        "tune": min(p.n, TUNE_ROWS) * r.take_seconds_per_row,
+        "tune": min(p.n, TUNE_ROWS) * r.take_seconds_per_row + queries * p.n / 2 * max(1, p.pq_m) / r.scan_bytes_per_s,
     }
 
 
