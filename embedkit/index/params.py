@@ -197,9 +197,10 @@ TAKE_SECONDS_PER_ROW = 2e-5
 TUNE_ROWS = 100_000  # 1,000 queries x a rerank depth of 100
 # The tuning searches its queries at nprobe 1, 2, 4, ... until past the target the recall stops
 # rising (search.TABLE_PLATEAU), typically about nlist/4: about nlist/2 lists in all, half the
-# codes, per query. faiss-cpu scans PQ codes at about this many bytes per second per core
-# (measured: IVF4096,PQ48 over 1M vectors, 1,000 queries, 16 cores of the H200 machine).
-SCAN_BYTES_PER_S_PER_CORE = 3e8
+# codes, per query. faiss-cpu's search, candidates and the rerank's bookkeeping included, went
+# through PQ codes at about this many bytes per second per core (IVF4096,PQ48 over 1M pydocs
+# vectors, 1,000 queries, 16 cores of the H200 machine: 2.4e10 bytes in 14.7 s).
+SCAN_BYTES_PER_S_PER_CORE = 1e8
 
 
 @dataclass(frozen=True)
