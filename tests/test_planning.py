@@ -244,10 +244,12 @@ def test_dry_run_estimate_matches_a_real_run(small_input, tmp_path):
     from embedkit.config import EncodeConfig, RunOptions
     from embedkit.dryrun import dry_run_encode
 
-    d = dry_run_encode(small_input, EncodeConfig(device="cpu", run=RunOptions(progress=False)), sample=320, calibrate_rows=192, gpu_price=1.0)
+    # 64 tokens a row: the calibrations and the real run take seconds, not tens of seconds, on 2 cores
+    cfg = EncodeConfig(device="cpu", max_seq_length=64, run=RunOptions(progress=False))
+    d = dry_run_encode(small_input, cfg, sample=320, calibrate_rows=192, gpu_price=1.0)
     assert not (tmp_path / "real").exists()
     t = time.perf_counter()
-    real = embedkit.encode(small_input, tmp_path / "real", device="cpu", progress=False)
+    real = embedkit.encode(small_input, tmp_path / "real", device="cpu", max_seq_length=64, progress=False)
     wall = time.perf_counter() - t
     # estimated from 5 random blocks of 64 rows: within 5% of the real count, and inside its own 95% interval
     assert not d.count.exact and 256 <= d.count.sample_rows <= 320
@@ -347,7 +349,7 @@ def test_encode_dry_run_plot_measures_cost_against_batch_size(run_cli, refused, 
     from embedkit.dryrun import sweep_budgets
 
     r = run_cli("encode", small_input, tmp_path / "out", "--device", "cpu", "--dry-run", "--sample", "0", "--calibrate-rows", "64",
-                "--gpu-price", "2", "--spot-discount", "0.5", "--plot", tmp_path / "sweep.png", "--json")  # fmt: skip
+                "--max-seq-length", "64", "--gpu-price", "2", "--spot-discount", "0.5", "--plot", tmp_path / "sweep.png", "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert [p["batch_tokens"] for p in d["sweep"]] == list(sweep_budgets("cpu")) == [256, 1024, 4096, 16384]
