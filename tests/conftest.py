@@ -368,7 +368,7 @@ def s3_server(tmp_path_factory):
 
     exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
     if not Path(exe).exists():
-        pytest.skip("moto[server] is not installed")
+        pytest.skip("moto_server is not installed (the test extra: moto[s3] and flask)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
