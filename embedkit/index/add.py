@@ -84,8 +84,10 @@ class ShardSpec:
         """Bring shard i's files from object storage when a task on another host put them there."""
         from ..io.objstore import out_path
 
+        if self.remote is None:
+            return False
         remote = out_path(self.remote)
-        if self.remote is None or not (remote / self.files(i)[-1]).is_file():
+        if not (remote / self.files(i)[-1]).is_file():
             return False
         Path(self.folder).mkdir(parents=True, exist_ok=True)
         for name in self.files(i):

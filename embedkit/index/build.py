@@ -256,7 +256,7 @@ def plan_build(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, 
     }  # fmt: skip
     growth = None
     if kept is not None and kept[1].n_old < n and compatible(kept[0]["key"], key):
-        growth = _growth_decision(folder, ds, kept, cfg, log)
+        growth = _growth_decision(folder, ds, n, kept, cfg, log)
         if growth is None:  # trained anew: the structure is chosen for the rows there are now
             params = choose_params(n, dim, memory_budget=budget, nlist=cfg.nlist, pq_m=cfg.pq_m, opq=cfg.opq, metric=metric)
             key["factory"] = params.factory
@@ -282,10 +282,10 @@ def _kept_index(folder: Path, ds: Any, params: IndexParams, cfg: IndexConfig) ->
     return None if chosen and params.factory != previous["key"]["factory"] else (previous, growth)
 
 
-def _growth_decision(folder: Path, ds: Any, kept: tuple[dict, Growth], cfg: IndexConfig, log: Callable[[str], None]) -> Growth | None:
+def _growth_decision(folder: Path, ds: Any, n: int, kept: tuple[dict, Growth], cfg: IndexConfig,
+                     log: Callable[[str], None]) -> Growth | None:  # fmt: skip
     """Grow the kept index, or train anew (None): past --max-growth, on drift, or with --retrain."""
     previous, growth = kept
-    n = ds.count_rows()
     new, share = n - growth.n_old, (n - growth.n_old) / n
     if cfg.retrain:
         log(f"--retrain: training the index anew on all {n:,} vectors ({new:,} new)")
