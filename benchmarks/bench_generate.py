@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--no-dynamic", action="store_true", help="skip the dynamic-cache baseline (the slower of the two)")
     ap.add_argument("--default-slots", default="",
                     help="comma-separated slot counts: more default-configuration rows over all --docs with these many slots at most")  # fmt: skip
+    ap.add_argument("--ab-prefix", action="store_true",
+                    help="also run the default row with the prompts' shared start kept in every slot (not stored once)")
     ap.add_argument("--headline-only", action="store_true", help="only embedkit's default run over all --docs (no check, no baselines)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="only profile embedkit's decoder on N docs at the default slots (top GPU kernels), then exit")  # fmt: skip
@@ -82,6 +84,8 @@ def main() -> None:
     attempt(rows, bench_embedkit, folder, texts, None, args, work)  # the headline row first: a long run may be cut short
     for slots in (int(x) for x in args.default_slots.split(",") if x):
         attempt(rows, bench_embedkit, folder, texts, slots, args, work)
+    if args.ab_prefix:
+        attempt(rows, bench_embedkit, folder, texts, None, args, work, share_prefix=False)
     for r in rows:  # every document, the default options (or only the slot count changed): not an equal-batch row
         r["default_docs"] = True
     rng = np.random.default_rng(0)
@@ -197,6 +201,7 @@ def check(folder: Path, ids: list[list[int]], args) -> dict:
     kernel_used, dense = eager_without("kernel")  # dense masked attention instead of the per-slot kernel
     varlen_used, padded = eager_without("varlen")  # packed prefill through the padded SDPA reference
     fused_used, unfused = eager_without("fuse_kernels")  # norms, rotary and SiLU-and-multiply as plain PyTorch
+    prefix_used, whole = eager_without("share_prefix")  # every slot holding its whole prompt, the shared start too
     g = torch.Generator(device=args.device).manual_seed(0)
     q = torch.randn((256, 3, 3, 64), generator=g, device=args.device, dtype=torch.bfloat16)
     k, v = (torch.randn((256, 3, 1100, 64), generator=g, device=args.device, dtype=torch.bfloat16) for _ in range(2))
@@ -217,6 +222,8 @@ def check(folder: Path, ids: list[list[int]], args) -> dict:
             "fused_kernels_bf16_equal_share": fused_kernel_agreement(args.device) if args.device.startswith("cuda") else None,
             "prefill_varlen_kernel": varlen_used, "varlen_prefill_equals_padded_prefill": sum(a == b for a, b in zip(eager, padded)),
             "first_token_varlen_equals_padded": sum(a[:1] == b[:1] for a, b in zip(eager, padded)),
+            "shared_prefix": prefix_used, "shared_prefix_equals_whole_prompts": sum(a == b for a, b in zip(eager, whole)),
+            "first_token_shared_prefix_equals_whole": sum(a[:1] == b[:1] for a, b in zip(eager, whole)),
             "compared_to_transformers": min(8, len(ids)), "equal_to_transformers": same_hf}  # fmt: skip
 
 
@@ -301,17 +308,20 @@ def bench_transformers(folder: Path, ids: list[list[int]], batch: int, args, sta
             "seconds": seconds, "new_tok_s": new / seconds, "warmup_s": warm}  # fmt: skip
 
 
-def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work: Path) -> dict:
-    """embedkit.generate end to end: parquet in, prompts, decoding, Lance out (model load excluded)."""
+def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work: Path, share_prefix: bool = True) -> dict:
+    """embedkit.generate end to end: parquet in, prompts, decoding, Lance out (model load excluded).
+    share_prefix=False: the A/B row, every slot holding its whole prompt."""
     import embedkit
+    import embedkit.engine.decode as decode
 
+    decode.SHARE_PREFIX = share_prefix  # this configuration's own process
     src = work / f"docs-{len(texts)}.parquet"
     pq.write_table(pa.table({"id": pa.array([f"d{i}" for i in range(len(texts))]), "text": texts}), src)
     out = work / f"gen-{batch or 'default'}"
     shutil.rmtree(out, ignore_errors=True)
     s = embedkit.generate(src, out, task="summarize", model=str(folder), device=args.device, max_new_tokens=args.max_new_tokens,
                           batch_size=batch, progress=False)  # fmt: skip
-    row = {"engine": "embedkit", "cache": "slots", "batch": batch or "default", "docs": s.docs, "new_tokens": s.new_tokens,
+    row = {"engine": "embedkit", "cache": "slots" if share_prefix else "slots, whole prompts", "batch": batch or "default", "docs": s.docs, "new_tokens": s.new_tokens,
            "seconds": s.seconds, "new_tok_s": s.new_tokens / s.seconds, "decoder_s": s.decode.get("seconds"), "decode": s.decode, "phases": s.phases}  # fmt: skip
     if args.model:  # real weights: are the summaries text?
         row["summaries"] = summary_stats(out, args.max_new_tokens)

@@ -425,7 +425,8 @@ def _generate_parts(rows: float, prompt_tokens: float, new_per_row: float, small
     at_once = max(1.0, min(rows, limit) * occupancy)
     new_tokens = rows * new_per_row
     decode = new_tokens / at_once * (a + b * at_once)
-    prefill = prompt_tokens * d["prefill_s"] / max(1, d.get("prefill_tokens", 1))
+    # per prompt token, the shared start counted too (the decoder stores it once: its cost is in the rate)
+    prefill = prompt_tokens * d["prefill_s"] / max(1, d.get("prompt_tokens", d.get("prefill_tokens", 1)))
     other = rows * max(0.0, big.seconds - d["seconds"]) / max(1, big.docs)
     return {"prefill": prefill, "decode": decode, "other": other, "step_seconds": round(a, 6), "step_seconds_per_row": b,
             "rows_at_once": round(at_once, 1)}  # fmt: skip

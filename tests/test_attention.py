@@ -32,14 +32,41 @@ for dtype in (torch.float32, torch.float16):
         want = reference_attention(q.to(dtype).float(), k.to(dtype).float(), v.to(dtype).float(), lengths, dim ** -0.5)
         key = f"{dtype}"
         worst[key] = max(worst.get(key, 0.0), float((got.float() - want).abs().max()))
+        # a shared prefix (one block and three positions), stored once, against the same positions in every slot's cache
+        n = BLOCK_N + 3
+        pk, pv = torch.randn(n, heads, dim), torch.randn(n, heads, dim)
+        got = slot_attention(q.to(dtype), big_k.to(dtype)[:, :, :capacity], big_v.to(dtype)[:, :, :capacity], lengths, dim ** -0.5,
+                             prefix=(pk.to(dtype), pv.to(dtype)), kernel=True)
+        whole_k = torch.cat([pk.transpose(0, 1)[None].expand(slots, -1, -1, -1), k], 2).to(dtype).float()
+        whole_v = torch.cat([pv.transpose(0, 1)[None].expand(slots, -1, -1, -1), v], 2).to(dtype).float()
+        want = reference_attention(q.to(dtype).float(), whole_k, whole_v, lengths + n, dim ** -0.5)
+        worst[key + " prefix"] = max(worst.get(key + " prefix", 0.0), float((got.float() - want).abs().max()))
 print(json.dumps(worst))
 """
 
 
 def test_kernel_equals_dense_masked_attention():
     worst = run_interpreted(CHILD)
-    assert worst["torch.float32"] < 1e-5, worst
-    assert worst["torch.float16"] < 2e-3, worst
+    assert worst["torch.float32"] < 1e-5 and worst["torch.float32 prefix"] < 1e-5, worst
+    assert worst["torch.float16"] < 2e-3 and worst["torch.float16 prefix"] < 2e-3, worst
+
+
+def test_reference_with_a_prefix_equals_the_prefix_in_every_slot():
+    """The reference path (CPU decoding) with the prefix stored once, against the prefix's
+    positions copied in front of each slot's own."""
+    import torch
+
+    from embedkit.engine.attention import reference_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(4, 2, 3, 16), torch.randn(4, 2, 9, 16), torch.randn(4, 2, 9, 16)
+    pk, pv = torch.randn(5, 2, 16), torch.randn(5, 2, 16)
+    lengths = torch.tensor([1, 4, 9, 6])
+    got = reference_attention(q, k, v, lengths, 0.25, span=9, prefix=(pk, pv))
+    whole_k = torch.cat([pk.transpose(0, 1)[None].expand(4, -1, -1, -1), k], 2)
+    whole_v = torch.cat([pv.transpose(0, 1)[None].expand(4, -1, -1, -1), v], 2)
+    want = reference_attention(q, whole_k, whole_v, lengths + 5, 0.25)
+    assert torch.allclose(got, want, atol=1e-6)
 
 
 DECODE_CHILD = r"""
@@ -51,18 +78,23 @@ from embedkit.engine.decode import SlotDecoder
 torch.manual_seed(0)
 lm = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)).eval()
-prompts = [[1, 90, 198, 268, 314, 260, 257], [1, 93, 28, 95], list(range(300, 380))]  # the last over a key block
+start = [1, 90, 198, 268, 314, 260, 257, 40, 41, 42]  # a shared start, stored once as the prefix
+prompts = [start + [93, 28, 95], start + [7], start + list(range(300, 380))]  # the last over a key block
 with_kernel = SlotDecoder(lm, eos_ids={2})
 assert with_kernel.kernel
 dense = SlotDecoder(lm, eos_ids={2})
 dense.kernel = False
-for decoder in (with_kernel, dense):  # the attention kernel alone (tests/test_fused.py covers the others)
+whole = SlotDecoder(lm, eos_ids={2})  # every slot holding its whole prompt
+whole.kernel, whole.share_prefix = False, False
+for decoder in (with_kernel, dense, whole):  # the attention kernel alone (tests/test_fused.py covers the others)
     decoder.fuse_kernels = False
-print(json.dumps([with_kernel.run(prompts, max_new=4, max_slots=2), dense.run(prompts, max_new=4, max_slots=2)]))
+got = [d.run(prompts, max_new=4, max_slots=2) for d in (with_kernel, dense, whole)]
+assert with_kernel.stats["prefix_tokens"] == len(start) and whole.stats["prefix_tokens"] == 0
+print(json.dumps(got))
 """
 
 
 @pytest.mark.slow
 def test_decoder_with_the_kernel_gives_the_dense_tokens():
-    kernel, dense = run_interpreted(DECODE_CHILD)
-    assert kernel == dense and all(len(t) for t in kernel)
+    kernel, dense, whole = run_interpreted(DECODE_CHILD)
+    assert kernel == dense == whole and all(len(t) for t in kernel)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from embedkit.config import DEFAULT_GENERATOR, DEFAULT_PROMPTS
-from embedkit.engine.decode import Group, SlotDecoder, plan_groups, supported
+from embedkit.engine.decode import Group, SlotDecoder, plan_groups, shared_prefix, supported
 from embedkit.errors import EmbedkitError
 from embedkit.generation.model import resolve_generator
 from embedkit.generation.prompts import fit_prompts
@@ -111,12 +111,35 @@ def test_greedy_equals_transformers_generate(model, prompts, reference, max_slot
     decoder = SlotDecoder(model[0], eos_ids=_eos(model), cache_tokens=cache_tokens)
     got = decoder.run(prompts, max_new=MAX_NEW, max_slots=max_slots)
     assert got == reference
+    assert decoder.stats["prefix_tokens"] == len(shared_prefix(prompts)) >= 8  # the chat template's start, stored once
     assert any(len(r) < MAX_NEW for r in reference), "no prompt ended on EOS: the end-of-row path is untested"
 
 
 def test_one_new_token(model, prompts, reference):
     got = SlotDecoder(model[0], eos_ids=_eos(model)).run(prompts, max_new=1, max_slots=4)
     assert got == [r[:1] for r in reference]
+
+
+@pytest.mark.parametrize("prompts, want", [
+    ([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]], [1, 2]),
+    ([[1, 2, 3], [1, 2, 3, 4, 5]], [1, 2]),  # one prompt is another's start: it keeps its last token
+    ([[7], [7, 8]], []),
+    ([[1, 2], [3, 4]], []),
+])  # fmt: skip
+def test_shared_prefix(prompts, want):
+    assert shared_prefix(prompts) == want
+
+
+def test_prompt_that_is_the_shared_start_of_another(model, prompts):
+    """A prompt that is another's start keeps one token of its own; the tokens equal those of
+    the decoder with every prompt whole in its slot."""
+    short = prompts[0][: len(shared_prefix(prompts)) + 1]
+    rows = [short, prompts[0], prompts[1]]
+    shared = SlotDecoder(model[0], eos_ids=_eos(model))
+    whole = SlotDecoder(model[0], eos_ids=_eos(model))
+    whole.share_prefix = False
+    got = shared.run(rows, max_new=6, max_slots=2)
+    assert shared.stats["prefix_tokens"] == len(short) - 1 and whole.run(rows, max_new=6, max_slots=2) == got
 
 
 def test_sampling_follows_the_seed(model, prompts):

@@ -10,6 +10,12 @@ positions 0..lengths[s]-1 only:
   as in flash attention, with fp32 accumulation);
 - elsewhere, `scaled_dot_product_attention` with a length mask (the reference the kernel is
   tested against, in Triton's interpreter on CPU).
+
+Prompts built from one template start with the same tokens (SmolLM2's chat template and the
+default summarize prompt: 32 of a mean 116). Those positions can be stored once, as a *prefix*
+every slot attends to before its own positions: the kernel reads them first, from one place
+that all slots share (so from L2, not from each slot's cache), and the slots' caches hold only
+what differs.
 """
 
 from __future__ import annotations
@@ -20,28 +26,38 @@ from typing import Any
 BLOCK_N = 64  # cached positions per inner step of the kernel
 
 
-def slot_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float, *, kernel: bool | None = None) -> Any:
-    """Attention of one query token per slot over that slot's first `lengths[s]` cached positions.
+def slot_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float, *, prefix: tuple[Any, Any] | None = None,
+                   kernel: bool | None = None) -> Any:  # fmt: skip
+    """Attention of one query token per slot over a shared prefix and that slot's first
+    `lengths[s]` cached positions.
 
     q: (slots, kv_heads, group, head_dim), the query heads grouped by the key head they share.
     keys, values: (slots, kv_heads, capacity, head_dim), last dimension contiguous.
-    lengths: (slots,) int, at least 1. Returns (slots, kv_heads, group, head_dim) in q's dtype.
+    lengths: (slots,) int, at least 1. prefix: (keys, values) of positions every slot attends
+    to before its own, each (prefix_len, kv_heads, head_dim), stored once for all slots (the
+    prompt template's shared start). Returns (slots, kv_heads, group, head_dim) in q's dtype.
     """
     use = triton_usable(q) if kernel is None else kernel
     if use:
-        return _triton_attention(q, keys, values, lengths, scale)
-    return reference_attention(q, keys, values, lengths, scale)
+        return _triton_attention(q, keys, values, lengths, scale, prefix)
+    return reference_attention(q, keys, values, lengths, scale, prefix=prefix)
 
 
-def reference_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float, span: int | None = None) -> Any:
-    """The same result with a dense, masked attention over the first `span` positions (default: all)."""
+def reference_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float, span: int | None = None,
+                        prefix: tuple[Any, Any] | None = None) -> Any:  # fmt: skip
+    """The same result with a dense, masked attention over the prefix and the first `span`
+    positions of each slot (default: all)."""
     import torch
 
     span = keys.shape[2] if span is None else span
+    keys, values = keys[:, :, :span], values[:, :, :span]
     visible = torch.arange(span, device=q.device)[None, :] < lengths[:, None]
-    return torch.nn.functional.scaled_dot_product_attention(
-        q, keys[:, :, :span], values[:, :, :span], attn_mask=visible[:, None, None, :], scale=scale
-    )
+    if prefix is not None and prefix[0].shape[0]:  # the shared positions, in front of every slot's own
+        n = q.shape[0]
+        keys = torch.cat([prefix[0].transpose(0, 1)[None].expand(n, -1, -1, -1), keys], 2)
+        values = torch.cat([prefix[1].transpose(0, 1)[None].expand(n, -1, -1, -1), values], 2)
+        visible = torch.cat([torch.ones(n, prefix[0].shape[0], dtype=torch.bool, device=q.device), visible], 1)
+    return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :], scale=scale)
 
 
 def triton_usable(q: Any) -> bool:
@@ -56,57 +72,14 @@ def triton_usable(q: Any) -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-_KERNEL = None
-
-
 def _kernel() -> Any:
-    """The Triton kernel, defined on first use (importing Triton is slow and it is optional)."""
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
-    import triton
-    import triton.language as tl
+    """The Triton kernel (its module imports Triton, which is slow and optional: on first use)."""
+    from .attention_kernel import slot_attention_kernel
 
-    @triton.jit
-    def slot_attention_kernel(
-        Q, K, V, O, LENGTHS, scale,
-        q_s, q_h, q_g, k_s, k_h, k_n, v_s, v_h, v_n, o_s, o_h, o_g,
-        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        slot = tl.program_id(0)
-        head = tl.program_id(1)
-        n_valid = tl.load(LENGTHS + slot)
-        rows = tl.arange(0, BLOCK_G)
-        dims = tl.arange(0, HEAD_DIM)
-        cols = tl.arange(0, BLOCK)
-        row_ok = rows[:, None] < GROUP
-        q = tl.load(Q + slot * q_s + head * q_h + rows[:, None] * q_g + dims[None, :], mask=row_ok, other=0.0)
-        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-        k_base = K + slot * k_s + head * k_h
-        v_base = V + slot * v_s + head * v_h
-        for start in range(0, n_valid, BLOCK):
-            pos = start + cols
-            ok = pos < n_valid
-            k = tl.load(k_base + pos[:, None] * k_n + dims[None, :], mask=ok[:, None], other=0.0)
-            v = tl.load(v_base + pos[:, None] * v_n + dims[None, :], mask=ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            total = total * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-            m = m_new
-        out = acc / total[:, None]
-        tl.store(O + slot * o_s + head * o_h + rows[:, None] * o_g + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok)
-
-    _KERNEL = slot_attention_kernel
-    return _KERNEL
+    return slot_attention_kernel
 
 
-def _triton_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float) -> Any:
+def _triton_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float, prefix: tuple[Any, Any] | None) -> Any:
     import torch
 
     slots, kv_heads, group, head_dim = q.shape
@@ -115,10 +88,12 @@ def _triton_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float
     q = q.contiguous()
     out = torch.empty_like(q)
     block_g = max(16, 1 << (group - 1).bit_length())  # tl.dot needs at least 16 rows
+    pk, pv = prefix if prefix is not None else (keys[0, 0, :0].unsqueeze(1), values[0, 0, :0].unsqueeze(1))  # (0, 1, head_dim): no prefix
     _kernel()[(slots, kv_heads)](
-        q, keys, values, out, lengths, scale,
+        q, keys, values, out, lengths, pk, pv, pk.shape[0], scale,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1),
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK=BLOCK_N,
     )  # fmt: skip
     return out
