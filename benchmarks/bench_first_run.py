@@ -148,7 +148,8 @@ def head(path: Path, n: int, work: Path) -> Path:
 # ---- runs ---------------------------------------------------------------------------------------
 
 
-def cli_encode(folder: str, corpus: Path, out: Path, prefix: tuple[str, ...] = (), loader: str = "native") -> tuple[float, dict]:
+def cli_encode(folder: str, corpus: Path, out: Path, prefix: tuple[str, ...] = (), loader: str = "native",
+               precision: str | None = None) -> tuple[float, dict]:  # fmt: skip
     """One `embedkit encode` in a new process: (process wall seconds, its JSON summary).
     `loader` "st" loads every model through sentence-transformers (EMBEDKIT_NATIVE=0)."""
     import os
@@ -156,6 +157,8 @@ def cli_encode(folder: str, corpus: Path, out: Path, prefix: tuple[str, ...] = (
 
     shutil.rmtree(out, ignore_errors=True)
     cmd = [*prefix, sys.executable, "-m", "embedkit.cli", "encode", str(corpus), str(out), "--model", folder, "--json", "-q"]
+    if precision:
+        cmd += ["--precision", precision]
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "EMBEDKIT_NATIVE": "0" if loader == "st" else "1"})
     wall = time.perf_counter() - t

@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--no-dynamic", action="store_true", help="skip the dynamic-cache baseline (the slower of the two)")
     ap.add_argument("--default-slots", default="",
                     help="comma-separated slot counts: more default-configuration rows over all --docs with these many slots at most")  # fmt: skip
+    ap.add_argument("--precisions", default="", help="also run the default row at these precisions (e.g. fp8), each in its own process")
     ap.add_argument("--ab-prefix", action="store_true",
                     help="also run the default row with the prompts' shared start kept in every slot (not stored once)")
     ap.add_argument("--headline-only", action="store_true", help="only embedkit's default run over all --docs (no check, no baselines)")
@@ -86,6 +87,8 @@ def main() -> None:
         attempt(rows, bench_embedkit, folder, texts, slots, args, work)
     if args.ab_prefix:
         attempt(rows, bench_embedkit, folder, texts, None, args, work, share_prefix=False)
+    for precision in (p for p in args.precisions.split(",") if p):
+        attempt(rows, bench_embedkit, folder, texts, None, args, work, precision=precision)
     for r in rows:  # every document, the default options (or only the slot count changed): not an equal-batch row
         r["default_docs"] = True
     rng = np.random.default_rng(0)
@@ -308,7 +311,8 @@ def bench_transformers(folder: Path, ids: list[list[int]], batch: int, args, sta
             "seconds": seconds, "new_tok_s": new / seconds, "warmup_s": warm}  # fmt: skip
 
 
-def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work: Path, share_prefix: bool = True) -> dict:
+def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work: Path, share_prefix: bool = True,
+                   precision: str = "auto") -> dict:  # fmt: skip
     """embedkit.generate end to end: parquet in, prompts, decoding, Lance out (model load excluded).
     share_prefix=False: the A/B row, every slot holding its whole prompt."""
     import embedkit
@@ -317,11 +321,12 @@ def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work
     decode.SHARE_PREFIX = share_prefix  # this configuration's own process
     src = work / f"docs-{len(texts)}.parquet"
     pq.write_table(pa.table({"id": pa.array([f"d{i}" for i in range(len(texts))]), "text": texts}), src)
-    out = work / f"gen-{batch or 'default'}"
+    out = work / f"gen-{batch or 'default'}-{precision}"
     shutil.rmtree(out, ignore_errors=True)
     s = embedkit.generate(src, out, task="summarize", model=str(folder), device=args.device, max_new_tokens=args.max_new_tokens,
-                          batch_size=batch, progress=False)  # fmt: skip
-    row = {"engine": "embedkit", "cache": "slots" if share_prefix else "slots, whole prompts", "batch": batch or "default", "docs": s.docs, "new_tokens": s.new_tokens,
+                          batch_size=batch, progress=False, precision=precision)  # fmt: skip
+    cache = "slots" if share_prefix else "slots, whole prompts"
+    row = {"engine": "embedkit", "cache": cache if precision == "auto" else f"{cache}, {precision}", "batch": batch or "default", "docs": s.docs, "new_tokens": s.new_tokens,
            "seconds": s.seconds, "new_tok_s": s.new_tokens / s.seconds, "decoder_s": s.decode.get("seconds"), "decode": s.decode, "phases": s.phases}  # fmt: skip
     if args.model:  # real weights: are the summaries text?
         row["summaries"] = summary_stats(out, args.max_new_tokens)

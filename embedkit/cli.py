@@ -108,7 +108,7 @@ def _show_notices() -> None:
 @click.option("--device", default="auto", show_default=True, help=f"One of {', '.join(DEVICES)} or cuda:N.")
 @click.option("--dtype", type=click.Choice(OUTPUT_DTYPES), default="float16", show_default=True,
               help="Stored vector type: float16, float32, int8 (per-dimension ranges calibrated on the input) or binary (sign bits).")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="Compute precision (auto: fp16 on CUDA, fp32 on CPU).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="Compute precision (auto: fp16 on CUDA, fp32 on CPU; fp8: linear layers in fp8 on GPUs of compute capability 8.9+, needs torchao).")
 @click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalize vectors.")
 @click.option("--batch-tokens", type=int, default=None, help="Padded tokens per forward pass (default: sized from free GPU memory up to 524288 on CUDA; 16384 on CPU).")
 @click.option("--shard-rows", type=int, default=None, help="Rows per shard, the unit of commit and resume (default: 1M on CUDA, 10k on CPU).")
@@ -296,7 +296,7 @@ def export(out: str, fmt: str, path: str | None, partial: bool) -> None:
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help=f"One of {', '.join(DEVICES)} or cuda:N.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: bf16 on CUDA, fp32 on CPU.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: bf16 on CUDA, fp32 on CPU; fp8: linear layers in fp8 on GPUs of compute capability 8.9+, needs torchao.")
 @click.option("--batch-size", type=int, default=None, help="summarize: most sequences decoded together (default: 16384 on CUDA, fewer if memory is short; 8 on CPU).")
 @click.option("--shard-rows", type=int, default=None, help="Rows per shard, the unit of commit and resume.")
 @click.option("--text-column", default="text", show_default=True)

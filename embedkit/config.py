@@ -26,7 +26,7 @@ OUTPUT_DTYPES = ("float16", "float32", "int8", "binary")  # int8/binary: quantiz
 # input column may not take one of these names.
 OUTPUT_COLUMNS = ("id", "vector", "n_tokens", "truncated", "chunk", "start", "end", "text")
 EXPORT_FORMATS = ("jsonl", "csv", "parquet")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "fp8")  # fp8: linear layers only, on GPUs of compute capability 8.9+ (engine/fp8.py)
 DEVICES = ("auto", "cpu", "cuda")
 
 

@@ -435,8 +435,7 @@ class SlotDecoder:
             v = attn.v_proj(h).view(b, t, kv, d)
             rot = self._rope(q, cos, sin), self._rope(k, cos, sin)
             return rot[0].view(b, t, heads, d), rot[1].view(b, t, kv, d), v
-        weight, bias = self.fused[i]["qkv"]
-        qkv = self.torch.nn.functional.linear(h, weight, bias)
+        qkv = self.fused[i]["qkv"](h)
         qk = qkv[..., : (heads + kv) * d].view(b * t, heads + kv, d)
         q, k = self._rope(qk, cos, sin).view(b, t, heads + kv, d).split([heads, kv], 2)
         return q, k, qkv[..., (heads + kv) * d :].view(b, t, kv, d)
@@ -452,8 +451,7 @@ class SlotDecoder:
         if self.fused is None or "gate_up" not in self.fused[i]:
             return layer.mlp(h)
         mlp = layer.mlp
-        weight, bias = self.fused[i]["gate_up"]
-        gate_up = self.torch.nn.functional.linear(h, weight, bias)
+        gate_up = self.fused[i]["gate_up"](h)
         if type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation"):
             return mlp.down_proj(fused.silu_mul(gate_up, kernel=self.fuse_kernels))
         gate, up = gate_up.chunk(2, -1)
@@ -611,19 +609,27 @@ def _fused_bytes(layers: list) -> int:
 
 
 def _fuse_layers(layers: list) -> list[dict]:
-    """Per layer, the q/k/v projections as one weight (and bias), and the MLP's gate and up
+    """Per layer, the q/k/v projections as one linear layer, and the MLP's gate and up
     projections as one, so that a step runs one product where the model runs three and two.
-    Copies, made once: the model's own modules are left as they are."""
+    Copies, made once: the model's own modules are left as they are. A model quantized to fp8
+    (engine/fp8.py) gets fp8 copies, quantized the same way."""
     import torch
 
-    def cat(modules: list) -> tuple[Any, Any]:
-        weight = torch.cat([m.weight for m in modules], 0)
+    from .fp8 import plain_weight, to_fp8
+
+    quantized = plain_weight(layers[0].self_attn.q_proj.weight) is not layers[0].self_attn.q_proj.weight
+
+    def cat(modules: list) -> Any:
+        weight = torch.cat([plain_weight(m.weight) for m in modules], 0)
         biases = [m.bias for m in modules]
-        if all(b is None for b in biases):
-            return weight, None
-        bias = torch.cat([b if b is not None else torch.zeros(m.weight.shape[0], dtype=weight.dtype, device=weight.device)
-                          for m, b in zip(modules, biases)])  # fmt: skip
-        return weight, bias
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=any(b is not None for b in biases), device=weight.device, dtype=weight.dtype)
+        linear.weight.copy_(weight)
+        if linear.bias is not None:
+            linear.bias.copy_(torch.cat([b if b is not None else torch.zeros(m.weight.shape[0], dtype=weight.dtype, device=weight.device)
+                                         for m, b in zip(modules, biases)]))  # fmt: skip
+        if quantized:
+            to_fp8(linear)
+        return linear
 
     fused = []
     with torch.no_grad():

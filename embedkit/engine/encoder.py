@@ -31,11 +31,17 @@ class DeviceChoice:
     """The resolved device and compute precision."""
 
     device: str  # "cpu" or "cuda:N"
-    precision: str  # "fp32", "fp16" or "bf16"
+    precision: str  # "fp32", "fp16", "bf16" or "fp8" (linear layers in fp8, the rest in bf16)
 
     @property
     def type(self) -> str:
         return self.device.split(":")[0]
+
+    def dtype(self) -> Any:
+        """The torch dtype the model is cast to (fp8 runs its linear layers in fp8 on top of bf16)."""
+        import torch
+
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}[self.precision]
 
 
 def choose_device(device: str, precision: str) -> DeviceChoice:
@@ -54,6 +60,10 @@ def choose_device(device: str, precision: str) -> DeviceChoice:
             device = f"cuda:{torch.cuda.current_device()}"
     if precision == "auto":
         precision = "fp16" if device.startswith("cuda") else "fp32"
+    if precision == "fp8":
+        from .fp8 import check_fp8
+
+        check_fp8(device)
     return DeviceChoice(device=device, precision=precision)
 
 
@@ -170,12 +180,20 @@ class Encoder:
         self.normalize = normalize
         self.dim = dim
         self.out_dtype = torch.float16 if out_dtype == "float16" else torch.float32  # int8/binary: quantized from fp32 later
-        compute = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[choice.precision]
+        compute = choice.dtype()
         # Rows that come out NaN/Inf are retried in fp32 on the host, with the weights as loaded:
         # a 16-bit run keeps an fp32 copy there (the cast below is in place), an fp32 run
         # retries with its own model.
         self._fp32 = HostFp32(model) if compute != torch.float32 else None
-        self.model = model.to(device=choice.device, dtype=compute).eval()
+        if getattr(model, "_embedkit_fp8", False):  # quantized by an earlier Encoder (a Ray worker builds one per task)
+            self.model = model
+        else:
+            self.model = model.to(device=choice.device, dtype=compute).eval()
+        if choice.precision == "fp8" and not getattr(self.model, "_embedkit_fp8", False):
+            from .fp8 import to_fp8
+
+            to_fp8(self.model)  # in place
+            self.model._embedkit_fp8 = True
         self.device = torch.device(choice.device)
         input_names = getattr(getattr(model, "tokenizer", None), "model_input_names", []) or []
         self._wants_token_types = "token_type_ids" in input_names

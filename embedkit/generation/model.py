@@ -83,13 +83,12 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
 
 def load_generator(model: str, choice: DeviceChoice) -> tuple[Any, Any, str]:
     """(model in eval mode on the device, tokenizer, resolved name)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a weights bar on stderr: noise, and it breaks one-line refusals
     target = resolve_generator(model)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[choice.precision]
+    dtype = choice.dtype()
     try:
         tok = AutoTokenizer.from_pretrained(target)
         lm = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
@@ -98,4 +97,11 @@ def load_generator(model: str, choice: DeviceChoice) -> tuple[Any, Any, str]:
         raise EmbedkitError(f"cannot load generator {model}: {first}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return lm.to(choice.device).eval(), tok, target
+    lm = lm.to(choice.device).eval()
+    if choice.precision == "fp8":
+        from ..engine.fp8 import to_fp8
+
+        # the output layer stays bf16: its logits choose every token, and its weight is often
+        # the embedding's too (tied)
+        to_fp8(lm, skip=("lm_head",))
+    return lm, tok, target
