@@ -7,6 +7,13 @@ the fp8 matrix product (`torch._scaled_mm`) with those scales. Everything else (
 norms, attention, softmax, pooling, the LM head) stays in bf16: those are where 8 bits lose the
 most and gain the least.
 
+Eager, that path is slower than bf16: the activation's quantization runs as a chain of
+separate kernels (absolute value, row maximum, scale, cast), which on the H200 cost more than
+the fp8 product saves (a 65,536 x 1,024 by 1,024 x 4,096 product: bf16 0.77 ms, torchao's fp8
+eager 1.24 ms, compiled 0.53 ms). So each quantized layer calls one `torch.compile`d function
+(dynamic shapes: one compilation serves every batch size), in which the quantization becomes
+one fused kernel before the fp8 product, as torchao recommends.
+
 The scaling is torchao's, not written here. torchao is optional (`pip install 'embedkit[fp8]'`):
 it is imported only when fp8 is asked for, and a machine that cannot run fp8 is told so in one
 line before any model is loaded.
@@ -68,9 +75,33 @@ def to_fp8(model: Any, skip: tuple[str, ...] = ()) -> int:
         return ok
 
     # set_inductor_config=False: torchao would otherwise change torch.compile's process-wide
-    # settings, which are the caller's (embedkit compiles nothing)
+    # settings, which are the caller's
     quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False), filter_fn=keep)
+    modules = dict(model.named_modules())
+    for name in chosen:
+        _compile_forward(modules[name])
     return len(chosen)
+
+
+_COMPILED: list = []
+
+
+def _compile_forward(module: Any) -> None:
+    """The layer's forward through one compiled function shared by every fp8 layer: dynamo
+    compiles it once per weight layout (dynamic shapes), not once per layer instance."""
+    if not _COMPILED:
+        import torch
+
+        def fp8_linear(x: Any, weight: Any, bias: Any) -> Any:
+            return torch.nn.functional.linear(x, weight, bias)
+
+        _COMPILED.append(torch.compile(fp8_linear, dynamic=True))
+    compiled = _COMPILED[0]
+
+    def forward(x: Any) -> Any:
+        return compiled(x, module.weight, module.bias)
+
+    module.forward = forward
 
 
 def plain_weight(weight: Any) -> Any:
