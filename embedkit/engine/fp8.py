@@ -87,8 +87,10 @@ _COMPILED: list = []
 
 
 def _compile_forward(module: Any) -> None:
-    """The layer's forward through one compiled function shared by every fp8 layer: dynamo
-    compiles it once per weight layout (dynamic shapes), not once per layer instance."""
+    """The layer's forward through one compiled function shared by every fp8 layer, with
+    dynamic shapes: one compilation serves every layer and batch size (with and without a bias).
+    The weight and bias go in detached: dynamo keeps a parameter's shape static, which
+    recompiled once per layer shape and hit its limit of eight in a process of two models."""
     if not _COMPILED:
         import torch
 
@@ -98,8 +100,11 @@ def _compile_forward(module: Any) -> None:
         _COMPILED.append(torch.compile(fp8_linear, dynamic=True))
     compiled = _COMPILED[0]
 
+    weight = module.weight.detach()
+    bias = module.bias.detach() if module.bias is not None else None
+
     def forward(x: Any) -> Any:
-        return compiled(x, module.weight, module.bias)
+        return compiled(x, weight, bias)
 
     module.forward = forward
 
