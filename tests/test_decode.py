@@ -115,6 +115,17 @@ def test_greedy_equals_transformers_generate(model, prompts, reference, max_slot
     assert any(len(r) < MAX_NEW for r in reference), "no prompt ended on EOS: the end-of-row path is untested"
 
 
+def test_narrow_steps_give_the_same_tokens(model, prompts, reference, monkeypatch):
+    """8 slots for 9 prompts: the last prompt runs alone in slot 0, in steps two slots wide."""
+    import embedkit.engine.decode as decode
+
+    monkeypatch.setattr(decode, "STEP_WIDTH_MIN", 2)
+    assert decode.step_width(1, 8) == 2 and decode.step_width(5, 8) == 8 and decode.step_width(3, 16) == 4
+    decoder = SlotDecoder(model[0], eos_ids=_eos(model))
+    assert decoder.run(prompts, max_new=MAX_NEW, max_slots=8) == reference
+    assert decoder.stats["narrow_steps"] > 0
+
+
 def test_one_new_token(model, prompts, reference):
     got = SlotDecoder(model[0], eos_ids=_eos(model)).run(prompts, max_new=1, max_slots=4)
     assert got == [r[:1] for r in reference]

@@ -47,6 +47,7 @@ REFILL_FRACTION = 4  # refill when a quarter of the slots is free
 PREFILL_TOKENS = {"cuda": 65_536, "cpu": 4_096}  # prompt tokens per packed prefill forward (no padding)
 FUSE_MAX_BYTES = 2 << 30  # fused projection weights are copies: made only while they stay this small
 CACHE_MEMORY_FRACTION = 0.6  # of the free device memory, for the KV cache
+STEP_WIDTH_MIN = 256  # narrowest decode step: when the running rows all sit below a slot index, steps cover only those slots
 PREFIX_MIN = 8  # shortest shared prompt start worth storing once (below it the bookkeeping costs more than it saves)
 SHARE_PREFIX = True  # new decoders store the prompts' shared start once (benchmarks/bench_generate.py --ab-prefix turns it off)
 
@@ -369,6 +370,14 @@ class SlotDecoder:
         On CUDA flash attention's variable-length kernel, which takes the prompts' boundaries and
         the shared key heads as they are; elsewhere the padded reference (SDPA, right padding)."""
         torch = self.torch
+        if prefix is not None and self.varlen and _flash_causal_is_bottom_right():
+            # flash's causal mask aligns the last query with the last key, so the prompts' own
+            # tokens can query their whole layout directly: no zero queries, no output gather
+            (pk, pv), layout = prefix
+            whole_k = torch.cat([pk, k])[layout["source"]]
+            whole_v = torch.cat([pv, v])[layout["source"]]
+            return torch.ops.aten._flash_attention_forward(q, whole_k, whole_v, cu, layout["cu"], longest, longest + self.prefix_len,
+                                                           0.0, True, False, scale=self.scale)[0]  # fmt: skip
         if prefix is not None:
             (pk, pv), layout = prefix
             whole_q = torch.zeros((layout["total"], q.shape[1], q.shape[2]), dtype=q.dtype, device=q.device)
@@ -472,10 +481,12 @@ class SlotDecoder:
             else:  # dense attention over the longest row's positions, rounded up
                 attended = max(self.pos[torch.tensor(running, device=self.device)].max().item() + steps, 1)
                 length = min(self.capacity, -(-attended // LENGTH_BUCKET) * LENGTH_BUCKET)
+            width = step_width(max(running) + 1, self._slots)
             self.stats["steps"] += steps
+            self.stats["narrow_steps"] = self.stats.get("narrow_steps", 0) + (steps if width < self._slots else 0)
             for _ in range(steps):
-                logits = self._step(length)
-                self._advance(self._choose(logits))
+                logits = self._step(length, width)
+                self._advance(self._choose(logits), width)
         active = self.active.tolist()
         done = [s for s in range(self._slots) if holder[s] >= 0 and not active[s]]
         if done:
@@ -496,41 +507,43 @@ class SlotDecoder:
         self.count[index] = count
         self.active[index] = ~ends & (count < self.max_new)
 
-    def _advance(self, tokens: Any) -> None:
-        """Append each active row's new token unless it ends the row (EOS or max_new tokens).
+    def _advance(self, tokens: Any, width: int) -> None:
+        """Append each active row's new token unless it ends the row (EOS or max_new tokens), for
+        the first `width` slots (the step's; every slot past them is idle).
 
         Rows that are not active keep their count and position: their steps are discarded.
         """
         torch = self.torch
-        keep = self.active & ~torch.isin(tokens, self.eos)
-        at = self.count.clamp(max=self.max_new - 1)
-        self.out[self.rows, at] = torch.where(keep, tokens, self.out[self.rows, at])
-        self.count += keep.long()
-        self.active.copy_(keep & (self.count < self.max_new))
-        self.pos += self.active.long()  # the token just chosen is fed at the next position
-        self.tok.copy_(tokens)
+        active, count, rows = self.active[:width], self.count[:width], self.rows[:width]
+        keep = active & ~torch.isin(tokens, self.eos)
+        at = count.clamp(max=self.max_new - 1)
+        self.out[rows, at] = torch.where(keep, tokens, self.out[rows, at])
+        count += keep.long()
+        active.copy_(keep & (count < self.max_new))
+        self.pos[:width] += active.long()  # the token just chosen is fed at the next position
+        self.tok[:width].copy_(tokens)
 
     def _choose(self, logits: Any) -> Any:
         return choose_tokens(logits, self.temperature, self.gen)
 
-    def _step(self, length: int) -> Any:
-        """Logits of one decode step over every slot, attending to the first `length` positions."""
+    def _step(self, length: int, width: int) -> Any:
+        """Logits of one decode step over the first `width` slots, attending to the first `length` positions."""
         if not self.graphs_on:
-            return self._step_forward(length)
-        if length not in self._graphs:
+            return self._step_forward(length, width)
+        if (length, width) not in self._graphs:
             try:
-                self._graphs[length] = self._capture(length)
+                self._graphs[(length, width)] = self._capture(length, width)
             except RuntimeError as e:  # a kernel that cannot be captured: decoding stays correct, only slower
                 import warnings
 
                 warnings.warn(f"decoding without CUDA graphs: capture failed ({str(e).splitlines()[0]})", stacklevel=2)
                 self.graphs_on = False
-                return self._step_forward(length)
-        graph, logits = self._graphs[length]
+                return self._step_forward(length, width)
+        graph, logits = self._graphs[(length, width)]
         graph.replay()
         return logits
 
-    def _capture(self, length: int) -> tuple[Any, Any]:
+    def _capture(self, length: int, width: int) -> tuple[Any, Any]:
         """The decode step as a CUDA graph over the static slot buffers (tok, pos, cache)."""
         torch = self.torch
         t0 = time.perf_counter()
@@ -538,13 +551,13 @@ class SlotDecoder:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up on a side stream, as capture requires; writes are idempotent
-                self._step_forward(length)
+                self._step_forward(length, width)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._step_forward(length)
+            logits = self._step_forward(length, width)
         self.stats["captures"] += 1
         self.stats["capture_s"] += time.perf_counter() - t0
         return graph, logits
@@ -553,27 +566,68 @@ class SlotDecoder:
         if self.device.type == "cuda":
             self.torch.cuda.synchronize(self.device)
 
-    def _step_forward(self, length: int) -> Any:
-        """One token per slot: write its key/value at the slot's position, attend to its own prefix
-        (the dense path reads [0, length) of every slot, masked)."""
-        n = self._slots
-        x = self.model.embed_tokens(self.tok[:, None])
-        cos, sin = self.model.rotary_emb(x, self.pos[:, None] + self.prefix_len)
-        lengths = self.pos + 1
+    def _step_forward(self, length: int, width: int) -> Any:
+        """One token for each of the first `width` slots: write its key/value at the slot's
+        position, attend to its own positions (the dense path reads [0, length) of every slot, masked)."""
+        n = width
+        pos, rows = self.pos[:n], self.rows[:n]
+        x = self.model.embed_tokens(self.tok[:n, None])
+        cos, sin = self.model.rotary_emb(x, pos[:, None] + self.prefix_len)
+        lengths = pos + 1
 
         def attend(i: int, q: Any, k: Any, v: Any) -> Any:  # (slots, 1, heads, head_dim) each
-            self.keys[i][self.rows, :, self.pos] = k[:, 0]
-            self.values[i][self.rows, :, self.pos] = v[:, 0]
+            keys, values = self.keys[i][:n], self.values[i][:n]
+            keys[rows, :, pos] = k[:, 0]
+            values[rows, :, pos] = v[:, 0]
             # the query heads that share a key head become that head's query rows: no repeated keys
             q = q.reshape(n, self.kv_heads, self.group, self.head_dim)
             if self.kernel:
-                o = slot_attention(q, self.keys[i], self.values[i], lengths, self.scale, prefix=self._prefix(i), kernel=True)
+                o = slot_attention(q, keys, values, lengths, self.scale, prefix=self._prefix(i), kernel=True)
             else:
-                o = reference_attention(q, self.keys[i], self.values[i], lengths, self.scale, span=length, prefix=self._prefix(i))
+                o = reference_attention(q, keys, values, lengths, self.scale, span=length, prefix=self._prefix(i))
             return o.reshape(n, 1, -1)
 
         x = self._layers(x, cos, sin, attend)
         return self.head(self._norm(self.model.norm, x[:, 0]))
+
+
+def step_width(running_below: int, slots: int) -> int:
+    """Slots a decode step covers: all of them, or, when every running row sits below slot
+    `running_below` and that is under half of them, the smallest power of two (at least
+    STEP_WIDTH_MIN) that holds those rows. Refills take the lowest free slots, so a group's last
+    rows (all finishing at once frees every slot) run in a narrow step instead of the full width.
+
+    >>> step_width(16384, 16384), step_width(523, 16384), step_width(100, 16384), step_width(9000, 16384)
+    (16384, 1024, 256, 16384)
+    """
+    if running_below * 2 > slots:
+        return slots
+    width = STEP_WIDTH_MIN
+    while width < running_below:
+        width *= 2
+    return min(width, slots)
+
+
+_BOTTOM_RIGHT: list[bool] = []
+
+
+def _flash_causal_is_bottom_right() -> bool:
+    """Whether flash attention's variable-length causal mask, given fewer queries than keys,
+    lets the last query see every key (flash-attention 2.1 and later do; the older rule aligned
+    the first query with the first key). Checked once on a small random case against an
+    explicit mask."""
+    if not _BOTTOM_RIGHT:
+        import torch
+
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn((n, 2, 64), generator=g, device="cuda", dtype=torch.bfloat16) for n in (3, 8, 8))
+        cu_q, cu_k = (torch.tensor([0, n], dtype=torch.int32, device="cuda") for n in (3, 8))
+        got = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, 3, 8, 0.0, True, False, scale=0.125)[0]
+        visible = torch.arange(8, device="cuda")[None, :] <= torch.arange(3, device="cuda")[:, None] + 5
+        want = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(),
+                                                                attn_mask=visible, scale=0.125).transpose(0, 1)  # fmt: skip
+        _BOTTOM_RIGHT.append(bool((got.float() - want).abs().max() < 0.02))
+    return _BOTTOM_RIGHT[0]
 
 
 def shared_prefix(prompts: list[list[int]]) -> list[int]:
