@@ -126,13 +126,6 @@ def test_narrow_steps_give_the_same_tokens(model, prompts, reference, monkeypatc
     assert decoder.stats["narrow_steps"] > 0
 
 
-def test_a_warmed_up_decoder_gives_the_same_tokens(model, prompts, reference):
-    """warm_up (run in a thread while generate tokenizes) leaves nothing behind that changes a run."""
-    decoder = SlotDecoder(model[0], eos_ids=_eos(model))
-    decoder.warm_up()
-    assert decoder.stats == {} and decoder.run(prompts, max_new=MAX_NEW, max_slots=16) == reference
-
-
 def test_one_new_token(model, prompts, reference):
     got = SlotDecoder(model[0], eos_ids=_eos(model)).run(prompts, max_new=1, max_slots=4)
     assert got == [r[:1] for r in reference]

@@ -188,14 +188,6 @@ class SlotDecoder:
         self.stats["seconds"] = time.perf_counter() - start
         return self.results
 
-    def warm_up(self) -> None:
-        """Run two tiny prompts through prefill and a few decode steps (graphs included), so the
-        kernels' one-time costs (Triton compiles, library set-up) are paid now: the generate
-        stage calls this in a thread while it tokenizes. Leaves no results or counters behind."""
-        head = [self.model.embed_tokens.num_embeddings - 1] * PREFIX_MIN
-        self.run([head + [0], head + [1, 2]], max_new=3, max_slots=2)
-        self.stats = {}
-
     # ---- the shared prefix -----------------------------------------------------------------
 
     def _set_prefix(self, prefix: list[int]) -> None:

@@ -93,63 +93,21 @@ def summarize(lm: Any, tok: Any, prompts: list[list[int]], cfg: GenerateConfig, 
     graph on GPUs. Other models run transformers' own `generate` on length-bucketed batches
     (`bucketed_generate`). Both give transformers' greedy tokens (tested).
     """
-    from ..engine.decode import supported
+    from ..engine.decode import SlotDecoder, supported
 
-    eos = _eos_ids(lm, tok)
+    configured = getattr(lm.generation_config, "eos_token_id", None)  # what generate() stops on
+    eos = {tok.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
+    eos = {e for e in eos if e is not None}
     kind = next(lm.parameters()).device.type
     if supported(lm) is None:
-        decoder = _slot_decoder_for(lm, eos)
+        decoder = _DECODERS.get(lm)  # kept per model: its cache and captured steps serve every shard
+        if decoder is None or decoder.eos_set != eos:
+            decoder = _DECODERS[lm] = SlotDecoder(lm, eos_ids=eos)
         slots = batch_size or SLOT_BATCH_SIZE[kind]
         return decoder.run(prompts, max_new=cfg.max_new_tokens, max_slots=slots, temperature=cfg.temperature, seed=seed)
     batch = batch_size or DEFAULT_BATCH_SIZE[kind]
     return bucketed_generate(lm, prompts, pad_id=tok.pad_token_id, eos_ids=eos, max_new=cfg.max_new_tokens, batch_size=batch,
                              temperature=cfg.temperature, seed=seed)  # fmt: skip
-
-
-def _eos_ids(lm: Any, tok: Any) -> set[int]:
-    configured = getattr(lm.generation_config, "eos_token_id", None)  # what generate() stops on
-    eos = {tok.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
-    return {e for e in eos if e is not None}
-
-
-def _slot_decoder_for(lm: Any, eos: set[int]) -> Any:
-    """The SlotDecoder kept for this model (its cache and captured steps serve every shard)."""
-    from ..engine.decode import SlotDecoder
-
-    decoder = _DECODERS.get(lm)
-    if decoder is None or decoder.eos_set != eos:
-        decoder = _DECODERS[lm] = SlotDecoder(lm, eos_ids=eos)
-    return decoder
-
-
-@contextlib.contextmanager
-def decoder_warmed_meanwhile(gen: "Generator") -> Iterator[None]:
-    """Warm the slot decoder on the GPU in a thread while the block runs (the shard's prompts
-    being rendered and tokenized on the CPU): a fresh process's first prefill and decode step
-    compile the Triton kernels and set up cuBLAS and flash attention, about a second on the
-    H200, which otherwise runs after tokenization instead of beside it."""
-    import threading
-
-    from ..engine.decode import supported
-
-    warm = gen.cfg.task == "summarize" and gen.choice.type == "cuda" and supported(gen.lm) is None
-    if warm:
-        decoder = _slot_decoder_for(gen.lm, _eos_ids(gen.lm, gen.tok))
-        failed: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                decoder.warm_up()
-            except Exception as e:  # the real run does the same work and raises it there
-                failed.append(e)
-
-        thread = threading.Thread(target=run, name="embedkit-decoder-warm-up", daemon=True)
-        thread.start()
-    try:
-        yield
-    finally:
-        if warm:
-            thread.join()
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any]:
@@ -244,7 +202,7 @@ class Generator:
 def task_columns(gen: Generator, table: pa.Table, shard: int, phases: dict[str, float]) -> tuple[dict, int, int]:
     """The task's output columns for a shard's rows (in row order), prompt tokens and new tokens."""
     lm, tok, cfg, template = gen.lm, gen.tok, gen.cfg, gen.template
-    with timed(phases, "inputs"), decoder_warmed_meanwhile(gen):
+    with timed(phases, "inputs"):
         texts = table.column("text").to_pylist()
         inputs, flags = task_inputs(texts, table.column("id").to_pylist(), cfg, template, tok, lm.config)
         prompt_tokens = sum(input_tokens(x) for x in inputs)
