@@ -150,7 +150,7 @@ class SlotDecoder:
         self.fuse_kernels = fused.usable(probe)
         self.share_prefix = SHARE_PREFIX  # store the prompts' common start once (see the module docstring)
         self.prefix_len = 0
-        self._graphs: dict[int, tuple[Any, Any]] = {}
+        self._graphs: dict[tuple[int, int], tuple[Any, Any]] = {}  # (attended length, step width) -> (graph, logits)
         self._pool = None
         self._slots = 0
         self.stats: dict = {}

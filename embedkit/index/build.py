@@ -178,6 +178,8 @@ class Build:
     log: Callable[[str], None]
     manifest: dict = field(default_factory=dict)  # the output's: its model encodes the tuning queries
     growth: Growth | None = None  # set when the finished index grows by the new rows only
+    previous: dict | None = None  # the finished index's params.json when the build was planned
+    damage: str | None = None  # what is wrong with that index's files (checked once: merged.index is hashed)
 
     @property
     def target(self) -> Path:
@@ -244,7 +246,11 @@ def plan_build(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, 
     metric = "l2" if manifest["output"]["normalize"] else "ip"  # on unit vectors L2 ranks as cosine
     budget = cfg.memory_budget or _default_budget()
     params = choose_params(n, dim, memory_budget=budget, nlist=cfg.nlist, pq_m=cfg.pq_m, opq=cfg.opq, factory=cfg.factory, metric=metric)
-    kept = _kept_index(folder, ds, params, cfg)
+    previous = read_json(folder / PARAMS)
+    # hashed once per build: at 1B vectors merged.index is hundreds of MB, and both the growth
+    # decision and the up-to-date check need the answer
+    damage = index_damage(folder, previous) if previous is not None and params_problem(previous) is None else None
+    kept = _kept_index(folder, ds, params, cfg, previous, damage)
     if kept is not None:  # the finished index's structure stays: it grows, or it is current
         params = replace(IndexParams(**kept[0]["params"]), n=n)
     device = choose_device(cfg.device, "auto").device
@@ -264,14 +270,15 @@ def plan_build(out: Path, manifest: dict, store: VectorStore, cfg: IndexConfig, 
     expected = sum(build_phases(params, rates, new_rows=n - growth.n_old if growth else None, queries=cfg.queries).values())
     log(f"index plan: {params.describe()}; memory budget {budget / 2**30:.1f} GB; expected build ~{expected:.0f} s on {device} "
         "(the model of --dry-run at default rates; --dry-run measures this machine)")  # fmt: skip
-    return Build(out, folder, params, device, ds, key, cfg, log, manifest, growth)
+    return Build(out, folder, params, device, ds, key, cfg, log, manifest, growth, previous, damage)
 
 
-def _kept_index(folder: Path, ds: Any, params: IndexParams, cfg: IndexConfig) -> tuple[dict, Growth] | None:
+def _kept_index(folder: Path, ds: Any, params: IndexParams, cfg: IndexConfig, previous: dict | None,
+                damage: str | None) -> tuple[dict, Growth] | None:  # fmt: skip
     """(params.json, Growth) of the finished index when its rows are still the first rows of the
-    vectors and nothing asks for a new structure (--overwrite, another --factory, --nlist, ...)."""
-    previous = read_json(folder / PARAMS)
-    if cfg.run.overwrite or previous is None or params_problem(previous) or index_damage(folder, previous) is not None:
+    vectors and nothing asks for a new structure (--overwrite, another --factory, --nlist, ...).
+    `previous`: its params.json; `damage`: index_damage's answer for it."""
+    if cfg.run.overwrite or previous is None or params_problem(previous) or damage is not None:
         return None
     if not ((folder / TRUTH).exists() and (folder / QUERIES).exists() and (folder / TRAINED).exists()):
         return None
@@ -324,7 +331,7 @@ def _finished(b: Build) -> IndexReport | None:
             write_json(b.dir / STATE, b.key)
         return None
     if params is not None and params.get("key") == b.key and params.get("target_recall") == b.cfg.target_recall and not b.cfg.run.overwrite:
-        damage = index_damage(b.dir, params)
+        damage = b.damage if params == b.previous else index_damage(b.dir, params)
         if damage is None:
             return replace(IndexReport(**params["report"]), up_to_date=True)
         b.log(f"{damage}: rebuilding the index")
