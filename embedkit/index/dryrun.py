@@ -84,7 +84,8 @@ def dry_run_build(out: str | Path, cfg: IndexConfig) -> BuildPlan:
     assign(x, centroids, b.device, p.metric)
     flops = len(x) * lists * p.dim * 2 / max(time.perf_counter() - t, 1e-6)
     rates = BuildRates(read_rate * p.dim * 2 / max(1.0, first.nbytes / max(1, len(first))), flops, _pq_flops(x, p), WRITE_BYTES_PER_S,
-                       _take_seconds(b.ds), SCAN_BYTES_PER_S_PER_CORE * (os.cpu_count() or 1), _queries_seconds(b), began + planning)  # fmt: skip
+                       _take_seconds(b.ds), SCAN_BYTES_PER_S_PER_CORE * (os.cpu_count() or 1), _queries_seconds(b), began + planning,
+                       queries_overlap=b.device.startswith("cuda"))  # fmt: skip
     new_rows = p.n - b.growth.n_old if b.growth is not None else None
     seconds = build_phases(p, rates, new_rows=new_rows, queries=cfg.queries)
     total = sum(seconds.values())
