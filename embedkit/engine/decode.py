@@ -26,6 +26,11 @@ residual add before them), the rotary embedding and SiLU-and-multiply as fused T
 (`fused.py`). It covers the decoder-only families whose layer is Llama's (Llama, Mistral
 without a sliding window, Qwen2); `supported()` says why a model is not, and the caller falls
 back to transformers' own `generate` on length-bucketed batches.
+
+This module is long (about 700 lines) and kept whole on purpose: the slots, the shared prefix,
+prefill, the decode step and its captured graphs all read and write one cache layout and one
+set of per-slot buffers; split apart, each part would reach into the others' state. The pure
+parts (`plan_groups`, `shared_prefix`, `step_width`) are functions tested with tables.
 """
 
 from __future__ import annotations
