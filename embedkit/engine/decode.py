@@ -35,6 +35,7 @@ parts (`plan_groups`, `shared_prefix`, `step_width`) are functions tested with t
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass
@@ -613,26 +614,22 @@ def step_width(running_below: int, slots: int) -> int:
     return min(width, slots)
 
 
-_BOTTOM_RIGHT: list[bool] = []
-
-
+@functools.cache
 def _flash_causal_is_bottom_right() -> bool:
     """Whether flash attention's variable-length causal mask, given fewer queries than keys,
     lets the last query see every key (flash-attention 2.1 and later do; the older rule aligned
     the first query with the first key). Checked once on a small random case against an
     explicit mask."""
-    if not _BOTTOM_RIGHT:
-        import torch
+    import torch
 
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn((n, 2, 64), generator=g, device="cuda", dtype=torch.bfloat16) for n in (3, 8, 8))
-        cu_q, cu_k = (torch.tensor([0, n], dtype=torch.int32, device="cuda") for n in (3, 8))
-        got = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, 3, 8, 0.0, True, False, scale=0.125)[0]
-        visible = torch.arange(8, device="cuda")[None, :] <= torch.arange(3, device="cuda")[:, None] + 5
-        want = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(),
-                                                                attn_mask=visible, scale=0.125).transpose(0, 1)  # fmt: skip
-        _BOTTOM_RIGHT.append(bool((got.float() - want).abs().max() < 0.02))
-    return _BOTTOM_RIGHT[0]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn((n, 2, 64), generator=g, device="cuda", dtype=torch.bfloat16) for n in (3, 8, 8))
+    cu_q, cu_k = (torch.tensor([0, n], dtype=torch.int32, device="cuda") for n in (3, 8))
+    got = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, 3, 8, 0.0, True, False, scale=0.125)[0]
+    visible = torch.arange(8, device="cuda")[None, :] <= torch.arange(3, device="cuda")[:, None] + 5
+    want = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(),
+                                                            attn_mask=visible, scale=0.125).transpose(0, 1)  # fmt: skip
+    return bool((got.float() - want).abs().max() < 0.02)
 
 
 def shared_prefix(prompts: list[list[int]]) -> list[int]:
@@ -674,9 +671,9 @@ def _fuse_layers(layers: list) -> list[dict]:
     (engine/fp8.py) gets fp8 copies, quantized the same way."""
     import torch
 
-    from .fp8 import plain_weight, to_fp8
+    from .fp8 import is_fp8, plain_weight, to_fp8
 
-    quantized = plain_weight(layers[0].self_attn.q_proj.weight) is not layers[0].self_attn.q_proj.weight
+    quantized = is_fp8(layers[0].self_attn.q_proj.weight)
 
     def cat(modules: list) -> Any:
         weight = torch.cat([plain_weight(m.weight) for m in modules], 0)

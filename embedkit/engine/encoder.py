@@ -189,11 +189,11 @@ class Encoder:
             self.model = model
         else:
             self.model = model.to(device=choice.device, dtype=compute).eval()
-        if choice.precision == "fp8" and not getattr(self.model, "_embedkit_fp8", False):
-            from .fp8 import to_fp8
+            if choice.precision == "fp8":
+                from .fp8 import to_fp8
 
-            to_fp8(self.model)  # in place
-            self.model._embedkit_fp8 = True
+                to_fp8(self.model)  # in place
+                self.model._embedkit_fp8 = True
         self.device = torch.device(choice.device)
         input_names = getattr(getattr(model, "tokenizer", None), "model_input_names", []) or []
         self._wants_token_types = "token_type_ids" in input_names

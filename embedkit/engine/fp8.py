@@ -21,6 +21,7 @@ line before any model is loaded.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Any
 
@@ -83,7 +84,15 @@ def to_fp8(model: Any, skip: tuple[str, ...] = ()) -> int:
     return len(chosen)
 
 
-_COMPILED: list = []
+@functools.cache
+def _compiled_linear() -> Any:
+    """`F.linear` compiled once per process, with dynamic shapes."""
+    import torch
+
+    def fp8_linear(x: Any, weight: Any, bias: Any) -> Any:
+        return torch.nn.functional.linear(x, weight, bias)
+
+    return torch.compile(fp8_linear, dynamic=True)
 
 
 def _compile_forward(module: Any) -> None:
@@ -91,15 +100,7 @@ def _compile_forward(module: Any) -> None:
     dynamic shapes: one compilation serves every layer and batch size (with and without a bias).
     The weight and bias go in detached: dynamo keeps a parameter's shape static, which
     recompiled once per layer shape and hit its limit of eight in a process of two models."""
-    if not _COMPILED:
-        import torch
-
-        def fp8_linear(x: Any, weight: Any, bias: Any) -> Any:
-            return torch.nn.functional.linear(x, weight, bias)
-
-        _COMPILED.append(torch.compile(fp8_linear, dynamic=True))
-    compiled = _COMPILED[0]
-
+    compiled = _compiled_linear()
     weight = module.weight.detach()
     bias = module.bias.detach() if module.bias is not None else None
 
@@ -109,9 +110,13 @@ def _compile_forward(module: Any) -> None:
     module.forward = forward
 
 
+def is_fp8(weight: Any) -> bool:
+    """Whether a linear layer's weight was quantized by `to_fp8` (a torchao tensor subclass)."""
+    import torch
+
+    return type(weight) not in (torch.Tensor, torch.nn.Parameter) and hasattr(weight, "dequantize")
+
+
 def plain_weight(weight: Any) -> Any:
     """A linear layer's weight as a plain tensor of its compute dtype (an fp8 weight dequantized)."""
-    dequantize = getattr(weight, "dequantize", None)
-    if dequantize is not None and type(weight).__name__ not in ("Parameter", "Tensor"):
-        return dequantize()
-    return weight
+    return weight.dequantize() if is_fp8(weight) else weight
