@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--headline-only", action="store_true", help="only embedkit's default run over all --docs (no check, no baselines)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="only profile embedkit's decoder on N docs at the default slots (top GPU kernels), then exit")  # fmt: skip
+    ap.add_argument("--first-call", type=int, default=0, metavar="N",
+                    help="only: where a fresh process's first decoder run over N prompts spends its time (cProfile), then a second run")
     ap.add_argument("--work", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -77,6 +79,9 @@ def main() -> None:
                     "prompt_tokens_mean": float(lengths.mean()), "device": device_name(args.device)}  # fmt: skip
     if args.profile:
         print(isolated(profile, folder, ids[: args.profile], args), flush=True)
+        return
+    if args.first_call:
+        print(isolated(first_call, folder, ids[: args.first_call], args), flush=True)
         return
     rows = []
     if not args.headline_only:
@@ -271,6 +276,34 @@ def profile(folder: Path, ids: list[list[int]], args) -> str:
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
         parts.append(f"== {name}: decoder stats {json.dumps(decoder.stats)}\n{table}")
     return "\n".join(parts)
+
+
+def first_call(folder: Path, ids: list[list[int]], args) -> str:
+    """A fresh process's first decoder run (kernel compiles or cache loads, library set-up) under
+    cProfile, its seconds against a second run of the same prompts."""
+    import cProfile
+    import io
+    import pstats
+
+    from embedkit.engine.decode import SlotDecoder
+
+    model, tok = load(folder, args.device)
+    sync(args.device)
+    decoder = SlotDecoder(model, eos_ids={tok.eos_token_id})
+    prof = cProfile.Profile()
+    runs = []
+    for i in range(2):
+        t0 = time.perf_counter()
+        if i == 0:
+            prof.enable()
+        decoder.run(ids, max_new=args.max_new_tokens, max_slots=1024)
+        sync(args.device)
+        if i == 0:
+            prof.disable()
+        runs.append({"seconds": round(time.perf_counter() - t0, 3), **{k: decoder.stats[k] for k in ("prefill_s", "capture_s", "steps")}})
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(45)
+    return f"first run {json.dumps(runs[0])}\nsecond run {json.dumps(runs[1])}\n{out.getvalue()}"
 
 
 def bench_transformers(folder: Path, ids: list[list[int]], batch: int, args, static: bool) -> dict:

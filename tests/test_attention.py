@@ -41,6 +41,25 @@ for dtype in (torch.float32, torch.float16):
         whole_v = torch.cat([pv.transpose(0, 1)[None].expand(slots, -1, -1, -1), v], 2).to(dtype).float()
         want = reference_attention(q.to(dtype).float(), whole_k, whole_v, lengths + n, dim ** -0.5)
         worst[key + " prefix"] = max(worst.get(key + " prefix", 0.0), float((got.float() - want).abs().max()))
+        # the step's own key and value handed in (append): written at lengths - 1, then attended;
+        # with no prefix a row of length 1 attends to its new key alone (no cached block)
+        kn, vn = torch.randn(slots, heads, dim), torch.randn(slots, heads, dim)
+        last = lengths - 1
+        for pre in (None, (pk, pv)):
+            ck, cv = big_k.to(dtype).clone(), big_v.to(dtype).clone()
+            got = slot_attention(q.to(dtype), ck[:, :, :capacity], cv[:, :, :capacity], lengths, dim ** -0.5, kernel=True,
+                                 prefix=None if pre is None else (pk.to(dtype), pv.to(dtype)), append=(kn.to(dtype), vn.to(dtype)))
+            rows = torch.arange(slots)
+            stored = bool((ck[rows, :, last] == kn.to(dtype)).all() and (cv[rows, :, last] == vn.to(dtype)).all())
+            wk, wv = k.clone(), v.clone()
+            wk[rows, :, last], wv[rows, :, last] = kn, vn
+            n_pre = 0 if pre is None else n
+            if pre is not None:
+                wk = torch.cat([pk.transpose(0, 1)[None].expand(slots, -1, -1, -1), wk], 2)
+                wv = torch.cat([pv.transpose(0, 1)[None].expand(slots, -1, -1, -1), wv], 2)
+            want = reference_attention(q.to(dtype).float(), wk.to(dtype).float(), wv.to(dtype).float(), lengths + n_pre, dim ** -0.5)
+            name = key + " append" + (" prefix" if pre is not None else "")
+            worst[name] = max(worst.get(name, 0.0), float((got.float() - want).abs().max()) if stored else float("inf"))
 print(json.dumps(worst))
 """
 
@@ -49,6 +68,9 @@ def test_kernel_equals_dense_masked_attention():
     worst = run_interpreted(CHILD)
     assert worst["torch.float32"] < 1e-5 and worst["torch.float32 prefix"] < 1e-5, worst
     assert worst["torch.float16"] < 2e-3 and worst["torch.float16 prefix"] < 2e-3, worst
+    # the step's key and value handed to the kernel: stored in the cache (else inf) and attended
+    assert worst["torch.float32 append"] < 1e-5 and worst["torch.float32 append prefix"] < 1e-5, worst
+    assert worst["torch.float16 append"] < 2e-3 and worst["torch.float16 append prefix"] < 2e-3, worst
 
 
 def test_reference_with_a_prefix_equals_the_prefix_in_every_slot():

@@ -24,10 +24,12 @@ import os
 from typing import Any
 
 BLOCK_N = 64  # cached positions per inner step of the kernel
+NUM_WARPS = 4  # the kernel's launch configuration (see benchmarks/bench_decode_attention.py)
+NUM_STAGES = 3
 
 
 def slot_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float, *, prefix: tuple[Any, Any] | None = None,
-                   kernel: bool | None = None) -> Any:  # fmt: skip
+                   kernel: bool | None = None, append: tuple[Any, Any] | None = None) -> Any:  # fmt: skip
     """Attention of one query token per slot over a shared prefix and that slot's first
     `lengths[s]` cached positions.
 
@@ -35,11 +37,19 @@ def slot_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float, *
     keys, values: (slots, kv_heads, capacity, head_dim), last dimension contiguous.
     lengths: (slots,) int, at least 1. prefix: (keys, values) of positions every slot attends
     to before its own, each (prefix_len, kv_heads, head_dim), stored once for all slots (the
-    prompt template's shared start). Returns (slots, kv_heads, group, head_dim) in q's dtype.
+    prompt template's shared start). append: the step's own (key, value), each (slots, kv_heads,
+    head_dim), first written into the cache at position lengths[s] - 1 (the kernel does it in
+    the same launch). Returns (slots, kv_heads, group, head_dim) in q's dtype.
     """
     use = triton_usable(q) if kernel is None else kernel
     if use:
-        return _triton_attention(q, keys, values, lengths, scale, prefix)
+        return _triton_attention(q, keys, values, lengths, scale, prefix, append)
+    if append is not None:  # the reference path: a scatter, then the dense attention
+        import torch
+
+        slot = torch.arange(q.shape[0], device=q.device)
+        keys[slot, :, lengths - 1] = append[0]
+        values[slot, :, lengths - 1] = append[1]
     return reference_attention(q, keys, values, lengths, scale, prefix=prefix)
 
 
@@ -79,21 +89,27 @@ def _kernel() -> Any:
     return slot_attention_kernel
 
 
-def _triton_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float, prefix: tuple[Any, Any] | None) -> Any:
+def _triton_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float, prefix: tuple[Any, Any] | None,
+                      append: tuple[Any, Any] | None) -> Any:  # fmt: skip
     import torch
 
     slots, kv_heads, group, head_dim = q.shape
     if head_dim & (head_dim - 1) or head_dim < 16:
         raise ValueError(f"the attention kernel needs a power-of-two head_dim of at least 16, not {head_dim}")
-    q = q.contiguous()
-    out = torch.empty_like(q)
+    if q.stride(-1) != 1:  # the kernel takes any other strides: the decoder's q is a view of its q/k/v product
+        q = q.contiguous()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     block_g = max(16, 1 << (group - 1).bit_length())  # tl.dot needs at least 16 rows
     pk, pv = prefix if prefix is not None else (keys[0, 0, :0].unsqueeze(1), values[0, 0, :0].unsqueeze(1))  # (0, 1, head_dim): no prefix
+    kn, vn = append if append is not None else (keys[:, :, 0], values[:, :, 0])  # not read without APPEND
+    if kn.stride(-1) != 1 or vn.stride(-1) != 1:
+        kn, vn = kn.contiguous(), vn.contiguous()
     _kernel()[(slots, kv_heads)](
-        q, keys, values, out, lengths, pk, pv, pk.shape[0], scale,
+        q, keys, values, out, lengths, pk, pv, kn, vn, pk.shape[0], scale,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1),
-        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK=BLOCK_N,
+        pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK=BLOCK_N, APPEND=append is not None,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return out

@@ -7,9 +7,9 @@ import triton.language as tl
 
 @triton.jit
 def slot_attention_kernel(
-    Q, K, V, O, LENGTHS, PK, PV, n_prefix, scale,
-    q_s, q_h, q_g, k_s, k_h, k_n, v_s, v_h, v_n, o_s, o_h, o_g, pk_n, pk_h, pv_n, pv_h,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+    Q, K, V, O, LENGTHS, PK, PV, KN, VN, n_prefix, scale,
+    q_s, q_h, q_g, k_s, k_h, k_n, v_s, v_h, v_n, o_s, o_h, o_g, pk_n, pk_h, pv_n, pv_h, kn_s, kn_h, vn_s, vn_h,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, APPEND: tl.constexpr,
 ):  # fmt: skip
     slot = tl.program_id(0)
     head = tl.program_id(1)
@@ -26,6 +26,14 @@ def slot_attention_kernel(
     v_base = V + slot * v_s + head * v_h
     pk_base = PK + head * pk_h
     pv_base = PV + head * pv_h
+    if APPEND:
+        # the step's own key and value: stored at the row's last position here (no separate
+        # scatter kernel per layer), and attended from registers after the cached ones
+        kn = tl.load(KN + slot * kn_s + head * kn_h + dims)
+        vn = tl.load(VN + slot * vn_s + head * vn_h + dims)
+        tl.store(k_base + (n_valid - 1) * k_n + dims, kn)
+        tl.store(v_base + (n_valid - 1) * v_n + dims, vn)
+        n_valid -= 1
     # the row's positions are the shared prefix's, then its own: one run of blocks over both, so
     # a prefix adds no block of its own (it is read from one place all slots share, so from L2)
     n = n_prefix + n_valid
@@ -46,5 +54,12 @@ def slot_attention_kernel(
         total = total * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m = m_new
+    if APPEND:
+        s = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale
+        m_new = tl.maximum(m, s)
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new)
+        total = total * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * vn.to(tl.float32)[None, :]
     out = acc / total[:, None]
     tl.store(O + slot * o_s + head * o_h + rows[:, None] * o_g + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok)

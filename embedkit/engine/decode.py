@@ -583,13 +583,13 @@ class SlotDecoder:
 
         def attend(i: int, q: Any, k: Any, v: Any) -> Any:  # (slots, 1, heads, head_dim) each
             keys, values = self.keys[i][:n], self.values[i][:n]
-            keys[rows, :, pos] = k[:, 0]
-            values[rows, :, pos] = v[:, 0]
             # the query heads that share a key head become that head's query rows: no repeated keys
             q = q.reshape(n, self.kv_heads, self.group, self.head_dim)
-            if self.kernel:
-                o = slot_attention(q, keys, values, lengths, self.scale, prefix=self._prefix(i), kernel=True)
+            if self.kernel:  # the kernel writes the step's key and value itself, in the same launch
+                o = slot_attention(q, keys, values, lengths, self.scale, prefix=self._prefix(i), kernel=True, append=(k[:, 0], v[:, 0]))
             else:
+                keys[rows, :, pos] = k[:, 0]
+                values[rows, :, pos] = v[:, 0]
                 o = reference_attention(q, keys, values, lengths, self.scale, span=length, prefix=self._prefix(i))
             return o.reshape(n, 1, -1)
 

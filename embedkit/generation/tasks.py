@@ -179,7 +179,7 @@ def task_inputs(texts: list, ids: list, cfg: GenerateConfig, template: str, tok:
         limit = prompt_limit(config, len(answer) + max(len(lab) for lab in label_ids))
         rows = [{"text": t, "id": i, "labels": labels} for t, i in zip(texts, ids)]
     fitted = fit_prompts(tok, template, rows, limit, chat=True)
-    return [p + answer for p, _ in fitted], [f for _, f in fitted]
+    return [p + answer if answer else p for p, _ in fitted], [f for _, f in fitted]
 
 
 def input_tokens(x: Any) -> int:
