@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--gen-docs", type=int, default=20_000)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_dry_run"))
     ap.add_argument("--only", default="encode,index,generate")
+    ap.add_argument("--index-repeats", type=int, default=1, help="build-index cases in a row on the same vectors (the index removed before each)")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,10 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         rows.append(case(f"encode short texts x{args.short_docs:,}", ["encode", str(corpus), str(out), "--dry-run", *model],
                          ["encode", str(corpus), str(out), "-q", *model], out))  # fmt: skip
-    if "index" in only:
+    for _ in range(args.index_repeats) if "index" in only else ():
+        from embedkit.io.store import INDEX_DIR
+
+        shutil.rmtree(pydocs_out / INDEX_DIR, ignore_errors=True)  # the real build varies run to run: one row per build
         device = ["--device", args.device]
         rows.append(case("build-index on the pydocs output", ["build-index", str(pydocs_out), "--dry-run", *device],
                          ["build-index", str(pydocs_out), "-q", *device], pydocs_out, index=True))  # fmt: skip

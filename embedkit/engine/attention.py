@@ -23,9 +23,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-BLOCK_N = 64  # cached positions per inner step of the kernel
-NUM_WARPS = 4  # the kernel's launch configuration (see benchmarks/bench_decode_attention.py)
-NUM_STAGES = 3
+BLOCK_N = 32  # cached positions per inner step of the kernel
+NUM_WARPS = 1  # the kernel's launch configuration (see benchmarks/bench_decode_attention.py)
+NUM_STAGES = 2
 
 
 def slot_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float, *, prefix: tuple[Any, Any] | None = None,
