@@ -36,10 +36,13 @@ parts (`plan_groups`, `shared_prefix`, `step_width`) are functions tested with t
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from ..errors import EmbedkitError
 from . import fused
@@ -295,7 +298,6 @@ class SlotDecoder:
         Prompts (each without the shared prefix) go through the model packed end to end (no
         padding) in forwards of at most PREFILL_TOKENS tokens; each token's key and value go
         straight to (its slot, its position in the slot)."""
-        torch = self.torch
         self._sync()  # prefill time is measured from here: the steps before it have finished
         t0 = time.perf_counter()
         budget = PREFILL_TOKENS["cuda" if self.device.type == "cuda" else "cpu"]
@@ -306,28 +308,35 @@ class SlotDecoder:
                 tokens += len(prompts[rows[stop]])
                 stop += 1
             part = [prompts[r] for r in rows[start:stop]]
-            index = torch.tensor(slots[start:stop], device=self.device)
-            logits = self._prefill_forward(part, index)
+            index = self._to_device(np.asarray(slots[start:stop], dtype=np.int64))
+            logits, lens = self._prefill_forward(part, index)
             first = self._choose(logits)
             self.tok[index] = first
-            self.pos[index] = torch.tensor([len(p) for p in part], device=self.device)
+            self.pos[index] = lens.long()
             self._start(index, first)
             start = stop
         self._sync()
         self.stats["prefill_s"] += time.perf_counter() - t0
         self.stats["prefill_tokens"] = self.stats.get("prefill_tokens", 0) + sum(len(prompts[r]) for r in rows)
 
-    def _prefill_forward(self, part: list[list[int]], index: Any) -> Any:
-        """Causal forward of packed prompts after the shared prefix; keys/values go to the slots
-        `index`; logits at each last token."""
-        torch = self.torch
-        lengths = [len(p) for p in part]
-        total, longest = sum(lengths), max(lengths)
-        host = torch.tensor([t for p in part for t in p], dtype=torch.long)
+    def _to_device(self, array: np.ndarray) -> Any:
+        """A host array on the device without waiting for the device: a blocking copy (as
+        `torch.tensor(list, device=...)` makes) waits for every queued kernel, and the GPU then
+        idles while the host prepares the next forward."""
+        host = self.torch.from_numpy(array)
         if self.device.type == "cuda":
-            host = host.pin_memory()
-        ids = host.to(self.device, non_blocking=True)
-        lens = torch.tensor(lengths, dtype=torch.int32).to(self.device, non_blocking=True)
+            host = host.pin_memory()  # the caching host allocator keeps it alive until the copy is done
+        return host.to(self.device, non_blocking=True)
+
+    def _prefill_forward(self, part: list[list[int]], index: Any) -> tuple[Any, Any]:
+        """Causal forward of packed prompts after the shared prefix; keys/values go to the slots
+        `index`. Returns the logits at each last token and the prompts' lengths (int32, on the device)."""
+        torch = self.torch
+        lengths = np.fromiter(map(len, part), dtype=np.int64, count=len(part))
+        total, longest = int(lengths.sum()), int(lengths.max())
+        # numpy packs the ids at a third of the cost of a Python list comprehension into torch.tensor
+        ids = self._to_device(np.fromiter(itertools.chain.from_iterable(part), dtype=np.int64, count=total))
+        lens = self._to_device(lengths.astype(np.int32))
         cu = torch.zeros(len(part) + 1, dtype=torch.int32, device=self.device)
         torch.cumsum(lens, 0, out=cu[1:])
         row = torch.repeat_interleave(torch.arange(len(part), device=self.device), lens.long(), output_size=total)
@@ -346,7 +355,7 @@ class SlotDecoder:
 
         x = self._layers(x, cos, sin, attend)
         last = x[0, cu[1:].long() - 1]
-        return self.head(self._norm(self.model.norm, last))
+        return self.head(self._norm(self.model.norm, last)), lens
 
     def _with_prefix_layout(self, cu: Any, lens: Any, row: Any, position: Any, total: int) -> dict:
         """Index tensors (the same for every layer of a forward) that lay out each prompt whole,
