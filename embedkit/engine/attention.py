@@ -23,9 +23,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-BLOCK_N = 32  # cached positions per inner step of the kernel
+BLOCK_N = 16  # cached positions per inner step of the kernel
 NUM_WARPS = 1  # the kernel's launch configuration (see benchmarks/bench_decode_attention.py)
-NUM_STAGES = 2
+NUM_STAGES = 3
 
 
 def slot_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float, *, prefix: tuple[Any, Any] | None = None,
