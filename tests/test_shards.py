@@ -92,6 +92,8 @@ DIFF_CASES = [
     pytest.param(("embedkit_version",), "0.2.0", [], id="version-not-pinned"),
     # the plan is compared by the pipeline itself (it names the old and new plan)
     pytest.param(("plan", "shard_rows"), 4, [], id="plan-not-here"),
+    # an output written before the compute precision was recorded: unknown, so not compared
+    pytest.param(("model", "precision"), "fp8", [], id="precision-unrecorded"),
 ]
 
 
@@ -104,6 +106,13 @@ def test_an_input_recorded_without_a_content_hash_is_named_as_such():
     old = copy.deepcopy(BASE)
     old["input"] = {"kind": "parquet", "files": [{"path": "/d/x.parquet", "size": 10, "mtime_ns": 1}], "rows": 5}
     assert manifest_differences(old, BASE) == ["input (the output records no content hash of its input: it was made by an older embedkit)"]
+
+
+def test_a_recorded_compute_precision_is_pinned():
+    old = _changed(("model", "precision"), "fp16")
+    new = _changed(("model", "precision"), "fp8")
+    assert manifest_differences(old, new) == ["compute precision (fp16 -> fp8)"]
+    assert manifest_differences(old, copy.deepcopy(old)) == []
 
 
 def test_manifest_differences_none_when_equal():

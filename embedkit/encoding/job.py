@@ -283,13 +283,16 @@ def attach_job(corpus: Corpus, out: Path, cfg: EncodeConfig, choice: DeviceChoic
     )  # fmt: skip
 
 
-def build_manifest(corpus: Corpus, cfg: EncodeConfig, source: ModelSource, shard_rows: int, cache: Path | None = None) -> dict:
+def build_manifest(corpus: Corpus, cfg: EncodeConfig, source: ModelSource, shard_rows: int, precision: str,
+                   cache: Path | None = None) -> dict:  # fmt: skip
     """The manifest as far as it is known without loading the model: `dim` and `pooling` are
-    None, and `max_seq_length` too unless given or declared in the model's folder."""
+    None, and `max_seq_length` too unless given or declared in the model's folder. `precision`:
+    the resolved compute precision (DeviceChoice.precision)."""
     max_length = cfg.max_seq_length or declared_max_length(source)
     return {
         "embedkit_version": __version__,
-        "model": {"name": source.name, "weights_sha256": weights_hash(source), "dim": None, "max_seq_length": max_length, "pooling": None},
+        "model": {"name": source.name, "weights_sha256": weights_hash(source), "dim": None, "max_seq_length": max_length, "pooling": None,
+                  "precision": precision},  # fmt: skip
         "output": {"dtype": cfg.dtype, "normalize": cfg.normalize, "keep_empty": cfg.keep_empty, "store_text": cfg.store_text,
                    "keep_columns": list(cfg.keep_columns), "dim": cfg.dim or 0, "chunk_tokens": cfg.chunk_tokens or 0,
                    "chunk_overlap": cfg.chunk_overlap},

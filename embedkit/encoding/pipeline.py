@@ -164,7 +164,7 @@ def run_encode(input: str | Path, out: str | Path, cfg: EncodeConfig) -> EncodeS
         if old is None and store.exists():
             raise EmbedkitError(f"{out} holds {VECTORS_DIR} but no {MANIFEST}; start fresh with --overwrite")
         shard_rows = cfg.shard_rows or (old["plan"]["shard_rows"] if old else default_shard_rows(corpus.num_rows, choice.type, cfg.run.workers))
-        manifest = build_manifest(corpus, cfg, source, shard_rows, cache=out / INPUT_CACHE)
+        manifest = build_manifest(corpus, cfg, source, shard_rows, choice.precision, cache=out / INPUT_CACHE)
         mark("manifest")
         if cfg.append or (old is not None and len(input_segments(old)) > 1):  # an output of several inputs resumes as an append
             return _append(input, corpus, out, cfg, choice, source, manifest, old, store)

@@ -1,7 +1,7 @@
 """Reruns that must not resume: other settings or another input; and two runs on one OUT.
 
-A resume with another model, dimension, dtype, normalization, maximum length or a changed input
-file would mix two kinds of vectors in one output. Each is refused with the difference named
+A resume with another model, dimension, dtype, normalization, maximum length, compute precision
+or a changed input file would mix two kinds of vectors in one output. Each is refused with the difference named
 and the output left as it was. The output lock refuses a second run while the first holds it,
 and a run killed with SIGKILL leaves a lock record that the next run takes over.
 """
@@ -65,6 +65,8 @@ def test_resume_with_other_settings_is_refused(tmp_path, uninterrupted, corpus_f
         "dtype": (["--dtype", "float32"], ["dtype (float16 -> float32)"]),
         "normalize": (["--no-normalize"], ["normalize (True -> False)"]),
         "max length": (["--max-seq-length", str(MAX_SEQ // 2)], [f"max sequence length ({MAX_SEQ} -> {MAX_SEQ // 2})"]),
+        # the vectors' compute precision (auto is fp32 on a CPU): fp8 against 16-bit changes recall
+        "precision": (["--precision", "bf16"], ["compute precision (fp32 -> bf16)"]),
     }
     outs = [tmp_path / f"out-{i}" for i in range(len(cases))]
     for out in outs:
