@@ -131,6 +131,19 @@ def test_one_new_token(model, prompts, reference):
     assert got == [r[:1] for r in reference]
 
 
+def test_one_new_token_after_the_host_warm_up(model, prompts, reference):
+    """The warm-up thread (Triton's cache key, computed beside tokenizing) starts once per
+    process, and a run after it waits for it and gives the same tokens."""
+    from embedkit.engine import decode
+
+    decode.start_host_warm_up()
+    decode.start_host_warm_up()
+    assert len(decode._HOST_WARM_UP) == 1
+    got = SlotDecoder(model[0], eos_ids=_eos(model)).run(prompts, max_new=1, max_slots=4)
+    assert not decode._HOST_WARM_UP[0].is_alive()
+    assert got == [r[:1] for r in reference]
+
+
 @pytest.mark.parametrize("prompts, want", [
     ([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]], [1, 2]),
     ([[1, 2, 3], [1, 2, 3, 4, 5]], [1, 2]),  # one prompt is another's start: it keeps its last token

@@ -121,6 +121,41 @@ def _capacity(prompt_len: int, max_new: int) -> int:
     return -(-need // LENGTH_BUCKET) * LENGTH_BUCKET
 
 
+_HOST_WARM_UP: list = []  # the thread `start_host_warm_up` started in this process, if any
+
+
+def start_host_warm_up() -> None:
+    """Start, once per process and in a thread, the host-side set-up of a first decoder run that
+    needs no GPU, so that it overlaps what the caller does next (tokenizing the prompts).
+
+    Triton keys its kernel cache by a hash of its own installed library, computed once per
+    process before the first kernel launches: 0.41 s of a fresh process's first run on the H200
+    machine (benchmarks.md, generate run 10). The hashing runs in hashlib, which releases the
+    GIL. `SlotDecoder.run` waits for the thread before its first forward. Without Triton, or on
+    any failure, this does nothing: the first launch computes the key as before."""
+    import threading
+
+    if _HOST_WARM_UP:
+        return
+
+    def warm() -> None:
+        try:
+            from triton.runtime.cache import triton_key
+
+            triton_key()  # functools.lru_cache: every later kernel launch in the process reuses it
+        except Exception:  # an older or newer Triton without it: the first launch computes its key
+            pass
+
+    thread = threading.Thread(target=warm, name="embedkit-host-warm-up", daemon=True)
+    _HOST_WARM_UP.append(thread)
+    thread.start()
+
+
+def _wait_for_host_warm_up() -> None:
+    for thread in _HOST_WARM_UP:
+        thread.join()
+
+
 class SlotDecoder:
     """Greedy or sampled decoding of many prompts over KV-cache slots (see the module docstring)."""
 
@@ -181,6 +216,7 @@ class SlotDecoder:
         if not prompts:
             return self.results
         start = time.perf_counter()
+        _wait_for_host_warm_up()  # else its Triton key and the first launch's would be computed twice
         with torch.inference_mode():
             prefix = shared_prefix(prompts) if self.share_prefix else []
             prefix = prefix if len(prefix) >= PREFIX_MIN else []
