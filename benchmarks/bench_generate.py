@@ -58,9 +58,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="", help="also run the default row at these precisions (e.g. fp8), each in its own process")
     ap.add_argument("--ab-prefix", action="store_true",
                     help="also run the default row with the prompts' shared start kept in every slot (not stored once)")
-    ap.add_argument("--shard-rows", type=int, default=None, help="the default rows' shard size (default: embedkit's, one shard here)")
-    ap.add_argument("--ab-prefetch", action="store_true",
-                    help="also the default row without reading and tokenizing the next shard during the model's work (with --shard-rows)")
+    ap.add_argument("--ab-warm-up", action="store_true",
+                    help="also the default row without the decoder's host-side warm-up beside tokenizing (twice each, alternating)")
     ap.add_argument("--headline-only", action="store_true", help="only embedkit's default run over all --docs (no check, no baselines)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="only profile embedkit's decoder on N docs at the default slots (top GPU kernels), then exit")  # fmt: skip
@@ -95,8 +94,9 @@ def main() -> None:
         attempt(rows, bench_embedkit, folder, texts, slots, args, work)
     if args.ab_prefix:
         attempt(rows, bench_embedkit, folder, texts, None, args, work, share_prefix=False)
-    if args.ab_prefetch:
-        attempt(rows, bench_embedkit, folder, texts, None, args, work, prefetch=False)
+    for _ in range(2) if args.ab_warm_up else ():
+        attempt(rows, bench_embedkit, folder, texts, None, args, work, warm_up=False)
+        attempt(rows, bench_embedkit, folder, texts, None, args, work)
     for precision in (p for p in args.precisions.split(",") if p):
         attempt(rows, bench_embedkit, folder, texts, None, args, work, precision=precision)
     for r in rows:  # every document, the default options (or only the slot count changed): not an equal-batch row
@@ -350,26 +350,25 @@ def bench_transformers(folder: Path, ids: list[list[int]], batch: int, args, sta
 
 
 def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work: Path, share_prefix: bool = True,
-                   precision: str = "auto", prefetch: bool = True) -> dict:  # fmt: skip
+                   precision: str = "auto", warm_up: bool = True) -> dict:  # fmt: skip
     """embedkit.generate end to end: parquet in, prompts, decoding, Lance out (model load excluded).
-    share_prefix=False: the A/B row, every slot holding its whole prompt; prefetch=False: the
-    next shard read and tokenized only after the one before is committed."""
+    share_prefix=False: the A/B row, every slot holding its whole prompt; warm_up=False: without
+    the decoder's host-side warm-up beside tokenizing."""
     import embedkit
     import embedkit.engine.decode as decode
-    import embedkit.generation.pipeline as pipeline
+    import embedkit.generation.tasks as tasks
 
     decode.SHARE_PREFIX = share_prefix  # this configuration's own process
-    pipeline.PREFETCH = prefetch
+    tasks.HOST_WARM_UP = warm_up
     src = work / f"docs-{len(texts)}.parquet"
     pq.write_table(pa.table({"id": pa.array([f"d{i}" for i in range(len(texts))]), "text": texts}), src)
-    out = work / f"gen-{batch or 'default'}-{precision}-{prefetch}"
+    out = work / f"gen-{batch or 'default'}-{precision}-{warm_up}"
     shutil.rmtree(out, ignore_errors=True)
-    shard_rows = args.shard_rows if batch is None else None
     s = embedkit.generate(src, out, task="summarize", model=str(folder), device=args.device, max_new_tokens=args.max_new_tokens,
-                          batch_size=batch, progress=False, precision=precision, shard_rows=shard_rows)  # fmt: skip
-    cache = ("slots" if share_prefix else "slots, whole prompts") + ("" if prefetch else ", no prefetch")
+                          batch_size=batch, progress=False, precision=precision)  # fmt: skip
+    cache = ("slots" if share_prefix else "slots, whole prompts") + ("" if warm_up else ", no host warm-up")
     row = {"engine": "embedkit", "cache": cache if precision == "auto" else f"{cache}, {precision}", "batch": batch or "default", "docs": s.docs, "new_tokens": s.new_tokens,
-           "shards": s.shards_done, "seconds": s.seconds, "new_tok_s": s.new_tokens / s.seconds, "decoder_s": s.decode.get("seconds"), "decode": s.decode, "phases": s.phases}  # fmt: skip
+           "seconds": s.seconds, "new_tok_s": s.new_tokens / s.seconds, "decoder_s": s.decode.get("seconds"), "decode": s.decode, "phases": s.phases}  # fmt: skip
     if args.model:  # real weights: are the summaries text?
         row["summaries"] = summary_stats(out, args.max_new_tokens)
     return row

@@ -369,24 +369,6 @@ def test_empty_and_null_texts_are_skipped_and_counted(tmp_path, short_docs, task
     assert again.shards_done == 0 and again.lines()[0].startswith("nothing to do")
 
 
-def test_prefetched_shards_give_the_same_rows(tmp_path, short_docs, monkeypatch):
-    """Each next shard is read and tokenized in a thread while the one before is in the model:
-    the same rows as one shard after another, and the run reports how long the model waited."""
-    import embedkit.generation.pipeline as pipeline
-
-    src = tmp_path / "docs.parquet"
-    pq.write_table(short_docs.slice(0, 6), src)
-    options = dict(task="summarize", shard_rows=2, max_new_tokens=4, progress=False)
-    runs = {}
-    for prefetch in (True, False):
-        monkeypatch.setattr(pipeline, "PREFETCH", prefetch)
-        summary = embedkit.generate(src, tmp_path / f"out-{prefetch}", **options)
-        assert summary.shards_done == 3
-        runs[prefetch] = (summary, _by_id(_read(tmp_path / f"out-{prefetch}")))
-    assert runs[True][1] == runs[False][1]
-    assert "prefetch_wait" in runs[True][0].phases and "prefetch_wait" not in runs[False][0].phases
-
-
 # ---- resume after a kill -------------------------------------------------------------------
 
 

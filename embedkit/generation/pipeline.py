@@ -17,8 +17,6 @@ stage's API, its manifest and its shard function.
 
 from __future__ import annotations
 
-import copy
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,12 +39,7 @@ from ..run.record import mark, record_run, run_record, start_run
 from ..version import __version__
 from .model import load_generator
 from .prompts import check_task_templates, task_completion
-from .tasks import LABEL_SCORING, Generator, ShardInputs, shard_inputs, slot_decoder, task_columns, timed
-
-# A shard's rows are read and tokenized in a thread while the shard before it is in the model
-# (tokenizing is about 1 s per 20,000 pydocs prompts on 16 cores, most of it in the fast
-# tokenizer's Rust code, outside the GIL). A module switch so that a benchmark can turn it off.
-PREFETCH = True
+from .tasks import LABEL_SCORING, Generator, slot_decoder, task_columns, timed
 
 
 @dataclass(frozen=True)
@@ -248,58 +241,17 @@ def _schema(task: str, id_type: pa.DataType) -> pa.Schema:
 
 
 def _run(gen: Generator, corpus: Corpus, out: Path, store: VectorStore, shards: list[Shard], done: dict) -> GenerateSummary:
-    """The pending shards one after another on this device, each next one's inputs prepared
-    while the model works on the one before (PREFETCH); the summary."""
+    """The pending shards one after another on this device; the summary."""
     cfg = gen.cfg
     schema = _schema(cfg.task, corpus.id_type)
     start = time.perf_counter()
     parts = []
     pending = [s for s in shards if s.index not in done]
-    # the prefetch thread's own tokenizer: the main thread decodes summaries meanwhile
-    tok = copy.deepcopy(gen.tok) if PREFETCH and len(pending) > 1 else None
     with Progress(sum(s.rows for s in pending), cfg.run.progress, shards=len(pending)) as bar:
-        ahead: _Ahead | None = None
-        for i, shard in enumerate(pending):
-            t = time.perf_counter()
-            x = ahead.result() if ahead is not None else prepare_shard(gen, corpus, shard)
-            if ahead is not None:  # how long the model waited for the prefetch: 0 when it was hidden
-                x.phases["prefetch_wait"] = time.perf_counter() - t
-            ahead = _Ahead(prepare_shard, gen, corpus, pending[i + 1], tok) if tok is not None and i + 1 < len(pending) else None
-            parts.append(finish_shard(gen, store, schema, shard, x))
+        for shard in pending:
+            parts.append(generate_shard(gen, corpus, store, schema, shard))
             bar.committed(parts[-1])
     return summarize_parts(out, cfg, gen.choice.device, parts, time.perf_counter() - start, len(done), len(shards))
-
-
-class _Ahead:
-    """fn(*args) in a daemon thread; `result()` waits for it and raises what it raised. Daemon:
-    a process that ends (an error, SIGTERM) does not wait for a prefetch, which writes nothing."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._out: list = []
-        self._thread = threading.Thread(target=self._call, args=(fn, args), name="embedkit-prefetch", daemon=True)
-        self._thread.start()
-
-    def _call(self, fn: Callable[..., Any], args: tuple) -> None:
-        try:
-            self._out.append((True, fn(*args)))
-        except BaseException as e:  # handed to the main thread, which raises it in its turn
-            self._out.append((False, e))
-
-    def result(self) -> Any:
-        self._thread.join()
-        ok, value = self._out[0]
-        if not ok:
-            raise value
-        return value
-
-
-def prepare_shard(gen: Generator, corpus: Corpus, shard: Shard, tok: Any = None) -> ShardInputs:
-    """A shard's rows read (empty texts dropped) and tokenized for the task; `tok` see `shard_inputs`."""
-    started = time.time()
-    phases: dict[str, float] = {}
-    with timed(phases, "read"):
-        table, empty = drop_empty(corpus.read(shard.start, shard.stop), keep_empty=False)
-    return shard_inputs(gen, table, empty, phases, started, tok)
 
 
 def generate_shard(gen: Generator, corpus: Corpus, store: VectorStore, schema: pa.Schema, shard: Shard,
@@ -307,23 +259,21 @@ def generate_shard(gen: Generator, corpus: Corpus, store: VectorStore, schema: p
     """One shard: the task's columns for its rows, committed as one Lance commit. `may_commit`
     (a shard task of a re-issued shard): asked before the write; False leaves nothing written
     and reports no shard, because the other copy has the commit."""
-    return finish_shard(gen, store, schema, shard, prepare_shard(gen, corpus, shard), may_commit)
 
-
-def finish_shard(gen: Generator, store: VectorStore, schema: pa.Schema, shard: Shard, x: ShardInputs,
-                 may_commit: Callable[[int], bool] | None = None) -> dict:  # fmt: skip
-    """A prepared shard through the model, committed (see `generate_shard`)."""
-    columns, prompt_tokens, new_tokens = task_columns(gen, x, shard.index)
-    table, phases = x.table, x.phases
+    started = time.time()
+    phases: dict[str, float] = {}
+    with timed(phases, "read"):
+        table, empty = drop_empty(corpus.read(shard.start, shard.stop), keep_empty=False)
+    columns, prompt_tokens, new_tokens = task_columns(gen, table, shard.index, phases)
     with timed(phases, "commit"):
         rows = pa.table({"id": table.column("id"), **columns}).cast(schema) if table.num_rows else schema.empty_table()
         if may_commit is not None and not may_commit(shard.index):
             return {"docs": 0, "prompt": 0, "new": 0, "truncated": 0, "empty": 0, "shards": 0, "shards_done": 0}
-        store.commit_shard(shard.index, rows, x.started)
+        store.commit_shard(shard.index, rows, started)
     truncated = int(np.sum(columns["truncated"])) if table.num_rows else 0
     decoder = slot_decoder(gen.lm) if gen.cfg.task == "summarize" else None
     decode = dict(decoder.stats) if decoder is not None else {}
-    return {"docs": rows.num_rows, "prompt": prompt_tokens, "new": new_tokens, "tokens": prompt_tokens + new_tokens, "truncated": truncated, "empty": x.empty, "shards": 1,
+    return {"docs": rows.num_rows, "prompt": prompt_tokens, "new": new_tokens, "tokens": prompt_tokens + new_tokens, "truncated": truncated, "empty": empty, "shards": 1,
             "shards_done": 1, "decode": decode, "phases": phases}  # fmt: skip
 
 

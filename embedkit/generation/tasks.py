@@ -19,6 +19,9 @@ from ..engine.batching import pack_batches
 from ..engine.encoder import DeviceChoice
 from .prompts import answer_tokens, decode_batch, fit_prompts, prompt_ids, task_completion
 
+# Start the decoder's host-side set-up in a thread before tokenizing a summarize shard
+# (engine.decode.start_host_warm_up); a module switch so that a benchmark can turn it off.
+HOST_WARM_UP = True
 _DECODERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # model -> SlotDecoder, dropped with the model
 _PRIORS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # model -> {(prompt, answer, labels): prior}
 
@@ -199,49 +202,28 @@ class Generator:
     choice: DeviceChoice
 
 
-@dataclass(frozen=True)
-class ShardInputs:
-    """A shard's rows (empty texts dropped) and what the model reads for each, before the model runs."""
-
-    table: pa.Table
-    empty: int  # rows dropped for an empty text
-    inputs: list  # task_inputs: a prompt's token ids, or a (context, target) pair, per row
-    flags: list[bool]  # truncated to fit the model
-    prompt_tokens: int
-    phases: dict[str, float]  # read and inputs seconds (in a prefetch thread for all but a run's first shard)
-    started: float  # epoch seconds when its rows began to be read (the ledger records it)
-
-
-def shard_inputs(gen: Generator, table: pa.Table, empty: int, phases: dict[str, float], started: float, tok: Any = None) -> ShardInputs:
-    """Tokenize a shard's rows for the task. `tok`: the tokenizer to use instead of the
-    generator's, for a caller in another thread (the fast tokenizer refuses use from two
-    threads at once when one of them changes its settings, as transformers' `__call__` does)."""
-    cfg = gen.cfg
-    if cfg.task == "summarize" and gen.choice.type == "cuda":
+def task_columns(gen: Generator, table: pa.Table, shard: int, phases: dict[str, float]) -> tuple[dict, int, int]:
+    """The task's output columns for a shard's rows (in row order), prompt tokens and new tokens."""
+    lm, tok, cfg, template = gen.lm, gen.tok, gen.cfg, gen.template
+    if cfg.task == "summarize" and gen.choice.type == "cuda" and HOST_WARM_UP:
         from ..engine.decode import start_host_warm_up
 
         start_host_warm_up()  # the decoder's host-side set-up, beside the tokenizing below
     with timed(phases, "inputs"):
         texts = table.column("text").to_pylist()
-        inputs, flags = task_inputs(texts, table.column("id").to_pylist(), cfg, gen.template, tok or gen.tok, gen.lm.config)
+        inputs, flags = task_inputs(texts, table.column("id").to_pylist(), cfg, template, tok, lm.config)
         prompt_tokens = sum(input_tokens(x) for x in inputs)
-    return ShardInputs(table, empty, inputs, flags, prompt_tokens, phases, started)
-
-
-def task_columns(gen: Generator, x: ShardInputs, shard: int) -> tuple[dict, int, int]:
-    """The task's output columns for a shard's rows (in row order), prompt tokens and new tokens."""
-    lm, tok, cfg, phases = gen.lm, gen.tok, gen.cfg, x.phases
     if cfg.task == "summarize":
         with timed(phases, "model"):
-            new = summarize(lm, tok, x.inputs, cfg, cfg.batch_size, seed=cfg.seed + shard)
+            new = summarize(lm, tok, inputs, cfg, cfg.batch_size, seed=cfg.seed + shard)
         with timed(phases, "outputs"):
             cols = {
                 "summary": [t.strip() for t in decode_batch(tok, new)],
-                "prompt_tokens": [len(p) for p in x.inputs], "new_tokens": [len(n) for n in new], "truncated": x.flags,
+                "prompt_tokens": [len(p) for p in inputs], "new_tokens": [len(n) for n in new], "truncated": flags,
             }  # fmt: skip
-        return cols, x.prompt_tokens, sum(cols["new_tokens"])
+        return cols, prompt_tokens, sum(cols["new_tokens"])
     with timed(phases, "model"):
-        return _logprob_columns(gen, x.inputs, x.flags), x.prompt_tokens, 0
+        return _logprob_columns(gen, inputs, flags), prompt_tokens, 0
 
 
 def _logprob_columns(gen: Generator, inputs: list, flags: list[bool]) -> dict:
