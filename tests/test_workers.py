@@ -144,7 +144,7 @@ def test_one_worker_never_imports_ray_and_several_need_it(corpus, tmp_path):
 
 # With re-issue the run must end well before the stall would: a long stall. Without, it must
 # outlast the stall: a short one is proof enough, and costs a third of the time.
-STALL_S = {True: 30.0, False: 7.0}
+STALL_S = {True: 30.0, False: 4.0}
 
 
 @pytest.mark.slow

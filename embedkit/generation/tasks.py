@@ -22,6 +22,7 @@ from .prompts import answer_tokens, decode_batch, fit_prompts, prompt_ids, task_
 # Start the decoder's host-side set-up in a thread before tokenizing a summarize shard
 # (engine.decode.start_host_warm_up); a module switch so that a benchmark can turn it off.
 HOST_WARM_UP = True
+
 _DECODERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # model -> SlotDecoder, dropped with the model
 _PRIORS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # model -> {(prompt, answer, labels): prior}
 

@@ -64,9 +64,10 @@ def test_resume_with_other_settings_is_refused(tmp_path, uninterrupted, corpus_f
         "model": (["--model", projected_model_dir], [f"model (sentence-transformers/all-MiniLM-L6-v2 -> {projected_model_dir}", "model weights ("]),
         "dtype": (["--dtype", "float32"], ["dtype (float16 -> float32)"]),
         "normalize": (["--no-normalize"], ["normalize (True -> False)"]),
-        "max length": (["--max-seq-length", str(MAX_SEQ // 2)], [f"max sequence length ({MAX_SEQ} -> {MAX_SEQ // 2})"]),
-        # the vectors' compute precision (auto is fp32 on a CPU): fp8 against 16-bit changes recall
-        "precision": (["--precision", "bf16"], ["compute precision (fp32 -> bf16)"]),
+        # two differences in one run, both named; the compute precision is the resolved one (auto
+        # is fp32 on a CPU): fp8's vectors against 16-bit ones change recall
+        "max length and precision": (["--max-seq-length", str(MAX_SEQ // 2), "--precision", "bf16"],
+                                     [f"max sequence length ({MAX_SEQ} -> {MAX_SEQ // 2})", "compute precision (fp32 -> bf16)"]),
     }
     outs = [tmp_path / f"out-{i}" for i in range(len(cases))]
     for out in outs:
