@@ -117,5 +117,5 @@ def test_the_graph_reader_sees_real_edges():
     edges = graph()
     assert "embedkit.run.distributed" in edges["embedkit.encoding.pipeline"]
     assert "embedkit.index.io" in edges["embedkit.index.search"]
-    assert "embedkit.plan.planning" in edges["embedkit.dryrun"] and "embedkit.encoding.pipeline" in edges["embedkit.dryrun"]
+    assert "embedkit.plan.planning" in edges["embedkit.dryrun.encode"] and "embedkit.encoding.pipeline" in edges["embedkit.dryrun.encode"]
     assert "embedkit.engine.texts" in edges["embedkit.index.search"]

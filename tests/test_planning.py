@@ -393,28 +393,60 @@ def test_dry_run_options_without_dry_run_are_refused(run_cli, refused, small_inp
 def _gen_summary(docs: int, new_tokens: int, steps: int, decode_s: float, prefill_s: float, prefill_tokens: int, seconds: float,
                  slots: int, limit: int):  # fmt: skip
     decode = {"steps": steps, "seconds": decode_s, "prefill_s": prefill_s, "capture_s": 0.0, "prefill_tokens": prefill_tokens,
-              "groups": [{"rows": docs, "slots": slots, "capacity": 256, "slot_limit": limit}]}  # fmt: skip
+              "groups": [{"rows": docs, "slots": slots, "capacity": 256, "slot_limit": limit, "budget": 1 << 20}]}  # fmt: skip
     return SimpleNamespace(docs=docs, new_tokens=new_tokens, decode=decode, seconds=seconds)
 
 
-def test_the_decode_step_cost_is_a_line_through_two_calibrations_taken_at_the_full_runs_slots():
-    from embedkit.dryrun import _decode_model, _generate_parts
+def test_a_decode_step_is_read_off_the_measured_steps():
+    from embedkit.plan.decode_time import step_seconds
 
-    # 64 rows: 64 new tokens each in 64 steps (every slot busy) at 10 ms a step; 1,024 rows at 25 ms:
-    # a step costs 9 ms + 1 ms per 64 rows decoded at once
+    points = [(64, 0.010), (1024, 0.025), (16384, 0.040)]
+    assert step_seconds(64, points) == pytest.approx(0.010)
+    assert step_seconds(544, points) == pytest.approx(0.0175)  # halfway along the first segment
+    assert step_seconds(8704, points) == pytest.approx(0.0325)  # halfway along the second: not the first's line
+    assert step_seconds(32768, points) == pytest.approx(0.056)  # beyond: along the last segment
+    assert step_seconds(0, [(64, 0.010), (1024, 0.001)]) >= 0.0
+    assert step_seconds(10, [(64, 0.010)]) == 0.010
+
+
+def test_the_run_is_planned_in_the_decoders_own_groups():
+    """A sample of lengths standing for many rows is cut where the decoder would cut the rows."""
+    from embedkit.engine.decode import plan_groups
+    from embedkit.plan.decode_time import run_groups
+
+    sample = [30] * 80 + [400] * 15 + [3000] * 5  # short, longer, long prompts
+    whole = sorted(sample * 100)  # the run: each sampled length 100 times
+    want = plan_groups(whole, 64, 4096, 4_000_000)
+    got = run_groups(sample, len(whole), 64, 4096, 4_000_000)
+    assert [(round(r), round(s)) for r, s, _ in got] == [(g.stop - g.start, g.slots) for g in want]
+    assert [longest for _, _, longest in got] == [whole[g.stop - 1] for g in want]
+    assert run_groups([], 100, 64, 4096, 1 << 20) == []
+
+
+def test_decode_time_is_each_groups_steps_at_its_own_width():
+    from embedkit.dryrun.generate import _generate_parts
+    from embedkit.plan.decode_time import decode_seconds
+
+    # 64 rows: 64 new tokens each in 64 steps (every slot busy) at 10 ms a step; 1,024 rows at 25 ms
     small = _gen_summary(64, 64 * 64, 64, 0.64 + 0.1, 0.1, 6_400, 1.0, slots=64, limit=4096)
     big = _gen_summary(1024, 1024 * 64, 64, 1.6 + 0.5, 0.5, 102_400, 2.5, slots=1024, limit=4096)
-    a, b = _decode_model(small, big)
-    assert a == pytest.approx(0.009) and b == pytest.approx(0.001 / 64)
-    # 20,000 rows: 4,096 at once (the slot limit, all busy): 20,000 x 64 / 4096 steps at 9 + 64 ms
-    parts = _generate_parts(20_000, 2_000_000, 64.0, small, big)
-    assert parts["rows_at_once"] == 4096
-    assert parts["decode"] == pytest.approx(20_000 * 64 / 4096 * (0.009 + 4096 * 0.001 / 64))
+    # the run: 16,000 rows in 4,096 slots, then 4,000 in 512 (all busy): each group at its width
+    groups = [(16_000, 4096, 100), (4_000, 512, 900)]
+    parts = _generate_parts(20_000, 2_000_000, 64.0, small, big, groups, None)
+    wide = 0.010 + (4096 - 64) * 0.015 / 960  # along the line through the two calibrations
+    narrow = 0.010 + (512 - 64) * 0.015 / 960
+    assert parts["decode"] == pytest.approx(16_000 * 64 / 4096 * wide + 4_000 * 64 / 512 * narrow)
+    assert parts["rows_at_once"] == pytest.approx(20_000 * 64 / (16_000 * 64 / 4096 + 4_000 * 64 / 512), abs=0.1)
     assert parts["prefill"] == pytest.approx(2_000_000 * 0.5 / 102_400)
     assert parts["other"] == pytest.approx(20_000 * (2.5 - 2.1) / 1024)
+    # a probe at the wide group's width: that group's step is the probe's, not the line's
+    probe = _gen_summary(4096, 4096 * 16, 16, 16 * 0.030 + 0.3, 0.3, 400_000, 1.5, slots=4096, limit=4096)
+    with_probe = _generate_parts(20_000, 2_000_000, 64.0, small, big, groups, probe)
+    assert with_probe["decode"] == pytest.approx(16_000 * 64 / 4096 * 0.030 + 4_000 * 64 / 512 * narrow)
+    assert with_probe["decode"] == pytest.approx(decode_seconds(groups, 64.0, 1.0, [(64, 0.01), (1024, 0.025), (4096, 0.03)])[0])
     # no decoder stats (score, classify): seconds per row of the larger run
     plain = SimpleNamespace(docs=100, new_tokens=0, decode={}, seconds=2.0)
-    assert _generate_parts(1_000, 5e4, 0.0, plain, plain) == {"other": pytest.approx(20.0)}
+    assert _generate_parts(1_000, 5e4, 0.0, plain, plain, [], None) == {"other": pytest.approx(20.0)}
 
 
 def test_a_growing_index_is_modeled_as_its_new_rows_only():

@@ -226,9 +226,10 @@ class SlotDecoder:
             lengths = [len(prompts[i]) for i in order]
             budget = self._cache_budget()
             for g in plan_groups(lengths, max_new, max_slots, budget):
-                # slot_limit: the slots rows of this length get when there are enough of them (dry runs extrapolate with it)
+                # slot_limit: the slots rows of this length get when there are enough of them; budget: the
+                # cached positions that fit (dry runs plan a whole run's groups with them)
                 self.stats["groups"].append({"rows": g.stop - g.start, "slots": g.slots, "capacity": g.capacity,
-                                             "slot_limit": min(max_slots, budget // g.capacity)})  # fmt: skip
+                                             "slot_limit": min(max_slots, budget // g.capacity), "budget": budget})  # fmt: skip
                 self._run_group(prompts, order[g.start : g.stop], g)
         self.stats["seconds"] = time.perf_counter() - start
         return self.results

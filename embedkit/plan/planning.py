@@ -311,13 +311,19 @@ def count_tokens(input: str | Path, model: str, *, sample: int = 10_000, seed: i
 def count_sampled(corpus, measure: Callable[[list[str], list], tuple], sample: int, seed: int) -> TokenCount:
     """Every row's tokens (`sample` 0 or at least the rows), else a cluster sample of random
     blocks of consecutive rows (a read per block, not per row) and its ratio estimate."""
+    return sample_lengths(corpus, measure, sample, seed)[0]
+
+
+def sample_lengths(corpus, measure: Callable[[list[str], list], tuple], sample: int, seed: int) -> tuple[TokenCount, np.ndarray, list]:
+    """count_sampled's count, with the measured rows' token lengths (0 for an empty text) and
+    the [start, stop) spans they were read from, in order."""
     n = corpus.num_rows
     if sample == 0 or sample >= n:
         lengths, truncated = _lengths(corpus, measure, [(0, n)])
-        return TokenCount(n, float(lengths.sum()), True, n, 0.0, float(lengths.mean()), float(truncated.mean()))
+        return TokenCount(n, float(lengths.sum()), True, n, 0.0, float(lengths.mean()), float(truncated.mean())), lengths, [(0, n)]
     spans = random_blocks(n, sample, seed)
     lengths, truncated = _lengths(corpus, measure, spans)
-    return estimate_from_blocks(n, spans, lengths, truncated)
+    return estimate_from_blocks(n, spans, lengths, truncated), lengths, spans
 
 
 def estimate_from_blocks(n: int, spans: list[tuple[int, int]], lengths: np.ndarray, truncated: np.ndarray) -> TokenCount:

@@ -1,0 +1,29 @@
+"""What both dry runs share: the calibration budget, the imports a real run pays, folder sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CALIBRATION_SHARE = 0.10
+MAX_CALIBRATION_S = 30.0
+
+
+def preload(stage: str) -> None:
+    """Import what the real run imports before the dry run's own work is timed: the real run
+    pays those imports, so they belong to its fixed costs, not to the work the dry run subtracts
+    (counting tokens imports the tokenizer libraries too: 7 s of generate's fixed costs went
+    missing on the H200 this way)."""
+    import lance  # noqa: F401
+    import torch  # noqa: F401
+
+    if stage == "generate":
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+        from ..generation import pipeline  # noqa: F401
+    else:
+        from ..encoding import pipeline  # noqa: F401,F811
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the files under `path`."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
