@@ -8,7 +8,7 @@ prompts fit in the first group), and a decode step's time does not grow in propo
 rows: narrow steps are bound by each kernel's fixed cost, wide ones by the matrix products and
 the cache reads. A
 straight line through two small calibrations, extrapolated to the run's width, predicted 7.2 s
-of decoding for a run that decoded in about 3.2 s (benchmarks.md, dry run 7).
+of decoding for a run that decoded in 3.0 s (benchmarks.md, dry run 7).
 
 So the run's groups are planned as the decoder will plan them, from the sampled prompt lengths,
 and each group's step time is read off steps measured at widths around its own: the
