@@ -27,3 +27,10 @@ def preload(stage: str) -> None:
 def folder_bytes(path: Path) -> int:
     """Bytes of the files under `path`."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def cost_line(seconds: float, expected: float, recorded: str | None) -> str:
+    """The dry run's last line: what it cost, as a share of the run it predicts, and where its prediction was left."""
+    share = f" ({100 * seconds / expected:.0f}% of the predicted run)" if expected else ""
+    left = f"its prediction is left in {recorded} for `embedkit status` to compare" if recorded else "nothing was written"
+    return f"this dry run took {seconds:.1f} s{share}; {left}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..plan.planning import TokenCount, count_tokens, dollars_per_million, plan_command, random_blocks, run_cost
 from ..units import human_bytes
-from .calibration import CALIBRATION_SHARE, MAX_CALIBRATION_S, folder_bytes, preload
+from .calibration import CALIBRATION_SHARE, MAX_CALIBRATION_S, cost_line, folder_bytes, preload
 
 # ---- dry run -----------------------------------------------------------------------------------
 
@@ -63,9 +63,7 @@ class DryRun:
             cost = f", ${p['dollars_per_million_tokens']:.4g} per 1M tokens" if p.get("dollars_per_million_tokens") is not None else ""
             out.append(f"  batch {p['batch_tokens']:>8,} tokens: {p['tokens_per_second']:>12,.0f} tokens/s, padding "
                        f"{100 * p['padding_overhead']:.1f}%{cost}")  # fmt: skip
-        share = f" ({100 * self.dry_run_seconds / self.expected_seconds:.0f}% of the predicted run)" if self.expected_seconds else ""
-        out.append(f"this dry run took {self.dry_run_seconds:.1f} s{share}; "
-                   + (f"its prediction is left in {self.recorded} for `embedkit status` to compare" if self.recorded else "nothing was written"))
+        out.append(cost_line(self.dry_run_seconds, self.expected_seconds, self.recorded))
         return out
 
 

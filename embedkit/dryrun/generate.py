@@ -13,7 +13,7 @@ from ..config import RunOptions
 from ..errors import EmbedkitError, first_line
 from ..plan.planning import TokenCount, plan_command, random_blocks, run_cost, sample_lengths
 from ..units import human_bytes
-from .calibration import CALIBRATION_SHARE, MAX_CALIBRATION_S, folder_bytes, preload
+from .calibration import CALIBRATION_SHARE, MAX_CALIBRATION_S, cost_line, folder_bytes, preload
 
 # ---- generate dry run ---------------------------------------------------------------------------
 
@@ -73,9 +73,7 @@ class GenerateDryRun:
         if self.dollars is not None:
             out.append(f"cost: ${self.dollars:,.2f} (${self.dollars_per_million_tokens:.4g} per 1M prompt + new tokens); "
                        f"for a fleet and a window: {self.plan}")  # fmt: skip
-        share = f" ({100 * self.dry_run_seconds / self.expected_seconds:.0f}% of the predicted run)" if self.expected_seconds else ""
-        out.append(f"this dry run took {self.dry_run_seconds:.1f} s{share}; "
-                   + (f"its prediction is left in {self.recorded} for `embedkit status` to compare" if self.recorded else "nothing was written"))
+        out.append(cost_line(self.dry_run_seconds, self.expected_seconds, self.recorded))
         return out
 
 

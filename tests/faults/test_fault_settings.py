@@ -162,15 +162,12 @@ def test_refusals_and_nothing_to_do_come_before_the_model_loads(tmp_path, corpus
     config.write_text("{ not json")
     again = run("encode", corpus_file, out, "--model", unloadable_model_dir, *ENCODE_OPTIONS)
     assert again.returncode == 0 and again.stdout.startswith("nothing to do"), (again.stdout, again.stderr)
-    # a setting of the output and one of the model (a fresh process each: kept to two for CI time)
-    cases = {"--dtype": ("float32", "dtype (float16 -> float32)"),
-             "--max-seq-length": (str(MAX_SEQ // 2), f"max sequence length ({MAX_SEQ} -> {MAX_SEQ // 2})")}  # fmt: skip
+    # a setting of the output and one of the model, in one run (one fresh process for CI time):
+    # the refusal names both
     options = [o for o in ENCODE_OPTIONS if o not in ("--max-seq-length", str(MAX_SEQ))]
-    for flag, (value, needle) in cases.items():  # one after another: they share OUT and its lock
-        length = ["--max-seq-length", str(MAX_SEQ)] if flag != "--max-seq-length" else []
-        result = run("encode", corpus_file, out, "--model", unloadable_model_dir, *options, flag, *([value] if value else []), *length)
-        line = assert_one_line_error(result, needle, "--overwrite")
-        assert "cannot load" not in line, (flag, line)
+    result = run("encode", corpus_file, out, "--model", unloadable_model_dir, *options, "--dtype", "float32", "--max-seq-length", str(MAX_SEQ // 2))
+    line = assert_one_line_error(result, "dtype (float16 -> float32)", f"max sequence length ({MAX_SEQ} -> {MAX_SEQ // 2})", "--overwrite")
+    assert "cannot load" not in line, line
     # the proof that these runs did not load it: a run that must load the model fails
     fresh = run("encode", corpus_file, tmp_path / "fresh", "--model", unloadable_model_dir, *ENCODE_OPTIONS)
     assert_one_line_error(fresh, "cannot load model")
