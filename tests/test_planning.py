@@ -427,23 +427,24 @@ def test_decode_time_is_each_groups_steps_at_its_own_width():
     from embedkit.dryrun.generate import _generate_parts
     from embedkit.plan.decode_time import decode_seconds
 
-    # 64 rows: 64 new tokens each in 64 steps (every slot busy) at 10 ms a step; 1,024 rows at 25 ms
-    small = _gen_summary(64, 64 * 64, 64, 0.64 + 0.1, 0.1, 6_400, 1.0, slots=64, limit=4096)
-    big = _gen_summary(1024, 1024 * 64, 64, 1.6 + 0.5, 0.5, 102_400, 2.5, slots=1024, limit=4096)
+    # 64 rows: 64 new tokens each, the first from the prefill, 63 in 63 steps (every slot busy)
+    # at 10 ms a step; 1,024 rows at 25 ms
+    small = _gen_summary(64, 64 * 64, 63, 0.63 + 0.1, 0.1, 6_400, 1.0, slots=64, limit=4096)
+    big = _gen_summary(1024, 1024 * 64, 63, 63 * 0.025 + 0.5, 0.5, 102_400, 2.5, slots=1024, limit=4096)
     # the run: 16,000 rows in 4,096 slots, then 4,000 in 512 (all busy): each group at its width
     groups = [(16_000, 4096, 100), (4_000, 512, 900)]
     parts = _generate_parts(20_000, 2_000_000, 64.0, small, big, groups, None)
     wide = 0.010 + (4096 - 64) * 0.015 / 960  # along the line through the two calibrations
     narrow = 0.010 + (512 - 64) * 0.015 / 960
-    assert parts["decode"] == pytest.approx(16_000 * 64 / 4096 * wide + 4_000 * 64 / 512 * narrow)
-    assert parts["rows_at_once"] == pytest.approx(20_000 * 64 / (16_000 * 64 / 4096 + 4_000 * 64 / 512), abs=0.1)
+    assert parts["decode"] == pytest.approx(16_000 * 63 / 4096 * wide + 4_000 * 63 / 512 * narrow)
+    assert parts["rows_at_once"] == pytest.approx(20_000 * 63 / (16_000 * 63 / 4096 + 4_000 * 63 / 512), abs=0.1)
     assert parts["prefill"] == pytest.approx(2_000_000 * 0.5 / 102_400)
-    assert parts["other"] == pytest.approx(20_000 * (2.5 - 2.1) / 1024)
-    # a probe at the wide group's width: that group's step is the probe's, not the line's
-    probe = _gen_summary(4096, 4096 * 16, 16, 16 * 0.030 + 0.3, 0.3, 400_000, 1.5, slots=4096, limit=4096)
+    assert parts["other"] == pytest.approx(20_000 * (2.5 - big.decode["seconds"]) / 1024)
+    # a probe at the wide group's width (16 new tokens: 15 steps): that group's step is the probe's
+    probe = _gen_summary(4096, 4096 * 16, 15, 15 * 0.030 + 0.3, 0.3, 400_000, 1.5, slots=4096, limit=4096)
     with_probe = _generate_parts(20_000, 2_000_000, 64.0, small, big, groups, probe)
-    assert with_probe["decode"] == pytest.approx(16_000 * 64 / 4096 * 0.030 + 4_000 * 64 / 512 * narrow)
-    assert with_probe["decode"] == pytest.approx(decode_seconds(groups, 64.0, 1.0, [(64, 0.01), (1024, 0.025), (4096, 0.03)])[0])
+    assert with_probe["decode"] == pytest.approx(16_000 * 63 / 4096 * 0.030 + 4_000 * 63 / 512 * narrow)
+    assert with_probe["decode"] == pytest.approx(decode_seconds(groups, 63.0, 1.0, [(64, 0.01), (1024, 0.025), (4096, 0.03)])[0])
     # no decoder stats (score, classify): seconds per row of the larger run
     plain = SimpleNamespace(docs=100, new_tokens=0, decode={}, seconds=2.0)
     assert _generate_parts(1_000, 5e4, 0.0, plain, plain, [], None) == {"other": pytest.approx(20.0)}

@@ -166,12 +166,13 @@ def _generate_rows(n: int, first: int, warm, rough_seconds: float, spent: float,
 
 
 def _step_point(s) -> tuple[float, float] | None:
-    """(rows decoded at once, seconds) of a calibration's mean decode step (its new tokens over
-    its steps; capture and prefill taken off); None without decoder stats."""
+    """(rows decoded at once, seconds) of a calibration's mean decode step: the tokens its steps
+    made (a row's first new token comes from the prefill) over its steps, and its decoding time
+    (capture and prefill taken off) over them; None without decoder stats."""
     d = s.decode or {}
     if not d.get("steps"):
         return None
-    return s.new_tokens / d["steps"], max(0.0, d["seconds"] - d.get("prefill_s", 0.0) - d.get("capture_s", 0.0)) / d["steps"]
+    return max(1.0, s.new_tokens - s.docs) / d["steps"], max(0.0, d["seconds"] - d.get("prefill_s", 0.0) - d.get("capture_s", 0.0)) / d["steps"]
 
 
 def _rows_at_once(s) -> float:
@@ -224,7 +225,7 @@ def _generate_parts(rows: float, prompt_tokens: float, new_per_row: float, small
     if not points or not d.get("prefill_s") or not groups:  # score, classify, or another decoder: per row
         return {"other": rows * big.seconds / max(1, big.docs)}
     occupancy = _rows_at_once(big) / max(1, max(g.get("slots", 1) for g in d.get("groups") or [{}]))  # busy share of the slots
-    decode, at_once = decode_seconds(groups, new_per_row, occupancy, points)
+    decode, at_once = decode_seconds(groups, max(0.0, new_per_row - 1), occupancy, points)  # the first from the prefill
     # per prompt token, the shared start counted too (the decoder stores it once: its cost is in the rate)
     prefill = prompt_tokens * d["prefill_s"] / max(1, d.get("prompt_tokens", d.get("prefill_tokens", 1)))
     other = rows * max(0.0, big.seconds - d["seconds"]) / max(1, big.docs)

@@ -52,16 +52,17 @@ def step_seconds(width: float, points: Sequence[tuple[float, float]]) -> float:
     return max(0.0, y1 + slope * (width - x1))
 
 
-def decode_seconds(groups: Sequence[tuple[float, float, int]], new_per_row: float, occupancy: float,
+def decode_seconds(groups: Sequence[tuple[float, float, int]], step_tokens: float, occupancy: float,
                    points: Sequence[tuple[float, float]]) -> tuple[float, float]:  # fmt: skip
-    """(seconds, mean rows at once) of decoding `groups` (`run_groups`): a group's steps are its
-    new tokens over the rows it decodes at once (its slots times `occupancy`, the busy share of
-    slots the calibration saw), each at `step_seconds` of that width."""
+    """(seconds, mean rows at once) of decoding `groups` (`run_groups`), each row making
+    `step_tokens` tokens in decode steps: a group's steps are its tokens over the rows it
+    decodes at once (its slots times `occupancy`, the busy share of slots the calibration saw),
+    each at `step_seconds` of that width."""
     seconds = steps = tokens = 0.0
     for rows, slots, _ in groups:
         at_once = max(1.0, slots * occupancy)
-        n = rows * new_per_row / at_once
+        n = rows * step_tokens / at_once
         seconds += n * step_seconds(at_once, points)
         steps += n
-        tokens += rows * new_per_row
+        tokens += rows * step_tokens
     return seconds, (tokens / steps if steps else 0.0)
