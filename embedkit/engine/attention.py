@@ -29,7 +29,7 @@ NUM_STAGES = 3
 
 
 def slot_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float, *, prefix: tuple[Any, Any] | None = None,
-                   kernel: bool | None = None, append: tuple[Any, Any] | None = None) -> Any:  # fmt: skip
+                   kernel: bool | None = None, append: tuple[Any, Any] | None = None, span: int | None = None) -> Any:  # fmt: skip
     """Attention of one query token per slot over a shared prefix and that slot's first
     `lengths[s]` cached positions.
 
@@ -39,7 +39,9 @@ def slot_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float, *
     to before its own, each (prefix_len, kv_heads, head_dim), stored once for all slots (the
     prompt template's shared start). append: the step's own (key, value), each (slots, kv_heads,
     head_dim), first written into the cache at position lengths[s] - 1 (the kernel does it in
-    the same launch). Returns (slots, kv_heads, group, head_dim) in q's dtype.
+    the same launch). span: where the dense reference runs, it attends to the first `span`
+    positions of every slot, masked (default: all); the kernel reads each row's own. Returns
+    (slots, kv_heads, group, head_dim) in q's dtype.
     """
     use = triton_usable(q) if kernel is None else kernel
     if use:
@@ -50,7 +52,7 @@ def slot_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float, *
         slot = torch.arange(q.shape[0], device=q.device)
         keys[slot, :, lengths - 1] = append[0]
         values[slot, :, lengths - 1] = append[1]
-    return reference_attention(q, keys, values, lengths, scale, prefix=prefix)
+    return reference_attention(q, keys, values, lengths, scale, span=span, prefix=prefix)
 
 
 def reference_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float, span: int | None = None,

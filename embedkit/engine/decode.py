@@ -46,7 +46,7 @@ import numpy as np
 
 from ..errors import EmbedkitError
 from . import fused
-from .attention import reference_attention, slot_attention, triton_usable
+from .attention import slot_attention, triton_usable
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 PLAIN_ROPE = (None, "default", "linear", "llama3")  # rotary variants that depend on the position only
@@ -622,7 +622,7 @@ class SlotDecoder:
         """One token for each of the first `width` slots: write its key/value at the slot's
         position, attend to its own positions (the dense path reads [0, length) of every slot, masked)."""
         n = width
-        pos, rows = self.pos[:n], self.rows[:n]
+        pos = self.pos[:n]
         x = self.model.embed_tokens(self.tok[:n, None])
         cos, sin = self.model.rotary_emb(x, pos[:, None] + self.prefix_len)
         lengths = pos + 1
@@ -631,12 +631,9 @@ class SlotDecoder:
             keys, values = self.keys[i][:n], self.values[i][:n]
             # the query heads that share a key head become that head's query rows: no repeated keys
             q = q.reshape(n, self.kv_heads, self.group, self.head_dim)
-            if self.kernel:  # the kernel writes the step's key and value itself, in the same launch
-                o = slot_attention(q, keys, values, lengths, self.scale, prefix=self._prefix(i), kernel=True, append=(k[:, 0], v[:, 0]))
-            else:
-                keys[rows, :, pos] = k[:, 0]
-                values[rows, :, pos] = v[:, 0]
-                o = reference_attention(q, keys, values, lengths, self.scale, span=length, prefix=self._prefix(i))
+            # the step's key and value are written at each row's last position (the kernel does it in the same launch)
+            o = slot_attention(q, keys, values, lengths, self.scale, prefix=self._prefix(i), kernel=self.kernel, append=(k[:, 0], v[:, 0]),
+                               span=None if self.kernel else length)  # fmt: skip
             return o.reshape(n, 1, -1)
 
         x = self._layers(x, cos, sin, attend)
