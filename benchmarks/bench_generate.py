@@ -12,7 +12,8 @@ tokens (sorted by prompt length, cut into batches of B):
 - transformers `model.generate(do_sample=False)`, bf16, default dynamic cache;
 - the same with `cache_implementation="static"` (compiles the decode step), timed on a second
   pass after a warm-up pass over the same batches;
-- embedkit's `generate(task="summarize", batch_size=B)` end to end (parquet in, Lance out).
+- embedkit's `generate(task="summarize", batch_size=B)` end to end (parquet in, Lance out),
+  timed like the static cache on a second pass (the first pass's seconds reported beside it).
 
 Before timing, a check on --check-docs prompts: embedkit's decoder with its CUDA-graph step
 must give exactly the tokens of the same decoder run eagerly; agreement with transformers'
@@ -110,7 +111,9 @@ def main() -> None:
             attempt(rows, bench_transformers, folder, [ids[i] for i in subset], bs, args, static=False)
         if not args.no_static:
             attempt(rows, bench_transformers, folder, [ids[i] for i in subset], bs, args, static=True)
-        attempt(rows, bench_embedkit, folder, [texts[i] for i in subset], bs, args, work)
+        # timed on a second pass like the static cache (its warm-up pass compiles the step): the first
+        # pass pays this process's one-time costs (kernel loads, captured steps), reported beside it
+        attempt(rows, bench_embedkit, folder, [texts[i] for i in subset], bs, args, work, second_pass=True)
     best = max((r["new_tok_s"] for r in rows if r["engine"] == "transformers"), default=float("nan"))
     # equal batch sizes on the same prompts first; then embedkit's default configuration, labelled
     equal = [r for r in rows if not r.get("default_docs")]
@@ -350,10 +353,11 @@ def bench_transformers(folder: Path, ids: list[list[int]], batch: int, args, sta
 
 
 def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work: Path, share_prefix: bool = True,
-                   precision: str = "auto", warm_up: bool = True) -> dict:  # fmt: skip
+                   precision: str = "auto", warm_up: bool = True, second_pass: bool = False) -> dict:  # fmt: skip
     """embedkit.generate end to end: parquet in, prompts, decoding, Lance out (model load excluded).
     share_prefix=False: the A/B row, every slot holding its whole prompt; warm_up=False: without
-    the decoder's host-side warm-up beside tokenizing."""
+    the decoder's host-side warm-up beside tokenizing; second_pass: the same call twice in this
+    process, the second timed (the first's seconds kept as `first_pass_s`)."""
     import embedkit
     import embedkit.engine.decode as decode
     import embedkit.generation.tasks as tasks
@@ -362,13 +366,18 @@ def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work
     tasks.HOST_WARM_UP = warm_up
     src = work / f"docs-{len(texts)}.parquet"
     pq.write_table(pa.table({"id": pa.array([f"d{i}" for i in range(len(texts))]), "text": texts}), src)
-    out = work / f"gen-{batch or 'default'}-{precision}-{warm_up}"
-    shutil.rmtree(out, ignore_errors=True)
-    s = embedkit.generate(src, out, task="summarize", model=str(folder), device=args.device, max_new_tokens=args.max_new_tokens,
-                          batch_size=batch, progress=False, precision=precision)  # fmt: skip
+    first = None
+    for attempt_no in range(2 if second_pass else 1):
+        out = work / f"gen-{batch or 'default'}-{precision}-{warm_up}-{attempt_no}"
+        shutil.rmtree(out, ignore_errors=True)
+        s = embedkit.generate(src, out, task="summarize", model=str(folder), device=args.device, max_new_tokens=args.max_new_tokens,
+                              batch_size=batch, progress=False, precision=precision)  # fmt: skip
+        first = s.seconds if first is None else first
     cache = ("slots" if share_prefix else "slots, whole prompts") + ("" if warm_up else ", no host warm-up")
     row = {"engine": "embedkit", "cache": cache if precision == "auto" else f"{cache}, {precision}", "batch": batch or "default", "docs": s.docs, "new_tokens": s.new_tokens,
            "seconds": s.seconds, "new_tok_s": s.new_tokens / s.seconds, "decoder_s": s.decode.get("seconds"), "decode": s.decode, "phases": s.phases}  # fmt: skip
+    if second_pass:
+        row["first_pass_s"] = first
     if args.model:  # real weights: are the summaries text?
         row["summaries"] = summary_stats(out, args.max_new_tokens)
     return row

@@ -11,6 +11,10 @@ positions 0..lengths[s]-1 only:
 - elsewhere, `scaled_dot_product_attention` with a length mask (the reference the kernel is
   tested against, in Triton's interpreter on CPU).
 
+The prefill (`prefill_attention`) has a kernel of its own: prompts packed end to end, each
+token attending to the shared prefix and to its own prompt up to itself, and each prompt's keys
+and values written into its slot in the same launch.
+
 Prompts built from one template start with the same tokens (SmolLM2's chat template and the
 default summarize prompt: 32 of a mean 116). Those positions can be stored once, as a *prefix*
 every slot attends to before its own positions: the kernel reads them first, from one place
@@ -26,6 +30,10 @@ from typing import Any
 BLOCK_N = 16  # cached positions per inner step of the kernel
 NUM_WARPS = 1  # the kernel's launch configuration (see benchmarks/bench_decode_attention.py)
 NUM_STAGES = 3
+PREFILL_BLOCK_M = 64  # the prefill kernel's query rows per program
+PREFILL_BLOCK_N = 64  # and keys per inner step
+PREFILL_WARPS = 4
+PREFILL_STAGES = 2
 
 
 def slot_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float, *, prefix: tuple[Any, Any] | None = None,
@@ -115,3 +123,49 @@ def _triton_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return out
+
+
+def prefill_attention(q: Any, k: Any, v: Any, cu: Any, longest: int, scale: float, *, prefix: tuple[Any, Any] | None = None,
+                      cache: tuple[Any, Any, Any] | None = None) -> Any:  # fmt: skip
+    """Causal attention of prompts packed end to end (the Triton kernel: CUDA or Triton's interpreter).
+
+    q: (tokens, heads, head_dim); k, v: (tokens, kv_heads, head_dim), last dimensions contiguous
+    (other strides are taken as they are). cu: (prompts + 1,) int32 offsets of the prompts in the
+    packing; longest: the longest prompt's tokens. Token i of a prompt attends to the shared
+    `prefix` (keys, values: (n, kv_heads, head_dim) each, stored once) and to its prompt's tokens
+    0..i. cache: (keys, values, slots): each prompt's keys and values are also written to
+    positions 0..len-1 of slot slots[p] of the caches (slots, kv_heads, capacity, head_dim), in
+    the same launch (the decoder needs them there; a separate scatter per layer cost as much as
+    the attention). Returns (tokens, heads, head_dim) in q's dtype.
+
+    One launch replaces what the decoder did before with flash attention's variable-length
+    kernel: two scatters into the cache, and the prefix copied in front of every prompt (a
+    concatenation and a gather of keys and values) for each layer.
+    """
+    import torch
+
+    from .attention_kernel import prefill_attention_kernel
+
+    tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"the attention kernel needs a power-of-two head_dim of at least 16, not {head_dim}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty((tokens, heads, head_dim), dtype=q.dtype, device=q.device)
+    pk, pv = prefix if prefix is not None else (k[:0], v[:0])
+    ck, cv, slots = cache if cache is not None else (k[None], v[None], cu)  # not written without a cache
+    prompts = cu.shape[0] - 1
+    grid = (prompts * heads, triton_cdiv(longest, PREFILL_BLOCK_M))
+    prefill_attention_kernel[grid](
+        q, k, v, out, cu, pk, pv, ck, cv, slots, pk.shape[0], scale, heads,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1),
+        ck.stride(0), ck.stride(1), ck.stride(2), cv.stride(0), cv.stride(1), cv.stride(2),
+        GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, WRITE=cache is not None,
+        num_warps=PREFILL_WARPS, num_stages=PREFILL_STAGES,
+    )  # fmt: skip
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

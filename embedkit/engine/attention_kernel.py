@@ -1,5 +1,6 @@
-"""The Triton kernel of `attention.slot_attention`, in a module of its own: importing Triton is
-slow and optional, so `attention` imports this module only when the kernel first runs."""
+"""The Triton kernels of `attention.slot_attention` and `attention.prefill_attention`, in a
+module of their own: importing Triton is slow and optional, so `attention` imports this module
+only when a kernel first runs."""
 
 import triton
 import triton.language as tl
@@ -63,3 +64,66 @@ def slot_attention_kernel(
         acc = acc * alpha[:, None] + p[:, None] * vn.to(tl.float32)[None, :]
     out = acc / total[:, None]
     tl.store(O + slot * o_s + head * o_h + rows[:, None] * o_g + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def prefill_attention_kernel(
+    Q, K, V, O, CU, PK, PV, CK, CV, SLOT, n_prefix, scale, heads,
+    q_t, q_h, k_t, k_h, v_t, v_h, o_t, o_h, pk_n, pk_h, pv_n, pv_h, ck_s, ck_h, ck_n, cv_s, cv_h, cv_n,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WRITE: tl.constexpr,
+):  # fmt: skip
+    # program (prompt x heads + head, query block): the query heads that share a key head are
+    # neighbours in launch order, so the key/value tiles one loads the next ones find in L2
+    prompt = tl.program_id(0) // heads
+    head = tl.program_id(0) % heads
+    first = tl.program_id(1) * BLOCK_M
+    start = tl.load(CU + prompt)
+    length = tl.load(CU + prompt + 1) - start
+    if first < length:
+        kv = head // GROUP
+        rows = first + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, HEAD_DIM)
+        cols = tl.arange(0, BLOCK_N)
+        row_ok = (rows < length)[:, None]
+        q = tl.load(Q + (start + rows)[:, None] * q_t + head * q_h + dims[None, :], mask=row_ok, other=0.0)
+        if WRITE:
+            if head % GROUP == 0:  # this block's keys and values into the prompt's slot, once per key head
+                slot = tl.load(SLOT + prompt)
+                k = tl.load(K + (start + rows)[:, None] * k_t + kv * k_h + dims[None, :], mask=row_ok, other=0.0)
+                v = tl.load(V + (start + rows)[:, None] * v_t + kv * v_h + dims[None, :], mask=row_ok, other=0.0)
+                tl.store(CK + slot * ck_s + kv * ck_h + rows[:, None] * ck_n + dims[None, :], k, mask=row_ok)
+                tl.store(CV + slot * cv_s + kv * cv_h + rows[:, None] * cv_n + dims[None, :], v, mask=row_ok)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        # the shared prefix, which every token sees (one copy for all prompts: read from L2)
+        for s in range(0, n_prefix, BLOCK_N):
+            pos = s + cols
+            ok = pos < n_prefix
+            k = tl.load(PK + pos[:, None] * pk_n + kv * pk_h + dims[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(PV + pos[:, None] * pv_n + kv * pv_h + dims[None, :], mask=ok[:, None], other=0.0)
+            x = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            x = tl.where(ok[None, :], x, float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(x - m_new[:, None])
+            total = total * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            m = m_new
+        # the prompt's own tokens, causal: token i sees tokens 0..i of its prompt
+        end = tl.minimum(length, first + BLOCK_M)
+        for s in range(0, end, BLOCK_N):
+            pos = s + cols
+            ok = pos < end
+            k = tl.load(K + (start + pos)[:, None] * k_t + kv * k_h + dims[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(V + (start + pos)[:, None] * v_t + kv * v_h + dims[None, :], mask=ok[:, None], other=0.0)
+            x = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            x = tl.where(ok[None, :] & (pos[None, :] <= rows[:, None]), x, float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(x - m_new[:, None])
+            total = total * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            m = m_new
+        out = acc / total[:, None]
+        tl.store(O + (start + rows)[:, None] * o_t + head * o_h + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok)
