@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="", help="also run the default row at these precisions (e.g. fp8), each in its own process")
     ap.add_argument("--ab-prefix", action="store_true",
                     help="also run the default row with the prompts' shared start kept in every slot (not stored once)")
+    ap.add_argument("--ab-prefill-kernel", action="store_true",
+                    help="also the default row with the prefill through flash attention (not the prefill kernel), twice each, alternating")
     ap.add_argument("--ab-warm-up", action="store_true",
                     help="also the default row without the decoder's host-side warm-up beside tokenizing (twice each, alternating)")
     ap.add_argument("--headline-only", action="store_true", help="only embedkit's default run over all --docs (no check, no baselines)")
@@ -95,6 +97,9 @@ def main() -> None:
         attempt(rows, bench_embedkit, folder, texts, slots, args, work)
     if args.ab_prefix:
         attempt(rows, bench_embedkit, folder, texts, None, args, work, share_prefix=False)
+    for _ in range(2) if args.ab_prefill_kernel else ():
+        attempt(rows, bench_embedkit, folder, texts, None, args, work, prefill_kernel=False)
+        attempt(rows, bench_embedkit, folder, texts, None, args, work)
     for _ in range(2) if args.ab_warm_up else ():
         attempt(rows, bench_embedkit, folder, texts, None, args, work, warm_up=False)
         attempt(rows, bench_embedkit, folder, texts, None, args, work)
@@ -205,17 +210,18 @@ def check(folder: Path, ids: list[list[int]], args) -> dict:
     eos = {tok.eos_token_id}
     graphs = SlotDecoder(model, eos_ids=eos, graphs=args.device.startswith("cuda")).run(ids, max_new=args.max_new_tokens, max_slots=64)
 
-    def eager_without(switch: str | None) -> tuple[bool, list]:
-        """The eager decoder with one of its fast paths switched off: (was it on, its tokens)."""
+    def eager_without(*switches: str) -> tuple[bool, list]:
+        """The eager decoder with some of its fast paths switched off: (was the first on, its tokens)."""
         decoder = SlotDecoder(model, eos_ids=eos, graphs=False)
-        used = bool(getattr(decoder, switch)) if switch else True
-        if switch:
+        used = bool(getattr(decoder, switches[0])) if switches else True
+        for switch in switches:
             setattr(decoder, switch, False)
         return used, decoder.run(ids, max_new=args.max_new_tokens, max_slots=64)
 
-    _, eager = eager_without(None)
-    kernel_used, dense = eager_without("kernel")  # dense masked attention instead of the per-slot kernel
-    varlen_used, padded = eager_without("varlen")  # packed prefill through the padded SDPA reference
+    _, eager = eager_without()
+    kernel_used, dense = eager_without("kernel", "prefill_kernel")  # dense masked attention instead of the per-slot kernels
+    prefill_kernel_used, flash = eager_without("prefill_kernel")  # prefill through flash attention's variable-length kernel
+    varlen_used, padded = eager_without("varlen", "prefill_kernel")  # packed prefill through the padded SDPA reference
     fused_used, unfused = eager_without("fuse_kernels")  # norms, rotary and SiLU-and-multiply as plain PyTorch
     prefix_used, whole = eager_without("share_prefix")  # every slot holding its whole prompt, the shared start too
     g = torch.Generator(device=args.device).manual_seed(0)
@@ -236,6 +242,8 @@ def check(folder: Path, ids: list[list[int]], args) -> dict:
             "fused_kernels": fused_used, "fused_equals_unfused": sum(a == b for a, b in zip(eager, unfused)),
             "first_token_fused_equals_unfused": sum(a[:1] == b[:1] for a, b in zip(eager, unfused)),
             "fused_kernels_bf16_equal_share": fused_kernel_agreement(args.device) if args.device.startswith("cuda") else None,
+            "prefill_kernel": prefill_kernel_used, "prefill_kernel_equals_flash_prefill": sum(a == b for a, b in zip(eager, flash)),
+            "first_token_prefill_kernel_equals_flash": sum(a[:1] == b[:1] for a, b in zip(eager, flash)),
             "prefill_varlen_kernel": varlen_used, "varlen_prefill_equals_padded_prefill": sum(a == b for a, b in zip(eager, padded)),
             "first_token_varlen_equals_padded": sum(a[:1] == b[:1] for a, b in zip(eager, padded)),
             "shared_prefix": prefix_used, "shared_prefix_equals_whole_prompts": sum(a == b for a, b in zip(eager, whole)),
@@ -353,16 +361,18 @@ def bench_transformers(folder: Path, ids: list[list[int]], batch: int, args, sta
 
 
 def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work: Path, share_prefix: bool = True,
-                   precision: str = "auto", warm_up: bool = True, second_pass: bool = False) -> dict:  # fmt: skip
+                   precision: str = "auto", warm_up: bool = True, second_pass: bool = False, prefill_kernel: bool = True) -> dict:  # fmt: skip
     """embedkit.generate end to end: parquet in, prompts, decoding, Lance out (model load excluded).
     share_prefix=False: the A/B row, every slot holding its whole prompt; warm_up=False: without
-    the decoder's host-side warm-up beside tokenizing; second_pass: the same call twice in this
+    the decoder's host-side warm-up beside tokenizing; prefill_kernel=False: the prefill through
+    flash attention; second_pass: the same call twice in this
     process, the second timed (the first's seconds kept as `first_pass_s`)."""
     import embedkit
     import embedkit.engine.decode as decode
     import embedkit.generation.tasks as tasks
 
     decode.SHARE_PREFIX = share_prefix  # this configuration's own process
+    decode.PREFILL_KERNEL = prefill_kernel
     tasks.HOST_WARM_UP = warm_up
     src = work / f"docs-{len(texts)}.parquet"
     pq.write_table(pa.table({"id": pa.array([f"d{i}" for i in range(len(texts))]), "text": texts}), src)
@@ -374,6 +384,7 @@ def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work
                               batch_size=batch, progress=False, precision=precision)  # fmt: skip
         first = s.seconds if first is None else first
     cache = ("slots" if share_prefix else "slots, whole prompts") + ("" if warm_up else ", no host warm-up")
+    cache += "" if prefill_kernel else ", flash prefill"
     row = {"engine": "embedkit", "cache": cache if precision == "auto" else f"{cache}, {precision}", "batch": batch or "default", "docs": s.docs, "new_tokens": s.new_tokens,
            "seconds": s.seconds, "new_tok_s": s.new_tokens / s.seconds, "decoder_s": s.decode.get("seconds"), "decode": s.decode, "phases": s.phases}  # fmt: skip
     if second_pass:

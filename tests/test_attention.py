@@ -153,11 +153,11 @@ lm = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_s
 start = [1, 90, 198, 268, 314, 260, 257, 40, 41, 42]  # a shared start, stored once as the prefix
 prompts = [start + [93, 28, 95], start + [7], start + list(range(300, 380))]  # the last over a key block
 with_kernel = SlotDecoder(lm, eos_ids={2})
-assert with_kernel.kernel
-dense = SlotDecoder(lm, eos_ids={2})
-dense.kernel = False
+assert with_kernel.kernel and with_kernel.prefill_kernel
+dense = SlotDecoder(lm, eos_ids={2})  # the references: dense masked decode attention, the padded prefill
+dense.kernel = dense.prefill_kernel = False
 whole = SlotDecoder(lm, eos_ids={2})  # every slot holding its whole prompt
-whole.kernel, whole.share_prefix = False, False
+whole.kernel, whole.prefill_kernel, whole.share_prefix = False, False, False
 for decoder in (with_kernel, dense, whole):  # the attention kernel alone (tests/test_fused.py covers the others)
     decoder.fuse_kernels = False
 got = [d.run(prompts, max_new=4, max_slots=2) for d in (with_kernel, dense, whole)]

@@ -46,7 +46,7 @@ import numpy as np
 
 from ..errors import EmbedkitError
 from . import fused
-from .attention import slot_attention, triton_usable
+from .attention import prefill_attention, slot_attention, triton_usable
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 PLAIN_ROPE = (None, "default", "linear", "llama3")  # rotary variants that depend on the position only
@@ -58,6 +58,7 @@ FUSE_MAX_BYTES = 2 << 30  # fused projection weights are copies: made only while
 CACHE_MEMORY_FRACTION = 0.6  # of the free device memory, for the KV cache
 STEP_WIDTH_MIN = 256  # narrowest decode step: when the running rows all sit below a slot index, steps cover only those slots
 PREFIX_MIN = 8  # shortest shared prompt start worth storing once (below it the bookkeeping costs more than it saves)
+PREFILL_KERNEL = True  # the prefill's own Triton kernel where the decode kernel runs (bench_generate.py --ab-prefill-kernel turns it off)
 SHARE_PREFIX = True  # new decoders store the prompts' shared start once (benchmarks/bench_generate.py --ab-prefix turns it off)
 
 
@@ -185,6 +186,9 @@ class SlotDecoder:
         # then one captured step serves every length. fp32 stays on the reference path (tf32 dots).
         probe = torch.empty(0, device=self.device, dtype=self.dtype)
         self.kernel = triton_usable(probe) and (self.dtype != torch.float32 or os.environ.get("TRITON_INTERPRET") == "1")
+        # the prefill's attention in one launch a layer that also fills the slots (else flash
+        # attention's variable-length kernel, the prefix laid in front of each prompt, two scatters)
+        self.prefill_kernel = self.kernel and PREFILL_KERNEL
         self.cache_tokens = cache_tokens
         self.fused = _fuse_layers(self.layers) if _fused_bytes(self.layers) <= FUSE_MAX_BYTES else None
         # packed prefill attention: flash attention's variable-length kernel where it runs (the
@@ -378,9 +382,16 @@ class SlotDecoder:
         torch.cumsum(lens, 0, out=cu[1:])
         row = torch.repeat_interleave(torch.arange(len(part), device=self.device), lens.long(), output_size=total)
         position = torch.arange(total, device=self.device) - cu[:-1].long()[row]  # each token's place in its slot
-        slot = index[row]
         x = self.model.embed_tokens(ids)[None]  # (1, tokens, hidden): the model's modules take a batch
         cos, sin = self.model.rotary_emb(x, (position + self.prefix_len)[None])  # its place in the whole prompt
+        if self.prefill_kernel:  # one launch a layer: the attention, the prefix read in place, the slots filled
+            def attend(i: int, q: Any, k: Any, v: Any) -> Any:  # (1, tokens, heads, head_dim) each
+                cache = (self.keys[i], self.values[i], index)
+                return prefill_attention(q[0], k[0], v[0], cu, longest, self.scale, prefix=self._prefix(i), cache=cache).reshape(1, total, -1)
+
+            x = self._layers(x, cos, sin, attend)
+            return self.head(self._norm(self.model.norm, x[0, cu[1:].long() - 1])), lens
+        slot = index[row]
         layout = self._with_prefix_layout(cu, lens, row, position, total) if self.prefix_len else None
 
         def attend(i: int, q: Any, k: Any, v: Any) -> Any:  # (1, tokens, heads, head_dim) each
