@@ -31,9 +31,9 @@ BLOCK_N = 16  # cached positions per inner step of the kernel
 NUM_WARPS = 1  # the kernel's launch configuration (see benchmarks/bench_decode_attention.py)
 NUM_STAGES = 3
 PREFILL_BLOCK_M = 64  # the prefill kernel's query rows per program
-PREFILL_BLOCK_N = 64  # and keys per inner step
+PREFILL_BLOCK_N = 32  # and keys per inner step
 PREFILL_WARPS = 4
-PREFILL_STAGES = 2
+PREFILL_STAGES = 3
 
 
 def slot_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float, *, prefix: tuple[Any, Any] | None = None,
