@@ -20,6 +20,7 @@ import pytest
 
 from embedkit.errors import EmbedkitError
 from embedkit.index.params import (
+    KMEANS_ITERATIONS,
     IndexParams,
     build_phases,
     choose_params,
@@ -252,6 +253,22 @@ def test_queries_overlap_training_only_on_a_gpu():
         assert phases["queries"] == (max(0.0, r.queries_seconds - phases["train"]) if gpu else r.queries_seconds)
 
 
+def test_measured_kmeans_and_stream_rate_replace_their_models():
+    """A GPU dry run's measured k-means seconds stand in for the product-rate model, and the
+    add's rows are read at the stream rate (the training sample, the first read, at the other)."""
+    p = choose_params(1_000_000, 384, memory_budget=BIG)
+    r = default_rates(gpu=True, cores=16)
+    base = build_phases(p, r)
+    measured = build_phases(p, replace(r, kmeans_seconds=0.5, stream_bytes_per_s=4 * r.read_bytes_per_s))
+    pq_part = base["train"] - KMEANS_ITERATIONS * p.train_size * p.nlist * p.dim * 2 / r.flops
+    assert measured["train"] == pytest.approx(0.5 + pq_part)
+    vb = p.dim * 2
+    assert measured["read"] == pytest.approx((p.train_size + p.n / 4) * vb / r.read_bytes_per_s)
+    assert base["read"] == pytest.approx((p.train_size + p.n) * vb / r.read_bytes_per_s)
+    grow = build_phases(p, replace(r, kmeans_seconds=0.5, stream_bytes_per_s=4 * r.read_bytes_per_s), new_rows=1000)
+    assert grow["train"] == 0 and grow["read"] == pytest.approx(1000 * vb / r.read_bytes_per_s)
+
+
 @pytest.mark.parametrize("gpu", [False, True])
 def test_estimate_is_monotone_in_n(gpu):
     # with the parameters chosen for each size
@@ -287,3 +304,14 @@ def test_training_samples_are_runs_of_neighbouring_rows_spread_over_the_data():
     assert (sample_positions(100, 500, seed=1) == np.arange(100)).all()
     small = sample_positions(100, 90, seed=1)  # too few runs of 64: single rows
     assert len(small) == 90 == len(np.unique(small))
+
+
+def test_the_dry_runs_kmeans_measure_runs_the_builds_shape():
+    """The k-means a GPU dry run times is the build's own driver on the sample repeated to the
+    training size (run here on the CPU: the same code); set-up plus ten iterations' worth."""
+    from embedkit.index.dryrun import _kmeans_seconds
+
+    p = choose_params(20_000, 32, memory_budget=BIG)
+    x = np.random.default_rng(0).standard_normal((2_000, 32)).astype(np.float32)
+    assert p.train_size > len(x) and p.nlist > 1
+    assert _kmeans_seconds(x, p, "cpu") > 0

@@ -221,6 +221,12 @@ class BuildRates:
     # runs on a GPU: on a CPU both take the same cores (measured on 2 cores: preparing took 6.5 s
     # beside training against 3.0 s alone, and training 19.2 s against 14 s modeled alone)
     queries_overlap: bool = True
+    # sequential reads after the first (the add's stream; the first read opens the dataset): None
+    # reads everything at read_bytes_per_s
+    stream_bytes_per_s: float | None = None
+    # the quantizer's k-means at the build's shape, measured by a GPU dry run (a product-rate
+    # model read the driver's per-iteration work wrong by 4x there); None: from `flops`
+    kmeans_seconds: float | None = None
 
 
 def default_rates(*, gpu: bool, cores: int) -> BuildRates:
@@ -239,11 +245,13 @@ def build_phases(p: IndexParams, r: BuildRates, *, new_rows: int | None = None, 
     grow = new_rows is not None
     rows = new_rows if grow else p.n
     pq_points = min(p.train_size, PQ_TRAIN_POINTS) if p.pq_m else 0
-    train = 0.0 if grow else (KMEANS_ITERATIONS * p.train_size * lists * p.dim * 2 / r.flops
-                              + PQ_ITERATIONS * pq_points * 256 * p.dim * 2 / r.pq_flops)  # fmt: skip
+    kmeans = r.kmeans_seconds if r.kmeans_seconds is not None else KMEANS_ITERATIONS * p.train_size * lists * p.dim * 2 / r.flops
+    train = 0.0 if grow else kmeans + PQ_ITERATIONS * pq_points * 256 * p.dim * 2 / r.pq_flops
+    # the training sample is the build's first read; the add then streams every row
+    first, stream = (rows, 0) if grow else (p.train_size, rows)
     return {
         "fixed": r.fixed_seconds,
-        "read": ((0 if grow else p.train_size) + rows) * vector_bytes / r.read_bytes_per_s,
+        "read": first * vector_bytes / r.read_bytes_per_s + stream * vector_bytes / (r.stream_bytes_per_s or r.read_bytes_per_s),
         "train": train,
         "queries": 0.0 if grow else (max(0.0, r.queries_seconds - train) if r.queries_overlap else r.queries_seconds),
         # assignment and codes, then the tuning queries' exact top-k among the rows (the ground truth)
