@@ -459,3 +459,32 @@ def test_a_growing_index_is_modeled_as_its_new_rows_only():
     assert grow["train"] == 0 and grow["queries"] == 0 and full["train"] > 0
     assert grow["add"] == pytest.approx(full["add"] / 10) and grow["merge"] == full["merge"] and grow["fixed"] == full["fixed"]
     assert sum(grow.values()) < sum(full.values())
+
+
+def test_a_dry_run_leaves_out_only_the_kernels_it_compiled():
+    """Triton's compilation listener, as a compile and a cache load call it: a compile's seconds
+    are counted (the real run finds that kernel in the cache), a cache load is not (the real run
+    loads it too); a listener already set still hears both and is put back; no GPU, no counting."""
+    triton = pytest.importorskip("triton")
+    from embedkit.dryrun.calibration import kernel_compiles
+
+    knobs = triton.knobs
+    if not hasattr(knobs.compilation, "listener"):
+        pytest.skip("this Triton has no compilation listener")
+    heard = []
+
+    def theirs(**kw):
+        heard.append(kw["cache_hit"])
+
+    before = knobs.compilation.listener
+    knobs.compilation.listener = theirs
+    try:
+        with kernel_compiles(True) as spent:
+            knobs.compilation.listener(src=None, metadata={}, metadata_group={}, times=SimpleNamespace(total=2_500_000), cache_hit=False)
+            knobs.compilation.listener(src=None, metadata={}, metadata_group={}, times=SimpleNamespace(total=4_000_000), cache_hit=True)
+        assert spent == [2.5] and heard == [False, True] and knobs.compilation.listener is theirs
+        with kernel_compiles(False) as spent:
+            assert knobs.compilation.listener is theirs
+        assert spent == [0.0]
+    finally:
+        knobs.compilation.listener = before

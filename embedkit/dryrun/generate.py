@@ -13,7 +13,7 @@ from ..config import RunOptions
 from ..errors import EmbedkitError, first_line
 from ..plan.planning import TokenCount, plan_command, random_blocks, run_cost, sample_lengths
 from ..units import human_bytes
-from .calibration import CALIBRATION_SHARE, MAX_CALIBRATION_S, cost_line, folder_bytes, preload
+from .calibration import CALIBRATION_SHARE, MAX_CALIBRATION_S, cost_line, folder_bytes, kernel_compiles, preload
 
 # ---- generate dry run ---------------------------------------------------------------------------
 
@@ -112,34 +112,38 @@ def dry_run_generate(input: str | Path, cfg, *, sample: int = 10_000, calibrate_
     extra = time.perf_counter() - t  # work a real run does not do (or, with OUT, does not redo)
     first = min(n, FIRST_GENERATE_ROWS[choice.type])
     work = Path(tempfile.mkdtemp(prefix="embedkit-dry-run-"))
-    try:
-        sampled: dict[str, int] = {}
+    with kernel_compiles(choice.type == "cuda") as compiled:
+        try:
+            sampled: dict[str, int] = {}
 
-        def calibrate(name: str, rows: int, seed: int):
-            nonlocal extra
-            t = time.perf_counter()
-            sampled[name] = _write_generate_sample(corpus, n, rows, seed, work / f"{name}.parquet")
-            extra += time.perf_counter() - t
-            return _calibrate_generate(work / f"{name}.parquet", work / name, cfg, template)
+            def calibrate(name: str, rows: int, seed: int):
+                nonlocal extra
+                t = time.perf_counter()
+                sampled[name] = _write_generate_sample(corpus, n, rows, seed, work / f"{name}.parquet")
+                extra += time.perf_counter() - t
+                return _calibrate_generate(work / f"{name}.parquet", work / name, cfg, template)
 
-        calibrate("cold", first, 1)
-        after_cold, extra_cold = clock(), extra
-        warm = calibrate("warm", first, 1)  # the same rows again: the same work without the fixed costs
-        rough = after_cold - extra + n * warm.seconds / max(1, warm.docs)
-        rows = calibrate_rows or _generate_rows(n, first, warm, rough, spent=clock(), device=choice.type)
-        big = calibrate("big", rows, 2) if rows > first else warm
-        big_rows = sampled["big" if rows > first else "warm"]
-        per_row = folder_bytes(work / "big" / GENERATIONS_DIR) / max(1, big.docs)
-        kept = n * big.docs / max(1, big_rows)  # empty texts are skipped, as in the calibration
-        groups = _run_groups(lengths, kept, cfg, choice.type, big)
-        probe = None
-        if choice.type == "cuda" and groups and max(g[1] for g in groups) > PROBE_WIDER * _rows_at_once(big):
-            probe = _probe(corpus, spans, lengths, max(groups, key=lambda g: g[1]), cfg, template, big, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    fixed = max(0.0, after_cold - extra_cold - warm.seconds)
+            calibrate("cold", first, 1)
+            after_cold, extra_cold = clock(), extra
+            warm = calibrate("warm", first, 1)  # the same rows again: the same work without the fixed costs
+            rough = after_cold - extra + n * warm.seconds / max(1, warm.docs)
+            rows = calibrate_rows or _generate_rows(n, first, warm, rough, spent=clock(), device=choice.type)
+            big = calibrate("big", rows, 2) if rows > first else warm
+            big_rows = sampled["big" if rows > first else "warm"]
+            per_row = folder_bytes(work / "big" / GENERATIONS_DIR) / max(1, big.docs)
+            kept = n * big.docs / max(1, big_rows)  # empty texts are skipped, as in the calibration
+            groups = _run_groups(lengths, kept, cfg, choice.type, big)
+            probe = None
+            if choice.type == "cuda" and groups and max(g[1] for g in groups) > PROBE_WIDER * _rows_at_once(big):
+                probe = _probe(corpus, spans, lengths, max(groups, key=lambda g: g[1]), cfg, template, big, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    # kernels this dry run compiled are in the machine's cache for the real run (most compile in
+    # the cold calibration, whose fixed costs they would inflate)
+    fixed = max(0.0, after_cold - extra_cold - warm.seconds - compiled[0])
     new_per_row = big.new_tokens / max(1, big.docs)
     parts = _generate_parts(kept, count.tokens, new_per_row, warm, big, groups, probe)
+    parts["kernel_compiles"] = round(compiled[0], 3)  # seconds left out of the fixed costs (see kernel_compiles)
     expected = fixed + sum(v for k, v in parts.items() if k in ("prefill", "decode", "other"))
     total = count.tokens + new_per_row * kept
     tps = total / max(1e-9, expected - fixed)
