@@ -44,7 +44,7 @@ def kernel_compiles(gpu: bool) -> Iterator[list[float]]:
 
     A machine compiles each kernel once and keeps it in Triton's on-disk cache, so the real run
     after a dry run loads what the dry run compiled: those seconds are not the real run's (on a
-    fresh H200 machine they read as 3.9 s of fixed costs that the run then did not have). Cache
+    fresh H200 machine, 1.96 s of a dry run's fixed costs that the run then did not have). Cache
     hits are not counted: loading a cached kernel is a cost the real run pays too. Nothing is
     counted without a GPU, or with a Triton that has no compilation listener."""
     spent = [0.0]

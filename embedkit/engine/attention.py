@@ -155,7 +155,7 @@ def prefill_attention(q: Any, k: Any, v: Any, cu: Any, longest: int, scale: floa
     pk, pv = prefix if prefix is not None else (k[:0], v[:0])
     ck, cv, slots = cache if cache is not None else (k[None], v[None], cu)  # not written without a cache
     prompts = cu.shape[0] - 1
-    grid = (prompts * heads, triton_cdiv(longest, PREFILL_BLOCK_M))
+    grid = (prompts * heads, _cdiv(longest, PREFILL_BLOCK_M))
     prefill_attention_kernel[grid](
         q, k, v, out, cu, pk, pv, ck, cv, slots, pk.shape[0], scale, heads,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
@@ -167,5 +167,5 @@ def prefill_attention(q: Any, k: Any, v: Any, cu: Any, longest: int, scale: floa
     return out
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
