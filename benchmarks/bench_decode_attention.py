@@ -120,6 +120,12 @@ def time_calls(torch, attention, c: dict, append: bool, repeats: int) -> tuple[f
         return attention.slot_attention(c["q"], c["keys"], c["values"], c["lengths"], HEAD_DIM**-0.5, prefix=c["prefix"],
                                         kernel=True, append=(c["kn"], c["vn"]) if append else None)  # fmt: skip
 
+    return first_and_median_us(torch, call, repeats, cuda)
+
+
+def first_and_median_us(torch, call, repeats: int, cuda: bool = True) -> tuple[float, float]:
+    """(seconds of the first call, median microseconds of the next `repeats`): CUDA events on a
+    GPU, wall time in Triton's interpreter (its smoke run)."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -128,7 +134,7 @@ def time_calls(torch, attention, c: dict, append: bool, repeats: int) -> tuple[f
     first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
-        if not cuda:  # the interpreter's smoke run
+        if not cuda:
             t0 = time.perf_counter()
             call()
             times.append((time.perf_counter() - t0) * 1e6)

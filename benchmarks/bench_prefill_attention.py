@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import time
 import types
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
+from bench_decode_attention import first_and_median_us
 from bench_generate import prompts
 
 KV_HEADS, GROUP, HEAD_DIM = 3, 3, 64
@@ -148,22 +147,12 @@ def kernel_path(attention, c: dict):
 
 def time_all(torch, cases: list[dict], call, repeats: int) -> tuple[float, float]:
     """(seconds of the first pass over the forwards, median microseconds of the next `repeats` passes)."""
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for c in cases:
-        call(c)
-    torch.cuda.synchronize()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
+
+    def all_forwards():
         for c in cases:
             call(c)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return first, float(np.median(times))
+
+    return first_and_median_us(torch, all_forwards, repeats)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _online_softmax(m, total, acc, s, v):
+    """One block of keys into a running softmax (as in flash attention): `s` the block's scores
+    (rows x keys, masked ones -inf), `v` its values; returns the new max, sum and weighted values."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp(m - m_new)
+    p = tl.exp(s - m_new[:, None])
+    return m_new, total * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+
+
+@triton.jit
 def slot_attention_kernel(
     Q, K, V, O, LENGTHS, PK, PV, KN, VN, n_prefix, scale,
     q_s, q_h, q_g, k_s, k_h, k_n, v_s, v_h, v_n, o_s, o_h, o_g, pk_n, pk_h, pv_n, pv_h, kn_s, kn_h, vn_s, vn_h,
@@ -48,13 +58,7 @@ def slot_attention_kernel(
         v = tl.load(pv_base + pos[:, None] * pv_n + dims[None, :], mask=shared, other=0.0)
         v += tl.load(v_base + own[:, None] * v_n + dims[None, :], mask=mine, other=0.0)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        s = tl.where((pos < n)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        total = total * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m = m_new
+        m, total, acc = _online_softmax(m, total, acc, tl.where((pos < n)[None, :], s, float("-inf")), v)
     if APPEND:
         s = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale
         m_new = tl.maximum(m, s)
@@ -103,13 +107,7 @@ def prefill_attention_kernel(
             k = tl.load(PK + pos[:, None] * pk_n + kv * pk_h + dims[None, :], mask=ok[:, None], other=0.0)
             v = tl.load(PV + pos[:, None] * pv_n + kv * pv_h + dims[None, :], mask=ok[:, None], other=0.0)
             x = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-            x = tl.where(ok[None, :], x, float("-inf"))
-            m_new = tl.maximum(m, tl.max(x, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(x - m_new[:, None])
-            total = total * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-            m = m_new
+            m, total, acc = _online_softmax(m, total, acc, tl.where(ok[None, :], x, float("-inf")), v)
         # the prompt's own tokens, causal: token i sees tokens 0..i of its prompt
         end = tl.minimum(length, first + BLOCK_M)
         for s in range(0, end, BLOCK_N):
@@ -118,12 +116,6 @@ def prefill_attention_kernel(
             k = tl.load(K + (start + pos)[:, None] * k_t + kv * k_h + dims[None, :], mask=ok[:, None], other=0.0)
             v = tl.load(V + (start + pos)[:, None] * v_t + kv * v_h + dims[None, :], mask=ok[:, None], other=0.0)
             x = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-            x = tl.where(ok[None, :] & (pos[None, :] <= rows[:, None]), x, float("-inf"))
-            m_new = tl.maximum(m, tl.max(x, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(x - m_new[:, None])
-            total = total * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-            m = m_new
+            m, total, acc = _online_softmax(m, total, acc, tl.where(ok[None, :] & (pos[None, :] <= rows[:, None]), x, float("-inf")), v)
         out = acc / total[:, None]
         tl.store(O + (start + rows)[:, None] * o_t + head * o_h + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok)
