@@ -170,3 +170,33 @@ print(json.dumps(got))
 def test_decoder_with_the_kernel_gives_the_dense_tokens():
     kernel, dense, whole = run_interpreted(DECODE_CHILD)
     assert kernel == dense == whole and all(len(t) for t in kernel)
+
+
+ODD_HEAD_CHILD = r"""
+import json, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from embedkit.engine.decode import SlotDecoder
+torch.manual_seed(0)
+# heads of 24: no power of two, so neither kernel takes them (they raised before)
+lm = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)).eval()
+prompts = [[1, 5, 9, 12], [1, 5, 7]]
+odd = SlotDecoder(lm, eos_ids={2})
+assert odd.head_dim == 24 and not odd.kernel and not odd.prefill_kernel
+got = odd.run(prompts, max_new=3, max_slots=2)
+with torch.inference_mode():
+    want = []
+    for p in prompts:
+        out = lm.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), do_sample=False,
+                          max_new_tokens=3, eos_token_id=2, pad_token_id=0)
+        new = out[0, len(p):].tolist()
+        want.append(new[: new.index(2)] if 2 in new else new)
+print(json.dumps([got, want]))
+"""
+
+
+def test_a_head_size_the_kernels_cannot_take_decodes_on_the_dense_paths():
+    """Where Triton runs (its interpreter here), a model whose head size is no power of two
+    decodes through the reference paths, the tokens transformers' greedy decoding gives."""
+    got, want = run_interpreted(ODD_HEAD_CHILD)
+    assert got == want and all(len(t) for t in got)

@@ -80,6 +80,11 @@ def reference_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: flo
     return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :], scale=scale)
 
 
+def kernel_head_dim(head_dim: int) -> bool:
+    """Whether the kernels take this head size: a power of two of at least 16 (tl.dot's tiles)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def triton_usable(q: Any) -> bool:
     """True where the kernel runs: a CUDA tensor (or Triton's CPU interpreter), fp16/bf16/fp32, Triton importable."""
     import torch
@@ -104,7 +109,7 @@ def _triton_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float
     import torch
 
     slots, kv_heads, group, head_dim = q.shape
-    if head_dim & (head_dim - 1) or head_dim < 16:
+    if not kernel_head_dim(head_dim):
         raise ValueError(f"the attention kernel needs a power-of-two head_dim of at least 16, not {head_dim}")
     if q.stride(-1) != 1:  # the kernel takes any other strides: the decoder's q is a view of its q/k/v product
         q = q.contiguous()
@@ -148,7 +153,7 @@ def prefill_attention(q: Any, k: Any, v: Any, cu: Any, longest: int, scale: floa
 
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    if head_dim & (head_dim - 1) or head_dim < 16:
+    if not kernel_head_dim(head_dim):
         raise ValueError(f"the attention kernel needs a power-of-two head_dim of at least 16, not {head_dim}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((tokens, heads, head_dim), dtype=q.dtype, device=q.device)

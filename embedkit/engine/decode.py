@@ -46,7 +46,7 @@ import numpy as np
 
 from ..errors import EmbedkitError
 from . import fused
-from .attention import prefill_attention, slot_attention, triton_usable
+from .attention import kernel_head_dim, prefill_attention, slot_attention, triton_usable
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 PLAIN_ROPE = (None, "default", "linear", "llama3")  # rotary variants that depend on the position only
@@ -185,7 +185,8 @@ class SlotDecoder:
         # per-slot attention kernel: each row reads only its own positions (embedkit/engine/attention.py);
         # then one captured step serves every length. fp32 stays on the reference path (tf32 dots).
         probe = torch.empty(0, device=self.device, dtype=self.dtype)
-        self.kernel = triton_usable(probe) and (self.dtype != torch.float32 or os.environ.get("TRITON_INTERPRET") == "1")
+        self.kernel = (triton_usable(probe) and (self.dtype != torch.float32 or os.environ.get("TRITON_INTERPRET") == "1")
+                       and kernel_head_dim(self.head_dim))  # other head sizes take the dense paths  # fmt: skip
         # the prefill's attention in one launch a layer that also fills the slots (else flash
         # attention's variable-length kernel, the prefix laid in front of each prompt, two scatters)
         self.prefill_kernel = self.kernel and PREFILL_KERNEL
