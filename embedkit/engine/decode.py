@@ -389,18 +389,15 @@ class SlotDecoder:
             def attend(i: int, q: Any, k: Any, v: Any) -> Any:  # (1, tokens, heads, head_dim) each
                 cache = (self.keys[i], self.values[i], index)
                 return prefill_attention(q[0], k[0], v[0], cu, longest, self.scale, prefix=self._prefix(i), cache=cache).reshape(1, total, -1)
+        else:
+            slot = index[row]
+            layout = self._with_prefix_layout(cu, lens, row, position, total) if self.prefix_len else None
 
-            x = self._layers(x, cos, sin, attend)
-            return self.head(self._norm(self.model.norm, x[0, cu[1:].long() - 1])), lens
-        slot = index[row]
-        layout = self._with_prefix_layout(cu, lens, row, position, total) if self.prefix_len else None
-
-        def attend(i: int, q: Any, k: Any, v: Any) -> Any:  # (1, tokens, heads, head_dim) each
-            self.keys[i][slot, :, position] = k[0]
-            self.values[i][slot, :, position] = v[0]
-            if layout is None:
-                return self._packed_attention(q[0], k[0], v[0], cu, lens, longest, None).reshape(1, total, -1)
-            return self._packed_attention(q[0], k[0], v[0], cu, lens, longest, (self._prefix(i), layout)).reshape(1, total, -1)
+            def attend(i: int, q: Any, k: Any, v: Any) -> Any:  # (1, tokens, heads, head_dim) each
+                self.keys[i][slot, :, position] = k[0]
+                self.values[i][slot, :, position] = v[0]
+                prefix = None if layout is None else (self._prefix(i), layout)
+                return self._packed_attention(q[0], k[0], v[0], cu, lens, longest, prefix).reshape(1, total, -1)
 
         x = self._layers(x, cos, sin, attend)
         last = x[0, cu[1:].long() - 1]
