@@ -37,7 +37,8 @@ from ..run.outdir import check_out, clear_output, make_out, undo_if_unstarted
 from ..run.progress import Progress
 from ..run.record import mark, record_run, run_record, start_run
 from ..version import __version__
-from .model import load_generator
+from .feed import PromptFeed, prompt_workers
+from .model import load_generator, load_tokenizer
 from .prompts import check_task_templates, task_completion
 from .tasks import LABEL_SCORING, Generator, slot_decoder, task_columns, timed
 
@@ -137,9 +138,12 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
         if cfg.run.ray is not None:
             summary = _run_as_tasks(input, out, cfg, template, choice, [s for s in shards if s.index not in done], len(done), len(shards))
         else:
-            lm, tok, _ = load_generator(cfg.model, choice)
-            mark("loaded")
-            summary = _run(Generator(lm, tok, cfg, template, choice), corpus, out, store, shards, done)
+            tok = load_tokenizer(cfg.model)
+            with PromptFeed(tok, cfg, template, prompt_workers(choice.type)) as feed:
+                feed.start(corpus, [s for s in shards if s.index not in done])  # the first prompts tokenize while the model loads
+                lm, tok, _ = load_generator(cfg.model, choice, tok)
+                mark("loaded")
+                summary = _run(Generator(lm, tok, cfg, template, choice), corpus, out, store, shards, done, feed)
         mark("generated")
         # what this run took, beside what a dry run predicted for it (`embedkit status`)
         entry = run_record(summary.seconds, summary.prompt_tokens + summary.new_tokens, summary.docs, summary.shards_done, summary.device)
@@ -240,7 +244,8 @@ def _schema(task: str, id_type: pa.DataType) -> pa.Schema:
     return pa.schema([pa.field("id", id_type, nullable=False), *[pa.field(n, t) for n, t in cols], pa.field("truncated", pa.bool_())])
 
 
-def _run(gen: Generator, corpus: Corpus, out: Path, store: VectorStore, shards: list[Shard], done: dict) -> GenerateSummary:
+def _run(gen: Generator, corpus: Corpus, out: Path, store: VectorStore, shards: list[Shard], done: dict,
+         feed: PromptFeed | None = None) -> GenerateSummary:  # fmt: skip
     """The pending shards one after another on this device; the summary."""
     cfg = gen.cfg
     schema = _schema(cfg.task, corpus.id_type)
@@ -249,22 +254,27 @@ def _run(gen: Generator, corpus: Corpus, out: Path, store: VectorStore, shards: 
     pending = [s for s in shards if s.index not in done]
     with Progress(sum(s.rows for s in pending), cfg.run.progress, shards=len(pending)) as bar:
         for shard in pending:
-            parts.append(generate_shard(gen, corpus, store, schema, shard))
+            parts.append(generate_shard(gen, corpus, store, schema, shard, feed=feed))
             bar.committed(parts[-1])
     return summarize_parts(out, cfg, gen.choice.device, parts, time.perf_counter() - start, len(done), len(shards))
 
 
 def generate_shard(gen: Generator, corpus: Corpus, store: VectorStore, schema: pa.Schema, shard: Shard,
-                   may_commit: Callable[[int], bool] | None = None) -> dict:  # fmt: skip
+                   may_commit: Callable[[int], bool] | None = None, feed: PromptFeed | None = None) -> dict:  # fmt: skip
     """One shard: the task's columns for its rows, committed as one Lance commit. `may_commit`
     (a shard task of a re-issued shard): asked before the write; False leaves nothing written
-    and reports no shard, because the other copy has the commit."""
+    and reports no shard, because the other copy has the commit. `feed`: reads the shard and
+    tokenizes its prompts ahead (and starts the next shard's)."""
 
     started = time.time()
     phases: dict[str, float] = {}
+    tokenized = None
     with timed(phases, "read"):
-        table, empty = drop_empty(corpus.read(shard.start, shard.stop), keep_empty=False)
-    columns, prompt_tokens, new_tokens = task_columns(gen, table, shard.index, phases)
+        if feed is not None:
+            table, empty, tokenized = feed.take(shard)
+        else:
+            table, empty = drop_empty(corpus.read(shard.start, shard.stop), keep_empty=False)
+    columns, prompt_tokens, new_tokens = task_columns(gen, table, shard.index, phases, tokenized)
     with timed(phases, "commit"):
         rows = pa.table({"id": table.column("id"), **columns}).cast(schema) if table.num_rows else schema.empty_table()
         if may_commit is not None and not may_commit(shard.index):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,23 +167,32 @@ def prompt_limit(config: Any, reserve: int) -> int:
     return max(8, positions - reserve)
 
 
-def task_inputs(texts: list, ids: list, cfg: GenerateConfig, template: str, tok: Any, config: Any) -> tuple[list, list[bool]]:
+def task_inputs(texts: list, ids: list, cfg: GenerateConfig, template: str, tok: Any, config: Any,
+                tokenized: list[list[int]] | None = None) -> tuple[list, list[bool]]:  # fmt: skip
     """What the model reads for each row, and whether it was truncated to fit: the prompt's token
     ids (summarize), the prompt and the start of the answer that each label follows (classify),
     or a (context, target) pair (score). Needs only the tokenizer and the model's config, so a
-    dry run counts tokens without loading the weights."""
+    dry run counts tokens without loading the weights. `tokenized`: the rows' prompts already
+    tokenized (`PromptFeed`; summarize and classify)."""
     if cfg.task == "score":
         return _score_pairs(tok, template, cfg.completion, texts, ids, prompt_limit(config, 0))
     answer: list[int] = []
+    rows = prompt_rows(texts, ids, cfg)
     if cfg.task == "summarize":
-        limit, rows = prompt_limit(config, cfg.max_new_tokens), [{"text": t, "id": i} for t, i in zip(texts, ids)]
+        limit = prompt_limit(config, cfg.max_new_tokens)
     else:  # classify: room for the answer and its longest label after the prompt
         answer, label_ids = answer_tokens(tok, task_completion(cfg), cfg.labels)
-        labels = ", ".join(cfg.labels)
         limit = prompt_limit(config, len(answer) + max(len(lab) for lab in label_ids))
-        rows = [{"text": t, "id": i, "labels": labels} for t, i in zip(texts, ids)]
-    fitted = fit_prompts(tok, template, rows, limit, chat=True)
+    fitted = fit_prompts(tok, template, rows, limit, chat=True, tokenized=tokenized)
     return [p + answer if answer else p for p, _ in fitted], [f for _, f in fitted]
+
+
+def prompt_rows(texts: list, ids: list, cfg: GenerateConfig) -> list[dict]:
+    """The fields each row's prompt template is filled with (summarize and classify)."""
+    if cfg.task == "classify":
+        labels = ", ".join(cfg.labels)
+        return [{"text": t, "id": i, "labels": labels} for t, i in zip(texts, ids)]
+    return [{"text": t, "id": i} for t, i in zip(texts, ids)]
 
 
 def input_tokens(x: Any) -> int:
@@ -203,8 +212,10 @@ class Generator:
     choice: DeviceChoice
 
 
-def task_columns(gen: Generator, table: pa.Table, shard: int, phases: dict[str, float]) -> tuple[dict, int, int]:
-    """The task's output columns for a shard's rows (in row order), prompt tokens and new tokens."""
+def task_columns(gen: Generator, table: pa.Table, shard: int, phases: dict[str, float],
+                 tokenized: Callable[[], list[list[int]] | None] | None = None) -> tuple[dict, int, int]:  # fmt: skip
+    """The task's output columns for a shard's rows (in row order), prompt tokens and new tokens.
+    `tokenized`: gives the rows' prompts tokenized ahead (`PromptFeed`), or None."""
     lm, tok, cfg, template = gen.lm, gen.tok, gen.cfg, gen.template
     if cfg.task == "summarize" and gen.choice.type == "cuda" and HOST_WARM_UP:
         from ..engine.decode import start_host_warm_up
@@ -212,7 +223,8 @@ def task_columns(gen: Generator, table: pa.Table, shard: int, phases: dict[str, 
         start_host_warm_up()  # the decoder's host-side set-up, beside the tokenizing below
     with timed(phases, "inputs"):
         texts = table.column("text").to_pylist()
-        inputs, flags = task_inputs(texts, table.column("id").to_pylist(), cfg, template, tok, lm.config)
+        ahead = tokenized() if tokenized is not None else None
+        inputs, flags = task_inputs(texts, table.column("id").to_pylist(), cfg, template, tok, lm.config, ahead)
         prompt_tokens = sum(input_tokens(x) for x in inputs)
     if cfg.task == "summarize":
         with timed(phases, "model"):
