@@ -24,6 +24,8 @@ from ..io.shards import Shard
 from .prompts import prompt_special_tokens, render_prompts
 from .tasks import prompt_rows
 
+# A module switch so that a benchmark can run the inline path (tokenized in line, shard by shard).
+PROMPTS_AHEAD = True
 NO_CUT = 1 << 30  # the workers keep every token: the cut to the model's positions is fit_prompt's
 
 

@@ -18,6 +18,7 @@ stage's API, its manifest and its shard function.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,10 +38,11 @@ from ..run.outdir import check_out, clear_output, make_out, undo_if_unstarted
 from ..run.progress import Progress
 from ..run.record import mark, record_run, run_record, start_run
 from ..version import __version__
+from . import feed as feed_module
 from .feed import PromptFeed, prompt_workers
 from .model import load_generator, load_tokenizer
 from .prompts import check_task_templates, task_completion
-from .tasks import LABEL_SCORING, Generator, slot_decoder, task_columns, timed
+from .tasks import LABEL_SCORING, Generator, slot_decoder, task_columns, timed, warm_up_host
 
 
 @dataclass(frozen=True)
@@ -139,8 +141,10 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
             summary = _run_as_tasks(input, out, cfg, template, choice, [s for s in shards if s.index not in done], len(done), len(shards))
         else:
             tok = load_tokenizer(cfg.model)
-            with PromptFeed(tok, cfg, template, prompt_workers(choice.type)) as feed:
-                feed.start(corpus, [s for s in shards if s.index not in done])  # the first prompts tokenize while the model loads
+            with PromptFeed(tok, cfg, template, prompt_workers(choice.type)) if feed_module.PROMPTS_AHEAD else nullcontext() as feed:
+                if feed is not None:  # the first prompts tokenize while the model loads
+                    feed.start(corpus, [s for s in shards if s.index not in done])
+                warm_up_host(cfg, choice)
                 lm, tok, _ = load_generator(cfg.model, choice, tok)
                 mark("loaded")
                 summary = _run(Generator(lm, tok, cfg, template, choice), corpus, out, store, shards, done, feed)

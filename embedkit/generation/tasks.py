@@ -19,8 +19,8 @@ from ..engine.batching import pack_batches
 from ..engine.encoder import DeviceChoice
 from .prompts import answer_tokens, decode_batch, fit_prompts, prompt_ids, task_completion
 
-# Start the decoder's host-side set-up in a thread before tokenizing a summarize shard
-# (engine.decode.start_host_warm_up); a module switch so that a benchmark can turn it off.
+# Start the decoder's host-side set-up in a thread beside the model's load (or before tokenizing
+# a shard task's prompts; `warm_up_host`); a module switch so that a benchmark can turn it off.
 HOST_WARM_UP = True
 
 _DECODERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # model -> SlotDecoder, dropped with the model
@@ -212,15 +212,21 @@ class Generator:
     choice: DeviceChoice
 
 
+def warm_up_host(cfg: GenerateConfig, choice: DeviceChoice) -> None:
+    """Start the decoder's host-side set-up in a thread (`engine.decode.start_host_warm_up`,
+    once per process) where the slot decoder will run: summarize on CUDA."""
+    if cfg.task == "summarize" and choice.type == "cuda" and HOST_WARM_UP:
+        from ..engine.decode import start_host_warm_up
+
+        start_host_warm_up()
+
+
 def task_columns(gen: Generator, table: pa.Table, shard: int, phases: dict[str, float],
                  tokenized: Callable[[], list[list[int]] | None] | None = None) -> tuple[dict, int, int]:  # fmt: skip
     """The task's output columns for a shard's rows (in row order), prompt tokens and new tokens.
     `tokenized`: gives the rows' prompts tokenized ahead (`PromptFeed`), or None."""
     lm, tok, cfg, template = gen.lm, gen.tok, gen.cfg, gen.template
-    if cfg.task == "summarize" and gen.choice.type == "cuda" and HOST_WARM_UP:
-        from ..engine.decode import start_host_warm_up
-
-        start_host_warm_up()  # the decoder's host-side set-up, beside the tokenizing below
+    warm_up_host(cfg, gen.choice)  # started before the model's load by a local run; here for a shard task
     with timed(phases, "inputs"):
         texts = table.column("text").to_pylist()
         ahead = tokenized() if tokenized is not None else None
