@@ -377,6 +377,7 @@ def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work
     import embedkit.engine.decode as decode
     import embedkit.generation.feed as feed_module
     import embedkit.generation.tasks as tasks
+    from embedkit.run.record import marks
 
     decode.SHARE_PREFIX = share_prefix  # this configuration's own process
     decode.PREFILL_KERNEL = prefill_kernel
@@ -397,7 +398,7 @@ def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work
     cache += "" if prefill_kernel else ", flash prefill"
     cache += "" if feed else ", prompts in line"
     row = {"engine": "embedkit", "cache": cache if precision == "auto" else f"{cache}, {precision}", "batch": batch or "default", "docs": s.docs, "new_tokens": s.new_tokens,
-           "seconds": s.seconds, "new_tok_s": s.new_tokens / s.seconds, "decoder_s": s.decode.get("seconds"), "decode": s.decode, "phases": s.phases, "call_s": call_s}  # fmt: skip
+           "seconds": s.seconds, "new_tok_s": s.new_tokens / s.seconds, "decoder_s": s.decode.get("seconds"), "decode": s.decode, "phases": s.phases, "call_s": call_s, "marks": marks()}  # fmt: skip
     if second_pass:
         row["first_pass_s"] = first
     if args.model:  # real weights: are the summaries text?

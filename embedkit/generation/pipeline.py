@@ -141,9 +141,11 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
             summary = _run_as_tasks(input, out, cfg, template, choice, [s for s in shards if s.index not in done], len(done), len(shards))
         else:
             tok = load_tokenizer(cfg.model)
+            mark("tokenizer")
             with PromptFeed(tok, cfg, template, prompt_workers(choice.type)) if feed_module.PROMPTS_AHEAD else nullcontext() as feed:
                 if feed is not None:  # the first prompts tokenize while the model loads
                     feed.start(corpus, [s for s in shards if s.index not in done])
+                    mark("prompts started")
                 warm_up_host(cfg, choice)
                 lm, tok, _ = load_generator(cfg.model, choice, tok)
                 mark("loaded")
