@@ -31,6 +31,27 @@ def init(self, *a, **k):
     log.append(("pool init", round(t - t0, 3), round(time.perf_counter() - t, 3)))
 
 
+import embedkit.engine.decode as dec
+import embedkit.generation.tasks as tasks
+
+orig_dec_init, orig_summarize, orig_run = dec.SlotDecoder.__init__, tasks.summarize, dec.SlotDecoder.run
+
+
+def timed(name, fn):
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        r = fn(*a, **k)
+        log.append((name, round(t - t0, 3), round(time.perf_counter() - t, 3)))
+        return r
+    return wrapper
+
+
+dec.SlotDecoder.__init__ = timed("decoder init", orig_dec_init)
+dec.SlotDecoder.run = timed("decoder run", orig_run)
+tasks.summarize = timed("summarize", orig_summarize)
+model.load_generator = timed("load_generator", model.load_generator)
+import embedkit.generation.pipeline as pl
+pl.load_generator = model.load_generator
 tk.PendingTokens.get, tk.TokenizerPool.__init__ = get, init
 texts = pq.read_table(sys.argv[2], columns=["text"]).column("text").slice(0, 20000)
 pq.write_table(pa.table({"id": [f"d{i}" for i in range(20000)], "text": texts}), "/tmp/diag.parquet")
