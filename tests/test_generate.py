@@ -136,44 +136,6 @@ def test_embedkit_generate_stays_the_function_after_the_module_is_imported():
 # ---- summarize -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("task", ["summarize", "classify"])
-def test_prompts_tokenized_ahead_by_worker_processes_equal_the_inline_ones(tmp_path, sample, task):
-    """The prompt feed (two worker processes, one shard ahead) gives the inputs the generating
-    process would make itself, over three shards with an empty text and prompts longer than the
-    model's positions (those still cut in this process)."""
-    from types import SimpleNamespace
-
-    from embedkit.config import GenerateConfig
-    from embedkit.generation.feed import PromptFeed
-    from embedkit.generation.model import load_tokenizer
-    from embedkit.generation.tasks import task_inputs
-    from embedkit.io.corpus import Columns, open_corpus
-    from embedkit.io.shards import plan_shards
-
-    texts = sample.column("text").to_pylist()[:40]
-    texts[5], texts[20] = "", " ".join(texts[:30])  # an empty text; a document of several thousand tokens
-    path = tmp_path / "docs.parquet"
-    pq.write_table(pa.table({"id": [f"d{i}" for i in range(40)], "text": texts}), path)
-    corpus = open_corpus(path, Columns("text", "id"))
-    cfg = GenerateConfig(task=task, labels=LABELS if task == "classify" else ())
-    template, tok = DEFAULT_PROMPTS[task], load_tokenizer(DEFAULT_GENERATOR)
-    config = SimpleNamespace(max_position_embeddings=400)  # prompts over ~330 tokens are cut
-    shards = plan_shards(40, 16)
-    got, want, empty = [], [], 0
-    with PromptFeed(tok, cfg, template, workers=2) as feed:
-        feed.start(corpus, shards)
-        for shard in shards:
-            table, dropped, tokenized = feed.take(shard)
-            assert tokenized is not None
-            args = (table.column("text").to_pylist(), table.column("id").to_pylist(), cfg, template, tok, config)
-            got.append(task_inputs(*args, tokenized()))
-            want.append(task_inputs(*args))
-            empty += dropped
-    assert got == want
-    assert empty == 1 and sum(len(inputs) for inputs, _ in got) == 39
-    assert sum(sum(flags) for _, flags in got) >= 2  # the long document and the shards' other long ones were cut
-
-
 def test_greedy_summaries_equal_transformers_generate(tmp_path, short_docs_file, short_docs, reference):
     """Batched (left padded, refilled) greedy decoding gives transformers' tokens, one prompt at a time.
 

@@ -127,7 +127,7 @@ _HOST_WARM_UP: list = []  # the thread `start_host_warm_up` started in this proc
 
 def start_host_warm_up() -> None:
     """Start, once per process and in a thread, the host-side set-up of a first decoder run that
-    needs no GPU, so that it overlaps what the caller does next (tokenizing the prompts).
+    needs no GPU, so that it overlaps what the caller does next (loading the model, tokenizing).
 
     Triton keys its kernel cache by a hash of its own installed library, computed once per
     process before the first kernel launches: 0.41 s of a fresh process's first run on the H200

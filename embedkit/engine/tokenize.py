@@ -103,12 +103,10 @@ class TextTokenizer:
     """
 
     def __init__(self, tokenizer_json: str, max_length: int, truncation_side: str = "right", chunk_overlap: int | None = None,
-                 prompt: str = "", *, special_tokens: bool = True):  # fmt: skip
+                 prompt: str = ""):  # fmt: skip
         """`chunk_overlap` set (0 or more): texts longer than `max_length` are split into
         overlapping chunks (see `chunk_bounds`) instead of cut; every token is kept.
-        `prompt`: put before every text (before every chunk), as sentence-transformers' prompts.
-        `special_tokens=False`: no special tokens around the text (texts that carry their own,
-        such as prompts rendered in a chat template)."""
+        `prompt`: put before every text (before every chunk), as sentence-transformers' prompts."""
         from tokenizers import Tokenizer
 
         self.max_length = max_length
@@ -118,7 +116,7 @@ class TextTokenizer:
         self._tok = Tokenizer.from_str(tokenizer_json)
         self._tok.no_padding()
         self._tok.no_truncation()
-        self.prefix, self.suffix = special_wrapping(self._tok) if special_tokens else ([], [])
+        self.prefix, self.suffix = special_wrapping(self._tok)
         self._n_special = len(self.prefix) + len(self.suffix)
         if max_length <= self._n_special:
             raise ValueError(f"max_length {max_length} leaves no room beside {self._n_special} special tokens")
@@ -207,8 +205,7 @@ def special_wrapping(tok: object) -> tuple[list[int], list[int]]:
 _worker_tokenizer: TextTokenizer | None = None
 
 
-def _init_worker(tokenizer_json: str, max_length: int, truncation_side: str, chunk_overlap: int | None, prompt: str,
-                 special_tokens: bool) -> None:  # fmt: skip
+def _init_worker(tokenizer_json: str, max_length: int, truncation_side: str, chunk_overlap: int | None, prompt: str) -> None:
     global _worker_tokenizer
     # Ctrl-C reaches the whole process group: the parent stops the pool, and a worker printing
     # its own KeyboardInterrupt traceback would only bury the parent's one-line message.
@@ -223,7 +220,7 @@ def _init_worker(tokenizer_json: str, max_length: int, truncation_side: str, chu
         os.nice(10)
     except OSError:
         pass
-    _worker_tokenizer = TextTokenizer(tokenizer_json, max_length, truncation_side, chunk_overlap, prompt, special_tokens=special_tokens)
+    _worker_tokenizer = TextTokenizer(tokenizer_json, max_length, truncation_side, chunk_overlap, prompt)
 
 
 def _tokenize_in_worker(texts: list[str]) -> Tokenized:
@@ -271,10 +268,9 @@ class TokenizerPool:
     CHUNK = 1024  # texts per task: large enough to amortize pickling, small enough to balance
 
     def __init__(self, tokenizer_json: str, max_length: int, workers: int, truncation_side: str = "right",
-                 chunk_overlap: int | None = None, prompt: str = "", *, special_tokens: bool = True):  # fmt: skip
+                 chunk_overlap: int | None = None, prompt: str = ""):  # fmt: skip
         self.workers = workers
-        args = (tokenizer_json, max_length, truncation_side, chunk_overlap, prompt, special_tokens)
-        self._local = TextTokenizer(*args[:5], special_tokens=special_tokens) if workers == 0 else None
+        self._local = TextTokenizer(tokenizer_json, max_length, truncation_side, chunk_overlap, prompt) if workers == 0 else None
         self._pool = None
         if workers > 0:
             # fork starts workers without re-importing the caller's __main__ (spawn would run a
@@ -284,12 +280,13 @@ class TokenizerPool:
                 # lance warns on any fork once imported; these children never call lance
                 warnings.filterwarnings("ignore", message=".*fork-safe.*")
                 with _no_sigint() as interrupted:
-                    self._pool = mp.get_context(method).Pool(workers, _init_worker, args)
+                    self._pool = mp.get_context(method).Pool(workers, _init_worker,
+                                                             (tokenizer_json, max_length, truncation_side, chunk_overlap, prompt))  # fmt: skip
             if interrupted:
                 self.close()
                 raise KeyboardInterrupt
 
-    def submit(self, texts: "pa.Array | list[str]") -> "PendingTokens":
+    def submit(self, texts: "pa.Array | list[str]") -> "_Pending":
         """Start tokenizing; `texts` is an Arrow string array or a list (None counts as "")."""
         n = len(texts)
         # Small windows (the run's first) are cut finer so that every worker gets a part.
@@ -299,8 +296,8 @@ class TokenizerPool:
         chunks = [_as_strings(texts[i : i + step]) for i in range(0, n, step)] or [[]]
         if self._pool is None:
             assert self._local is not None
-            return PendingTokens(value=concat([self._local(c) for c in chunks]))
-        return PendingTokens(async_result=self._pool.map_async(_tokenize_in_worker, chunks, chunksize=1))
+            return _Pending(value=concat([self._local(c) for c in chunks]))
+        return _Pending(async_result=self._pool.map_async(_tokenize_in_worker, chunks, chunksize=1))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -320,9 +317,7 @@ def _as_strings(texts: object) -> list[str]:
     return ["" if t is None else t for t in values]
 
 
-class PendingTokens:
-    """Texts being tokenized (`TokenizerPool.submit`): `get()` waits for their Tokenized."""
-
+class _Pending:
     def __init__(self, value: Tokenized | None = None, async_result: object = None):
         self._value = value
         self._async = async_result

@@ -81,35 +81,22 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     os.replace(tmp, folder)
 
 
-def load_tokenizer(model: str) -> Any:
-    """The generator's tokenizer (a pad token set), without its weights."""
-    from transformers import AutoTokenizer
-
-    target = resolve_generator(model)
-    try:
-        tok = AutoTokenizer.from_pretrained(target)
-    except Exception as e:  # library-specific failures: one line
-        raise EmbedkitError(f"cannot load generator {model}: {first_line(e)}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
-def load_generator(model: str, choice: DeviceChoice, tok: Any = None) -> tuple[Any, Any, str]:
-    """(model in eval mode on the device, tokenizer, resolved name); `tok`: the one
-    `load_tokenizer` gave, when it was loaded first."""
-    from transformers import AutoModelForCausalLM
+def load_generator(model: str, choice: DeviceChoice) -> tuple[Any, Any, str]:
+    """(model in eval mode on the device, tokenizer, resolved name)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a weights bar on stderr: noise, and it breaks one-line refusals
     target = resolve_generator(model)
     dtype = choice.dtype()
-    tok = tok if tok is not None else load_tokenizer(model)
     try:
+        tok = AutoTokenizer.from_pretrained(target)
         lm = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     except Exception as e:  # library-specific failures: one line
         first = first_line(e)
         raise EmbedkitError(f"cannot load generator {model}: {first}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
     lm = lm.to(choice.device).eval()
     if choice.precision == "fp8":
         from ..engine.fp8 import to_fp8

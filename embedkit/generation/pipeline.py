@@ -18,7 +18,6 @@ stage's API, its manifest and its shard function.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -38,9 +37,7 @@ from ..run.outdir import check_out, clear_output, make_out, undo_if_unstarted
 from ..run.progress import Progress
 from ..run.record import mark, record_run, run_record, start_run
 from ..version import __version__
-from . import feed as feed_module
-from .feed import PromptFeed, prompt_workers
-from .model import load_generator, load_tokenizer
+from .model import load_generator
 from .prompts import check_task_templates, task_completion
 from .tasks import LABEL_SCORING, Generator, slot_decoder, task_columns, timed, warm_up_host
 
@@ -140,16 +137,10 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
         if cfg.run.ray is not None:
             summary = _run_as_tasks(input, out, cfg, template, choice, [s for s in shards if s.index not in done], len(done), len(shards))
         else:
-            tok = load_tokenizer(cfg.model)
-            mark("tokenizer")
-            with PromptFeed(tok, cfg, template, prompt_workers(choice.type)) if feed_module.PROMPTS_AHEAD else nullcontext() as feed:
-                if feed is not None:  # the first prompts tokenize while the model loads
-                    feed.start(corpus, [s for s in shards if s.index not in done])
-                    mark("prompts started")
-                warm_up_host(cfg, choice)
-                lm, tok, _ = load_generator(cfg.model, choice, tok)
-                mark("loaded")
-                summary = _run(Generator(lm, tok, cfg, template, choice), corpus, out, store, shards, done, feed)
+            warm_up_host(cfg, choice)  # beside the model's load
+            lm, tok, _ = load_generator(cfg.model, choice)
+            mark("loaded")
+            summary = _run(Generator(lm, tok, cfg, template, choice), corpus, out, store, shards, done)
         mark("generated")
         # what this run took, beside what a dry run predicted for it (`embedkit status`)
         entry = run_record(summary.seconds, summary.prompt_tokens + summary.new_tokens, summary.docs, summary.shards_done, summary.device)
@@ -250,8 +241,7 @@ def _schema(task: str, id_type: pa.DataType) -> pa.Schema:
     return pa.schema([pa.field("id", id_type, nullable=False), *[pa.field(n, t) for n, t in cols], pa.field("truncated", pa.bool_())])
 
 
-def _run(gen: Generator, corpus: Corpus, out: Path, store: VectorStore, shards: list[Shard], done: dict,
-         feed: PromptFeed | None = None) -> GenerateSummary:  # fmt: skip
+def _run(gen: Generator, corpus: Corpus, out: Path, store: VectorStore, shards: list[Shard], done: dict) -> GenerateSummary:
     """The pending shards one after another on this device; the summary."""
     cfg = gen.cfg
     schema = _schema(cfg.task, corpus.id_type)
@@ -260,27 +250,22 @@ def _run(gen: Generator, corpus: Corpus, out: Path, store: VectorStore, shards: 
     pending = [s for s in shards if s.index not in done]
     with Progress(sum(s.rows for s in pending), cfg.run.progress, shards=len(pending)) as bar:
         for shard in pending:
-            parts.append(generate_shard(gen, corpus, store, schema, shard, feed=feed))
+            parts.append(generate_shard(gen, corpus, store, schema, shard))
             bar.committed(parts[-1])
     return summarize_parts(out, cfg, gen.choice.device, parts, time.perf_counter() - start, len(done), len(shards))
 
 
 def generate_shard(gen: Generator, corpus: Corpus, store: VectorStore, schema: pa.Schema, shard: Shard,
-                   may_commit: Callable[[int], bool] | None = None, feed: PromptFeed | None = None) -> dict:  # fmt: skip
+                   may_commit: Callable[[int], bool] | None = None) -> dict:  # fmt: skip
     """One shard: the task's columns for its rows, committed as one Lance commit. `may_commit`
     (a shard task of a re-issued shard): asked before the write; False leaves nothing written
-    and reports no shard, because the other copy has the commit. `feed`: reads the shard and
-    tokenizes its prompts ahead (and starts the next shard's)."""
+    and reports no shard, because the other copy has the commit."""
 
     started = time.time()
     phases: dict[str, float] = {}
-    tokenized = None
     with timed(phases, "read"):
-        if feed is not None:
-            table, empty, tokenized = feed.take(shard)
-        else:
-            table, empty = drop_empty(corpus.read(shard.start, shard.stop), keep_empty=False)
-    columns, prompt_tokens, new_tokens = task_columns(gen, table, shard.index, phases, tokenized)
+        table, empty = drop_empty(corpus.read(shard.start, shard.stop), keep_empty=False)
+    columns, prompt_tokens, new_tokens = task_columns(gen, table, shard.index, phases)
     with timed(phases, "commit"):
         rows = pa.table({"id": table.column("id"), **columns}).cast(schema) if table.num_rows else schema.empty_table()
         if may_commit is not None and not may_commit(shard.index):

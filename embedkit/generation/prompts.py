@@ -89,40 +89,20 @@ def fit_prompt(tok: Any, template: str, fields: dict, limit: int, chat: bool) ->
     return ids[-limit:], True
 
 
-def fit_prompts(tok: Any, template: str, rows: list[dict], limit: int, chat: bool,
-                tokenized: list[list[int]] | None = None) -> list[tuple[list[int], bool]]:  # fmt: skip
+def fit_prompts(tok: Any, template: str, rows: list[dict], limit: int, chat: bool) -> list[tuple[list[int], bool]]:
     """fit_prompt for many rows: rendered as strings, tokenized in one batch (the fast tokenizer
-    runs it in parallel); only prompts over `limit` go through fit_prompt one by one.
-    `tokenized`: the rows' rendered prompts already tokenized (`render_prompts`, by the prompt feed)."""
+    runs it in parallel); only prompts over `limit` go through fit_prompt one by one."""
     if not rows:
         return []
-    if tokenized is not None:
-        ids = tokenized
+    texts = [template.format(**fields) for fields in rows]
+    wrap = _chat_wrapper(tok) if chat and getattr(tok, "chat_template", None) else ("", "")
+    if wrap is None:  # a template that does more than wrap the message: render each prompt
+        ids = [prompt_ids(tok, t, chat) for t in texts]
     else:
-        texts = render_prompts(tok, template, rows, chat)
-        if texts is None:  # a template that does more than wrap the message: render each prompt
-            ids = [prompt_ids(tok, template.format(**fields), chat) for fields in rows]
-        else:
-            ids = encode_batch(tok, texts, prompt_special_tokens(tok, chat))
+        special = not (chat and getattr(tok, "chat_template", None))  # a chat template writes its own special tokens
+        ids = encode_batch(tok, [wrap[0] + t + wrap[1] for t in texts], special)
     # the batch's lists are new: kept as they are (a copy of 2.5M ids costs a quarter second)
     return [(p, False) if len(p) <= limit else fit_prompt(tok, template, fields, limit, chat) for p, fields in zip(ids, rows)]
-
-
-def render_prompts(tok: Any, template: str, rows: list[dict], chat: bool) -> list[str] | None:
-    """The rows' prompts as the text the tokenizer reads (the template filled in, wrapped in the
-    chat template's user turn when there is one), to be tokenized with
-    `prompt_special_tokens`; None when the chat template does more than wrap the message."""
-    texts = [template.format(**fields) for fields in rows]
-    if not (chat and getattr(tok, "chat_template", None)):
-        return texts
-    wrap = _chat_wrapper(tok)
-    return None if wrap is None else [wrap[0] + t + wrap[1] for t in texts]
-
-
-def prompt_special_tokens(tok: Any, chat: bool) -> bool:
-    """Whether rendered prompts are tokenized with the tokenizer's special tokens: not when a
-    chat template wrote its own."""
-    return not (chat and getattr(tok, "chat_template", None))
 
 
 def encode_batch(tok: Any, texts: list[str], special: bool) -> list[list[int]]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,32 +167,23 @@ def prompt_limit(config: Any, reserve: int) -> int:
     return max(8, positions - reserve)
 
 
-def task_inputs(texts: list, ids: list, cfg: GenerateConfig, template: str, tok: Any, config: Any,
-                tokenized: list[list[int]] | None = None) -> tuple[list, list[bool]]:  # fmt: skip
+def task_inputs(texts: list, ids: list, cfg: GenerateConfig, template: str, tok: Any, config: Any) -> tuple[list, list[bool]]:
     """What the model reads for each row, and whether it was truncated to fit: the prompt's token
     ids (summarize), the prompt and the start of the answer that each label follows (classify),
     or a (context, target) pair (score). Needs only the tokenizer and the model's config, so a
-    dry run counts tokens without loading the weights. `tokenized`: the rows' prompts already
-    tokenized (`PromptFeed`; summarize and classify)."""
+    dry run counts tokens without loading the weights."""
     if cfg.task == "score":
         return _score_pairs(tok, template, cfg.completion, texts, ids, prompt_limit(config, 0))
     answer: list[int] = []
-    rows = prompt_rows(texts, ids, cfg)
     if cfg.task == "summarize":
-        limit = prompt_limit(config, cfg.max_new_tokens)
+        limit, rows = prompt_limit(config, cfg.max_new_tokens), [{"text": t, "id": i} for t, i in zip(texts, ids)]
     else:  # classify: room for the answer and its longest label after the prompt
         answer, label_ids = answer_tokens(tok, task_completion(cfg), cfg.labels)
-        limit = prompt_limit(config, len(answer) + max(len(lab) for lab in label_ids))
-    fitted = fit_prompts(tok, template, rows, limit, chat=True, tokenized=tokenized)
-    return [p + answer if answer else p for p, _ in fitted], [f for _, f in fitted]
-
-
-def prompt_rows(texts: list, ids: list, cfg: GenerateConfig) -> list[dict]:
-    """The fields each row's prompt template is filled with (summarize and classify)."""
-    if cfg.task == "classify":
         labels = ", ".join(cfg.labels)
-        return [{"text": t, "id": i, "labels": labels} for t, i in zip(texts, ids)]
-    return [{"text": t, "id": i} for t, i in zip(texts, ids)]
+        limit = prompt_limit(config, len(answer) + max(len(lab) for lab in label_ids))
+        rows = [{"text": t, "id": i, "labels": labels} for t, i in zip(texts, ids)]
+    fitted = fit_prompts(tok, template, rows, limit, chat=True)
+    return [p + answer if answer else p for p, _ in fitted], [f for _, f in fitted]
 
 
 def input_tokens(x: Any) -> int:
@@ -221,16 +212,13 @@ def warm_up_host(cfg: GenerateConfig, choice: DeviceChoice) -> None:
         start_host_warm_up()
 
 
-def task_columns(gen: Generator, table: pa.Table, shard: int, phases: dict[str, float],
-                 tokenized: Callable[[], list[list[int]] | None] | None = None) -> tuple[dict, int, int]:  # fmt: skip
-    """The task's output columns for a shard's rows (in row order), prompt tokens and new tokens.
-    `tokenized`: gives the rows' prompts tokenized ahead (`PromptFeed`), or None."""
+def task_columns(gen: Generator, table: pa.Table, shard: int, phases: dict[str, float]) -> tuple[dict, int, int]:
+    """The task's output columns for a shard's rows (in row order), prompt tokens and new tokens."""
     lm, tok, cfg, template = gen.lm, gen.tok, gen.cfg, gen.template
-    warm_up_host(cfg, gen.choice)  # started before the model's load by a local run; here for a shard task
+    warm_up_host(cfg, gen.choice)  # a local run started it beside the model's load; a shard task here, beside tokenizing
     with timed(phases, "inputs"):
         texts = table.column("text").to_pylist()
-        ahead = tokenized() if tokenized is not None else None
-        inputs, flags = task_inputs(texts, table.column("id").to_pylist(), cfg, template, tok, lm.config, ahead)
+        inputs, flags = task_inputs(texts, table.column("id").to_pylist(), cfg, template, tok, lm.config)
         prompt_tokens = sum(input_tokens(x) for x in inputs)
     if cfg.task == "summarize":
         with timed(phases, "model"):
