@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--ab-prefill-kernel", action="store_true",
                     help="also the default row with the prefill through flash attention (not the prefill kernel), twice each, alternating")
     ap.add_argument("--ab-warm-up", action="store_true",
-                    help="also the default row without the decoder's host-side warm-up beside tokenizing (twice each, alternating)")
+                    help="also the default row without the decoder's host-side warm-up beside the model's load (twice each, alternating)")
     ap.add_argument("--headline-only", action="store_true", help="only embedkit's default run over all --docs (no check, no baselines)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="only profile embedkit's decoder on N docs at the default slots (top GPU kernels), then exit")  # fmt: skip
