@@ -178,6 +178,7 @@ def generate_shard_task(input: str, out: str, cfg: GenerateConfig, template: str
     choice = DeviceChoice(choose_device(cfg.device, "fp32").device, precision)
     key = ("generate", input, cfg.model, choice.device, precision)
     if key not in TASK_CACHE:
+        warm_up_host(cfg, choice)  # beside the model's load
         lm, tok, _ = load_generator(cfg.model, choice)
         TASK_CACHE[key] = (open_corpus(input, Columns(cfg.text_column, cfg.id_column)), lm, tok)
     corpus, lm, tok = TASK_CACHE[key]

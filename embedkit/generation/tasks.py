@@ -19,8 +19,8 @@ from ..engine.batching import pack_batches
 from ..engine.encoder import DeviceChoice
 from .prompts import answer_tokens, decode_batch, fit_prompts, prompt_ids, task_completion
 
-# Start the decoder's host-side set-up in a thread beside the model's load (or before tokenizing
-# a shard task's prompts; `warm_up_host`); a module switch so that a benchmark can turn it off.
+# Start the decoder's host-side set-up in a thread beside the model's load (`warm_up_host`); a
+# module switch so that a benchmark can turn it off.
 HOST_WARM_UP = True
 
 _DECODERS: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()  # model -> SlotDecoder, dropped with the model
@@ -205,7 +205,8 @@ class Generator:
 
 def warm_up_host(cfg: GenerateConfig, choice: DeviceChoice) -> None:
     """Start the decoder's host-side set-up in a thread (`engine.decode.start_host_warm_up`,
-    once per process) where the slot decoder will run: summarize on CUDA."""
+    once per process) where the slot decoder will run (summarize on CUDA); called before the
+    model's load, which it overlaps."""
     if cfg.task == "summarize" and choice.type == "cuda" and HOST_WARM_UP:
         from ..engine.decode import start_host_warm_up
 
@@ -215,7 +216,6 @@ def warm_up_host(cfg: GenerateConfig, choice: DeviceChoice) -> None:
 def task_columns(gen: Generator, table: pa.Table, shard: int, phases: dict[str, float]) -> tuple[dict, int, int]:
     """The task's output columns for a shard's rows (in row order), prompt tokens and new tokens."""
     lm, tok, cfg, template = gen.lm, gen.tok, gen.cfg, gen.template
-    warm_up_host(cfg, gen.choice)  # a local run started it beside the model's load; a shard task here, beside tokenizing
     with timed(phases, "inputs"):
         texts = table.column("text").to_pylist()
         inputs, flags = task_inputs(texts, table.column("id").to_pylist(), cfg, template, tok, lm.config)
