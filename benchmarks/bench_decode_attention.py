@@ -40,7 +40,6 @@ def main() -> None:
     ap.add_argument("--blocks", default="32,64,128")
     ap.add_argument("--warps", default="1,2,4,8")
     ap.add_argument("--stages", default="1,2,3,4")
-    ap.add_argument("--dots", default="1", help="1: tensor-core products (query rows padded to 16), 0: CUDA-core sums (attention.DECODE_DOT)")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run in Triton's interpreter (TRITON_INTERPRET=1)")
     ap.add_argument("--json", default=None)
@@ -68,28 +67,28 @@ def main() -> None:
         lengths = np.minimum(rows + rng.integers(0, args.max_new, len(rows)), grp.capacity)
         case = make_case(torch, g, lengths, grp.capacity, len(prefix), args.device)
         read = int(lengths.sum()) * KV_HEADS * HEAD_DIM * 2 * 2  # keys and values of every attended own position
-        combos = itertools.product(*(map(int, a.split(",")) for a in (args.dots, args.blocks, args.warps, args.stages)))
-        for dot, block, warps, stages in combos:
-            attention.DECODE_DOT, attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES = bool(dot), block, warps, stages
+        combos = itertools.product(*(map(int, a.split(",")) for a in (args.blocks, args.warps, args.stages)))
+        for block, warps, stages in combos:
+            attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES = block, warps, stages
             for append in (True, False):
                 try:
                     first, us = time_calls(torch, attention, case, append, args.repeats)
                 except Exception as e:  # a configuration Triton cannot build (shared memory, registers)
-                    print(f"group {gi} dot {dot} block {block} warps {warps} stages {stages}: {str(e).splitlines()[0][:160]}", flush=True)
+                    print(f"group {gi} block {block} warps {warps} stages {stages}: {str(e).splitlines()[0][:160]}", flush=True)
                     continue
                 r = {"group": gi, "slots": len(lengths), "capacity": grp.capacity, "mean_length": float(lengths.mean()),
-                     "dot": bool(dot), "block": block, "warps": warps, "stages": stages, "append": append, "us": us,
+                     "block": block, "warps": warps, "stages": stages, "append": append, "us": us,
                      "gb_s": read / us / 1e3, "first_call_s": first}  # fmt: skip
                 results.append(r)
                 print(json.dumps(r), flush=True)
     for gi in sorted({r["group"] for r in results}):
         mine = sorted((r for r in results if r["group"] == gi), key=lambda r: r["us"])
         print(f"\ngroup {gi}: {mine[0]['slots']} slots, mean length {mine[0]['mean_length']:.0f} (+{len(prefix)} shared)")
-        print("| products | block | warps | stages | step's key/value | us per call | GB/s read | first call s |\n|---|---|---|---|---|---|---|---|")
+        print("| block | warps | stages | step's key/value | us per call | GB/s read | first call s |\n|---|---|---|---|---|---|---|")
         shown = mine[:12] + [r for r in mine[12:] if (r["block"], r["warps"], r["stages"]) == (64, 4, 3)]  # and the old default
         for r in shown:
             how = "in the kernel" if r["append"] else "scatter first"
-            print(f"| {'tensor cores' if r['dot'] else 'CUDA cores'} | {r['block']} | {r['warps']} | {r['stages']} | {how} | {r['us']:.1f} | {r['gb_s']:,.0f} | {r['first_call_s']:.2f} |")
+            print(f"| {r['block']} | {r['warps']} | {r['stages']} | {how} | {r['us']:.1f} | {r['gb_s']:,.0f} | {r['first_call_s']:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"prefix": len(prefix), "results": results}, indent=1))
 
