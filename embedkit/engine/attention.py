@@ -30,9 +30,6 @@ from typing import Any
 BLOCK_N = 16  # cached positions per inner step of the kernel
 NUM_WARPS = 1  # the kernel's launch configuration (see benchmarks/bench_decode_attention.py)
 NUM_STAGES = 3
-# the step's scores and weighted values: tensor-core products (the query heads of a key head
-# padded to 16 rows) or CUDA-core sums over only the rows there are
-DECODE_DOT = True
 PREFILL_BLOCK_M = 64  # the prefill kernel's query rows per program
 PREFILL_BLOCK_N = 32  # and keys per inner step
 PREFILL_WARPS = 4
@@ -121,8 +118,7 @@ def _triton_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float
     if q.stride(-1) != 1:  # the kernel takes any other strides: the decoder's q is a view of its q/k/v product
         q = q.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    rows = 1 << (group - 1).bit_length()
-    block_g = max(16, rows) if DECODE_DOT else rows  # tl.dot needs at least 16 rows
+    block_g = max(16, 1 << (group - 1).bit_length())  # tl.dot needs at least 16 rows
     pk, pv = prefix if prefix is not None else (keys[0, 0, :0].unsqueeze(1), values[0, 0, :0].unsqueeze(1))  # (0, 1, head_dim): no prefix
     kn, vn = append if append is not None else (keys[:, :, 0], values[:, :, 0])  # not read without APPEND
     if kn.stride(-1) != 1 or vn.stride(-1) != 1:
@@ -132,7 +128,7 @@ def _triton_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
         pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
-        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK=BLOCK_N, APPEND=append is not None, DOT=DECODE_DOT,
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK=BLOCK_N, APPEND=append is not None,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return out

@@ -17,22 +17,10 @@ def _online_softmax(m, total, acc, s, v):
 
 
 @triton.jit
-def _online_softmax_fma(m, total, acc, s, v):
-    """`_online_softmax` with the block's weighted values summed on the CUDA cores: for a few
-    query rows (a decode step's query heads of one key head) a tensor-core product pads them to
-    16 rows; here `s` and `acc` have only the rows there are."""
-    m_new = tl.maximum(m, tl.max(s, 1))
-    alpha = tl.exp(m - m_new)
-    p = tl.exp(s - m_new[:, None])
-    return m_new, total * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-
-
-@triton.jit
 def slot_attention_kernel(
     Q, K, V, O, LENGTHS, PK, PV, KN, VN, n_prefix, scale,
     q_s, q_h, q_g, k_s, k_h, k_n, v_s, v_h, v_n, o_s, o_h, o_g, pk_n, pk_h, pv_n, pv_h, kn_s, kn_h, vn_s, vn_h,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, APPEND: tl.constexpr,
-    DOT: tl.constexpr,
 ):  # fmt: skip
     slot = tl.program_id(0)
     head = tl.program_id(1)
@@ -69,12 +57,8 @@ def slot_attention_kernel(
         k += tl.load(k_base + own[:, None] * k_n + dims[None, :], mask=mine, other=0.0)
         v = tl.load(pv_base + pos[:, None] * pv_n + dims[None, :], mask=shared, other=0.0)
         v += tl.load(v_base + own[:, None] * v_n + dims[None, :], mask=mine, other=0.0)
-        if DOT:  # tensor cores, the query rows padded to 16
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-            m, total, acc = _online_softmax(m, total, acc, tl.where((pos < n)[None, :], s, float("-inf")), v)
-        else:  # CUDA cores, only the rows there are
-            s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scale
-            m, total, acc = _online_softmax_fma(m, total, acc, tl.where((pos < n)[None, :], s, float("-inf")), v)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        m, total, acc = _online_softmax(m, total, acc, tl.where((pos < n)[None, :], s, float("-inf")), v)
     if APPEND:
         s = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale
         m_new = tl.maximum(m, s)
