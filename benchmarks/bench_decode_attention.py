@@ -37,9 +37,6 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=20_000)
     ap.add_argument("--slots", type=int, default=16_384)
     ap.add_argument("--max-new", type=int, default=64)
-    ap.add_argument("--variants", default="packed,split,base",
-                    help="packed: a slot's key heads in one program; split: one program per slot and key head, the prefix's "
-                         "blocks in a loop of their own; base: one per slot and key head, one loop over prefix and own positions")  # fmt: skip
     ap.add_argument("--blocks", default="16,32,64")
     ap.add_argument("--warps", default="1,2,4")
     ap.add_argument("--stages", default="2,3,4")
@@ -71,18 +68,17 @@ def main() -> None:
         lengths = np.minimum(rows + rng.integers(0, args.max_new, len(rows)), grp.capacity)
         case = make_case(torch, g, lengths, grp.capacity, len(prefix), args.device)
         read = int(lengths.sum()) * KV_HEADS * HEAD_DIM * 2 * 2  # keys and values of every attended own position
-        combos = itertools.product(args.variants.split(","), *(map(int, a.split(",")) for a in (args.blocks, args.warps, args.stages)))
-        for variant, block, warps, stages in combos:
+        combos = itertools.product(*(map(int, a.split(",")) for a in (args.blocks, args.warps, args.stages)))
+        for block, warps, stages in combos:
             attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES = block, warps, stages
-            attention.DECODE_PACKED, attention.DECODE_SPLIT = variant == "packed", variant == "split"
             for append in (True, False) if args.scatter_too else (True,):
                 try:
                     first, us = time_calls(torch, attention, case, append, args.repeats)
                     err = max_error(torch, attention, case, len(prefix))
                 except Exception as e:  # a configuration Triton cannot build (shared memory, registers)
-                    print(f"group {gi} {variant} block {block} warps {warps} stages {stages}: {str(e).splitlines()[0][:160]}", flush=True)
+                    print(f"group {gi} block {block} warps {warps} stages {stages}: {str(e).splitlines()[0][:160]}", flush=True)
                     continue
-                r = {"group": gi, "slots": len(lengths), "capacity": grp.capacity, "mean_length": float(lengths.mean()), "variant": variant,
+                r = {"group": gi, "slots": len(lengths), "capacity": grp.capacity, "mean_length": float(lengths.mean()),
                      "block": block, "warps": warps, "stages": stages, "append": append, "us": us,
                      "gb_s": read / us / 1e3, "first_call_s": first, "max_abs_diff": err}  # fmt: skip
                 results.append(r)
@@ -90,11 +86,11 @@ def main() -> None:
     for gi in sorted({r["group"] for r in results}):
         mine = sorted((r for r in results if r["group"] == gi), key=lambda r: r["us"])
         print(f"\ngroup {gi}: {mine[0]['slots']} slots, mean length {mine[0]['mean_length']:.0f} (+{len(prefix)} shared)")
-        print("| kernel | block | warps | stages | step's key/value | us per call | GB/s read | first call s | max abs diff |\n|---|---|---|---|---|---|---|---|---|")
-        shown = mine[:12] + [r for r in mine[12:] if (r["variant"], r["block"], r["warps"], r["stages"], r["append"]) == ("base", 16, 1, 3, True)]  # and the one before
+        print("| block | warps | stages | step's key/value | us per call | GB/s read | first call s | max abs diff |\n|---|---|---|---|---|---|---|---|")
+        shown = mine[:12] + [r for r in mine[12:] if (r["block"], r["warps"], r["stages"], r["append"]) == (32, 1, 2, True)]  # and the configured one
         for r in shown:
             how = "in the kernel" if r["append"] else "scatter first"
-            print(f"| {r['variant']} | {r['block']} | {r['warps']} | {r['stages']} | {how} | {r['us']:.1f} | {r['gb_s']:,.0f} | {r['first_call_s']:.2f} | {r['max_abs_diff']:.4f} |")
+            print(f"| {r['block']} | {r['warps']} | {r['stages']} | {how} | {r['us']:.1f} | {r['gb_s']:,.0f} | {r['first_call_s']:.2f} | {r['max_abs_diff']:.4f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"prefix": len(prefix), "results": results}, indent=1))
 

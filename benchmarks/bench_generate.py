@@ -63,9 +63,6 @@ def main() -> None:
                     help="also the default row with the prefill through flash attention (not the prefill kernel), twice each, alternating")
     ap.add_argument("--ab-warm-up", action="store_true",
                     help="also the default row without the decoder's host-side warm-up beside the model's load (twice each, alternating)")
-    ap.add_argument("--ab-decode-kernel", default="", metavar="VARIANT",
-                    help="also the default row with the decode attention kernel's per-head layout (base: one loop over the prefix and "
-                         "own positions; split: a loop each), twice each, alternating with the default (a slot's key heads in one program)")  # fmt: skip
     ap.add_argument("--headline-only", action="store_true", help="only embedkit's default run over all --docs (no check, no baselines)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="only profile embedkit's decoder on N docs at --profile-slots slots (top GPU kernels), then exit")  # fmt: skip
@@ -103,9 +100,6 @@ def main() -> None:
         attempt(rows, bench_embedkit, folder, texts, None, args, work, share_prefix=False)
     for _ in range(2) if args.ab_prefill_kernel else ():
         attempt(rows, bench_embedkit, folder, texts, None, args, work, prefill_kernel=False)
-        attempt(rows, bench_embedkit, folder, texts, None, args, work)
-    for _ in range(2) if args.ab_decode_kernel else ():
-        attempt(rows, bench_embedkit, folder, texts, None, args, work, decode_kernel=args.ab_decode_kernel)
         attempt(rows, bench_embedkit, folder, texts, None, args, work)
     for _ in range(2) if args.ab_warm_up else ():
         attempt(rows, bench_embedkit, folder, texts, None, args, work, warm_up=False)
@@ -368,23 +362,19 @@ def bench_transformers(folder: Path, ids: list[list[int]], batch: int, args, sta
 
 
 def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work: Path, share_prefix: bool = True,
-                   precision: str = "auto", warm_up: bool = True, second_pass: bool = False, prefill_kernel: bool = True,
-                   decode_kernel: str = "packed") -> dict:  # fmt: skip
+                   precision: str = "auto", warm_up: bool = True, second_pass: bool = False, prefill_kernel: bool = True) -> dict:  # fmt: skip
     """embedkit.generate end to end: parquet in, prompts, decoding, Lance out (model load excluded).
     share_prefix=False: the A/B row, every slot holding its whole prompt; warm_up=False: without
     the decoder's host-side warm-up beside the model's load; prefill_kernel=False: the prefill through
-    flash attention; decode_kernel: the decode attention kernel's layout (`bench_decode_attention.py
-    --variants`); second_pass: the same call twice in this process, the second timed (the first's seconds kept
+    flash attention; second_pass: the same call twice in this process, the second timed (the first's seconds kept
     as `first_pass_s`). `call_s`: the whole `generate` call, the model's load included."""
     import embedkit
-    import embedkit.engine.attention as attention
     import embedkit.engine.decode as decode
     import embedkit.generation.tasks as tasks
     from embedkit.run.record import marks
 
     decode.SHARE_PREFIX = share_prefix  # this configuration's own process
     decode.PREFILL_KERNEL = prefill_kernel
-    attention.DECODE_PACKED, attention.DECODE_SPLIT = decode_kernel == "packed", decode_kernel == "split"
     tasks.HOST_WARM_UP = warm_up
     src = work / f"docs-{len(texts)}.parquet"
     pq.write_table(pa.table({"id": pa.array([f"d{i}" for i in range(len(texts))]), "text": texts}), src)
@@ -399,7 +389,6 @@ def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work
         first = s.seconds if first is None else first
     cache = ("slots" if share_prefix else "slots, whole prompts") + ("" if warm_up else ", no host warm-up")
     cache += "" if prefill_kernel else ", flash prefill"
-    cache += "" if decode_kernel == "packed" else f", decode kernel {decode_kernel}"
     row = {"engine": "embedkit", "cache": cache if precision == "auto" else f"{cache}, {precision}", "batch": batch or "default", "docs": s.docs, "new_tokens": s.new_tokens,
            "seconds": s.seconds, "new_tok_s": s.new_tokens / s.seconds, "decoder_s": s.decode.get("seconds"), "decode": s.decode, "phases": s.phases, "call_s": call_s, "marks": marks()}  # fmt: skip
     if second_pass:

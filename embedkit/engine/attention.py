@@ -27,12 +27,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-BLOCK_N = 16  # cached positions per inner step of the kernel
+BLOCK_N = 32  # cached positions per inner step of the kernel
 NUM_WARPS = 1  # the kernel's launch configuration (see benchmarks/bench_decode_attention.py)
-NUM_STAGES = 3
-DECODE_PACKED = True  # one program per slot for all its key heads where their query heads fit PACK_ROWS rows (see _triton_attention)
-PACK_ROWS = 16  # tl.dot's smallest tile: a per-head program pads its query rows to it
-DECODE_SPLIT = False  # the per-head kernel: the prefix's blocks in a loop of their own
+NUM_STAGES = 2
 PREFILL_BLOCK_M = 64  # the prefill kernel's query rows per program
 PREFILL_BLOCK_N = 32  # and keys per inner step
 PREFILL_WARPS = 4
@@ -121,26 +118,17 @@ def _triton_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float
     if q.stride(-1) != 1:  # the kernel takes any other strides: the decoder's q is a view of its q/k/v product
         q = q.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    block_g = max(16, 1 << (group - 1).bit_length())  # tl.dot needs at least 16 rows
     pk, pv = prefix if prefix is not None else (keys[0, 0, :0].unsqueeze(1), values[0, 0, :0].unsqueeze(1))  # (0, 1, head_dim): no prefix
     kn, vn = append if append is not None else (keys[:, :, 0], values[:, :, 0])  # not read without APPEND
     if kn.stride(-1) != 1 or vn.stride(-1) != 1:
         kn, vn = kn.contiguous(), vn.contiguous()
-    args = (q, keys, values, out, lengths, pk, pv, kn, vn, pk.shape[0], scale,
-            q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-            values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1))  # fmt: skip
-    if DECODE_PACKED and kv_heads * group <= PACK_ROWS:
-        # a slot's key heads in one program: its products use the rows a per-head program pads
-        from .attention_kernel import slot_attention_packed_kernel
-
-        slot_attention_packed_kernel[(slots,)](
-            *args, KV_HEADS=kv_heads, GROUP=group, ROWS=PACK_ROWS, HEADS_P=1 << (kv_heads - 1).bit_length(), HEAD_DIM=head_dim,
-            BLOCK=BLOCK_N, APPEND=append is not None, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-        )  # fmt: skip
-        return out
-    block_g = max(16, 1 << (group - 1).bit_length())  # tl.dot needs at least 16 rows
     _kernel()[(slots, kv_heads)](
-        *args, GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK=BLOCK_N, APPEND=append is not None, SPLIT=DECODE_SPLIT,
+        q, keys, values, out, lengths, pk, pv, kn, vn, pk.shape[0], scale,
+        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK=BLOCK_N, APPEND=append is not None,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return out

@@ -20,7 +20,7 @@ def _online_softmax(m, total, acc, s, v):
 def slot_attention_kernel(
     Q, K, V, O, LENGTHS, PK, PV, KN, VN, n_prefix, scale,
     q_s, q_h, q_g, k_s, k_h, k_n, v_s, v_h, v_n, o_s, o_h, o_g, pk_n, pk_h, pv_n, pv_h, kn_s, kn_h, vn_s, vn_h,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, APPEND: tl.constexpr, SPLIT: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, APPEND: tl.constexpr,
 ):  # fmt: skip
     slot = tl.program_id(0)
     head = tl.program_id(1)
@@ -45,38 +45,22 @@ def slot_attention_kernel(
         tl.store(k_base + (n_valid - 1) * k_n + dims, kn)
         tl.store(v_base + (n_valid - 1) * v_n + dims, vn)
         n_valid -= 1
-    if SPLIT:
-        # the shared prefix (one place all slots read, so from L2), then the row's own positions
-        # in loops of their own: each block loads one key and one value tile, not two masked ones
-        for start in range(0, n_prefix, BLOCK):
-            pos = start + cols
-            ok = pos < n_prefix
-            k = tl.load(pk_base + pos[:, None] * pk_n + dims[None, :], mask=ok[:, None], other=0.0)
-            v = tl.load(pv_base + pos[:, None] * pv_n + dims[None, :], mask=ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-            m, total, acc = _online_softmax(m, total, acc, tl.where(ok[None, :], s, float("-inf")), v)
-        for start in range(0, n_valid, BLOCK):
-            pos = start + cols
-            ok = pos < n_valid
-            k = tl.load(k_base + pos[:, None] * k_n + dims[None, :], mask=ok[:, None], other=0.0)
-            v = tl.load(v_base + pos[:, None] * v_n + dims[None, :], mask=ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-            m, total, acc = _online_softmax(m, total, acc, tl.where(ok[None, :], s, float("-inf")), v)
-    else:
-        # the row's positions are the shared prefix's, then its own: one run of blocks over both, so
-        # a prefix adds no block of its own (it is read from one place all slots share, so from L2)
-        n = n_prefix + n_valid
-        for start in range(0, n, BLOCK):
-            pos = start + cols
-            shared = (pos < n_prefix)[:, None]
-            mine = ((pos >= n_prefix) & (pos < n))[:, None]
-            own = pos - n_prefix
-            k = tl.load(pk_base + pos[:, None] * pk_n + dims[None, :], mask=shared, other=0.0)
-            k += tl.load(k_base + own[:, None] * k_n + dims[None, :], mask=mine, other=0.0)
-            v = tl.load(pv_base + pos[:, None] * pv_n + dims[None, :], mask=shared, other=0.0)
-            v += tl.load(v_base + own[:, None] * v_n + dims[None, :], mask=mine, other=0.0)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-            m, total, acc = _online_softmax(m, total, acc, tl.where((pos < n)[None, :], s, float("-inf")), v)
+    # the shared prefix (one place all slots read, so from L2), then the row's own positions
+    # in loops of their own: each block loads one key and one value tile, not two masked ones
+    for start in range(0, n_prefix, BLOCK):
+        pos = start + cols
+        ok = pos < n_prefix
+        k = tl.load(pk_base + pos[:, None] * pk_n + dims[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(pv_base + pos[:, None] * pv_n + dims[None, :], mask=ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        m, total, acc = _online_softmax(m, total, acc, tl.where(ok[None, :], s, float("-inf")), v)
+    for start in range(0, n_valid, BLOCK):
+        pos = start + cols
+        ok = pos < n_valid
+        k = tl.load(k_base + pos[:, None] * k_n + dims[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(v_base + pos[:, None] * v_n + dims[None, :], mask=ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        m, total, acc = _online_softmax(m, total, acc, tl.where(ok[None, :], s, float("-inf")), v)
     if APPEND:
         s = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * scale
         m_new = tl.maximum(m, s)
@@ -86,74 +70,6 @@ def slot_attention_kernel(
         acc = acc * alpha[:, None] + p[:, None] * vn.to(tl.float32)[None, :]
     out = acc / total[:, None]
     tl.store(O + slot * o_s + head * o_h + rows[:, None] * o_g + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok)
-
-
-@triton.jit
-def slot_attention_packed_kernel(
-    Q, K, V, O, LENGTHS, PK, PV, KN, VN, n_prefix, scale,
-    q_s, q_h, q_g, k_s, k_h, k_n, v_s, v_h, v_n, o_s, o_h, o_g, pk_n, pk_h, pv_n, pv_h, kn_s, kn_h, vn_s, vn_h,
-    KV_HEADS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, HEADS_P: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK: tl.constexpr, APPEND: tl.constexpr,
-):  # fmt: skip
-    # one program per slot for all its key heads: query row r belongs to key head r // GROUP; a
-    # tile of keys holds BLOCK positions of every key head (column c: head c // BLOCK, position
-    # c % BLOCK), and a row's scores against another head's keys are masked out. The products
-    # are (ROWS x HEAD_DIM) x (HEAD_DIM x HEADS_P * BLOCK): the padded rows a per-head program
-    # spends on a 16-row tile hold the other heads' queries here, and each step loads HEADS_P
-    # times the bytes per program
-    slot = tl.program_id(0)
-    n_valid = tl.load(LENGTHS + slot)
-    rows = tl.arange(0, ROWS)
-    row_head = rows // GROUP
-    row_ok = rows < KV_HEADS * GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    cols = tl.arange(0, HEADS_P * BLOCK)
-    col_head = cols // BLOCK
-    col_pos = cols % BLOCK
-    col_ok = col_head < KV_HEADS
-    # padded rows see every valid column: a row with none would turn its running max into NaN
-    mine = (row_head[:, None] == col_head[None, :]) | (rows >= KV_HEADS * GROUP)[:, None]
-    q = tl.load(Q + slot * q_s + row_head[:, None] * q_h + (rows % GROUP)[:, None] * q_g + dims[None, :], mask=row_ok[:, None], other=0.0)
-    m = tl.full([ROWS], float("-inf"), tl.float32)
-    total = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    k_base = K + slot * k_s + col_head * k_h
-    v_base = V + slot * v_s + col_head * v_h
-    if APPEND:
-        # the step's own key and value, stored at the row's last position (see slot_attention_kernel)
-        heads = tl.arange(0, HEADS_P)
-        h_ok = (heads < KV_HEADS)[:, None]
-        kn = tl.load(KN + slot * kn_s + heads[:, None] * kn_h + dims[None, :], mask=h_ok)
-        vn = tl.load(VN + slot * vn_s + heads[:, None] * vn_h + dims[None, :], mask=h_ok)
-        tl.store(K + slot * k_s + heads[:, None] * k_h + (n_valid - 1) * k_n + dims[None, :], kn, mask=h_ok)
-        tl.store(V + slot * v_s + heads[:, None] * v_h + (n_valid - 1) * v_n + dims[None, :], vn, mask=h_ok)
-        n_valid -= 1
-    for start in range(0, n_prefix, BLOCK):  # the shared prefix: one place all slots read, so from L2
-        pos = start + col_pos
-        ok = col_ok & (pos < n_prefix)
-        k = tl.load(PK + pos[:, None] * pk_n + col_head[:, None] * pk_h + dims[None, :], mask=ok[:, None], other=0.0)
-        v = tl.load(PV + pos[:, None] * pv_n + col_head[:, None] * pv_h + dims[None, :], mask=ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        m, total, acc = _online_softmax(m, total, acc, tl.where(mine & ok[None, :], s, float("-inf")), v)
-    for start in range(0, n_valid, BLOCK):  # the row's own positions
-        pos = start + col_pos
-        ok = col_ok & (pos < n_valid)
-        k = tl.load(k_base[:, None] + pos[:, None] * k_n + dims[None, :], mask=ok[:, None], other=0.0)
-        v = tl.load(v_base[:, None] + pos[:, None] * v_n + dims[None, :], mask=ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        m, total, acc = _online_softmax(m, total, acc, tl.where(mine & ok[None, :], s, float("-inf")), v)
-    if APPEND:  # each row against its own head's new key, from registers
-        kq = tl.load(KN + slot * kn_s + row_head[:, None] * kn_h + dims[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        vq = tl.load(VN + slot * vn_s + row_head[:, None] * vn_h + dims[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-        s = tl.sum(q.to(tl.float32) * kq, 1) * scale
-        m_new = tl.maximum(m, s)
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new)
-        total = total * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * vq
-    out = acc / total[:, None]
-    tl.store(O + slot * o_s + row_head[:, None] * o_h + (rows % GROUP)[:, None] * o_g + dims[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])  # fmt: skip
 
 
 @triton.jit
