@@ -220,6 +220,7 @@ def check(folder: Path, ids: list[list[int]], args) -> dict:
         return used, decoder.run(ids, max_new=args.max_new_tokens, max_slots=64)
 
     _, eager = eager_without()
+    reused = reused_decoder(model, eos, ids, args)
     kernel_used, dense = eager_without("kernel", "prefill_kernel")  # dense masked attention instead of the per-slot kernels
     prefill_kernel_used, flash = eager_without("prefill_kernel")  # prefill through flash attention's variable-length kernel
     varlen_used, padded = eager_without("varlen", "prefill_kernel")  # packed prefill through the padded SDPA reference
@@ -249,7 +250,24 @@ def check(folder: Path, ids: list[list[int]], args) -> dict:
             "first_token_varlen_equals_padded": sum(a[:1] == b[:1] for a, b in zip(eager, padded)),
             "shared_prefix": prefix_used, "shared_prefix_equals_whole_prompts": sum(a == b for a, b in zip(eager, whole)),
             "first_token_shared_prefix_equals_whole": sum(a[:1] == b[:1] for a, b in zip(eager, whole)),
-            "compared_to_transformers": min(8, len(ids)), "equal_to_transformers": same_hf}  # fmt: skip
+            "compared_to_transformers": min(8, len(ids)), "equal_to_transformers": same_hf, **reused}  # fmt: skip
+
+
+def reused_decoder(model, eos: set[int], ids: list[list[int]], args) -> dict:
+    """One decoder over runs of other group shapes, like a process over shards (its cache, slot
+    buffers and captured steps kept between runs), against a new decoder for each run: the
+    tokens must be equal. A small cache budget cuts each run into several groups."""
+    from embedkit.engine.decode import SlotDecoder
+
+    graphs, budget = args.device.startswith("cuda"), 64 * 1024
+    one = SlotDecoder(model, eos_ids=eos, graphs=graphs, cache_tokens=budget)
+    same = total = 0
+    for part, slots in ((ids, 64), (ids[len(ids) // 2 :], 32), (ids, 64)):
+        got = one.run(part, max_new=args.max_new_tokens, max_slots=slots)
+        want = SlotDecoder(model, eos_ids=eos, graphs=graphs, cache_tokens=budget).run(part, max_new=args.max_new_tokens, max_slots=slots)
+        same, total = same + sum(a == b for a, b in zip(got, want)), total + len(part)
+    return {"reused_decoder_rows": total, "reused_decoder_equals_new": same, "reused_decoder_groups": len(one.stats["groups"]),
+            "reused_decoder_last_run_captures": one.stats["captures"]}  # fmt: skip
 
 
 def fused_kernel_agreement(device: str) -> dict:

@@ -115,6 +115,18 @@ def test_greedy_equals_transformers_generate(model, prompts, reference, max_slot
     assert any(len(r) < MAX_NEW for r in reference), "no prompt ended on EOS: the end-of-row path is untested"
 
 
+def test_one_decoder_over_runs_of_other_shapes(model, prompts, reference):
+    """Like a process over shards: one decoder, runs whose groups have other slot counts and
+    lengths, its cache kept between them as views of one buffer that grows: each run gives the
+    reference tokens."""
+    decoder = SlotDecoder(model[0], eos_ids=_eos(model))
+    shapes = set()
+    for max_slots, part in ((4, slice(0, 4)), (2, slice(4, 6)), (3, slice(6, 9)), (4, slice(0, 4))):
+        assert decoder.run(prompts[part], max_new=6, max_slots=max_slots) == [r[:6] for r in reference[part]]
+        shapes |= {(g["slots"], g["capacity"]) for g in decoder.stats["groups"]}
+    assert len(shapes) >= 3, shapes
+
+
 def test_narrow_steps_give_the_same_tokens(model, prompts, reference, monkeypatch):
     """8 slots for 9 prompts: the last prompt runs alone in slot 0, in steps two slots wide."""
     import embedkit.engine.decode as decode

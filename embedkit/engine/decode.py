@@ -39,6 +39,7 @@ import functools
 import itertools
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,7 @@ REFILL_FRACTION = 4  # refill when a quarter of the slots is free
 PREFILL_TOKENS = {"cuda": 65_536, "cpu": 4_096}  # prompt tokens per packed prefill forward (no padding)
 FUSE_MAX_BYTES = 2 << 30  # fused projection weights are copies: made only while they stay this small
 CACHE_MEMORY_FRACTION = 0.6  # of the free device memory, for the KV cache
+GRAPHS_KEPT = 8  # captured steps kept (least recently used dropped): each holds its logits, up to slots x vocabulary
 STEP_WIDTH_MIN = 256  # narrowest decode step: when the running rows all sit below a slot index, steps cover only those slots
 PREFIX_MIN = 8  # shortest shared prompt start worth storing once (below it the bookkeeping costs more than it saves)
 PREFILL_KERNEL = True  # the prefill's own Triton kernel where the decode kernel runs (bench_generate.py --ab-prefill-kernel turns it off)
@@ -199,9 +201,14 @@ class SlotDecoder:
         self.fuse_kernels = fused.usable(probe)
         self.share_prefix = SHARE_PREFIX  # store the prompts' common start once (see the module docstring)
         self.prefix_len = 0
-        self._graphs: dict[tuple[int, int], tuple[Any, Any]] = {}  # (attended length, step width) -> (graph, logits)
+        # (slots, capacity, attended length, step width) -> (graph, logits); the cache and the slots'
+        # token and position buffers below live as long as the decoder, so a group of a shape seen
+        # before (the next shard's) replays the steps captured for it
+        self._graphs: OrderedDict[tuple[int, int, int, int], tuple[Any, Any]] = OrderedDict()
         self._pool = None
-        self._slots = 0
+        self._store = None  # keys and values of every group: (2, positions x layers x kv_heads x head_dim), viewed per group
+        self._budget: int | None = None  # cached positions on CUDA, measured once
+        self._slots = self.capacity = 0
         self.stats: dict = {}
 
     # ---- public ----------------------------------------------------------------------------
@@ -278,63 +285,74 @@ class SlotDecoder:
     # ---- one group -------------------------------------------------------------------------
 
     def _cache_budget(self) -> int:
-        """Cached positions (rows x length) that fit: a fraction of free device memory, or a fixed count."""
+        """Cached positions (rows x length) that fit: a fraction of free device memory (measured at
+        the first run: the cache allocated then serves every later one), or a fixed count."""
         if self.cache_tokens:
             return self.cache_tokens
         if self.device.type == "cuda":
-            self._release()
-            free, _ = self.torch.cuda.mem_get_info(self.device)
-            return int(free * CACHE_MEMORY_FRACTION) // self.bytes_per_position()
+            if self._budget is None:
+                self._release()
+                free, _ = self.torch.cuda.mem_get_info(self.device)
+                self._budget = int(free * CACHE_MEMORY_FRACTION) // self.bytes_per_position()
+            return self._budget
         return 1 << 22  # CPU: batches are small; 4M positions of a 135M model are ~1 GB in fp32
 
     def _run_group(self, prompts: list[list[int]], rows: list[int], g: Group) -> None:
         self._allocate(g.slots, g.capacity)
         waiting = list(reversed(rows))  # pop() takes the shortest
-        holder = [-1] * g.slots  # the prompt each slot decodes
+        holder = np.full(g.slots, -1, dtype=np.int64)  # the prompt each slot decodes (numpy: 16k slots are looked at every few steps)
         live = 0
         while waiting or live:
-            free = [s for s in range(g.slots) if holder[s] < 0]
+            free = np.flatnonzero(holder < 0)
             if waiting and (len(free) >= max(1, g.slots // REFILL_FRACTION) or live == 0):
                 joiners = [waiting.pop() for _ in range(min(len(free), len(waiting)))]
                 self._prefill(prompts, joiners, free[: len(joiners)])
-                for s, r in zip(free, joiners):
-                    holder[s] = r
+                holder[free[: len(joiners)]] = joiners
             live = self._decode_until_sync(holder)
 
     def _allocate(self, slots: int, capacity: int) -> None:
+        """The group's cache and per-slot buffers: views of buffers kept across groups and runs
+        (a captured step reads the cache, tok and pos where they were at its capture)."""
         torch = self.torch
-        if (slots, capacity) != (self._slots, getattr(self, "capacity", 0)):
-            self._release()
-            shape = (len(self.layers), slots, self.kv_heads, capacity, self.head_dim)
-            self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self._slots, self.capacity = slots, capacity
-            self.tok = torch.zeros(slots, dtype=torch.long, device=self.device)
-            self.pos = torch.zeros(slots, dtype=torch.long, device=self.device)
-            self.out = torch.zeros((slots, self.max_new), dtype=torch.long, device=self.device)
-            self.count = torch.zeros(slots, dtype=torch.long, device=self.device)
-            self.active = torch.zeros(slots, dtype=torch.bool, device=self.device)
-            self.rows = torch.arange(slots, device=self.device)
-        else:
-            self.active.zero_()
-            self.count.zero_()
-            if self.out.shape[1] != self.max_new:
-                self.out = torch.zeros((slots, self.max_new), dtype=torch.long, device=self.device)
+        layers, kv, d = len(self.layers), self.kv_heads, self.head_dim
+        positions = slots * capacity
+        if self._store is None or self._store.shape[1] < positions * layers * kv * d or self._tok.shape[0] < slots:
+            self._release()  # grown: the captured steps read the old buffers
+            # on CUDA the whole budget at once (every group fits in it: plan_groups), so no later group grows it
+            room = max(positions, self._cache_budget() if self.device.type == "cuda" else 0)
+            self._store = torch.empty((2, room * layers * kv * d), dtype=self.dtype, device=self.device)
+            self._tok = torch.zeros(max(slots, room // LENGTH_BUCKET if self.device.type == "cuda" else 0), dtype=torch.long, device=self.device)
+            self._pos = torch.zeros_like(self._tok)
+        shape = (layers, slots, kv, capacity, d)
+        size = layers * slots * kv * capacity * d
+        self.keys, self.values = self._store[0, :size].view(shape), self._store[1, :size].view(shape)
+        if not self.kernel:  # the dense path reads every position, masked: none may hold NaN from an earlier use
+            self.keys.zero_()
+            self.values.zero_()
+        self.tok, self.pos = self._tok[:slots], self._pos[:slots]
+        self.tok.zero_()
+        self.pos.zero_()
+        self._slots, self.capacity = slots, capacity
+        self.out = torch.zeros((slots, self.max_new), dtype=torch.long, device=self.device)
+        self.count = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.active = torch.zeros(slots, dtype=torch.bool, device=self.device)
+        self.rows = torch.arange(slots, device=self.device)
 
     def _release(self) -> None:
         """Drop the cache and the captured steps (they point into the cache)."""
         self._graphs.clear()
         self._pool = None
-        for name in ("keys", "values"):
+        self._store = self._tok = self._pos = None
+        for name in ("keys", "values", "tok", "pos"):
             if hasattr(self, name):
                 delattr(self, name)
-        self._slots = 0
+        self._slots = self.capacity = 0
         if self.device.type == "cuda":
             self.torch.cuda.empty_cache()
 
     # ---- prefill ---------------------------------------------------------------------------
 
-    def _prefill(self, prompts: list[list[int]], rows: list[int], slots: list[int]) -> None:
+    def _prefill(self, prompts: list[list[int]], rows: list[int], slots: np.ndarray) -> None:
         """Run the prompts, write their keys/values into `slots` and record each first new token.
 
         Prompts (each without the shared prefix) go through the model packed end to end (no
@@ -529,35 +547,44 @@ class SlotDecoder:
 
     # ---- decode ----------------------------------------------------------------------------
 
-    def _decode_until_sync(self, holder: list[int]) -> int:
-        """Decode steps until the next look; finished rows are handed out. Returns the rows still running."""
-        torch = self.torch
-        count = self.count.tolist()
-        active = self.active.tolist()
-        running = [s for s in range(self._slots) if holder[s] >= 0 and active[s]]
-        steps = min(SYNC_EVERY, max((self.max_new - count[s] for s in running), default=0))
-        if running:
+    def _decode_until_sync(self, holder: np.ndarray) -> int:
+        """Decode steps until the next look; finished rows are handed out. Returns the rows still running.
+
+        The GPU idles from each look until the next step is launched, so the host's part between
+        them works on numpy arrays, not per-slot Python loops (16,384 slots)."""
+        count, active = self._state()
+        t0 = time.perf_counter()
+        running = np.flatnonzero((holder >= 0) & active)
+        steps = min(SYNC_EVERY, int((self.max_new - count[running]).max())) if running.size else 0
+        if running.size:
             if self.kernel:  # rows read their own lengths: one step shape for the whole group
                 length = self.capacity
             else:  # dense attention over the longest row's positions, rounded up
-                attended = max(self.pos[torch.tensor(running, device=self.device)].max().item() + steps, 1)
+                attended = max(self.pos[self._to_device(running)].max().item() + steps, 1)
                 length = min(self.capacity, -(-attended // LENGTH_BUCKET) * LENGTH_BUCKET)
-            width = step_width(max(running) + 1, self._slots)
+            width = step_width(int(running[-1]) + 1, self._slots)
             self.stats["steps"] += steps
             self.stats["narrow_steps"] = self.stats.get("narrow_steps", 0) + (steps if width < self._slots else 0)
+            self.stats["bookkeeping_s"] = self.stats.get("bookkeeping_s", 0.0) + time.perf_counter() - t0
             for _ in range(steps):
                 logits = self._step(length, width)
                 self._advance(self._choose(logits), width)
-        active = self.active.tolist()
-        done = [s for s in range(self._slots) if holder[s] >= 0 and not active[s]]
-        if done:
-            counts = self.count.tolist()
-            out = self.out.tolist() if len(done) > self._slots // 8 else None
-            for s in done:
-                row = out[s] if out is not None else self.out[s].tolist()
-                self.results[holder[s]] = row[: counts[s]]
-                holder[s] = -1
-        return sum(1 for s in range(self._slots) if holder[s] >= 0)
+        count, active = self._state()
+        t0 = time.perf_counter()
+        done = np.flatnonzero((holder >= 0) & ~active)
+        if done.size:
+            whole = len(done) > self._slots // 8  # the finished rows' tokens in one copy (every row's when many finished)
+            out = self.out.cpu().numpy() if whole else self.out[self._to_device(done)].cpu().numpy()
+            for i, s in enumerate(done):
+                self.results[holder[s]] = out[s if whole else i][: count[s]].tolist()
+            holder[done] = -1
+        self.stats["bookkeeping_s"] = self.stats.get("bookkeeping_s", 0.0) + time.perf_counter() - t0
+        return int((holder >= 0).sum())
+
+    def _state(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each slot's new-token count and whether it is still running, in one copy to the host."""
+        both = self.torch.stack([self.count, self.active.long()]).cpu().numpy()
+        return both[0], both[1].astype(bool)
 
     def _start(self, index: Any, first: Any) -> None:
         """Record the first new token of freshly prefilled rows (an EOS ends a row with no tokens)."""
@@ -591,16 +618,21 @@ class SlotDecoder:
         """Logits of one decode step over the first `width` slots, attending to the first `length` positions."""
         if not self.graphs_on:
             return self._step_forward(length, width)
-        if (length, width) not in self._graphs:
+        key = (self._slots, self.capacity, length, width)
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+        else:
+            while len(self._graphs) >= GRAPHS_KEPT:
+                self._graphs.popitem(last=False)
             try:
-                self._graphs[(length, width)] = self._capture(length, width)
+                self._graphs[key] = self._capture(length, width)
             except RuntimeError as e:  # a kernel that cannot be captured: decoding stays correct, only slower
                 import warnings
 
                 warnings.warn(f"decoding without CUDA graphs: capture failed ({str(e).splitlines()[0]})", stacklevel=2)
                 self.graphs_on = False
                 return self._step_forward(length, width)
-        graph, logits = self._graphs[(length, width)]
+        graph, logits = self._graphs[key]
         graph.replay()
         return logits
 
