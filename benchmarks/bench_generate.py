@@ -63,6 +63,7 @@ def main() -> None:
                     help="also the default row with the prefill through flash attention (not the prefill kernel), twice each, alternating")
     ap.add_argument("--ab-warm-up", action="store_true",
                     help="also the default row without the decoder's host-side warm-up beside the model's load (twice each, alternating)")
+    ap.add_argument("--check-only", action="store_true", help="only the decoder's check on --check-docs prompts, then exit")
     ap.add_argument("--headline-only", action="store_true", help="only embedkit's default run over all --docs (no check, no baselines)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="only profile embedkit's decoder on N docs at --profile-slots slots (top GPU kernels), then exit")  # fmt: skip
@@ -90,6 +91,12 @@ def main() -> None:
         print(isolated(first_call, folder, ids[: args.first_call], args), flush=True)
         return
     rows = []
+    if args.check_only:
+        report["check"] = isolated(check, folder, [ids[i] for i in range(min(args.check_docs, len(ids)))], args)
+        print(json.dumps(report["check"]), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return
     if not args.headline_only:
         report["check"] = isolated(check, folder, [ids[i] for i in range(min(args.check_docs, len(ids)))], args)
         print(json.dumps(report["check"]), flush=True)
