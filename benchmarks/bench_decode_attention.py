@@ -37,8 +37,6 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=20_000)
     ap.add_argument("--slots", type=int, default=16_384)
     ap.add_argument("--max-new", type=int, default=64)
-    ap.add_argument("--partials", default="1,0", help="1: the prefix attended first for blocks of slots (prefix_partials_kernel); 0: by each program")
-    ap.add_argument("--no-prefix-too", action="store_true", help="also each configuration with no shared prefix (what the prefix costs)")
     ap.add_argument("--blocks", default="16,32,64")
     ap.add_argument("--warps", default="1,2,4")
     ap.add_argument("--stages", default="2,3,4")
@@ -68,35 +66,31 @@ def main() -> None:
     for gi, grp in enumerate(groups[:2]):  # the third holds a few dozen very long prompts
         rows = np.array(own[grp.start : grp.start + grp.slots])
         lengths = np.minimum(rows + rng.integers(0, args.max_new, len(rows)), grp.capacity)
-        cases = {True: make_case(torch, g, lengths, grp.capacity, len(prefix), args.device)}
-        if args.no_prefix_too:
-            cases[False] = dict(cases[True], prefix=None)
+        case = make_case(torch, g, lengths, grp.capacity, len(prefix), args.device)
         read = int(lengths.sum()) * KV_HEADS * HEAD_DIM * 2 * 2  # keys and values of every attended own position
-        combos = itertools.product(*(map(int, a.split(",")) for a in (args.partials, args.blocks, args.warps, args.stages)), cases)
-        for partials, block, warps, stages, with_prefix in combos:
+        combos = itertools.product(*(map(int, a.split(",")) for a in (args.blocks, args.warps, args.stages)))
+        for block, warps, stages in combos:
             attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES = block, warps, stages
-            attention.PREFIX_PARTIALS = bool(partials)
-            case = cases[with_prefix]
             for append in (True, False) if args.scatter_too else (True,):
                 try:
                     first, us = time_calls(torch, attention, case, append, args.repeats)
-                    err = max_error(torch, attention, case, len(prefix) if with_prefix else 0)
+                    err = max_error(torch, attention, case, len(prefix))
                 except Exception as e:  # a configuration Triton cannot build (shared memory, registers)
-                    print(f"group {gi} partials {partials} block {block} warps {warps} stages {stages}: {str(e).splitlines()[0][:160]}", flush=True)
+                    print(f"group {gi} block {block} warps {warps} stages {stages}: {str(e).splitlines()[0][:160]}", flush=True)
                     continue
                 r = {"group": gi, "slots": len(lengths), "capacity": grp.capacity, "mean_length": float(lengths.mean()),
-                     "partials": partials, "prefix": with_prefix, "block": block, "warps": warps, "stages": stages, "append": append, "us": us,
+                     "block": block, "warps": warps, "stages": stages, "append": append, "us": us,
                      "gb_s": read / us / 1e3, "first_call_s": first, "max_abs_diff": err}  # fmt: skip
                 results.append(r)
                 print(json.dumps(r), flush=True)
     for gi in sorted({r["group"] for r in results}):
         mine = sorted((r for r in results if r["group"] == gi), key=lambda r: r["us"])
         print(f"\ngroup {gi}: {mine[0]['slots']} slots, mean length {mine[0]['mean_length']:.0f} (+{len(prefix)} shared)")
-        print("| prefix | prefix first | block | warps | stages | step's key/value | us per call | GB/s read | first call s | max abs diff |\n" + "|---" * 10 + "|")
-        shown = mine[:16] + [r for r in mine[16:] if (r["block"], r["warps"], r["stages"], r["append"]) == (32, 1, 2, True)]  # and the configured one
+        print("| block | warps | stages | step's key/value | us per call | GB/s read | first call s | max abs diff |\n|---|---|---|---|---|---|---|---|")
+        shown = mine[:12] + [r for r in mine[12:] if (r["block"], r["warps"], r["stages"], r["append"]) == (32, 1, 2, True)]  # and the configured one
         for r in shown:
             how = "in the kernel" if r["append"] else "scatter first"
-            print(f"| {'shared' if r['prefix'] else 'none'} | {'yes' if r['partials'] else 'no'} | {r['block']} | {r['warps']} | {r['stages']} | {how} | {r['us']:.1f} | {r['gb_s']:,.0f} | {r['first_call_s']:.2f} | {r['max_abs_diff']:.4f} |")
+            print(f"| {r['block']} | {r['warps']} | {r['stages']} | {how} | {r['us']:.1f} | {r['gb_s']:,.0f} | {r['first_call_s']:.2f} | {r['max_abs_diff']:.4f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"prefix": len(prefix), "results": results}, indent=1))
 

@@ -30,8 +30,6 @@ from typing import Any
 BLOCK_N = 32  # cached positions per inner step of the kernel
 NUM_WARPS = 1  # the kernel's launch configuration (see benchmarks/bench_decode_attention.py)
 NUM_STAGES = 2
-PREFIX_PARTIALS = True  # the shared prefix attended first for blocks of slots at once (prefix_partials_kernel)
-PARTIAL_SLOTS = 16  # slots a program of that kernel takes (their query rows: the product's M)
 PREFILL_BLOCK_M = 64  # the prefill kernel's query rows per program
 PREFILL_BLOCK_N = 32  # and keys per inner step
 PREFILL_WARPS = 4
@@ -104,10 +102,6 @@ def triton_usable(q: Any) -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _kernel() -> Any:
     """The Triton kernel (its module imports Triton, which is slow and optional: on first use)."""
     from .attention_kernel import slot_attention_kernel
@@ -129,27 +123,12 @@ def _triton_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float
     kn, vn = append if append is not None else (keys[:, :, 0], values[:, :, 0])  # not read without APPEND
     if kn.stride(-1) != 1 or vn.stride(-1) != 1:
         kn, vn = kn.contiguous(), vn.contiguous()
-    partial = PREFIX_PARTIALS and pk.shape[0] > 0
-    pm = pl = pacc = out  # not read without PARTIAL
-    if partial:  # the prefix for blocks of slots at once; the kernel below starts from where it left off
-        from .attention_kernel import prefix_partials_kernel
-
-        pm = torch.empty((slots, kv_heads, group), dtype=torch.float32, device=q.device)
-        pl = torch.empty_like(pm)
-        pacc = torch.empty((slots, kv_heads, group, head_dim), dtype=torch.float32, device=q.device)
-        per = PARTIAL_SLOTS
-        prefix_partials_kernel[(_cdiv(slots, per), kv_heads)](
-            q, pk, pv, pm, pl, pacc, slots, pk.shape[0], scale, q.stride(0), q.stride(1), q.stride(2),
-            pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1),
-            GROUP=group, SLOTS=per, ROWS=max(16, 1 << (per * group - 1).bit_length()), HEAD_DIM=head_dim, BLOCK=32,
-            num_warps=4, num_stages=2,
-        )  # fmt: skip
     _kernel()[(slots, kv_heads)](
-        q, keys, values, out, lengths, pk, pv, kn, vn, pm, pl, pacc, pk.shape[0], scale,
+        q, keys, values, out, lengths, pk, pv, kn, vn, pk.shape[0], scale,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
         pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
-        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK=BLOCK_N, APPEND=append is not None, PARTIAL=partial,
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK=BLOCK_N, APPEND=append is not None,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return out

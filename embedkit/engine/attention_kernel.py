@@ -18,10 +18,9 @@ def _online_softmax(m, total, acc, s, v):
 
 @triton.jit
 def slot_attention_kernel(
-    Q, K, V, O, LENGTHS, PK, PV, KN, VN, PM, PL, PACC, n_prefix, scale,
+    Q, K, V, O, LENGTHS, PK, PV, KN, VN, n_prefix, scale,
     q_s, q_h, q_g, k_s, k_h, k_n, v_s, v_h, v_n, o_s, o_h, o_g, pk_n, pk_h, pv_n, pv_h, kn_s, kn_h, vn_s, vn_h,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, APPEND: tl.constexpr,
-    PARTIAL: tl.constexpr,
 ):  # fmt: skip
     slot = tl.program_id(0)
     head = tl.program_id(1)
@@ -31,17 +30,9 @@ def slot_attention_kernel(
     cols = tl.arange(0, BLOCK)
     row_ok = rows[:, None] < GROUP
     q = tl.load(Q + slot * q_s + head * q_h + rows[:, None] * q_g + dims[None, :], mask=row_ok, other=0.0)
-    if PARTIAL:
-        # the shared prefix already attended (prefix_partials_kernel): its running max, sum and
-        # weighted values, (slots, kv_heads, GROUP[, HEAD_DIM]) contiguous, fp32
-        part = (slot * tl.num_programs(1) + head) * GROUP + rows
-        m = tl.load(PM + part, mask=rows < GROUP, other=float("-inf"))
-        total = tl.load(PL + part, mask=rows < GROUP, other=0.0)
-        acc = tl.load(PACC + part[:, None] * HEAD_DIM + dims[None, :], mask=row_ok, other=0.0)
-    else:
-        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        total = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     k_base = K + slot * k_s + head * k_h
     v_base = V + slot * v_s + head * v_h
     pk_base = PK + head * pk_h
@@ -56,7 +47,7 @@ def slot_attention_kernel(
         n_valid -= 1
     # the shared prefix (one place all slots read, so from L2), then the row's own positions
     # in loops of their own: each block loads one key and one value tile, not two masked ones
-    for start in range(0, 0 if PARTIAL else n_prefix, BLOCK):
+    for start in range(0, n_prefix, BLOCK):
         pos = start + cols
         ok = pos < n_prefix
         k = tl.load(pk_base + pos[:, None] * pk_n + dims[None, :], mask=ok[:, None], other=0.0)
@@ -79,37 +70,6 @@ def slot_attention_kernel(
         acc = acc * alpha[:, None] + p[:, None] * vn.to(tl.float32)[None, :]
     out = acc / total[:, None]
     tl.store(O + slot * o_s + head * o_h + rows[:, None] * o_g + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok)
-
-
-@triton.jit
-def prefix_partials_kernel(
-    Q, PK, PV, PM, PL, PACC, n_slots, n_prefix, scale, q_s, q_h, q_g, pk_n, pk_h, pv_n, pv_h,
-    GROUP: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    # program (block of SLOTS slots, key head): the query rows of those slots against the prefix
-    # every slot shares, its keys and values loaded once for all of them (the decode kernel
-    # read them once per slot); leaves each row's running max, sum and weighted values
-    head = tl.program_id(1)
-    rows = tl.arange(0, ROWS)
-    slot = tl.program_id(0) * SLOTS + rows // GROUP
-    ok = (rows < SLOTS * GROUP) & (slot < n_slots)
-    dims = tl.arange(0, HEAD_DIM)
-    cols = tl.arange(0, BLOCK)
-    q = tl.load(Q + slot[:, None] * q_s + head * q_h + (rows % GROUP)[:, None] * q_g + dims[None, :], mask=ok[:, None], other=0.0)
-    m = tl.full([ROWS], float("-inf"), tl.float32)
-    total = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    for start in range(0, n_prefix, BLOCK):
-        pos = start + cols
-        pok = pos < n_prefix
-        k = tl.load(PK + pos[:, None] * pk_n + head * pk_h + dims[None, :], mask=pok[:, None], other=0.0)
-        v = tl.load(PV + pos[:, None] * pv_n + head * pv_h + dims[None, :], mask=pok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        m, total, acc = _online_softmax(m, total, acc, tl.where(pok[None, :], s, float("-inf")), v)
-    part = (slot * tl.num_programs(1) + head) * GROUP + rows % GROUP
-    tl.store(PM + part, m, mask=ok)
-    tl.store(PL + part, total, mask=ok)
-    tl.store(PACC + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=ok[:, None])
 
 
 @triton.jit
