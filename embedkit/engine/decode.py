@@ -57,6 +57,7 @@ REFILL_FRACTION = 4  # refill when a quarter of the slots is free
 PREFILL_TOKENS = {"cuda": 65_536, "cpu": 4_096}  # prompt tokens per packed prefill forward (no padding)
 FUSE_MAX_BYTES = 2 << 30  # fused projection weights are copies: made only while they stay this small
 CACHE_MEMORY_FRACTION = 0.6  # of the free device memory, for the KV cache
+CAPTURE_WARM_UPS = 1  # eager steps before a capture: the first call's set-up (cuBLAS workspaces, kernel loads) is done by one
 GRAPHS_KEPT = 8  # captured steps kept (least recently used dropped): each holds its logits, up to slots x vocabulary
 STEP_WIDTH_MIN = 256  # narrowest decode step: when the running rows all sit below a slot index, steps cover only those slots
 PREFIX_MIN = 8  # shortest shared prompt start worth storing once (below it the bookkeeping costs more than it saves)
@@ -643,7 +644,7 @@ class SlotDecoder:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up on a side stream, as capture requires; writes are idempotent
+            for _ in range(CAPTURE_WARM_UPS):  # warm-up on a side stream, as capture requires; writes are idempotent
                 self._step_forward(length, width)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._pool is None:
