@@ -71,6 +71,7 @@ def main() -> None:
         combos = itertools.product(*(map(int, a.split(",")) for a in (args.blocks, args.warps, args.stages)))
         for block, warps, stages in combos:
             attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES = block, warps, stages
+            attention.LONG_CAPACITY = None  # this configuration for every group, long rows too
             for append in (True, False) if args.scatter_too else (True,):
                 try:
                     first, us = time_calls(torch, attention, case, append, args.repeats)

@@ -67,7 +67,8 @@ def main() -> None:
     ap.add_argument("--headline-only", action="store_true", help="only embedkit's default run over all --docs (no check, no baselines)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="only profile embedkit's decoder on N docs at --profile-slots slots (top GPU kernels), then exit")  # fmt: skip
-    ap.add_argument("--profile-slots", type=int, default=16_384, help="slots of the profiled runs (runs 3 to 15 used 4,096)")
+    ap.add_argument("--profile-slots", type=int, default=16_384,
+                    help="slots of the --profile and --first-call runs (runs 3 to 15 used 4,096; --first-call 1,024)")
     ap.add_argument("--first-call", type=int, default=0, metavar="N",
                     help="only: where a fresh process's first decoder run over N prompts spends its time (cProfile), then a second run")
     ap.add_argument("--work", default=None)
@@ -338,7 +339,7 @@ def first_call(folder: Path, ids: list[list[int]], args) -> str:
         t0 = time.perf_counter()
         if i == 0:
             prof.enable()
-        decoder.run(ids, max_new=args.max_new_tokens, max_slots=1024)
+        decoder.run(ids, max_new=args.max_new_tokens, max_slots=args.profile_slots)
         sync(args.device)
         if i == 0:
             prof.disable()

@@ -30,6 +30,11 @@ from typing import Any
 BLOCK_N = 32  # cached positions per inner step of the kernel
 NUM_WARPS = 1  # the kernel's launch configuration (see benchmarks/bench_decode_attention.py)
 NUM_STAGES = 2
+# Long rows leave each program many blocks, where two warps and a deeper pipeline pay: 268-297 us
+# against 302-318 us a layer for the 20k shard's 3,068 rows of capacity 1,216 (sweeps 5 and 6);
+# the short rows' best stays one warp. Chosen by the group's capacity, known without a sync.
+LONG_CAPACITY = 1024  # slots of at least this many positions run LONG_LAUNCH (None: never)
+LONG_LAUNCH = (32, 2, 3)  # positions a block, warps, stages
 PREFILL_BLOCK_M = 64  # the prefill kernel's query rows per program
 PREFILL_BLOCK_N = 32  # and keys per inner step
 PREFILL_WARPS = 4
@@ -119,6 +124,7 @@ def _triton_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float
         q = q.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     block_g = max(16, 1 << (group - 1).bit_length())  # tl.dot needs at least 16 rows
+    block, warps, stages = LONG_LAUNCH if LONG_CAPACITY and keys.shape[2] >= LONG_CAPACITY else (BLOCK_N, NUM_WARPS, NUM_STAGES)
     pk, pv = prefix if prefix is not None else (keys[0, 0, :0].unsqueeze(1), values[0, 0, :0].unsqueeze(1))  # (0, 1, head_dim): no prefix
     kn, vn = append if append is not None else (keys[:, :, 0], values[:, :, 0])  # not read without APPEND
     if kn.stride(-1) != 1 or vn.stride(-1) != 1:
@@ -128,8 +134,8 @@ def _triton_attention(q: Any, keys: Any, values: Any, lengths: Any, scale: float
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1), out.stride(2),
         pk.stride(0), pk.stride(1), pv.stride(0), pv.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
-        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK=BLOCK_N, APPEND=append is not None,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK=block, APPEND=append is not None,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
 
