@@ -27,12 +27,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-BLOCK_N = 32  # cached positions per inner step of the kernel
-NUM_WARPS = 1  # the kernel's launch configuration (see benchmarks/bench_decode_attention.py)
-NUM_STAGES = 2
+BLOCK_N = 16  # cached positions per inner step of the kernel
+NUM_WARPS = 1  # the kernel's launch configuration for short rows (benchmarks/bench_decode_attention.py, sweeps 5 to 7)
+NUM_STAGES = 3
 # Long rows leave each program many blocks, where two warps and a deeper pipeline pay: 268-297 us
-# against 302-318 us a layer for the 20k shard's 3,068 rows of capacity 1,216 (sweeps 5 and 6);
-# the short rows' best stays one warp. Chosen by the group's capacity, known without a sync.
+# against 276-318 us for 32/1/2 and 286-306 us for 16/1/3 a layer, for the 20k shard's 3,068 rows
+# of capacity 1,216 (sweeps 5 to 7). Chosen by the group's capacity, known without a sync.
 LONG_CAPACITY = 1024  # slots of at least this many positions run LONG_LAUNCH (None: never)
 LONG_LAUNCH = (32, 2, 3)  # positions a block, warps, stages
 PREFILL_BLOCK_M = 64  # the prefill kernel's query rows per program
