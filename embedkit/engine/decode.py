@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 import time
 from collections import OrderedDict
@@ -315,17 +316,16 @@ class SlotDecoder:
         """The group's cache and per-slot buffers: views of buffers kept across groups and runs
         (a captured step reads the cache, tok and pos where they were at its capture)."""
         torch = self.torch
-        layers, kv, d = len(self.layers), self.kv_heads, self.head_dim
-        positions = slots * capacity
-        if self._store is None or self._store.shape[1] < positions * layers * kv * d or self._tok.shape[0] < slots:
+        shape = (len(self.layers), slots, self.kv_heads, capacity, self.head_dim)
+        size = math.prod(shape)
+        if self._store is None or self._store.shape[1] < size or self._tok.shape[0] < slots:
             self._release()  # grown: the captured steps read the old buffers
             # on CUDA the whole budget at once (every group fits in it: plan_groups), so no later group grows it
-            room = max(positions, self._cache_budget() if self.device.type == "cuda" else 0)
-            self._store = torch.empty((2, room * layers * kv * d), dtype=self.dtype, device=self.device)
+            room = max(slots * capacity, self._cache_budget() if self.device.type == "cuda" else 0)
+            per_position = size // (slots * capacity)  # layers x kv_heads x head_dim
+            self._store = torch.empty((2, per_position * room), dtype=self.dtype, device=self.device)
             self._tok = torch.zeros(max(slots, room // LENGTH_BUCKET if self.device.type == "cuda" else 0), dtype=torch.long, device=self.device)
             self._pos = torch.zeros_like(self._tok)
-        shape = (layers, slots, kv, capacity, d)
-        size = layers * slots * kv * capacity * d
         self.keys, self.values = self._store[0, :size].view(shape), self._store[1, :size].view(shape)
         if not self.kernel:  # the dense path reads every position, masked: none may hold NaN from an earlier use
             self.keys.zero_()
