@@ -83,20 +83,36 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
 
 def load_generator(model: str, choice: DeviceChoice) -> tuple[Any, Any, str]:
     """(model in eval mode on the device, tokenizer, resolved name)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok, _, target = load_tokenizer(model)
+    return load_model(target, choice), tok, target
+
+
+def load_tokenizer(model: str) -> tuple[Any, Any, str]:
+    """(tokenizer, the model's config, resolved name): what preparing prompts needs, without
+    the weights, so that it can start while they load (`feed.ShardFeed`)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    target = resolve_generator(model)
+    try:
+        tok = AutoTokenizer.from_pretrained(target)
+        config = AutoConfig.from_pretrained(target)
+    except Exception as e:  # library-specific failures: one line
+        raise EmbedkitError(f"cannot load generator {model}: {first_line(e)}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok, config, target
+
+
+def load_model(target: str, choice: DeviceChoice) -> Any:
+    """The model of `target` (a resolved name) in eval mode on the device, in the choice's precision."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a weights bar on stderr: noise, and it breaks one-line refusals
-    target = resolve_generator(model)
-    dtype = choice.dtype()
     try:
-        tok = AutoTokenizer.from_pretrained(target)
-        lm = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+        lm = AutoModelForCausalLM.from_pretrained(target, dtype=choice.dtype())
     except Exception as e:  # library-specific failures: one line
-        first = first_line(e)
-        raise EmbedkitError(f"cannot load generator {model}: {first}") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+        raise EmbedkitError(f"cannot load generator {target}: {first_line(e)}") from None
     lm = lm.to(choice.device).eval()
     if choice.precision == "fp8":
         from ..engine.fp8 import to_fp8
@@ -104,4 +120,4 @@ def load_generator(model: str, choice: DeviceChoice) -> tuple[Any, Any, str]:
         # the output layer stays bf16: its logits choose every token, and its weight is often
         # the embedding's too (tied)
         to_fp8(lm, skip=("lm_head",))
-    return lm, tok, target
+    return lm

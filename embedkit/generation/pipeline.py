@@ -17,6 +17,7 @@ stage's API, its manifest and its shard function.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from ..config import DEFAULT_GENERATOR, DEFAULT_PROMPTS, DEFAULT_SHARD_ROWS, Gen
 from ..digest import INPUT_CACHE
 from ..engine.encoder import DeviceChoice, choose_device
 from ..errors import EmbedkitError
-from ..io.corpus import Columns, Corpus, drop_empty, find_first_duplicate, open_corpus
+from ..io.corpus import Columns, Corpus, find_first_duplicate, open_corpus
 from ..io.objstore import out_path
 from ..io.shards import OutputLock, RunSummary, Shard, manifest_differences, plan_shards, read_manifest, write_manifest
 from ..io.store import GENERATIONS_DIR, VECTORS_DIR, VectorStore, ledger_name
@@ -37,7 +38,8 @@ from ..run.outdir import check_out, clear_output, make_out, undo_if_unstarted
 from ..run.progress import Progress
 from ..run.record import mark, record_run, run_record, start_run
 from ..version import __version__
-from .model import load_generator
+from .feed import PREPARE_AHEAD, ShardFeed, ShardInputs, prepare_shard
+from .model import load_generator, load_model, load_tokenizer
 from .prompts import check_task_templates, task_completion
 from .tasks import LABEL_SCORING, Generator, slot_decoder, task_columns, timed, warm_up_host
 
@@ -138,9 +140,15 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
             summary = _run_as_tasks(input, out, cfg, template, choice, [s for s in shards if s.index not in done], len(done), len(shards))
         else:
             warm_up_host(cfg, choice)  # beside the model's load
-            lm, tok, _ = load_generator(cfg.model, choice)
-            mark("loaded")
-            summary = _run(Generator(lm, tok, cfg, template, choice), corpus, out, store, shards, done)
+            tok, config, target = load_tokenizer(cfg.model)
+            pending = [s for s in shards if s.index not in done]
+            # the first shard's rows are read and tokenized while the weights load; on CUDA each
+            # next shard's while the GPU runs the one before
+            prepare = functools.partial(prepare_shard, corpus, cfg=cfg, template=template, tok=tok, config=config)
+            with ShardFeed(prepare, pending, ahead=PREPARE_AHEAD[choice.type]) as feed:
+                lm = load_model(target, choice)
+                mark("loaded")
+                summary = _run(Generator(lm, tok, cfg, template, choice), out, store, _schema(cfg.task, corpus.id_type), feed, len(done), len(shards))
         mark("generated")
         # what this run took, beside what a dry run predicted for it (`embedkit status`)
         entry = run_record(summary.seconds, summary.prompt_tokens + summary.new_tokens, summary.docs, summary.shards_done, summary.device)
@@ -242,41 +250,49 @@ def _schema(task: str, id_type: pa.DataType) -> pa.Schema:
     return pa.schema([pa.field("id", id_type, nullable=False), *[pa.field(n, t) for n, t in cols], pa.field("truncated", pa.bool_())])
 
 
-def _run(gen: Generator, corpus: Corpus, out: Path, store: VectorStore, shards: list[Shard], done: dict) -> GenerateSummary:
-    """The pending shards one after another on this device; the summary."""
+def _run(gen: Generator, out: Path, store: VectorStore, schema: pa.Schema, feed: ShardFeed, skipped: int, total: int) -> GenerateSummary:
+    """The feed's shards one after another on this device; the summary. Its seconds count from
+    here, after the model's load (beside which the first shard was read and tokenized)."""
     cfg = gen.cfg
-    schema = _schema(cfg.task, corpus.id_type)
     start = time.perf_counter()
     parts = []
-    pending = [s for s in shards if s.index not in done]
-    with Progress(sum(s.rows for s in pending), cfg.run.progress, shards=len(pending)) as bar:
-        for shard in pending:
-            parts.append(generate_shard(gen, corpus, store, schema, shard))
+    with Progress(sum(s.rows for s in feed.shards), cfg.run.progress, shards=len(feed.shards)) as bar:
+        for _ in feed.shards:
+            waited = feed.waited
+            prepared = feed.next()
+            parts.append(commit_shard(gen, store, schema, prepared))
+            parts[-1]["phases"]["inputs_wait"] = feed.waited - waited  # the preparing this run waited for
             bar.committed(parts[-1])
-    return summarize_parts(out, cfg, gen.choice.device, parts, time.perf_counter() - start, len(done), len(shards))
+    return summarize_parts(out, cfg, gen.choice.device, parts, time.perf_counter() - start, skipped, total)
 
 
 def generate_shard(gen: Generator, corpus: Corpus, store: VectorStore, schema: pa.Schema, shard: Shard,
                    may_commit: Callable[[int], bool] | None = None) -> dict:  # fmt: skip
-    """One shard: the task's columns for its rows, committed as one Lance commit. `may_commit`
-    (a shard task of a re-issued shard): asked before the write; False leaves nothing written
-    and reports no shard, because the other copy has the commit."""
+    """One shard read, run and committed as one Lance commit (a shard task's whole work)."""
+    prepared = prepare_shard(corpus, shard, cfg=gen.cfg, template=gen.template, tok=gen.tok, config=gen.lm.config)
+    return commit_shard(gen, store, schema, prepared, may_commit)
+
+
+def commit_shard(gen: Generator, store: VectorStore, schema: pa.Schema, prepared: ShardInputs,
+                 may_commit: Callable[[int], bool] | None = None) -> dict:  # fmt: skip
+    """A prepared shard: the task's columns for its rows, committed as one Lance commit.
+    `may_commit` (a shard task of a re-issued shard): asked before the write; False leaves
+    nothing written and reports no shard, because the other copy has the commit."""
 
     started = time.time()
-    phases: dict[str, float] = {}
-    with timed(phases, "read"):
-        table, empty = drop_empty(corpus.read(shard.start, shard.stop), keep_empty=False)
-    columns, prompt_tokens, new_tokens = task_columns(gen, table, shard.index, phases)
+    phases = dict(prepared.phases)
+    table, index = prepared.table, prepared.shard.index
+    columns, new_tokens = task_columns(gen, prepared.inputs, prepared.flags, index, phases)
     with timed(phases, "commit"):
         rows = pa.table({"id": table.column("id"), **columns}).cast(schema) if table.num_rows else schema.empty_table()
-        if may_commit is not None and not may_commit(shard.index):
+        if may_commit is not None and not may_commit(index):
             return {"docs": 0, "prompt": 0, "new": 0, "truncated": 0, "empty": 0, "shards": 0, "shards_done": 0}
-        store.commit_shard(shard.index, rows, started)
+        store.commit_shard(index, rows, started)
     truncated = int(np.sum(columns["truncated"])) if table.num_rows else 0
     decoder = slot_decoder(gen.lm) if gen.cfg.task == "summarize" else None
     decode = dict(decoder.stats) if decoder is not None else {}
-    return {"docs": rows.num_rows, "prompt": prompt_tokens, "new": new_tokens, "tokens": prompt_tokens + new_tokens, "truncated": truncated, "empty": empty, "shards": 1,
-            "shards_done": 1, "decode": decode, "phases": phases}  # fmt: skip
+    return {"docs": rows.num_rows, "prompt": prepared.prompt_tokens, "new": new_tokens, "tokens": prepared.prompt_tokens + new_tokens,
+            "truncated": truncated, "empty": prepared.empty, "shards": 1, "shards_done": 1, "decode": decode, "phases": phases}  # fmt: skip
 
 
 def summarize_parts(out: Path, cfg: GenerateConfig, device: str, parts: list[dict], seconds: float, skipped: int, total: int) -> GenerateSummary:

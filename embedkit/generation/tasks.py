@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from ..config import GenerateConfig
 from ..engine.batching import pack_batches
@@ -213,13 +212,9 @@ def warm_up_host(cfg: GenerateConfig, choice: DeviceChoice) -> None:
         start_host_warm_up()
 
 
-def task_columns(gen: Generator, table: pa.Table, shard: int, phases: dict[str, float]) -> tuple[dict, int, int]:
-    """The task's output columns for a shard's rows (in row order), prompt tokens and new tokens."""
-    lm, tok, cfg, template = gen.lm, gen.tok, gen.cfg, gen.template
-    with timed(phases, "inputs"):
-        texts = table.column("text").to_pylist()
-        inputs, flags = task_inputs(texts, table.column("id").to_pylist(), cfg, template, tok, lm.config)
-        prompt_tokens = sum(input_tokens(x) for x in inputs)
+def task_columns(gen: Generator, inputs: list, flags: list[bool], shard: int, phases: dict[str, float]) -> tuple[dict, int]:
+    """The task's output columns for a shard's inputs (`task_inputs`, in row order) and its new tokens."""
+    lm, tok, cfg = gen.lm, gen.tok, gen.cfg
     if cfg.task == "summarize":
         with timed(phases, "model"):
             new = summarize(lm, tok, inputs, cfg, cfg.batch_size, seed=cfg.seed + shard)
@@ -228,9 +223,9 @@ def task_columns(gen: Generator, table: pa.Table, shard: int, phases: dict[str, 
                 "summary": [t.strip() for t in decode_batch(tok, new)],
                 "prompt_tokens": [len(p) for p in inputs], "new_tokens": [len(n) for n in new], "truncated": flags,
             }  # fmt: skip
-        return cols, prompt_tokens, sum(cols["new_tokens"])
+        return cols, sum(cols["new_tokens"])
     with timed(phases, "model"):
-        return _logprob_columns(gen, inputs, flags), prompt_tokens, 0
+        return _logprob_columns(gen, inputs, flags), 0
 
 
 def _logprob_columns(gen: Generator, inputs: list, flags: list[bool]) -> dict:
