@@ -14,7 +14,7 @@ from embedkit.engine.decode import Group, SlotDecoder, plan_groups, shared_prefi
 from embedkit.errors import EmbedkitError
 from embedkit.generation.model import resolve_generator
 from embedkit.generation.prompts import fit_prompts
-from embedkit.generation.tasks import bucketed_generate, summarize
+from embedkit.generation.tasks import SummaryTexts, bucketed_generate, summarize
 
 MAX_NEW = 16
 
@@ -136,6 +136,19 @@ def test_narrow_steps_give_the_same_tokens(model, prompts, reference, monkeypatc
     decoder = SlotDecoder(model[0], eos_ids=_eos(model))
     assert decoder.run(prompts, max_new=MAX_NEW, max_slots=8) == reference
     assert decoder.stats["narrow_steps"] > 0
+
+
+def test_texts_are_decoded_as_rows_finish(model, prompts, reference, monkeypatch):
+    """The summaries' texts, decoded two rows a turn while decoding goes on (`SummaryTexts` as the
+    decoder's host work): each row's text is its reference tokens' text, most decoded before the run ended."""
+    lm, tok = model
+    monkeypatch.setattr(SummaryTexts, "CHUNK", 2)
+    texts = SummaryTexts(tok, len(prompts))
+    got = SlotDecoder(lm, eos_ids=_eos(model)).run(prompts, max_new=MAX_NEW, max_slots=4, host=texts)
+    assert got == reference
+    decoded_during = sum(t is not None for t in texts.texts)
+    assert decoded_during >= len(prompts) // 2, decoded_during  # 9 rows, 4 slots: turns came while rows were running
+    assert texts.all(got) == [tok.decode(r, skip_special_tokens=True).strip() for r in reference]
 
 
 def test_one_new_token(model, prompts, reference):

@@ -42,7 +42,7 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -86,6 +86,16 @@ def supported(lm: Any) -> str | None:
     if hasattr(layer.self_attn, "q_norm"):
         return "per-head query/key norms"
     return None
+
+
+class HostWork(Protocol):
+    """Host work that `SlotDecoder.run` interleaves with decoding (the caller's, on its rows)."""
+
+    def finished(self, tokens: list[list[int]], rows: list[int]) -> None:
+        """Rows (indices into the prompts) whose new tokens are final, and those tokens."""
+
+    def step(self) -> None:
+        """A short piece of work (a few milliseconds), done while queued decode steps run on the GPU."""
 
 
 @dataclass(frozen=True)
@@ -219,10 +229,14 @@ class SlotDecoder:
         """KV-cache bytes of one cached position of one row (all layers, keys and values)."""
         return len(self.layers) * 2 * self.kv_heads * self.head_dim * self.torch.finfo(self.dtype).bits // 8
 
-    def run(self, prompts: list[list[int]], *, max_new: int, max_slots: int, temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
-        """New token ids per prompt, cut before the first end-of-sequence token."""
+    def run(self, prompts: list[list[int]], *, max_new: int, max_slots: int, temperature: float = 0.0, seed: int = 0,
+            host: HostWork | None = None) -> list[list[int]]:  # fmt: skip
+        """New token ids per prompt, cut before the first end-of-sequence token.
+
+        `host`: told of rows as they finish, and given a turn each time decode steps were queued
+        on the GPU (the host would only wait for them)."""
         torch = self.torch
-        self.max_new, self.temperature = max_new, temperature
+        self.max_new, self.temperature, self.host = max_new, temperature, host
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         self.results: list[list[int]] = [[] for _ in prompts]
@@ -570,6 +584,8 @@ class SlotDecoder:
             for _ in range(steps):
                 logits = self._step(length, width)
                 self._advance(self._choose(logits), width)
+            if self.host is not None:
+                self.host.step()  # while the queued steps run
         count, active = self._state()
         t0 = time.perf_counter()
         done = np.flatnonzero((holder >= 0) & ~active)
@@ -578,6 +594,8 @@ class SlotDecoder:
             out = self.out.cpu().numpy() if whole else self.out[self._to_device(done)].cpu().numpy()
             for i, s in enumerate(done):
                 self.results[holder[s]] = out[s if whole else i][: count[s]].tolist()
+            if self.host is not None:
+                self.host.finished([self.results[r] for r in holder[done]], holder[done].tolist())
             holder[done] = -1
         self.stats["bookkeeping_s"] = self.stats.get("bookkeeping_s", 0.0) + time.perf_counter() - t0
         return int((holder >= 0).sum())
