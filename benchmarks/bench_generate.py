@@ -71,6 +71,7 @@ def main() -> None:
                     help="slots of the --profile and --first-call runs (runs 3 to 15 used 4,096; --first-call 1,024)")
     ap.add_argument("--first-call", type=int, default=0, metavar="N",
                     help="only: where a fresh process's first decoder run over N prompts spends its time (cProfile), then a second run")
+    ap.add_argument("--shard-rows", type=int, default=None, help="embedkit's rows per shard (default: the stage's, one shard for these corpora)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -410,7 +411,7 @@ def bench_embedkit(folder: Path, texts: list[str], batch: int | None, args, work
         shutil.rmtree(out, ignore_errors=True)
         called = time.perf_counter()
         s = embedkit.generate(src, out, task="summarize", model=str(folder), device=args.device, max_new_tokens=args.max_new_tokens,
-                              batch_size=batch, progress=False, precision=precision)  # fmt: skip
+                              batch_size=batch, progress=False, precision=precision, shard_rows=args.shard_rows)  # fmt: skip
         call_s = time.perf_counter() - called
         first = s.seconds if first is None else first
     cache = ("slots" if share_prefix else "slots, whole prompts") + ("" if warm_up else ", no host warm-up")

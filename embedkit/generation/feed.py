@@ -1,18 +1,20 @@
 """A shard's inputs prepared ahead of the model: its rows read and its prompts tokenized in a thread.
 
 Reading a shard and tokenizing its prompts needs only the tokenizer and the model's config, not
-the weights; it costs 1.7 s of host time for 60k pydocs prompts on the H200 machine, where the
-GPU would otherwise wait. `ShardFeed` runs it in a thread, one shard ahead of the caller:
+the weights; it costs 1.6-2.0 s of host time for 60k pydocs prompts on the H200 machine, time in
+which the GPU had nothing to do. `ShardFeed` runs it in a thread, one shard ahead of the caller:
 
-- the first shard is prepared while the model loads (the tokenizer and config load first, in a
-  fraction of a second);
+- the first shard is prepared while the model's weights load (after the tokenizer, whose load
+  includes most of transformers' imports);
 - on CUDA, shard k+1 is prepared while shard k is on the GPU; on CPU, where the model's work
   already takes every core, a shard is prepared only when the caller asks for it.
 
-The fast tokenizer's batch call runs in Rust with the GIL released, so the thread costs the
-caller's Python little. At most two shards' inputs are held at once (the caller's and the next).
-The thread is a daemon: an interrupted run exits without waiting for a shard nobody will use,
-and a shard is only ever committed by the caller, so nothing half-prepared is written.
+The fast tokenizer's batch call runs in Rust with the GIL released, but building the prompts and
+the token lists holds it: measured on the H200 machine, the load and the decoding beside the
+thread take 0.4-1.0 s longer each, less than the tokenizing they hide (benchmarks.md, generate
+run 24). At most two shards' inputs are held at once (the caller's and the next). The thread is
+a daemon: an interrupted run exits without waiting for a shard nobody will use, and only the
+caller commits, so nothing half-prepared is written.
 """
 
 from __future__ import annotations
