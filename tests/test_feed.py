@@ -1,21 +1,15 @@
 """ShardFeed: shards prepared in a thread, handed out in order, one ahead only when told, a
-preparing error raised at the shard that raised it; ShardProcess: its child's errors, its
-death, and its parent's, each ending in one line or a child gone (the real child Python)."""
+preparing error raised at the shard that raised it."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from embedkit.config import DEFAULT_PROMPTS, GenerateConfig
 from embedkit.errors import EmbedkitError
-from embedkit.generation.feed import FeedSource, ShardFeed, ShardProcess
-from embedkit.io.corpus import Columns
+from embedkit.generation.feed import ShardFeed
 from embedkit.io.shards import plan_shards
 
 
@@ -71,56 +65,3 @@ def test_a_preparing_error_is_raised_at_its_shard_after_the_shards_before_it(ahe
         feed.next()
     time.sleep(0.3)
     assert not rec.started[3].is_set()  # the feed stopped at the error
-
-
-# ---- the child process (ShardProcess) ------------------------------------------------------
-
-
-def _source(target: str) -> FeedSource:
-    return FeedSource("/nonexistent/docs.parquet", Columns(), GenerateConfig(), DEFAULT_PROMPTS["summarize"], target)
-
-
-def test_a_child_that_cannot_set_up_fails_the_first_shard_with_its_one_line_error():
-    with ShardProcess(_source("/nonexistent/model")) as child, ShardFeed(child, plan_shards(4, 2), ahead=True) as feed:
-        with pytest.raises(EmbedkitError, match="--model /nonexistent/model: no such folder"):
-            feed.next()
-
-
-def test_a_killed_child_fails_the_shard_asked_for_in_one_line():
-    with ShardProcess(_source("/nonexistent/model")) as child:
-        child._proc.kill()
-        with pytest.raises(EmbedkitError, match=r"the process preparing shards ended \(exit code -9\)"):
-            child(plan_shards(4, 2)[0])
-
-
-def _exited(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie has exited (nobody reaped it yet)
-    except FileNotFoundError:
-        return True
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_the_child_ends_when_its_parent_is_killed(tmp_path):
-    """SIGKILL of the run's process: its child sees its input close and exits (no orphan left tokenizing)."""
-    script = (
-        "import sys, time\n"
-        "from tests.test_feed import _source\n"
-        "from embedkit.generation.feed import ShardProcess\n"
-        "child = ShardProcess(_source('/nonexistent/model'))\n"
-        "print(child._proc.pid, flush=True)\n"
-        "time.sleep(60)\n"
-    )
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
-    try:
-        pid = int(parent.stdout.readline())
-        assert not _exited(pid)
-        parent.kill()
-        parent.wait()
-        deadline = time.time() + 20
-        while not _exited(pid) and time.time() < deadline:
-            time.sleep(0.1)
-        assert _exited(pid), "the child outlived its killed parent"
-    finally:
-        parent.kill()

@@ -140,14 +140,13 @@ def test_greedy_summaries_equal_transformers_generate(tmp_path, short_docs_file,
     """Batched (left padded, refilled) greedy decoding gives transformers' tokens, one prompt at a time.
 
     Six prompts in shards of five and one, with a batch of four: one joins the batch when the
-    first rows finish. The second shard is prepared while the first runs, in a child process (as on CUDA).
+    first rows finish. The second shard is prepared while the first runs (as on CUDA).
     """
     import torch
 
     import embedkit.generation.feed as feed
 
     monkeypatch.setitem(feed.PREPARE_AHEAD, "cpu", True)
-    monkeypatch.setitem(feed.PREPARE_IN_PROCESS, "cpu", True)
     lm, tok = reference
     out = tmp_path / "sums"
     summary = embedkit.generate(short_docs_file, out, task="summarize", max_new_tokens=MAX_NEW, batch_size=4, shard_rows=5, progress=False)

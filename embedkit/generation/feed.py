@@ -19,38 +19,22 @@ caller commits, so nothing half-prepared is written.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import itertools
-import os
-import pickle
 import queue
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
-import numpy as np
 import pyarrow as pa
 
 from ..config import GenerateConfig
-from ..errors import EmbedkitError, first_line
-from ..io.corpus import Columns, Corpus, drop_empty, open_corpus
+from ..io.corpus import Corpus, drop_empty
 from ..io.shards import Shard
 from .tasks import input_tokens, task_inputs, timed
 
 # prepare the next shard while the caller runs the model on this one, by device type: on CPU the
 # model's work already uses every core (a test turns it on there to run the path without a GPU)
 PREPARE_AHEAD = {"cuda": True, "cpu": False}
-# prepare shards in a child process (`ShardProcess`) rather than in the feed's own thread: the
-# tokenizing then holds none of this process's GIL. On CPU a child costs its start-up (imports,
-# tokenizer) for no overlap worth having.
-PREPARE_IN_PROCESS = {"cuda": True, "cpu": False}
 
 
 @dataclass(frozen=True)
@@ -133,162 +117,3 @@ class ShardFeed:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@contextlib.contextmanager
-def open_feed(input: str | os.PathLike, corpus: Corpus, cfg: GenerateConfig, template: str, target: str, device_type: str,
-              shards: list[Shard]) -> Iterator[tuple[ShardFeed, Any]]:  # fmt: skip
-    """The feed of `shards` for a run on `device_type`, started before this process loads its
-    tokenizer (yielded with the feed) and the model: in a child process where
-    PREPARE_IN_PROCESS says so, else in the feed's thread once the tokenizer is loaded."""
-    from .model import load_tokenizer
-
-    ahead = PREPARE_AHEAD[device_type]
-    if PREPARE_IN_PROCESS[device_type]:
-        source = FeedSource(str(input), Columns(cfg.text_column, cfg.id_column), cfg, template, target)
-        with ShardProcess(source) as child, ShardFeed(child, shards, ahead=ahead) as feed:
-            tok, _, _ = load_tokenizer(target)  # this process's own: for the summaries' texts
-            yield feed, tok
-        return
-    tok, config, _ = load_tokenizer(target)
-    with ShardFeed(functools.partial(prepare_shard, corpus, cfg=cfg, template=template, tok=tok, config=config), shards, ahead=ahead) as feed:
-        yield feed, tok
-
-
-@dataclass(frozen=True)
-class FeedSource:
-    """What a child process needs to prepare shards on its own: the input, its columns, the
-    stage's config and prompt template, and the model's resolved name (for its tokenizer)."""
-
-    input: str
-    columns: Columns
-    cfg: GenerateConfig
-    template: str
-    target: str
-
-
-class ShardProcess:
-    """`prepare_shard` in a child Python (`feed._serve`), called like a
-    function (from the feed's thread, which waits on the pipe without holding the GIL).
-
-    Tokenizing in a thread holds this process's GIL for building prompts and token lists, which
-    slows the decoding and the model's load beside it; in a child it holds none. The child sends
-    a shard's token lists as one flat int32 array (pickled at memory speed), turned back into
-    lists here in one pass. The child ignores Ctrl-C (the parent ends it) and exits when its
-    input closes, so it ends with a parent that is killed."""
-
-    def __init__(self, source: FeedSource):
-        self._stderr = tempfile.TemporaryFile()
-        # this embedkit first on the child's path (not whatever its working folder holds); its
-        # tokenizer is fresh, so its fast tokenizer may use every core
-        root = str(Path(__file__).resolve().parents[2])
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "true", "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
-        code = "import sys; del sys.path[0]; from embedkit.generation.feed import _serve; _serve()"  # path[0]: the working folder
-        self._proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=env)
-        self._send(source)
-
-    def _send(self, message: Any) -> None:
-        try:
-            pickle.dump(message, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-            self._proc.stdin.flush()
-        except (BrokenPipeError, ValueError, OSError):
-            raise self._ended() from None
-
-    def _ended(self) -> EmbedkitError:
-        code = self._proc.wait()
-        self._stderr.seek(0)
-        lines = [line for line in self._stderr.read().decode(errors="replace").splitlines() if line.strip()]
-        return EmbedkitError(f"the process preparing shards ended (exit code {code}){': ' + lines[-1] if lines else ''}")
-
-    def __call__(self, shard: Shard) -> ShardInputs:
-        self._send(shard)
-        try:
-            kind, value = pickle.load(self._proc.stdout)
-        except (EOFError, pickle.UnpicklingError, OSError):
-            raise self._ended() from None
-        if kind == "error":
-            raise value
-        return _unpack(value)
-
-    def close(self) -> None:
-        """End the child: its input closed, then killed if it is still busy with a shard."""
-        try:
-            self._proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self._proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._proc.stdout.close()
-        self._stderr.close()
-
-    def __enter__(self) -> "ShardProcess":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _pack(prepared: ShardInputs) -> ShardInputs:
-    """For the pipe: the rows' ids only (all a commit needs) and token lists as (flat int32, lengths)."""
-    inputs: Any = prepared.inputs
-    if all(isinstance(x, list) for x in inputs):  # summarize and classify: token lists; score's pairs go as they are
-        lengths = np.fromiter(map(len, inputs), dtype=np.int64, count=len(inputs))
-        inputs = ("flat", np.fromiter(itertools.chain.from_iterable(inputs), dtype=np.int32, count=int(lengths.sum())), lengths)
-    return replace(prepared, table=prepared.table.select(["id"]), inputs=inputs)
-
-
-def _unpack(prepared: ShardInputs) -> ShardInputs:
-    inputs: Any = prepared.inputs
-    if isinstance(inputs, tuple) and inputs[0] == "flat":
-        _, flat, lengths = inputs
-        ids = flat.tolist()  # one pass over the shard's tokens in C, then list slices
-        ends = np.cumsum(lengths).tolist()
-        inputs = [ids[a:b] for a, b in zip([0, *ends[:-1]], ends)]
-    return replace(prepared, inputs=inputs)
-
-
-def _portable(e: BaseException) -> BaseException:
-    """An exception the parent can unpickle: itself when it pickles, else its first line."""
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:
-        return EmbedkitError(first_line(e))
-
-
-def _serve() -> None:
-    """The child's loop: a FeedSource, then shards to prepare until its input closes (or None)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the parent, which ends this process
-    out = os.fdopen(os.dup(1), "wb")  # the replies; anything a library prints goes to stderr
-    os.dup2(2, 1)
-    source: FeedSource = pickle.load(sys.stdin.buffer)
-    setup: tuple | BaseException
-    try:
-        from .model import load_tokenizer
-
-        tok, config, _ = load_tokenizer(source.target)
-        setup = (open_corpus(source.input, source.columns), tok, config)
-    except BaseException as e:  # reported for the first shard asked for
-        setup = e
-    while True:
-        try:
-            shard = pickle.load(sys.stdin.buffer)
-        except EOFError:
-            return
-        if shard is None:
-            return
-        try:
-            if isinstance(setup, BaseException):
-                raise setup
-            corpus, tok, config = setup
-            reply: tuple = ("ok", _pack(prepare_shard(corpus, shard, source.cfg, source.template, tok, config)))
-        except BaseException as e:
-            reply = ("error", _portable(e))
-        try:
-            pickle.dump(reply, out, protocol=pickle.HIGHEST_PROTOCOL)
-            out.flush()
-        except (BrokenPipeError, OSError):  # the parent is gone
-            return

@@ -17,6 +17,7 @@ stage's API, its manifest and its shard function.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +38,8 @@ from ..run.outdir import check_out, clear_output, make_out, undo_if_unstarted
 from ..run.progress import Progress
 from ..run.record import mark, record_run, run_record, start_run
 from ..version import __version__
-from .feed import ShardFeed, ShardInputs, open_feed, prepare_shard
-from .model import load_generator, load_model, resolve_generator
+from .feed import PREPARE_AHEAD, ShardFeed, ShardInputs, prepare_shard
+from .model import load_generator, load_model, load_tokenizer
 from .prompts import check_task_templates, task_completion
 from .tasks import LABEL_SCORING, Generator, slot_decoder, task_columns, timed, warm_up_host
 
@@ -138,12 +139,13 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
         if cfg.run.ray is not None:
             summary = _run_as_tasks(input, out, cfg, template, choice, [s for s in shards if s.index not in done], len(done), len(shards))
         else:
-            target = resolve_generator(cfg.model)
+            warm_up_host(cfg, choice)  # beside the model's load
+            tok, config, target = load_tokenizer(cfg.model)
             pending = [s for s in shards if s.index not in done]
             # the first shard's rows are read and tokenized while the weights load; on CUDA each
-            # next shard's while the GPU runs the one before, in a child process
-            with open_feed(input, corpus, cfg, template, target, choice.type, pending) as (feed, tok):
-                warm_up_host(cfg, choice)  # beside the model's load
+            # next shard's while the GPU runs the one before
+            prepare = functools.partial(prepare_shard, corpus, cfg=cfg, template=template, tok=tok, config=config)
+            with ShardFeed(prepare, pending, ahead=PREPARE_AHEAD[choice.type]) as feed:
                 lm = load_model(target, choice)
                 mark("loaded")
                 summary = _run(Generator(lm, tok, cfg, template, choice), out, store, _schema(cfg.task, corpus.id_type), feed, len(done), len(shards))
