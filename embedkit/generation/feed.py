@@ -28,6 +28,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from ..config import GenerateConfig
+from ..interrupts import held_interrupts
 from ..io.corpus import Corpus, drop_empty
 from ..io.shards import Shard
 from .tasks import input_tokens, task_inputs, timed
@@ -76,7 +77,11 @@ class ShardFeed:
         self._handed = 0  # shards returned by next()
         self.waited = 0.0  # seconds next() spent waiting for the thread: the preparing left on the caller's path
         self._thread = threading.Thread(target=self._work, name="embedkit-shard-feed", daemon=True)
-        self._thread.start()
+        with held_interrupts() as interrupted:  # a thread cut off inside start() is left half-made
+            self._thread.start()
+        if interrupted:
+            self.close()
+            raise KeyboardInterrupt
         if self.shards:
             self._requests.put(0)
 
