@@ -10,9 +10,12 @@ which the GPU had nothing to do. `ShardFeed` runs it in a thread, one shard ahea
   already takes every core, a shard is prepared only when the caller asks for it.
 
 The fast tokenizer's batch call runs in Rust with the GIL released, but building the prompts and
-the token lists holds it: measured on the H200 machine, the load and the decoding beside the
-thread take 0.4-1.0 s longer each, less than the tokenizing they hide (benchmarks.md, generate
-run 24). At most two shards' inputs are held at once (the caller's and the next). The thread is
+the token lists holds it. Measured on the H200 machine (benchmarks.md, generate runs 24 and 25):
+the model's load ran 0.5-1.9 s longer beside the first shard's tokenizing, and the decoder
+0.7-1.5 s longer over three 20k shards while the later two were tokenized; the run after the
+load still gained (about 1 s against preparing later shards only when asked), and a child
+process instead of the thread lost more to its own start. At most two shards' inputs are
+held at once (the caller's and the next). The thread is
 a daemon: an interrupted run exits without waiting for a shard nobody will use, and only the
 caller commits, so nothing half-prepared is written.
 """
