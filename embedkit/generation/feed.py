@@ -78,7 +78,7 @@ class ShardFeed:
         self._requests: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._results: queue.SimpleQueue[tuple[ShardInputs | None, BaseException | None]] = queue.SimpleQueue()
         self._handed = 0  # shards returned by next()
-        self.waited = 0.0  # seconds next() spent waiting for the thread: the preparing left on the caller's path
+        self.last_wait = 0.0  # seconds the last next() waited for the thread: the preparing left on the caller's path
         self._thread = threading.Thread(target=self._work, name="embedkit-shard-feed", daemon=True)
         with held_interrupts() as interrupted:  # a thread cut off inside start() is left half-made
             self._thread.start()
@@ -107,7 +107,7 @@ class ShardFeed:
             self._requests.put(k)
         t = time.perf_counter()
         prepared, error = self._results.get()
-        self.waited += time.perf_counter() - t
+        self.last_wait = time.perf_counter() - t
         self._handed = k + 1
         if error is not None:
             self.close()

@@ -83,8 +83,8 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
 
 def load_generator(model: str, choice: DeviceChoice) -> tuple[Any, Any, str]:
     """(model in eval mode on the device, tokenizer, resolved name)."""
-    tok, _, target = load_tokenizer(model)
-    return load_model(target, choice), tok, target
+    tok, config, target = load_tokenizer(model)
+    return load_model(target, choice, config), tok, target
 
 
 def load_tokenizer(model: str) -> tuple[Any, Any, str]:
@@ -103,14 +103,15 @@ def load_tokenizer(model: str) -> tuple[Any, Any, str]:
     return tok, config, target
 
 
-def load_model(target: str, choice: DeviceChoice) -> Any:
-    """The model of `target` (a resolved name) in eval mode on the device, in the choice's precision."""
+def load_model(target: str, choice: DeviceChoice, config: Any = None) -> Any:
+    """The model of `target` (a resolved name) in eval mode on the device, in the choice's
+    precision; `config`: its config when already loaded (`load_tokenizer`'s), not read again."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a weights bar on stderr: noise, and it breaks one-line refusals
     try:
-        lm = AutoModelForCausalLM.from_pretrained(target, dtype=choice.dtype())
+        lm = AutoModelForCausalLM.from_pretrained(target, config=config, dtype=choice.dtype())
     except Exception as e:  # library-specific failures: one line
         raise EmbedkitError(f"cannot load generator {target}: {first_line(e)}") from None
     lm = lm.to(choice.device).eval()

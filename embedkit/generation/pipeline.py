@@ -146,7 +146,7 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
             # next shard's while the GPU runs the one before
             prepare = functools.partial(prepare_shard, corpus, cfg=cfg, template=template, tok=tok, config=config)
             with ShardFeed(prepare, pending, ahead=PREPARE_AHEAD[choice.type]) as feed:
-                lm = load_model(target, choice)
+                lm = load_model(target, choice, config)
                 mark("loaded")
                 summary = _run(Generator(lm, tok, cfg, template, choice), out, store, _schema(cfg.task, corpus.id_type), feed, len(done), len(shards))
         mark("generated")
@@ -258,10 +258,9 @@ def _run(gen: Generator, out: Path, store: VectorStore, schema: pa.Schema, feed:
     parts = []
     with Progress(sum(s.rows for s in feed.shards), cfg.run.progress, shards=len(feed.shards)) as bar:
         for _ in feed.shards:
-            waited = feed.waited
             prepared = feed.next()
             parts.append(commit_shard(gen, store, schema, prepared))
-            parts[-1]["phases"]["inputs_wait"] = feed.waited - waited  # the preparing this run waited for
+            parts[-1]["phases"]["inputs_wait"] = feed.last_wait  # the preparing this run waited for
             bar.committed(parts[-1])
     return summarize_parts(out, cfg, gen.choice.device, parts, time.perf_counter() - start, skipped, total)
 
