@@ -80,7 +80,7 @@ def run_once(src: Path, out: Path, code: str, args) -> dict:
     s = json.loads(done.stdout)
     return {"code": code, "process_s": wall, "seconds": s["seconds"], "new_tokens": s["new_tokens"],
             "new_tok_s_after_load": s["new_tokens"] / s["seconds"], "new_tok_s_process": s["new_tokens"] / wall,
-            "phases": s["phases"], "decode": s.get("decode", {}), "docs": s["docs"], "shards_done": s["shards_done"]}  # fmt: skip
+            "phases": s["phases"], "decode": s.get("decode", {}), "collector": s.get("collector", {}), "docs": s["docs"], "shards_done": s["shards_done"]}  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ every task is computed here, independently, one document at a time with transfor
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import signal
@@ -187,6 +188,9 @@ def test_greedy_summaries_equal_transformers_generate(tmp_path, short_docs_file,
     assert summary.phases["model"] >= summary.decode["seconds"] - 1e-3
     on_path = ("inputs_wait", "model", "outputs", "commit")
     assert sum(summary.phases[k] for k in on_path) <= summary.seconds + 1e-3
+    # the collector's time over the run is counted; the heap frozen for it was handed back
+    assert set(summary.collector) == {"collections", "full", "seconds"} and summary.collector["collections"] > 0
+    assert gc.get_freeze_count() == 0
 
 
 # ---- score ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +34,7 @@ from ..io.corpus import Columns, Corpus, find_first_duplicate, open_corpus
 from ..io.objstore import out_path
 from ..io.shards import OutputLock, RunSummary, Shard, manifest_differences, plan_shards, read_manifest, write_manifest
 from ..io.store import GENERATIONS_DIR, VECTORS_DIR, VectorStore, ledger_name
+from ..run.heap import CollectorTime, frozen_heap
 from ..run.outdir import check_out, clear_output, make_out, undo_if_unstarted
 from ..run.progress import Progress
 from ..run.record import mark, record_run, run_record, start_run
@@ -53,6 +54,7 @@ class GenerateSummary(RunSummary):
     new_tokens: int
     decode: dict = field(default_factory=dict)  # summarize with SlotDecoder: steps, prefill/capture seconds, slot groups
     phases: dict = field(default_factory=dict)  # wall seconds over shards: read, inputs, model, outputs, commit
+    collector: dict = field(default_factory=dict)  # the cyclic garbage collector from the tokenizer's load to the end: collections, full, seconds
 
     def rates(self) -> dict:
         return {"new_tokens_per_second": round(self.new_tokens / self.seconds, 1) if self.seconds else 0.0}
@@ -145,10 +147,13 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
             # the first shard's rows are read and tokenized while the weights load; on CUDA each
             # next shard's while the GPU runs the one before
             prepare = functools.partial(prepare_shard, corpus, cfg=cfg, template=template, tok=tok, config=config)
-            with ShardFeed(prepare, pending, ahead=PREPARE_AHEAD[choice.type]) as feed:
+            # what the imports and the tokenizer left is not walked by the collector during the
+            # run: a full collection holds every thread (heap.py)
+            with frozen_heap(), CollectorTime() as collector, ShardFeed(prepare, pending, ahead=PREPARE_AHEAD[choice.type]) as feed:
                 lm = load_model(target, choice, config)
                 mark("loaded")
                 summary = _run(Generator(lm, tok, cfg, template, choice), out, store, _schema(cfg.task, corpus.id_type), feed, len(done), len(shards))
+            summary = replace(summary, collector=collector.stats())
         mark("generated")
         # what this run took, beside what a dry run predicted for it (`embedkit status`)
         entry = run_record(summary.seconds, summary.prompt_tokens + summary.new_tokens, summary.docs, summary.shards_done, summary.device)
@@ -160,8 +165,6 @@ def _run_as_tasks(input: str | Path, out: Path, cfg: GenerateConfig, template: s
                   skipped: int, total: int) -> "GenerateSummary":  # fmt: skip
     """`embedkit generate --ray`: the pending shards as shard tasks, through the same runner as
     encode's (re-issue near the end, the commit arbiter, Ray's retries); the merged summary."""
-    from dataclasses import replace
-
     from ..run.distributed import run_shard_tasks
 
     gpu = choice.type == "cuda"
