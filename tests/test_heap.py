@@ -1,9 +1,11 @@
-"""The collector kept off a run's path (run/heap.py): what is frozen, what is still collected, what is counted."""
+"""The cyclic collector during a run (run/heap.py): paused, run between shards, counted, restored."""
 
 import gc
 import weakref
 
-from embedkit.run.heap import CollectorTime, frozen_heap
+import pytest
+
+from embedkit.run.heap import RunCollector
 
 
 class _Node:
@@ -17,42 +19,38 @@ def _cycle() -> weakref.ref:
     return weakref.ref(a)
 
 
-def test_objects_alive_at_the_start_are_frozen_and_handed_back():
-    gc.disable()  # no automatic collection between the cycle's making and the freeze
+def test_no_automatic_collection_inside_the_block():
+    with RunCollector() as c:
+        assert not gc.isenabled()
+        cycle = _cycle()
+        kept = [[i] for i in range(50_000)]  # 70 young collections' worth of new containers
+        assert cycle() is not None  # nothing collected it: reference counting cannot
+    assert c.collections == 0 and c.seconds == 0
+    assert gc.isenabled() and len(kept) == 50_000
+    gc.collect()
+    assert cycle() is None
+
+
+def test_between_frees_the_cycles_made_since_and_is_counted():
+    with RunCollector() as c:
+        cycle = _cycle()
+        c.between()
+        assert cycle() is None
+    assert c.stats() == {"collections": 1, "full": 0, "seconds": round(c.seconds, 3)}
+    assert c.seconds > 0
+
+
+def test_the_callers_setting_is_restored_even_when_the_block_raises():
+    with pytest.raises(RuntimeError):
+        with RunCollector():
+            raise RuntimeError("a shard failed")
+    assert gc.isenabled()
+    gc.disable()
     try:
-        before = _cycle()  # garbage already, but only a collection can free it
-        assert gc.get_freeze_count() == 0
-        with frozen_heap():
-            assert gc.get_freeze_count() > 0
-            gc.collect()
-            assert before() is not None  # frozen: the collector does not walk it
-            during = _cycle()
-            gc.collect()
-            assert during() is None  # made during the block: collected as before
-        assert gc.get_freeze_count() == 0
-        gc.collect()
-        assert before() is None  # handed back: collected again
+        with RunCollector() as c:
+            c.between()
+        assert not gc.isenabled()  # off before: left off
     finally:
         gc.enable()
-
-
-def test_a_heap_the_caller_froze_is_left_frozen():
-    gc.freeze()
-    try:
-        frozen = gc.get_freeze_count()
-        with frozen_heap():
-            pass
-        assert gc.get_freeze_count() == frozen
-    finally:
-        gc.unfreeze()
-
-
-def test_collections_are_counted_with_their_seconds():
-    with CollectorTime() as t:
-        gc.collect()
-        gc.collect(0)
-    assert t.collections == 2 and t.full == 1
-    assert t.seconds > 0
-    assert t.stats() == {"collections": 2, "full": 1, "seconds": round(t.seconds, 3)}
     gc.collect()
-    assert t.collections == 2  # counted only inside the block
+    assert c.collections == 1  # counted only inside the block

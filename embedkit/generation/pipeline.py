@@ -34,7 +34,7 @@ from ..io.corpus import Columns, Corpus, find_first_duplicate, open_corpus
 from ..io.objstore import out_path
 from ..io.shards import OutputLock, RunSummary, Shard, manifest_differences, plan_shards, read_manifest, write_manifest
 from ..io.store import GENERATIONS_DIR, VECTORS_DIR, VectorStore, ledger_name
-from ..run.heap import CollectorTime, frozen_heap
+from ..run.heap import RunCollector
 from ..run.outdir import check_out, clear_output, make_out, undo_if_unstarted
 from ..run.progress import Progress
 from ..run.record import mark, record_run, run_record, start_run
@@ -54,7 +54,7 @@ class GenerateSummary(RunSummary):
     new_tokens: int
     decode: dict = field(default_factory=dict)  # summarize with SlotDecoder: steps, prefill/capture seconds, slot groups
     phases: dict = field(default_factory=dict)  # wall seconds over shards: read, inputs, model, outputs, commit
-    collector: dict = field(default_factory=dict)  # the cyclic garbage collector from the tokenizer's load to the end: collections, full, seconds
+    collector: dict = field(default_factory=dict)  # the cyclic garbage collector over the model's load and the run: collections, full, seconds
 
     def rates(self) -> dict:
         return {"new_tokens_per_second": round(self.new_tokens / self.seconds, 1) if self.seconds else 0.0}
@@ -147,12 +147,13 @@ def run_generate(input: str | Path, out: str | Path, cfg: GenerateConfig) -> Gen
             # the first shard's rows are read and tokenized while the weights load; on CUDA each
             # next shard's while the GPU runs the one before
             prepare = functools.partial(prepare_shard, corpus, cfg=cfg, template=template, tok=tok, config=config)
-            # what the imports and the tokenizer left is not walked by the collector during the
-            # run: a full collection holds every thread (heap.py)
-            with frozen_heap(), CollectorTime() as collector, ShardFeed(prepare, pending, ahead=PREPARE_AHEAD[choice.type]) as feed:
+            # the cyclic collector paused for the load and the run, run between shards: its
+            # collections hold every thread, the decoder's included (heap.py)
+            with RunCollector() as collector, ShardFeed(prepare, pending, ahead=PREPARE_AHEAD[choice.type]) as feed:
                 lm = load_model(target, choice, config)
                 mark("loaded")
-                summary = _run(Generator(lm, tok, cfg, template, choice), out, store, _schema(cfg.task, corpus.id_type), feed, len(done), len(shards))
+                gen = Generator(lm, tok, cfg, template, choice)
+                summary = _run(gen, out, store, _schema(cfg.task, corpus.id_type), feed, collector, len(done), len(shards))
             summary = replace(summary, collector=collector.stats())
         mark("generated")
         # what this run took, beside what a dry run predicted for it (`embedkit status`)
@@ -253,17 +254,22 @@ def _schema(task: str, id_type: pa.DataType) -> pa.Schema:
     return pa.schema([pa.field("id", id_type, nullable=False), *[pa.field(n, t) for n, t in cols], pa.field("truncated", pa.bool_())])
 
 
-def _run(gen: Generator, out: Path, store: VectorStore, schema: pa.Schema, feed: ShardFeed, skipped: int, total: int) -> GenerateSummary:
-    """The feed's shards one after another on this device; the summary. Its seconds count from
-    here, after the model's load (beside which the first shard was read and tokenized)."""
+def _run(gen: Generator, out: Path, store: VectorStore, schema: pa.Schema, feed: ShardFeed, collector: RunCollector, skipped: int,
+         total: int) -> GenerateSummary:  # fmt: skip
+    """The feed's shards one after another on this device, the collector run between them; the
+    summary. Its seconds count from here, after the model's load (beside which the first shard
+    was read and tokenized)."""
     cfg = gen.cfg
     start = time.perf_counter()
     parts = []
     with Progress(sum(s.rows for s in feed.shards), cfg.run.progress, shards=len(feed.shards)) as bar:
-        for _ in feed.shards:
+        for k in range(len(feed.shards)):
+            if k:
+                with timed(parts[-1]["phases"], "collect"):  # counted with the shard before: what it left
+                    collector.between()
             prepared = feed.next()
             parts.append(commit_shard(gen, store, schema, prepared))
-            parts[-1]["phases"]["inputs_wait"] = feed.last_wait  # the preparing this run waited for
+            parts[-1]["phases"].update(inputs_wait=feed.last_wait, collect=0.0)  # the preparing this run waited for
             bar.committed(parts[-1])
     return summarize_parts(out, cfg, gen.choice.device, parts, time.perf_counter() - start, skipped, total)
 

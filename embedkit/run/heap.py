@@ -1,69 +1,65 @@
-"""The interpreter's cyclic garbage collector, kept off a run's path and counted.
+"""The interpreter's cyclic garbage collector during a run: paused, run between shards, counted.
 
-A full collection walks every container object the interpreter tracks, holding the interpreter
-lock for all threads while it does. After torch, transformers and a model are loaded that is
-over 400k objects, 100-175 ms a full collection on this project's 2-core machine; a shard's
-inputs built in the feed's thread (20k prompts' token lists and row dicts) allocate enough to
-start about one of them each. While one runs, the decoder cannot queue its next steps and the
-GPU drains.
+A collection holds the interpreter lock for every thread while it walks the objects it tracks.
+A generate run allocates millions of them: the feed's thread builds a shard's prompts (a token
+list and a dict per row), the decoder its rows' outputs, Triton its kernels on a fresh process's
+first calls. Left automatic, the collector ran about 360 times in a run over 60k pydocs prompts
+on the H200 machine, 1.0-1.5 s in all, two or three of them full ones of 325-425 ms; while one
+runs the decoder cannot queue its next steps and the GPU drains. Paused for the run (the
+collections left were the model's load, 0.03-0.28 s), the same CLI ran 10-13% more new tokens
+a second after the load (benchmarks.md, generate run 26).
 
-`frozen_heap()` moves everything alive at its start out of the collector's reach (`gc.freeze`,
-as long-running inference servers do after their start) so that a full collection during the
-run walks only what the run itself made; its end gives the objects back, so the interpreter's
-own collection at exit still frees them (nanobind, torch's Triton bindings, reports the ones a
-frozen heap keeps at exit as leaks). Objects the run makes are collected as before. A heap that
-the calling program froze itself is left as it is.
-`CollectorTime` counts the collections made during a block and the seconds they held the lock.
+Reference counting still frees everything that is not part of a cycle; `RunCollector.between()`
+collects the young generations between shards, where the GPU waits for the next shard anyway,
+so that cycles a shard leaves are freed shard by shard and a long run's memory does not grow.
+Freezing the heap instead (`gc.freeze`, as some servers do after their start) left these
+collections' time unchanged (run 26): most of what they walked was made after the freeze.
 """
 
 from __future__ import annotations
 
 import gc
 import time
-from contextlib import contextmanager
-from typing import Iterator
 
 
-@contextmanager
-def frozen_heap() -> Iterator[None]:
-    """Objects alive now are not walked by the collector until the block ends (they are still
-    freed when their last reference goes); at the end they are handed back to it. When the
-    calling program has frozen objects itself, nothing is done: `gc.unfreeze` would undo its
-    freeze too."""
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
+class RunCollector:
+    """Automatic collections off inside the `with` block, young generations collected at each
+    `between()`, and the collections made inside the block counted (every thread's, the ones
+    `between()` makes included): how many, how many full, the seconds they held the lock.
 
-
-class CollectorTime:
-    """Collections of the cyclic collector during a `with` block, in every thread: how many, how
-    many were full (oldest generation), and the seconds they took."""
+    A collector the calling program turned off stays off afterwards; one it left on is turned
+    back on at the end, even when the block raises."""
 
     def __init__(self) -> None:
         self.collections = 0
         self.full = 0
         self.seconds = 0.0
-        self._start = 0.0
+        self._started = 0.0
+        self._was_enabled = True
 
     def _callback(self, phase: str, info: dict) -> None:
         if phase == "start":
-            self._start = time.perf_counter()
+            self._started = time.perf_counter()
             return
         self.collections += 1
         self.full += info["generation"] == 2
-        self.seconds += time.perf_counter() - self._start
+        self.seconds += time.perf_counter() - self._started
 
-    def __enter__(self) -> "CollectorTime":
+    def between(self) -> None:
+        """Collect what the block made since the last `between()` (generations 0 and 1: objects
+        that lived through two of these calls are left to the collections after the block)."""
+        gc.collect(1)
+
+    def __enter__(self) -> "RunCollector":
+        self._was_enabled = gc.isenabled()
         gc.callbacks.append(self._callback)
+        gc.disable()
         return self
 
     def __exit__(self, *exc: object) -> None:
         gc.callbacks.remove(self._callback)
+        if self._was_enabled:
+            gc.enable()
 
     def stats(self) -> dict:
         return {"collections": self.collections, "full": self.full, "seconds": round(self.seconds, 3)}
