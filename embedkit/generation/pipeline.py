@@ -199,7 +199,8 @@ def generate_shard_task(input: str, out: str, cfg: GenerateConfig, template: str
     if copy == 0:
         injected_stall(index)
     may_commit = None if arbiter is None else (lambda i: commit_allowed(arbiter, i, copy, out_path(out), driver))
-    return generate_shard(Generator(lm, tok, cfg, template, choice), corpus, store, _schema(cfg.task, corpus.id_type), shard, may_commit)
+    with RunCollector():  # paused for the shard, as in a local run; on again between tasks
+        return generate_shard(Generator(lm, tok, cfg, template, choice), corpus, store, _schema(cfg.task, corpus.id_type), shard, may_commit)
 
 
 def _manifest(out: Path, corpus: Corpus, cfg: GenerateConfig, template: str, choice: DeviceChoice) -> tuple[int, dict]:
