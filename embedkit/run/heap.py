@@ -3,11 +3,12 @@
 A collection holds the interpreter lock for every thread while it walks the objects it tracks.
 A generate run allocates millions of them: the feed's thread builds a shard's prompts (a token
 list and a dict per row), the decoder its rows' outputs, Triton its kernels on a fresh process's
-first calls. Left automatic, the collector ran about 360 times in a run over 60k pydocs prompts
-on the H200 machine, 1.0-1.5 s in all, two or three of them full ones of 325-425 ms; while one
-runs the decoder cannot queue its next steps and the GPU drains. Paused for the run (the
-collections left were the model's load, 0.03-0.28 s), the same CLI ran 10-13% more new tokens
-a second after the load (benchmarks.md, generate run 26).
+first calls. Left automatic, the collector ran about 500 times in a process over 60k pydocs
+prompts on the H200 machine, 360 of them after the model's load, 1.0-1.5 s in all; two or three
+were full collections of 325-425 ms each. While one runs the decoder cannot queue its next steps
+and the GPU drains. With collections off from the run's start, the same CLI ran 10-13% more new
+tokens a second after the load (benchmarks.md, generate run 26); they are now off from the
+model's load on.
 
 Reference counting still frees everything that is not part of a cycle; `RunCollector.between()`
 collects the young generations between shards, where the GPU waits for the next shard anyway,
