@@ -13,7 +13,7 @@ from embedkit.config import DEFAULT_GENERATOR, DEFAULT_PROMPTS
 from embedkit.engine.decode import Group, SlotDecoder, plan_groups, shared_prefix, supported
 from embedkit.errors import EmbedkitError
 from embedkit.generation.model import resolve_generator
-from embedkit.generation.prompts import fit_prompts
+from embedkit.generation.prompts import encode_batch, fit_prompts
 from embedkit.generation.tasks import SummaryTexts, bucketed_generate, summarize
 
 MAX_NEW = 16
@@ -99,6 +99,16 @@ def _eos(model) -> set[int]:
     lm, tok = model
     configured = lm.generation_config.eos_token_id
     return {tok.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
+
+
+def test_prompts_tokenized_in_chunks_equal_one_by_one(model, sample):
+    """encode_batch calls the tokenizer a chunk of texts at a time: every text's ids as a call of
+    its own gives them, in order, across the chunks' edges (here 3 texts a chunk, 10 texts)."""
+    _, tok = model
+    texts = [t[:300] for t in sample.column("text").to_pylist()[:10]]
+    want = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert encode_batch(tok, texts, special=False, chunk=3) == want
+    assert encode_batch(tok, texts, special=False) == want
 
 
 def test_default_model_is_supported(model):
