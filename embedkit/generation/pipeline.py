@@ -270,7 +270,8 @@ def _run(gen: Generator, out: Path, store: VectorStore, schema: pa.Schema, feed:
                     collector.between()
             prepared = feed.next()
             parts.append(commit_shard(gen, store, schema, prepared))
-            parts[-1]["phases"].update(inputs_wait=feed.last_wait, collect=0.0)  # the preparing this run waited for
+            # the preparing this run waited for; the collection after this shard, if one follows
+            parts[-1]["phases"].update(inputs_wait=feed.last_wait, collect=0.0)
             bar.committed(parts[-1])
     return summarize_parts(out, cfg, gen.choice.device, parts, time.perf_counter() - start, skipped, total)
 

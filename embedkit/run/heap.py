@@ -47,8 +47,9 @@ class RunCollector:
         self.seconds += time.perf_counter() - self._started
 
     def between(self) -> None:
-        """Collect what the block made since the last `between()` (generations 0 and 1: objects
-        that lived through two of these calls are left to the collections after the block)."""
+        """Collect what the block made since the last `between()` (generations 0 and 1; what
+        survives one of these calls moves to the oldest generation, left to the collections
+        after the block)."""
         gc.collect(1)
 
     def __enter__(self) -> "RunCollector":
