@@ -17,7 +17,7 @@ load still gained (about 1 s against preparing later shards only when asked), an
 process instead of the thread lost more to its own start. Part of that cost was the cyclic
 garbage collector's, whose collections (started by the allocations here) held the decoder too;
 paused for the run (`run/heap.py`, run 26), the decoder over three 20k shards took 11.7-12.2 s
-against 12.1-12.9 s. At most two shards' inputs are
+against 12.3-12.9 s. At most two shards' inputs are
 held at once (the caller's and the next). The thread is
 a daemon: an interrupted run exits without waiting for a shard nobody will use, and only the
 caller commits, so nothing half-prepared is written.
