@@ -493,6 +493,22 @@ def test_refuses_labels_or_an_answer_that_classify_cannot_score(tmp_path, short_
     assert not (tmp_path / "out" / GENERATIONS_DIR).exists()
 
 
+def test_weights_that_fail_to_load_give_one_line_and_the_collector_back(tmp_path, short_docs_file, generator_dir):
+    """The weights load inside the run's collector pause (run/heap.py): a failure there is the
+    one-line error, and the process's cyclic collector is on again after it."""
+    real = generator_dir
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    for f in real.iterdir():  # the tokenizer and config load; the weights do not
+        if f.name == "model.safetensors":
+            (broken / f.name).write_bytes(b"not a safetensors file")
+        else:
+            (broken / f.name).symlink_to(f)
+    with pytest.raises(EmbedkitError, match="cannot load generator"):
+        embedkit.generate(short_docs_file, tmp_path / "out", model=str(broken), progress=False)
+    assert gc.isenabled()
+
+
 def test_refuses_a_missing_input(tmp_path, run_cli, refused):
     refused(run_cli("generate", tmp_path / "nope.parquet", tmp_path / "out", "--task", "score"), "nope.parquet")
 
