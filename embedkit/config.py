@@ -223,6 +223,8 @@ class GenerateConfig:
 
         if self.task not in TASKS:
             raise EmbedkitError(f"--task must be one of {', '.join(TASKS)}, not {self.task!r}")
+        if isinstance(self.labels, str):  # a bare string would be labels letter by letter
+            raise EmbedkitError(f"labels must be a sequence of labels, not the string {self.labels!r}")
         if self.task == "classify" and len(self.labels) < 2:
             raise EmbedkitError("--task classify needs --labels with at least two labels, e.g. --labels yes,no")
         if self.task == "classify" and (not all(lab.strip() for lab in self.labels) or len(set(self.labels)) < len(self.labels)):

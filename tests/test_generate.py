@@ -509,6 +509,14 @@ def test_weights_that_fail_to_load_give_one_line_and_the_collector_back(tmp_path
     assert gc.isenabled()
 
 
+def test_labels_given_as_one_string_are_refused_not_split_into_letters(tmp_path, short_docs_file):
+    """The Python API's labels are a sequence: "yes,no" (the CLI's spelling) used to run as the
+    labels y, e, s, ",", n, o and write a letter for each row."""
+    with pytest.raises(EmbedkitError, match=re.escape("labels must be a sequence of labels, not the string 'yes,no'")):
+        embedkit.generate(short_docs_file, tmp_path / "out", task="classify", labels="yes,no", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_refuses_a_missing_input(tmp_path, run_cli, refused):
     refused(run_cli("generate", tmp_path / "nope.parquet", tmp_path / "out", "--task", "score"), "nope.parquet")
 

@@ -95,7 +95,7 @@ def generate(
     >>> embedkit.generate("docs.parquet", "lp/", task="score")                # doctest: +SKIP
     """
     cfg = GenerateConfig(
-        task=task, model=model, prompt=prompt, completion=completion, labels=tuple(labels), max_new_tokens=max_new_tokens,
+        task=task, model=model, prompt=prompt, completion=completion, labels=labels if isinstance(labels, str) else tuple(labels), max_new_tokens=max_new_tokens,  # a str is refused by name
         temperature=temperature, seed=seed, device=device, precision=precision, batch_size=batch_size,
         shard_rows=shard_rows, text_column=text_column, id_column=id_column,
         run=RunOptions(overwrite=overwrite, progress=progress, ray=ray, reissue=reissue),
